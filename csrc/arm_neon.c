@@ -1,0 +1,269 @@
+/* aarch64 NEON kernels (baseline armv8-a: Raspberry Pi 4 and 5).  Same results as ref.c, bit for bit.
+ *
+ * k planes x int8 activations: the table lookup of x86_avx2.c with 16-byte vectors, one byte column
+ * (8 inputs of a 16-row tile) per load and `tbl` for the lookups.  Tables per byte column, 64 bytes:
+ *   [L lo-nibble] [L hi-nibble] [H lo-nibble] [H hi-nibble]
+ * Two columns (4 lookups per byte lane: l <= 240, h in [-128,112]) per widening into int16
+ * (l + 16*h in [-2048, 2032]), at most 16 widenings (256 inputs) per int16 run.
+ *
+ * xnor: eor + cnt per byte column; the "tables" are the activation byte and its valid-input mask,
+ * each repeated over 16 bytes (32 bytes per column). */
+#if !defined(__aarch64__)
+#error "arm_neon.c is for aarch64 only"
+#endif
+#include <arm_neon.h>
+#include <math.h>
+#include <string.h>
+
+#include "ep_internal.h"
+
+#define EP_INLINE static inline __attribute__((always_inline))
+
+static int neon_supported(void) { return 1; }  /* NEON is part of armv8-a */
+
+static void neon_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
+    float32x4_t vmax = vdupq_n_f32(0.0f);
+    int64_t j = 0;
+    for (; j + 4 <= in; j += 4) vmax = vmaxnmq_f32(vmax, vabsq_f32(vld1q_f32(x + j)));  /* NaN ignored */
+    float amax = vmaxnmvq_f32(vmax);
+    for (; j < in; j++) {
+        float a = fabsf(x[j]);
+        if (a > amax) amax = a;
+    }
+    if (amax == 0.0f) {
+        memset(q, 0, (size_t)in);
+        *scale = 0.0f;
+        return;
+    }
+    const float inv_s = 127.0f / amax;
+    const float32x4_t inv = vdupq_n_f32(inv_s), hi = vdupq_n_f32(127.0f), lo = vdupq_n_f32(-127.0f);
+    j = 0;
+    for (; j + 8 <= in; j += 8) {
+        /* vmaxq/vminq keep a NaN, and the conversion turns NaN into 0, as the specification does */
+        float32x4_t a = vminq_f32(vmaxq_f32(vmulq_f32(vld1q_f32(x + j), inv), lo), hi);
+        float32x4_t b = vminq_f32(vmaxq_f32(vmulq_f32(vld1q_f32(x + j + 4), inv), lo), hi);
+        int16x8_t h = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(a)), vqmovn_s32(vcvtnq_s32_f32(b)));
+        vst1_s8(q + j, vqmovn_s16(h));
+    }
+    for (; j < in; j++) {
+        float f = nearbyintf(x[j] * inv_s);
+        if (f != f) f = 0.0f;
+        if (f > 127.0f) f = 127.0f;
+        if (f < -127.0f) f = -127.0f;
+        q[j] = (int8_t)f;
+    }
+    *scale = amax / 127.0f;
+}
+
+static void neon_binarize(const float *x, int64_t in, uint8_t *bits, float *scale) {
+    static const uint8_t weights[8] = {1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x8_t wv = vld1_u8(weights);
+    int64_t nbytes = ep_padded_in(in) / 8;
+    memset(bits, 0, (size_t)nbytes);
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);  /* lanes 0-3 and 4-7 */
+    int64_t j = 0;
+    for (; j + 8 <= in; j += 8) {
+        float32x4_t a = vld1q_f32(x + j), b = vld1q_f32(x + j + 4);
+        uint32x4_t na = vcltq_f32(a, vdupq_n_f32(0.0f)), nb = vcltq_f32(b, vdupq_n_f32(0.0f));
+        uint8x8_t m = vmovn_u16(vcombine_u16(vmovn_u32(na), vmovn_u32(nb)));
+        bits[j >> 3] = vaddv_u8(vand_u8(m, wv));
+        acc0 = vaddq_f32(acc0, vabsq_f32(a));
+        acc1 = vaddq_f32(acc1, vabsq_f32(b));
+    }
+    float lane[8];
+    vst1q_f32(lane, acc0);
+    vst1q_f32(lane + 4, acc1);
+    for (; j < in; j++) {
+        if (x[j] < 0.0f) bits[j >> 3] |= (uint8_t)(1u << (j & 7));
+        lane[j & 7] += fabsf(x[j]);
+    }
+    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    *scale = in > 0 ? s / (float)in : 0.0f;
+}
+
+static void neon_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
+    const int64_t ncol = ep_padded_in(in) / 8;
+    uint8x16_t mask[4];
+    for (int b = 0; b < 4; b++) {
+        uint8_t m[16];
+        for (int n = 0; n < 16; n++) m[n] = (n >> b) & 1 ? 0xFF : 0;
+        mask[b] = vld1q_u8(m);
+    }
+    for (int64_t c = 0; c < ncol; c++) {
+        int8_t x8[16] = {0};
+        int64_t left = in - 8 * c;
+        if (left >= 8) memcpy(x8, q + 8 * c, 8);
+        else if (left > 0) memcpy(x8, q + 8 * c, (size_t)left);
+        int8x16_t x = vld1q_s8(x8);
+        uint8x16_t l = vreinterpretq_u8_s8(vandq_s8(x, vdupq_n_s8(0x0f)));
+        uint8x16_t h = vreinterpretq_u8_s8(vshrq_n_s8(x, 4));  /* arithmetic: h in [-8, 7] */
+        uint8x16_t t[4] = {vdupq_n_u8(0), vdupq_n_u8(0), vdupq_n_u8(0), vdupq_n_u8(0)};
+        for (int b = 0; b < 4; b++) {
+            uint8x16_t plo = vdupq_n_u8((uint8_t)b), phi = vdupq_n_u8((uint8_t)(4 + b));
+            t[0] = vaddq_u8(t[0], vandq_u8(vqtbl1q_u8(l, plo), mask[b]));
+            t[1] = vaddq_u8(t[1], vandq_u8(vqtbl1q_u8(l, phi), mask[b]));
+            t[2] = vaddq_u8(t[2], vandq_u8(vqtbl1q_u8(h, plo), mask[b]));
+            t[3] = vaddq_u8(t[3], vandq_u8(vqtbl1q_u8(h, phi), mask[b]));
+        }
+        for (int u = 0; u < 4; u++) vst1q_u8(tab + c * 64 + 16 * u, t[u]);
+    }
+    ep_ref_group_sums(q, in, group, gsum);
+}
+
+EP_INLINE void load_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, float32x4_t f[][4], int first) {
+    for (int b = 0; b < TB; b++)
+        for (int u = 0; u < 4; u++)
+            f[b][u] = first ? vdupq_n_f32(0.0f) : vld1q_f32(a->acc + ((tok0 + b) * a->tiles + t) * EP_TILE + 4 * u);
+}
+
+EP_INLINE void store_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, float32x4_t f[][4], int last) {
+    for (int b = 0; b < TB; b++) {
+        int64_t tok = tok0 + b;
+        if (!last) {
+            for (int u = 0; u < 4; u++) vst1q_f32(a->acc + (tok * a->tiles + t) * EP_TILE + 4 * u, f[b][u]);
+        } else if ((t + 1) * EP_TILE <= a->out) {
+            float *y = a->y + tok * a->out + t * EP_TILE;
+            for (int u = 0; u < 4; u++) vst1q_f32(y + 4 * u, vmulq_n_f32(f[b][u], a->ascale[tok]));
+        } else {
+            float tmp[EP_TILE];
+            for (int u = 0; u < 4; u++) vst1q_f32(tmp + 4 * u, f[b][u]);
+            ep_store_tile(a->y + tok * a->out, a->out, t, tmp, a->ascale[tok]);
+        }
+    }
+}
+
+/* d = count0 - 2*m per row, then f += alpha * d (fused, as fmaf) */
+EP_INLINE void fma_rows(float32x4_t f[4], const float *alpha, int32_t base, const int32x4_t m[4]) {
+    const int32x4_t s = vdupq_n_s32(base);
+    for (int u = 0; u < 4; u++)
+        f[u] = vfmaq_f32(f[u], vld1q_f32(alpha + 4 * u), vcvtq_f32_s32(vsubq_s32(s, vshlq_n_s32(m[u], 1))));
+}
+
+EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
+    const uint8x16_t m0f = vdupq_n_u8(0x0f);
+    const int8x8_t sixteen = vdup_n_s8(16);
+    float32x4_t f[4][4];
+    load_acc(a, t, tok0, TB, f, j0 == 0);
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        for (int64_t i = 0; i < a->k; i++) {
+            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+            int32x4_t m[4][4];
+            for (int b = 0; b < TB; b++)
+                for (int u = 0; u < 4; u++) m[b][u] = vdupq_n_s32(0);
+            for (int64_t c = c0; c < c1; c += 32) {
+                const int64_t ce = ep_min64(c + 32, c1);
+                int16x8_t s[4][2];
+                for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = vdupq_n_s16(0);
+                for (int64_t cc = c; cc < ce; cc += 2) {
+                    uint8x16_t v0 = vld1q_u8(w + cc * EP_TILE), v1 = vld1q_u8(w + (cc + 1) * EP_TILE);
+                    uint8x16_t lo0 = vandq_u8(v0, m0f), hi0 = vshrq_n_u8(v0, 4);
+                    uint8x16_t lo1 = vandq_u8(v1, m0f), hi1 = vshrq_n_u8(v1, 4);
+                    for (int b = 0; b < TB; b++) {
+                        const uint8_t *T = a->tab + (tok0 + b) * a->tab_stride + cc * 64;
+                        uint8x16_t al = vaddq_u8(vaddq_u8(vqtbl1q_u8(vld1q_u8(T), lo0), vqtbl1q_u8(vld1q_u8(T + 16), hi0)),
+                                                 vaddq_u8(vqtbl1q_u8(vld1q_u8(T + 64), lo1), vqtbl1q_u8(vld1q_u8(T + 80), hi1)));
+                        int8x16_t ah = vreinterpretq_s8_u8(
+                            vaddq_u8(vaddq_u8(vqtbl1q_u8(vld1q_u8(T + 32), lo0), vqtbl1q_u8(vld1q_u8(T + 48), hi0)),
+                                     vaddq_u8(vqtbl1q_u8(vld1q_u8(T + 96), lo1), vqtbl1q_u8(vld1q_u8(T + 112), hi1))));
+                        int16x8_t s0 = vreinterpretq_s16_u16(vaddw_u8(vreinterpretq_u16_s16(s[b][0]), vget_low_u8(al)));
+                        int16x8_t s1 = vreinterpretq_s16_u16(vaddw_u8(vreinterpretq_u16_s16(s[b][1]), vget_high_u8(al)));
+                        s[b][0] = vmlal_s8(s0, vget_low_s8(ah), sixteen);
+                        s[b][1] = vmlal_s8(s1, vget_high_s8(ah), sixteen);
+                    }
+                }
+                for (int b = 0; b < TB; b++) {
+                    m[b][0] = vaddw_s16(m[b][0], vget_low_s16(s[b][0]));
+                    m[b][1] = vaddw_s16(m[b][1], vget_high_s16(s[b][0]));
+                    m[b][2] = vaddw_s16(m[b][2], vget_low_s16(s[b][1]));
+                    m[b][3] = vaddw_s16(m[b][3], vget_high_s16(s[b][1]));
+                }
+            }
+            const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
+            for (int b = 0; b < TB; b++) fma_rows(f[b], alpha, a->gsum[(tok0 + b) * a->ng + j], m[b]);
+        }
+    }
+    store_acc(a, t, tok0, TB, f, j1 == a->ng);
+}
+
+static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
+    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
+    return gpc < 1 ? 1 : gpc;
+}
+
+#define EP_TB 4
+#define EP_TILE_LOOP(tile_fn, bpi)                                                       \
+    const int64_t tbmax = a->n < EP_TB ? a->n : EP_TB;                                   \
+    const int64_t gpc = groups_per_chunk(a, tbmax, bpi);                                 \
+    for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {                                        \
+        const int64_t j1 = ep_min64(j0 + gpc, a->ng);                                    \
+        for (int64_t tok0 = 0; tok0 < a->n; tok0 += EP_TB) {                             \
+            const int64_t tb = ep_min64(EP_TB, a->n - tok0);                             \
+            for (int64_t t = t0; t < t1; t++) {                                          \
+                switch (tb) {                                                            \
+                case 4: tile_fn(a, t, tok0, 4, j0, j1); break;                           \
+                case 3: tile_fn(a, t, tok0, 3, j0, j1); break;                           \
+                case 2: tile_fn(a, t, tok0, 2, j0, j1); break;                           \
+                default: tile_fn(a, t, tok0, 1, j0, j1); break;                          \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+    }
+
+static void neon_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(i8_tile, 8) }
+
+static void neon_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
+    const int64_t ncol = ep_padded_in(in) / 8;
+    for (int64_t c = 0; c < ncol; c++) {
+        int64_t left = in - 8 * c;
+        uint8_t valid = left >= 8 ? 0xFF : left <= 0 ? 0 : (uint8_t)((1u << left) - 1);
+        vst1q_u8(tab + c * 32, vdupq_n_u8(bits[c]));
+        vst1q_u8(tab + c * 32 + 16, vdupq_n_u8(valid));
+    }
+    ep_ref_group_valid(in, group, nvalid);
+}
+
+EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
+    float32x4_t f[4][4];
+    load_acc(a, t, tok0, TB, f, j0 == 0);
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        for (int64_t i = 0; i < a->k; i++) {
+            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+            int32x4_t p[4][4];
+            for (int b = 0; b < TB; b++)
+                for (int u = 0; u < 4; u++) p[b][u] = vdupq_n_s32(0);
+            for (int64_t c = c0; c < c1; c += 16) {  /* <= 8 per column: byte counts stay <= 128 */
+                const int64_t ce = ep_min64(c + 16, c1);
+                uint8x16_t s[4];
+                for (int b = 0; b < TB; b++) s[b] = vdupq_n_u8(0);
+                for (int64_t cc = c; cc < ce; cc++) {
+                    uint8x16_t v = vld1q_u8(w + cc * EP_TILE);
+                    for (int b = 0; b < TB; b++) {
+                        const uint8_t *T = a->tab + (tok0 + b) * a->tab_stride + cc * 32;
+                        s[b] = vaddq_u8(s[b], vcntq_u8(vandq_u8(veorq_u8(v, vld1q_u8(T)), vld1q_u8(T + 16))));
+                    }
+                }
+                for (int b = 0; b < TB; b++) {
+                    uint16x8_t lo = vmovl_u8(vget_low_u8(s[b])), hi = vmovl_u8(vget_high_u8(s[b]));
+                    p[b][0] = vreinterpretq_s32_u32(vaddw_u16(vreinterpretq_u32_s32(p[b][0]), vget_low_u16(lo)));
+                    p[b][1] = vreinterpretq_s32_u32(vaddw_u16(vreinterpretq_u32_s32(p[b][1]), vget_high_u16(lo)));
+                    p[b][2] = vreinterpretq_s32_u32(vaddw_u16(vreinterpretq_u32_s32(p[b][2]), vget_low_u16(hi)));
+                    p[b][3] = vreinterpretq_s32_u32(vaddw_u16(vreinterpretq_u32_s32(p[b][3]), vget_high_u16(hi)));
+                }
+            }
+            const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
+            for (int b = 0; b < TB; b++) fma_rows(f[b], alpha, a->gsum[(tok0 + b) * a->ng + j], p[b]);
+        }
+    }
+    store_acc(a, t, tok0, TB, f, j1 == a->ng);
+}
+
+static void neon_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
+
+const ep_kernels ep_kernels_neon = {
+    "neon",          neon_supported,    neon_quantize_i8, neon_binarize,
+    neon_i8_tables,  neon_xnor_tables,  neon_i8_tiles,    neon_xnor_tiles,
+};

@@ -1,0 +1,85 @@
+/* Internal to the C kernels: the layout constants, the argument block every ISA file reads, and
+ * the table of kernels an ISA file provides.  The layout itself is specified in edgepanel/bits.py. */
+#ifndef EP_INTERNAL_H
+#define EP_INTERNAL_H
+#include "edgepanel.h"
+
+#define EP_TILE 16      /* rows per tile: the 16 bytes of one (tile, byte column) hold one byte per row */
+#define EP_IN_ALIGN 64  /* inputs are padded to a multiple of 64 (whole 64-bit words per row) */
+#define EP_WORK_ALIGN 64
+
+static inline int64_t ep_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t ep_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* One GEMM call, as seen by an ISA's tile kernel. */
+typedef struct {
+    const uint8_t *planes;  /* (k, tiles, ncol, 16) */
+    const float *scales;    /* (k, tiles, ng, 16) */
+    int64_t k, out, in, group;
+    int64_t in_pad;         /* in rounded up to 64 */
+    int64_t tiles;          /* out_pad / 16 */
+    int64_t ncol;           /* in_pad / 8: byte columns */
+    int64_t ng;             /* groups per row */
+    int64_t n;              /* tokens */
+    const uint8_t *tab;     /* per-token tables built by the ISA's table builder: (n, tab_stride) */
+    int64_t tab_stride;     /* bytes */
+    const int32_t *gsum;    /* (n, ng): i8 path, sum of q over the group; xnor path, valid inputs */
+    const float *ascale;    /* (n,) activation scales */
+    float *acc;             /* (n, tiles*16): partial sums between group chunks */
+    float *y;               /* (n, out) */
+} ep_gemm_args;
+
+/* Byte columns [c0, c1) of group j: groups are whole multiples of 32 inputs, the last one runs to
+ * in_pad (its inputs past `in` are padding whose activations are zero or masked). */
+static inline void ep_group_cols(const ep_gemm_args *a, int64_t j, int64_t *c0, int64_t *c1) {
+    *c0 = j * (a->group / 8);
+    *c1 = (j == a->ng - 1) ? a->ncol : (j + 1) * (a->group / 8);
+}
+
+/* Bytes per token of the table area: the i8 tables take 8 bytes per padded input (four 16-entry
+ * tables per 8 inputs), the xnor tables 4; every ISA fits in this. */
+static inline int64_t ep_tab_stride(int64_t in) {
+    return ep_ceil_div(in, EP_IN_ALIGN) * EP_IN_ALIGN * 8;
+}
+
+struct ep_kernels {
+    const char *name;
+    int (*supported)(void);
+    /* one token */
+    void (*quantize_i8)(const float *x, int64_t in, int8_t *q, float *scale);
+    void (*binarize)(const float *x, int64_t in, uint8_t *bits, float *scale);
+    void (*i8_tables)(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum);
+    void (*xnor_tables)(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab,
+                        int32_t *nvalid);
+    /* tiles [t0, t1) for all tokens */
+    void (*i8_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+    void (*xnor_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+};
+
+/* The portable specification: every ISA file matches it bit for bit (integers and floats). */
+extern const ep_kernels ep_kernels_scalar;
+#if defined(__x86_64__) || defined(_M_X64) || defined(EP_SIMDE)
+extern const ep_kernels ep_kernels_avx2;
+extern const ep_kernels ep_kernels_avx512bw;
+/* the AVX-512 table reuses these two (every AVX-512 CPU has AVX2 and FMA) */
+void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale);
+void ep_avx2_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
+#endif
+#if defined(__aarch64__)
+extern const ep_kernels ep_kernels_neon;
+#endif
+
+/* Shared pieces of the specification, used by the ISA files for their cold paths. */
+void ep_ref_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale);
+void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
+float ep_ref_abs_mean(const float *x, int64_t in);
+void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum);
+void ep_ref_group_valid(int64_t in, int64_t group, int32_t *nvalid);
+/* Store the final outputs of one tile for one token: y_row[r] = acc[r] * s for rows < out. */
+void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, float s);
+
+/* Thread pool: calls fn(ctx, begin, end) on contiguous, disjoint ranges covering [0, n). */
+typedef void (*ep_range_fn)(void *ctx, int64_t begin, int64_t end);
+void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx);
+
+#endif

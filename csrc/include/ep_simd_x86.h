@@ -1,0 +1,63 @@
+/* Included first by the x86 ISA files: the target attributes for the file, or SIMDe's portable
+ * emulation of the same intrinsics when built with EP_SIMDE (the tests use that to check the
+ * AVX-512 code on machines without AVX-512). */
+#ifndef EP_SIMD_X86_H
+#define EP_SIMD_X86_H
+
+#if defined(EP_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/fma.h>
+#include <math.h>
+/* SIMDe's portable fmadd may round twice; the specification needs one rounding. */
+static inline __m256 ep_fmadd256(__m256 a, __m256 b, __m256 c) {
+    float fa[8], fb[8], fc[8];
+    _mm256_storeu_ps(fa, a); _mm256_storeu_ps(fb, b); _mm256_storeu_ps(fc, c);
+    for (int i = 0; i < 8; i++) fa[i] = fmaf(fa[i], fb[i], fc[i]);
+    return _mm256_loadu_ps(fa);
+}
+static inline __m512 ep_fmadd512(__m512 a, __m512 b, __m512 c) {
+    float fa[16], fb[16], fc[16];
+    _mm512_storeu_ps(fa, a); _mm512_storeu_ps(fb, b); _mm512_storeu_ps(fc, c);
+    for (int i = 0; i < 16; i++) fa[i] = fmaf(fa[i], fb[i], fc[i]);
+    return _mm512_loadu_ps(fa);
+}
+/* conversions this SIMDe release lacks, lane by lane */
+static inline __m512i ep_simde_cvtepi16_epi32(__m256i v) {
+    int16_t a[16]; int32_t r[16];
+    _mm256_storeu_si256((__m256i *)a, v);
+    for (int i = 0; i < 16; i++) r[i] = a[i];
+    return _mm512_loadu_si512((const void *)r);
+}
+static inline __m512 ep_simde_cvtepi32_ps(__m512i v) {
+    int32_t a[16]; float r[16];
+    _mm512_storeu_si512((void *)a, v);
+    for (int i = 0; i < 16; i++) r[i] = (float)a[i];
+    return _mm512_loadu_ps(r);
+}
+#define _mm512_cvtepi16_epi32 ep_simde_cvtepi16_epi32
+#define _mm512_cvtepi32_ps ep_simde_cvtepi32_ps
+#define EP_TARGET_PUSH(t)
+#define EP_TARGET_POP()
+#define EP_CPU_SUPPORTS(f) 1
+#else
+#if !defined(__x86_64__) && !defined(_M_X64)
+#error "this file is for x86-64 only"
+#endif
+#define EP_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define EP_TARGET_PUSH(t) EP_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define EP_TARGET_POP() EP_PRAGMA(clang attribute pop)
+#else
+#define EP_TARGET_PUSH(t) EP_PRAGMA(GCC push_options) EP_PRAGMA(GCC target(t))
+#define EP_TARGET_POP() EP_PRAGMA(GCC pop_options)
+#endif
+#include <immintrin.h>
+#define ep_fmadd256 _mm256_fmadd_ps
+#define ep_fmadd512 _mm512_fmadd_ps
+#define EP_CPU_SUPPORTS(f) __builtin_cpu_supports(f)
+#endif
+
+#define EP_INLINE static inline __attribute__((always_inline))
+
+#endif

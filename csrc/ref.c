@@ -1,0 +1,165 @@
+/* The portable kernels: the C specification of edgepanel's arithmetic.
+ *
+ * Every ISA file reproduces these results bit for bit: the same integers per (token, plane, row,
+ * group), and the same float operations in the same order:
+ *     acc = 0; for each group j: for each plane i: acc = fmaf(alpha[i][row][j], (float)D, acc);
+ *     y = acc * activation_scale
+ * where D is the exact integer dot product of the plane's signs with the activations of group j.
+ * Written for clarity, not speed. */
+#include <math.h>
+#include <string.h>
+
+#include "ep_internal.h"
+
+void ep_ref_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
+    float amax = 0.0f;
+    for (int64_t j = 0; j < in; j++) {
+        float a = fabsf(x[j]);
+        if (a > amax) amax = a;  /* NaN compares false: ignored */
+    }
+    if (amax == 0.0f) {
+        memset(q, 0, (size_t)in);
+        *scale = 0.0f;
+        return;
+    }
+    float inv = 127.0f / amax;
+    for (int64_t j = 0; j < in; j++) {
+        float v = nearbyintf(x[j] * inv);  /* round half to even, as the SIMD conversions do */
+        if (v != v) v = 0.0f;
+        if (v > 127.0f) v = 127.0f;
+        if (v < -127.0f) v = -127.0f;
+        q[j] = (int8_t)v;
+    }
+    *scale = amax / 127.0f;
+}
+
+/* mean |x| summed in a fixed order: eight float lanes, lane l holding x[l], x[l+8], ... in turn,
+ * combined as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)).  Fixing the order keeps every ISA identical. */
+float ep_ref_abs_mean(const float *x, int64_t in) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < in; j++) lane[j & 7] += fabsf(x[j]);
+    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    return in > 0 ? s / (float)in : 0.0f;
+}
+
+void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale) {
+    int64_t nbytes = ep_ceil_div(in, EP_IN_ALIGN) * (EP_IN_ALIGN / 8);
+    memset(bits, 0, (size_t)nbytes);
+    for (int64_t j = 0; j < in; j++)
+        if (x[j] < 0.0f) bits[j >> 3] |= (uint8_t)(1u << (j & 7));
+    *scale = ep_ref_abs_mean(x, in);
+}
+
+void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum) {
+    int64_t ng = ep_n_groups(in, group);
+    for (int64_t j = 0; j < ng; j++) {
+        int64_t e = ep_min64(ng == 1 ? in : (j + 1) * group, in);
+        int32_t s = 0;
+        for (int64_t u = j * group; u < e; u++) s += q[u];
+        gsum[j] = s;
+    }
+}
+
+void ep_ref_group_valid(int64_t in, int64_t group, int32_t *nvalid) {
+    int64_t ng = ep_n_groups(in, group);
+    for (int64_t j = 0; j < ng; j++) {
+        int64_t e = ep_min64(ng == 1 ? in : (j + 1) * group, in);
+        nvalid[j] = (int32_t)(e - j * group);
+    }
+}
+
+void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, float s) {
+    int64_t rows = ep_min64(EP_TILE, out - t * EP_TILE);
+    for (int64_t r = 0; r < rows; r++) y_row[t * EP_TILE + r] = acc16[r] * s;
+}
+
+static int ref_supported(void) { return 1; }
+
+/* The scalar "tables" are the activations themselves, zero-padded to in_pad. */
+static void ref_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
+    int64_t in_pad = ep_padded_in(in);
+    memcpy(tab, q, (size_t)in);
+    memset(tab + in, 0, (size_t)(in_pad - in));
+    ep_ref_group_sums(q, in, group, gsum);
+}
+
+static void ref_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab,
+                            int32_t *nvalid) {
+    int64_t nbytes = ep_padded_in(in) / 8;
+    memcpy(tab, bits, (size_t)nbytes);
+    /* padding bits are cleared here so that weights' padding bits meet zeros; the kernel below
+     * also stops at `in`, so neither side's padding can count */
+    ep_ref_group_valid(in, group, nvalid);
+}
+
+/* Bit u of row r of plane i. */
+static inline int plane_bit(const ep_gemm_args *a, int64_t i, int64_t r, int64_t u) {
+    int64_t t = r / EP_TILE, rr = r % EP_TILE, c = u >> 3;
+    uint8_t byte = a->planes[((i * a->tiles + t) * a->ncol + c) * EP_TILE + rr];
+    return (byte >> (u & 7)) & 1;
+}
+
+static inline float plane_scale(const ep_gemm_args *a, int64_t i, int64_t r, int64_t j) {
+    int64_t t = r / EP_TILE, rr = r % EP_TILE;
+    return a->scales[((i * a->tiles + t) * a->ng + j) * EP_TILE + rr];
+}
+
+static inline int64_t group_end(const ep_gemm_args *a, int64_t j) {
+    return ep_min64(a->ng == 1 ? a->in : (j + 1) * a->group, a->in);
+}
+
+static void ref_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+    for (int64_t tok = 0; tok < a->n; tok++) {
+        const int8_t *q = (const int8_t *)(a->tab + tok * a->tab_stride);
+        for (int64_t t = t0; t < t1; t++) {
+            float acc[EP_TILE];
+            for (int64_t rr = 0; rr < EP_TILE; rr++) {
+                int64_t r = t * EP_TILE + rr;
+                float s = 0.0f;
+                if (r < a->out) {
+                    for (int64_t j = 0; j < a->ng; j++) {
+                        for (int64_t i = 0; i < a->k; i++) {
+                            int32_t d = 0;  /* bit 1 means -1 */
+                            for (int64_t u = j * a->group; u < group_end(a, j); u++)
+                                d += plane_bit(a, i, r, u) ? -q[u] : q[u];
+                            s = fmaf(plane_scale(a, i, r, j), (float)d, s);
+                        }
+                    }
+                }
+                acc[rr] = s;
+            }
+            ep_store_tile(a->y + tok * a->out, a->out, t, acc, a->ascale[tok]);
+        }
+    }
+}
+
+static void ref_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+    for (int64_t tok = 0; tok < a->n; tok++) {
+        const uint8_t *x = a->tab + tok * a->tab_stride;
+        for (int64_t t = t0; t < t1; t++) {
+            float acc[EP_TILE];
+            for (int64_t rr = 0; rr < EP_TILE; rr++) {
+                int64_t r = t * EP_TILE + rr;
+                float s = 0.0f;
+                if (r < a->out) {
+                    for (int64_t j = 0; j < a->ng; j++) {
+                        for (int64_t i = 0; i < a->k; i++) {
+                            int32_t differ = 0;
+                            for (int64_t u = j * a->group; u < group_end(a, j); u++)
+                                differ += plane_bit(a, i, r, u) ^ ((x[u >> 3] >> (u & 7)) & 1);
+                            int32_t d = a->gsum[tok * a->ng + j] - 2 * differ;
+                            s = fmaf(plane_scale(a, i, r, j), (float)d, s);
+                        }
+                    }
+                }
+                acc[rr] = s;
+            }
+            ep_store_tile(a->y + tok * a->out, a->out, t, acc, a->ascale[tok]);
+        }
+    }
+}
+
+const ep_kernels ep_kernels_scalar = {
+    "scalar",        ref_supported,   ep_ref_quantize_i8, ep_ref_binarize,
+    ref_i8_tables,   ref_xnor_tables, ref_i8_tiles,       ref_xnor_tiles,
+};

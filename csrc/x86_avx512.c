@@ -1,0 +1,267 @@
+/* x86-64 AVX-512 kernels (F + BW; 512-bit vpshufb).  Same results as ref.c, bit for bit.
+ *
+ * The algorithm of x86_avx2.c at twice the width: one 64-byte load holds 4 byte columns (32
+ * inputs) of a 16-row tile, one per 128-bit lane.  Tables per 32 inputs (byte columns c..c+3),
+ * each a 64-byte vector with lane q serving column c+q:
+ *   i8:   [L lo-nibble] [L hi-nibble] [H lo-nibble] [H hi-nibble]     (256 bytes)
+ *   xnor: [P lo-nibble] [P hi-nibble]                                 (128 bytes)
+ * Accumulation widths: two 32-input blocks (4 lookups per byte lane) per widening into int16,
+ * at most 8 widenings (512 inputs) per int16 run. */
+#include <math.h>
+#include <string.h>
+
+#include "ep_simd_x86.h"
+#include "ep_internal.h"
+
+EP_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
+
+static int avx512_supported(void) {
+    return EP_CPU_SUPPORTS("avx512f") && EP_CPU_SUPPORTS("avx512bw") && EP_CPU_SUPPORTS("avx512vl") &&
+           EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma");
+}
+
+EP_INLINE __m512i lanes_0011(__m256i v) {
+    __m512i a = _mm512_castsi256_si512(v);
+    return _mm512_shuffle_i32x4(a, a, 0x50);  /* 128-bit lanes [v.lo, v.lo, v.hi, v.hi] */
+}
+
+EP_INLINE __m512i nibble_bit_mask512(int b) {
+    uint8_t m[64];
+    for (int n = 0; n < 64; n++) m[n] = ((n & 15) >> b) & 1 ? 0xFF : 0;
+    return _mm512_loadu_si512((const void *)m);
+}
+
+static void avx512_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
+    const int64_t in_pad = ep_padded_in(in);
+    const __m256i m0f = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+    __m512i mask[4], pick[4];
+    for (int b = 0; b < 4; b++) {
+        mask[b] = nibble_bit_mask512(b);
+        pick[b] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_setr_m128i(_mm_set1_epi8((char)b), _mm_set1_epi8((char)(8 + b)))),
+            _mm256_setr_m128i(_mm_set1_epi8((char)b), _mm_set1_epi8((char)(8 + b))), 1);
+    }
+    const __m512i four = _mm512_set1_epi8(4);
+    for (int64_t j = 0; j < in_pad; j += 32) {
+        __m256i x32;
+        if (j + 32 <= in) {
+            x32 = _mm256_loadu_si256((const __m256i *)(q + j));
+        } else {
+            int8_t tmp[32] = {0};
+            if (j < in) memcpy(tmp, q + j, (size_t)(in - j));
+            x32 = _mm256_loadu_si256((const __m256i *)tmp);
+        }
+        __m256i l = _mm256_and_si256(x32, m0f);
+        __m256i h = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(x32, 4), m0f), eight), eight);
+        __m512i L = lanes_0011(l), H = lanes_0011(h);
+        __m512i t[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+        for (int b = 0; b < 4; b++) {
+            __m512i plo = pick[b], phi = _mm512_add_epi8(pick[b], four);
+            t[0] = _mm512_add_epi8(t[0], _mm512_and_si512(_mm512_shuffle_epi8(L, plo), mask[b]));
+            t[1] = _mm512_add_epi8(t[1], _mm512_and_si512(_mm512_shuffle_epi8(L, phi), mask[b]));
+            t[2] = _mm512_add_epi8(t[2], _mm512_and_si512(_mm512_shuffle_epi8(H, plo), mask[b]));
+            t[3] = _mm512_add_epi8(t[3], _mm512_and_si512(_mm512_shuffle_epi8(H, phi), mask[b]));
+        }
+        uint8_t *dst = tab + j * 8;
+        for (int u = 0; u < 4; u++) _mm512_store_si512((void *)(dst + 64 * u), t[u]);
+    }
+    ep_ref_group_sums(q, in, group, gsum);
+}
+
+/* int16 lanes [Q0 r0-7 | Q1 r0-7 | Q2 r0-7 | Q3 r0-7] -> int32 rows 0-7, quarters summed */
+EP_INLINE __m256i sum_quarters_epi16(__m512i s) {
+    __m512i e = _mm512_add_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(s)),
+                                 _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(s, 1)));
+    return _mm256_add_epi32(_mm512_castsi512_si256(e), _mm512_extracti64x4_epi64(e, 1));
+}
+
+EP_INLINE __m512i join_rows(__m256i r0_7, __m256i r8_15) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(r0_7), r8_15, 1);
+}
+
+EP_INLINE void load_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, __m512 *f, int first) {
+    for (int b = 0; b < TB; b++)
+        f[b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(a->acc + ((tok0 + b) * a->tiles + t) * EP_TILE);
+}
+
+EP_INLINE void store_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, const __m512 *f, int last) {
+    for (int b = 0; b < TB; b++) {
+        int64_t tok = tok0 + b;
+        if (!last) {
+            _mm512_storeu_ps(a->acc + (tok * a->tiles + t) * EP_TILE, f[b]);
+        } else if ((t + 1) * EP_TILE <= a->out) {
+            _mm512_storeu_ps(a->y + tok * a->out + t * EP_TILE, _mm512_mul_ps(f[b], _mm512_set1_ps(a->ascale[tok])));
+        } else {
+            float tmp[EP_TILE];
+            _mm512_storeu_ps(tmp, f[b]);
+            ep_store_tile(a->y + tok * a->out, a->out, t, tmp, a->ascale[tok]);
+        }
+    }
+}
+
+EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
+    const __m512i m0f = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i mul = _mm512_set1_epi16(0x1001);
+    __m512 f[4];
+    load_acc512(a, t, tok0, TB, f, j0 == 0);
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        for (int64_t i = 0; i < a->k; i++) {
+            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+            __m512i m[4];
+            for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
+            for (int64_t c = c0; c < c1; c += 64) {  /* 512 inputs: <= 8 widenings into int16 */
+                const int64_t ce = ep_min64(c + 64, c1);
+                __m512i s[4][2];
+                for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm512_setzero_si512();
+                int widen = 0;
+                for (int64_t cc = c; cc < ce; cc += 8) {
+                    const int two = cc + 4 < ce;  /* a pair of 32-input blocks, or the last single one */
+                    __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
+                    __m512i v1 = two ? _mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE)) : _mm512_setzero_si512();
+                    __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
+                    __m512i lo1 = _mm512_and_si512(v1, m0f), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
+                    for (int b = 0; b < TB; b++) {
+                        const uint8_t *T = a->tab + (tok0 + b) * a->tab_stride + cc * 64;
+                        __m512i al = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
+                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
+                        __m512i ah = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
+                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
+                        if (two) {
+                            const uint8_t *T2 = T + 256;
+                            al = _mm512_add_epi8(al, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
+                                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
+                            ah = _mm512_add_epi8(ah, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
+                                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
+                        }
+                        ah = _mm512_xor_si512(ah, flip);
+                        s[b][0] = _mm512_add_epi16(s[b][0], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(al, ah), mul));
+                        s[b][1] = _mm512_add_epi16(s[b][1], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(al, ah), mul));
+                    }
+                    widen++;
+                }
+                /* each widening added 128*16 per byte lane; 4 quarters per row */
+                const __m256i bias = _mm256_set1_epi32(8192 * widen);
+                for (int b = 0; b < TB; b++) {
+                    __m256i r0 = _mm256_sub_epi32(sum_quarters_epi16(s[b][0]), bias);
+                    __m256i r1 = _mm256_sub_epi32(sum_quarters_epi16(s[b][1]), bias);
+                    m[b] = _mm512_add_epi32(m[b], join_rows(r0, r1));
+                }
+            }
+            const __m512 alpha = _mm512_loadu_ps(a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE);
+            for (int b = 0; b < TB; b++) {
+                __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_slli_epi32(m[b], 1));
+                f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
+            }
+        }
+    }
+    store_acc512(a, t, tok0, TB, f, j1 == a->ng);
+}
+
+static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
+    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
+    return gpc < 1 ? 1 : gpc;
+}
+
+#define EP_TB 4
+#define EP_TILE_LOOP(tile_fn, bpi)                                                       \
+    const int64_t tbmax = a->n < EP_TB ? a->n : EP_TB;                                   \
+    const int64_t gpc = groups_per_chunk(a, tbmax, bpi);                                 \
+    for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {                                        \
+        const int64_t j1 = ep_min64(j0 + gpc, a->ng);                                    \
+        for (int64_t tok0 = 0; tok0 < a->n; tok0 += EP_TB) {                             \
+            const int64_t tb = ep_min64(EP_TB, a->n - tok0);                             \
+            for (int64_t t = t0; t < t1; t++) {                                          \
+                switch (tb) {                                                            \
+                case 4: tile_fn(a, t, tok0, 4, j0, j1); break;                           \
+                case 3: tile_fn(a, t, tok0, 3, j0, j1); break;                           \
+                case 2: tile_fn(a, t, tok0, 2, j0, j1); break;                           \
+                default: tile_fn(a, t, tok0, 1, j0, j1); break;                          \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+    }
+
+static void avx512_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(i8_tile, 8) }
+
+static const uint8_t popcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+
+static inline uint8_t valid_bits(int64_t in, int64_t c) {
+    int64_t left = in - 8 * c;
+    return left >= 8 ? 0xFF : left <= 0 ? 0 : (uint8_t)((1u << left) - 1);
+}
+
+EP_INLINE __m512i bytes_per_lane(uint8_t b0, uint8_t b1, uint8_t b2, uint8_t b3) {
+    __m512i v = _mm512_castsi128_si512(_mm_set1_epi8((char)b0));
+    v = _mm512_inserti32x4(v, _mm_set1_epi8((char)b1), 1);
+    v = _mm512_inserti32x4(v, _mm_set1_epi8((char)b2), 2);
+    return _mm512_inserti32x4(v, _mm_set1_epi8((char)b3), 3);
+}
+
+static void avx512_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
+    const int64_t ncol = ep_padded_in(in) / 8;
+    const __m512i pop = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)popcount4));
+    const __m512i idx = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i m0f = _mm512_set1_epi8(0x0f);
+    for (int64_t c = 0; c < ncol; c += 4) {
+        __m512i A = bytes_per_lane(bits[c], bits[c + 1], bits[c + 2], bits[c + 3]);
+        __m512i V = bytes_per_lane(valid_bits(in, c), valid_bits(in, c + 1), valid_bits(in, c + 2), valid_bits(in, c + 3));
+        __m512i alo = _mm512_and_si512(A, m0f), ahi = _mm512_and_si512(_mm512_srli_epi16(A, 4), m0f);
+        __m512i vlo = _mm512_and_si512(V, m0f), vhi = _mm512_and_si512(_mm512_srli_epi16(V, 4), m0f);
+        uint8_t *dst = tab + c * 32;
+        _mm512_store_si512((void *)dst, _mm512_shuffle_epi8(pop, _mm512_and_si512(_mm512_xor_si512(idx, alo), vlo)));
+        _mm512_store_si512((void *)(dst + 64), _mm512_shuffle_epi8(pop, _mm512_and_si512(_mm512_xor_si512(idx, ahi), vhi)));
+    }
+    ep_ref_group_valid(in, group, nvalid);
+}
+
+EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
+    const __m512i m0f = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+    __m512 f[4];
+    load_acc512(a, t, tok0, TB, f, j0 == 0);
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        for (int64_t i = 0; i < a->k; i++) {
+            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+            __m512i p[4];
+            for (int b = 0; b < TB; b++) p[b] = _mm512_setzero_si512();
+            for (int64_t c = c0; c < c1; c += 64) {  /* 16 blocks of <= 8 per byte lane: <= 128 */
+                const int64_t ce = ep_min64(c + 64, c1);
+                __m512i s[4];
+                for (int b = 0; b < TB; b++) s[b] = _mm512_setzero_si512();
+                for (int64_t cc = c; cc < ce; cc += 4) {
+                    __m512i v = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
+                    __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+                    for (int b = 0; b < TB; b++) {
+                        const uint8_t *T = a->tab + (tok0 + b) * a->tab_stride + cc * 32;
+                        s[b] = _mm512_add_epi8(s[b], _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo),
+                                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi)));
+                    }
+                }
+                for (int b = 0; b < TB; b++) {
+                    __m256i r0 = sum_quarters_epi16(_mm512_unpacklo_epi8(s[b], zero));
+                    __m256i r1 = sum_quarters_epi16(_mm512_unpackhi_epi8(s[b], zero));
+                    p[b] = _mm512_add_epi32(p[b], join_rows(r0, r1));
+                }
+            }
+            const __m512 alpha = _mm512_loadu_ps(a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE);
+            for (int b = 0; b < TB; b++) {
+                __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_slli_epi32(p[b], 1));
+                f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
+            }
+        }
+    }
+    store_acc512(a, t, tok0, TB, f, j1 == a->ng);
+}
+
+static void avx512_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
+
+EP_TARGET_POP()
+
+const ep_kernels ep_kernels_avx512bw = {
+    "avx512bw",         avx512_supported,    ep_avx2_quantize_i8, ep_avx2_binarize,
+    avx512_i8_tables,   avx512_xnor_tables,  avx512_i8_tiles,     avx512_xnor_tiles,
+};

@@ -1,0 +1,61 @@
+"""cffi build script (API mode) for edgepanel's C kernels: edgepanel.kernels._ep.
+
+setup.py hands `ffibuilder` to setuptools; `python -m edgepanel.kernels._build` builds in place.
+cdef reads csrc/include/edgepanel.h with its preprocessor lines removed: that header is the whole
+ABI.  Sources are chosen by target machine: each ISA file #errors on the wrong one.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ROOT / "csrc" / "include" / "edgepanel.h"
+
+COMMON_SOURCES = ["csrc/dispatch.c", "csrc/ref.c", "csrc/threads.c"]
+ISA_SOURCES = {
+    "x86_64": ["csrc/x86_avx2.c", "csrc/x86_avx512.c"],
+    "aarch64": ["csrc/arm_neon.c"],
+}
+MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+CFLAGS = ["-O3", "-std=c11", "-D_GNU_SOURCE", "-ffp-contract=off", "-fno-math-errno",
+          "-fvisibility=hidden", "-Wall"]
+
+
+def cdef_text() -> str:
+    text = HEADER.read_text()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"#ifdef __cplusplus.*?#endif", "", text, flags=re.S)
+    return "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+
+
+def sources(machine: str | None = None) -> list[str]:
+    m = (machine or platform.machine()).lower()
+    m = MACHINE_ALIASES.get(m, m)
+    return COMMON_SOURCES + ISA_SOURCES.get(m, [])
+
+
+def make_builder() -> FFI:
+    ffi = FFI()
+    ffi.cdef(cdef_text())
+    ffi.set_source(
+        "edgepanel.kernels._ep",
+        '#include "edgepanel.h"\n',
+        sources=sources(),
+        include_dirs=["csrc/include"],
+        extra_compile_args=CFLAGS,
+        extra_link_args=["-pthread"],
+        libraries=["m"],
+    )
+    return ffi
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir=str(ROOT), verbose=True)

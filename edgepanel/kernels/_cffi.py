@@ -1,0 +1,102 @@
+"""Thin binding to the compiled C kernels (edgepanel.kernels._ep): pointers and workspace only;
+arguments arrive already checked by _backend.Backend."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from ._backend import Backend
+
+try:
+    from ._ep import ffi, lib
+except ImportError as exc:  # not built: no compiler at install time, or a failed build
+    ffi = lib = None
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
+
+_ERRORS = {-1: "invalid argument", -2: "workspace too small", -3: "unsupported ISA"}
+
+
+def compiled_isas() -> list[str]:
+    if lib is None:
+        return []
+    return ffi.string(lib.ep_kernels_compiled()).decode().split(",")
+
+
+def runnable_isas() -> list[str]:
+    return [name for name in compiled_isas() if lib.ep_kernels_get(name.encode()) != ffi.NULL]
+
+
+def _ptr(ctype: str, a: np.ndarray):
+    return ffi.cast(ctype, a.ctypes.data)
+
+
+class CBackend(Backend):
+    name = "c"
+
+    def __init__(self, isa: str | None = None):
+        if lib is None:
+            raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
+        kt = lib.ep_kernels_get(isa.encode() if isa else ffi.NULL)
+        if kt == ffi.NULL:
+            raise BackendUnavailable(
+                f"ISA variant {isa!r} is not available: compiled {compiled_isas()}, "
+                f"runnable on this CPU {runnable_isas()}")
+        self._kt = kt
+        self.isa = ffi.string(lib.ep_kernels_name(kt)).decode()
+        self._local = threading.local()
+
+    def _workspace(self, nbytes: int):
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes + 64:
+            buf = np.empty(max(nbytes, 1 << 16) + 64, np.uint8)
+            self._local.buf = buf
+        off = -buf.ctypes.data % 64
+        return ffi.cast("void *", buf.ctypes.data + off), buf.nbytes - off
+
+    @staticmethod
+    def _check(rc: int, what: str):
+        if rc != 0:
+            raise RuntimeError(f"{what} failed in C: {_ERRORS.get(rc, rc)}")
+
+    def _quantize_i8(self, x):
+        n, k = x.shape
+        q = np.empty((n, k), np.int8)
+        s = np.empty(n, np.float32)
+        self._check(lib.ep_quantize_i8(self._kt, _ptr("float *", x), n, k, _ptr("int8_t *", q),
+                                       _ptr("float *", s)), "quantize_i8")
+        return q, s
+
+    def _binarize(self, x):
+        n, k = x.shape
+        b = np.empty((n, lib.ep_padded_in(k) // 8), np.uint8)
+        s = np.empty(n, np.float32)
+        self._check(lib.ep_binarize(self._kt, _ptr("float *", x), n, k, _ptr("uint8_t *", b),
+                                    _ptr("float *", s)), "binarize")
+        return b, s
+
+    def _pack_planes(self, w):
+        k, o, i = w.shape
+        p = np.empty((k, lib.ep_padded_out(o) // 16, lib.ep_padded_in(i) // 8, 16), np.uint8)
+        self._check(lib.ep_pack_planes(_ptr("float *", w), k, o, i, _ptr("uint8_t *", p)), "pack_planes")
+        return p
+
+    def _gemm(self, fn, what, act, act_ctype, scale, w, threads):
+        n = act.shape[0]
+        y = np.empty((n, w.out_features), np.float32)
+        need = lib.ep_workspace_bytes(n, w.out_features, w.in_features, w.group)
+        work, nbytes = self._workspace(need)
+        rc = fn(self._kt, _ptr(act_ctype, act), _ptr("float *", scale), n,
+                _ptr("uint8_t *", w.planes), _ptr("float *", w.scales), w.k, w.out_features,
+                w.in_features, w.group, _ptr("float *", y), work, nbytes, threads)
+        self._check(rc, what)
+        return y
+
+    def _gemm_planes_i8(self, q, qscale, w, threads):
+        return self._gemm(lib.ep_gemm_planes_i8, "gemm_planes_i8", q, "int8_t *", qscale, w, threads)
+
+    def _gemm_xnor(self, act_bits, ascale, w, threads):
+        return self._gemm(lib.ep_gemm_xnor, "gemm_xnor", act_bits, "uint8_t *", ascale, w, threads)

@@ -1,0 +1,198 @@
+/* Standalone check of every compiled ISA variant against the scalar specification, bit for bit,
+ * plus the known-answer file written from the NumPy reference (tests/data/kernels_kat.bin).
+ * Built and run by tests/test_c_variants.py natively, under SIMDe emulation, and for aarch64
+ * under qemu-user (see .ci/run).  Usage: kernel_check [KAT_FILE] */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ep_internal.h"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rnd(void) { /* splitmix64 */
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static float rndf(void) { return (float)((rnd() >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f; }
+
+static void *xalloc(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? n : 64) != 0) { fprintf(stderr, "out of memory\n"); exit(2); }
+    return p;
+}
+
+static int failures = 0;
+#define CHECK(cond, ...) do { if (!(cond)) { failures++; printf("FAIL: " __VA_ARGS__); printf("\n"); } } while (0)
+
+typedef struct { int64_t n, k, out, in, group; } shape;
+
+/* Run one variant on one shape; returns y (n, out) for i8 and xnor in y8 / yx. */
+static void run(const ep_kernels *kt, const shape *s, const float *x, const uint8_t *planes,
+                const float *scales, int threads, int8_t *q, float *qs, uint8_t *bits, float *bs,
+                float *y8, float *yx) {
+    int64_t wb = ep_workspace_bytes(s->n, s->out, s->in, s->group);
+    void *work = xalloc((size_t)wb);
+    int rc = ep_quantize_i8(kt, x, s->n, s->in, q, qs);
+    rc |= ep_binarize(kt, x, s->n, s->in, bits, bs);
+    rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, scales, s->k, s->out, s->in, s->group, y8, work, wb, threads);
+    rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, scales, s->k, s->out, s->in, s->group, yx, work, wb, threads);
+    CHECK(rc == 0, "%s: rc=%d", ep_kernels_name(kt), rc);
+    free(work);
+}
+
+static void check_shape(const shape *s, int special) {
+    int64_t tiles = ep_padded_out(s->out) / EP_TILE, ncol = ep_padded_in(s->in) / 8;
+    int64_t ng = ep_n_groups(s->in, s->group);
+    size_t np = (size_t)(s->k * tiles * ncol * EP_TILE), ns = (size_t)(s->k * tiles * ng * EP_TILE);
+    size_t nx = (size_t)(s->n * s->in), nb = (size_t)(s->n * ncol), ny = (size_t)(s->n * s->out);
+    float *x = xalloc(nx * 4), *scales = xalloc(ns * 4);
+    uint8_t *planes = xalloc(np);
+    for (size_t u = 0; u < nx; u++) x[u] = rndf() * 3.0f;
+    if (special == 1) /* one token at extremes: all +-absmax, all bits set: overflow bait */
+        for (size_t u = 0; u < nx; u++) x[u] = (u % 3 == 0) ? 2.0f : 2.0f;
+    for (size_t u = 0; u < np; u++) planes[u] = special == 1 ? 0xFF : (uint8_t)rnd();  /* padding bits too */
+    for (size_t u = 0; u < ns; u++) scales[u] = special == 1 ? 1.0f : rndf();
+    const ep_kernels *ref = ep_kernels_get("scalar");
+    int8_t *q0 = xalloc(nx), *q1 = xalloc(nx);
+    uint8_t *b0 = xalloc(nb), *b1 = xalloc(nb);
+    float *qs0 = xalloc(s->n * 4), *qs1 = xalloc(s->n * 4), *bs0 = xalloc(s->n * 4), *bs1 = xalloc(s->n * 4);
+    float *y80 = xalloc(ny * 4), *y81 = xalloc(ny * 4), *yx0 = xalloc(ny * 4), *yx1 = xalloc(ny * 4);
+    run(ref, s, x, planes, scales, 1, q0, qs0, b0, bs0, y80, yx0);
+    if (special == 1) {
+        /* every input is +absmax -> q = 127, every bit -1: each group sums to -127*len exactly */
+        for (int64_t tok = 0; tok < s->n; tok++)
+            for (int64_t r = 0; r < s->out; r++) {
+                double want = 0;
+                for (int64_t j = 0; j < ng; j++) {
+                    int64_t len = (ng == 1 ? s->in : ep_min64((j + 1) * s->group, s->in) - j * s->group);
+                    want += (double)s->k * (-127.0 * (double)len);
+                }
+                float got = y80[tok * s->out + r] / qs0[tok];
+                CHECK(fabs(got - want) <= 1e-6 * fabs(want), "overflow case ref: got %g want %g", got, want);
+            }
+    }
+    char names[256];
+    snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+    for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+        const ep_kernels *kt = ep_kernels_get(name);
+        if (!kt || kt == ref) continue;
+        for (int threads = 1; threads <= 3; threads += 2) {
+            memset(y81, 0xAB, ny * 4);
+            memset(yx1, 0xAB, ny * 4);
+            run(kt, s, x, planes, scales, threads, q1, qs1, b1, bs1, y81, yx1);
+            const char *v = ep_kernels_name(kt);
+            CHECK(memcmp(q0, q1, nx) == 0, "%s quantize_i8 differs (in=%lld)", v, (long long)s->in);
+            CHECK(memcmp(qs0, qs1, s->n * 4) == 0, "%s quantize scale differs", v);
+            CHECK(memcmp(b0, b1, nb) == 0, "%s binarize bits differ (in=%lld)", v, (long long)s->in);
+            CHECK(memcmp(bs0, bs1, s->n * 4) == 0, "%s binarize scale differs", v);
+            int64_t bad8 = -1, badx = -1;
+            for (size_t u = 0; u < ny; u++) {
+                if (memcmp(&y80[u], &y81[u], 4) && bad8 < 0) bad8 = (int64_t)u;
+                if (memcmp(&yx0[u], &yx1[u], 4) && badx < 0) badx = (int64_t)u;
+            }
+            CHECK(bad8 < 0, "%s gemm_planes_i8 n=%lld k=%lld out=%lld in=%lld g=%lld threads=%d: y[%lld] %.9g != %.9g",
+                  v, (long long)s->n, (long long)s->k, (long long)s->out, (long long)s->in, (long long)s->group,
+                  threads, (long long)bad8, bad8 < 0 ? 0.0 : y81[bad8], bad8 < 0 ? 0.0 : y80[bad8]);
+            CHECK(badx < 0, "%s gemm_xnor n=%lld k=%lld out=%lld in=%lld g=%lld threads=%d: y[%lld] %.9g != %.9g",
+                  v, (long long)s->n, (long long)s->k, (long long)s->out, (long long)s->in, (long long)s->group,
+                  threads, (long long)badx, badx < 0 ? 0.0 : yx1[badx], badx < 0 ? 0.0 : yx0[badx]);
+        }
+    }
+    free(x); free(scales); free(planes); free(q0); free(q1); free(b0); free(b1);
+    free(qs0); free(qs1); free(bs0); free(bs1); free(y80); free(y81); free(yx0); free(yx1);
+}
+
+/* Known answers from the NumPy reference: see tools/make_kat.py for the layout. */
+static int check_kat(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { printf("FAIL: cannot open %s\n", path); return 1; }
+    char magic[8];
+    uint32_t count;
+    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "EPKAT01\n", 8) || fread(&count, 4, 1, f) != 1) {
+        printf("FAIL: %s is not a known-answer file\n", path);
+        fclose(f);
+        return 1;
+    }
+    int cases = 0;
+    for (uint32_t c = 0; c < count; c++) {
+        int64_t hdr[5];
+        if (fread(hdr, 8, 5, f) != 5) { printf("FAIL: truncated KAT\n"); failures++; break; }
+        shape s = {hdr[0], hdr[1], hdr[2], hdr[3], hdr[4]};
+        int64_t tiles = ep_padded_out(s.out) / EP_TILE, ncol = ep_padded_in(s.in) / 8;
+        int64_t ng = ep_n_groups(s.in, s.group);
+        size_t np = (size_t)(s.k * tiles * ncol * EP_TILE), ns = (size_t)(s.k * tiles * ng * EP_TILE);
+        size_t nx = (size_t)(s.n * s.in), nb = (size_t)(s.n * ncol), ny = (size_t)(s.n * s.out);
+        float *x = xalloc(nx * 4), *scales = xalloc(ns * 4), *qs = xalloc(s.n * 4), *bs = xalloc(s.n * 4);
+        uint8_t *planes = xalloc(np), *bits = xalloc(nb), *bits_got = xalloc(nb);
+        int8_t *q = xalloc(nx), *q_got = xalloc(nx);
+        float *y8 = xalloc(ny * 4), *yx = xalloc(ny * 4), *y8g = xalloc(ny * 4), *yxg = xalloc(ny * 4);
+        float *qsg = xalloc(s.n * 4), *bsg = xalloc(s.n * 4);
+        int ok = fread(x, 4, nx, f) == nx && fread(planes, 1, np, f) == np && fread(scales, 4, ns, f) == ns &&
+                 fread(q, 1, nx, f) == nx && fread(qs, 4, s.n, f) == (size_t)s.n &&
+                 fread(bits, 1, nb, f) == nb && fread(bs, 4, s.n, f) == (size_t)s.n &&
+                 fread(y8, 4, ny, f) == ny && fread(yx, 4, ny, f) == ny;
+        if (!ok) { printf("FAIL: truncated KAT case %u\n", c); failures++; break; }
+        char names[256];
+        snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+        for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+            const ep_kernels *kt = ep_kernels_get(name);
+            if (!kt) continue;
+            run(kt, &s, x, planes, scales, 2, q_got, qsg, bits_got, bsg, y8g, yxg);
+            CHECK(memcmp(q, q_got, nx) == 0, "KAT %u %s: q differs from NumPy", c, name);
+            CHECK(memcmp(bits, bits_got, nb) == 0, "KAT %u %s: bits differ from NumPy", c, name);
+            for (int64_t t = 0; t < s.n; t++) {
+                CHECK(qs[t] == qsg[t], "KAT %u %s: quantize scale %g != %g", c, name, qsg[t], qs[t]);
+                CHECK(fabsf(bs[t] - bsg[t]) <= 1e-6f * bs[t], "KAT %u %s: binarize scale %g != %g", c, name, bsg[t], bs[t]);
+            }
+            /* y from float64 sums in NumPy: agree to float32 summation error */
+            for (size_t u = 0; u < ny; u++) {
+                float tol8 = 1e-4f * (1.0f + fabsf(y8[u])), tolx = 1e-4f * (1.0f + fabsf(yx[u]));
+                CHECK(fabsf(y8[u] - y8g[u]) <= tol8, "KAT %u %s: i8 y[%zu] %g != %g", c, name, u, y8g[u], y8[u]);
+                CHECK(fabsf(yx[u] - yxg[u]) <= tolx * 10, "KAT %u %s: xnor y[%zu] %g != %g", c, name, u, yxg[u], yx[u]);
+                if (failures > 20) break;
+            }
+        }
+        cases++;
+        free(x); free(scales); free(qs); free(bs); free(planes); free(bits); free(bits_got); free(q); free(q_got);
+        free(y8); free(yx); free(y8g); free(yxg); free(qsg); free(bsg);
+    }
+    fclose(f);
+    printf("known answers: %d cases\n", cases);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("compiled variants: %s; best here: %s\n", ep_kernels_compiled(), ep_kernels_name(ep_kernels_get(NULL)));
+    static const int64_t ins[] = {1, 7, 63, 64, 65, 127, 576, 1536, 4097};
+    static const int64_t outs[] = {1, 3, 17, 576};
+    static const int64_t toks[] = {1, 2, 9, 64};
+    static const int64_t groups[] = {32, 64, 128, 256, 0};  /* 0: one group per row */
+    int cases = 0;
+    for (size_t a = 0; a < sizeof ins / sizeof *ins; a++)
+        for (size_t b = 0; b < sizeof outs / sizeof *outs; b++) {
+            int64_t g = groups[(a + b) % 5];
+            shape s = {toks[(a + 2 * b) % 4], (int64_t)((a + b) % 4) + 1, outs[b], ins[a], g ? g : ins[a]};
+            if (s.n * s.out * s.in > 4000000) s.n = 2;  /* keep the scalar reference quick */
+            check_shape(&s, 0);
+            cases++;
+        }
+    for (size_t gi = 0; gi < 5; gi++)
+        for (int64_t k = 1; k <= 4; k++) {
+            shape s = {3, k, 40, 333, groups[gi] ? groups[gi] : 333};
+            check_shape(&s, 0);
+            cases++;
+        }
+    shape big = {2, 4, 17, 4097, 4097};
+    check_shape(&big, 1);
+    shape big2 = {1, 3, 5, 1536, 256};
+    check_shape(&big2, 1);
+    cases += 2;
+    printf("random cases: %d\n", cases);
+    if (argc > 1) check_kat(argv[1]);
+    printf(failures ? "FAILED: %d\n" : "ok\n", failures);
+    return failures ? 1 : 0;
+}
