@@ -166,86 +166,163 @@ EP_INLINE void load_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, 
     }
 }
 
-/* Groups [j0, j1) of tile t for tokens tok0 .. tok0+TB-1. */
-EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
+/* One 32-input block of one plane (byte columns cc..cc+3) for TB tokens: s += l + 16*(h+128)
+ * per byte lane, in int16. */
+EP_INLINE void i8_block(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB,
+                        __m256i s[][2]) {
     const __m256i m0f = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);
-    const __m256i mul = _mm256_set1_epi16(0x1001);  /* bytes (1, 16): l + 16*h' */
-    __m256 f[4][2];
-    load_acc(a, t, tok0, TB, f, j0 == 0);
+    const __m256i mul = _mm256_set1_epi16(0x1001);  /* bytes (1, 16) */
+    __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + cc * EP_TILE));
+    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + (cc + 2) * EP_TILE));
+    __m256i lo0 = _mm256_and_si256(v0, m0f), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
+    __m256i lo1 = _mm256_and_si256(v1, m0f), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
+    for (int b = 0; b < TB; b++) {
+        const __m256i *T = (const __m256i *)(tab + b * ts + cc * 64);
+        __m256i al = _mm256_add_epi8(_mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 0), lo0),
+                                                     _mm256_shuffle_epi8(_mm256_load_si256(T + 1), hi0)),
+                                     _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 4), lo1),
+                                                     _mm256_shuffle_epi8(_mm256_load_si256(T + 5), hi1)));
+        __m256i ah = _mm256_add_epi8(_mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), lo0),
+                                                     _mm256_shuffle_epi8(_mm256_load_si256(T + 3), hi0)),
+                                     _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 6), lo1),
+                                                     _mm256_shuffle_epi8(_mm256_load_si256(T + 7), hi1)));
+        ah = _mm256_xor_si256(ah, flip);  /* h + 128: unsigned for vpmaddubsw */
+        s[b][0] = _mm256_add_epi16(s[b][0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(al, ah), mul));
+        s[b][1] = _mm256_add_epi16(s[b][1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(al, ah), mul));
+    }
+}
+
+/* Integer pass over plane i, groups [j0, j1), for TB tokens: D[b][i][j - j0][16 rows] = the raw
+ * sums of (l + 16*(h+128)) over the group (the bias, 4096 per block, leaves in the float pass).
+ * GB > 0: every group but the last is GB blocks long (group = 32*GB inputs), unrolled; the last
+ * group and GB == 0 (one group per row) take the general path with int16 runs of <= 8 blocks. */
+EP_INLINE void i8_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t i,
+                        int64_t j0, int64_t j1, int32_t *D, int64_t dtok, const int GB) {
+    const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t ts = a->tab_stride, nj = j1 - j0;
     for (int64_t j = j0; j < j1; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        for (int64_t i = 0; i < a->k; i++) {
-            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
-            __m256i m[4][2];
+        int32_t *d = D + (i * nj + (j - j0)) * EP_TILE;
+        __m256i m[4][2];
+        if (GB > 0 && j != a->ng - 1) {
+            __m256i s[4][2];
+            for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm256_setzero_si256();
+            for (int u = 0; u < GB; u++) i8_block(w, tab, ts, j * 4 * GB + 4 * u, TB, s);
+            for (int b = 0; b < TB; b++) {
+                m[b][0] = sum_halves_epi16(s[b][0]);
+                m[b][1] = sum_halves_epi16(s[b][1]);
+            }
+        } else {
+            int64_t c0, c1;
+            ep_group_cols(a, j, &c0, &c1);
             for (int b = 0; b < TB; b++) m[b][0] = m[b][1] = _mm256_setzero_si256();
-            for (int64_t c = c0; c < c1; c += 32) {
+            for (int64_t c = c0; c < c1; c += 32) {  /* <= 8 blocks per int16 run */
                 const int64_t ce = ep_min64(c + 32, c1);
                 __m256i s[4][2];
                 for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm256_setzero_si256();
-                for (int64_t cc = c; cc < ce; cc += 4) {
-                    __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + cc * EP_TILE));
-                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + (cc + 2) * EP_TILE));
-                    __m256i lo0 = _mm256_and_si256(v0, m0f), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
-                    __m256i lo1 = _mm256_and_si256(v1, m0f), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
-                    for (int b = 0; b < TB; b++) {
-                        const __m256i *T = (const __m256i *)(a->tab + (tok0 + b) * a->tab_stride + cc * 64);
-                        __m256i al = _mm256_add_epi8(
-                            _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 0), lo0),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 1), hi0)),
-                            _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 4), lo1),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 5), hi1)));
-                        __m256i ah = _mm256_add_epi8(
-                            _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), lo0),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 3), hi0)),
-                            _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 6), lo1),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 7), hi1)));
-                        ah = _mm256_xor_si256(ah, flip);  /* h + 128: unsigned for vpmaddubsw */
-                        s[b][0] = _mm256_add_epi16(s[b][0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(al, ah), mul));
-                        s[b][1] = _mm256_add_epi16(s[b][1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(al, ah), mul));
-                    }
-                }
-                const __m256i bias = _mm256_set1_epi32((int)(4096 * ((ce - c) / 4)));
+                for (int64_t cc = c; cc < ce; cc += 4) i8_block(w, tab, ts, cc, TB, s);
                 for (int b = 0; b < TB; b++) {
-                    m[b][0] = _mm256_add_epi32(m[b][0], _mm256_sub_epi32(sum_halves_epi16(s[b][0]), bias));
-                    m[b][1] = _mm256_add_epi32(m[b][1], _mm256_sub_epi32(sum_halves_epi16(s[b][1]), bias));
+                    m[b][0] = _mm256_add_epi32(m[b][0], sum_halves_epi16(s[b][0]));
+                    m[b][1] = _mm256_add_epi32(m[b][1], sum_halves_epi16(s[b][1]));
                 }
             }
+        }
+        for (int b = 0; b < TB; b++) {
+            _mm256_storeu_si256((__m256i *)(d + b * dtok), m[b][0]);
+            _mm256_storeu_si256((__m256i *)(d + b * dtok + 8), m[b][1]);
+        }
+    }
+}
+
+/* D (the integer results of a tile) holds EP_CHUNK_GROUPS groups at a time; groups_per_chunk
+ * keeps the tables of a token block in half of a 32 KiB L1. */
+#define EP_CHUNK_GROUPS 8
+#ifndef EP_TB
+#define EP_TB 4
+#endif
+
+static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
+    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
+    return gpc < 1 ? 1 : gpc;
+}
+
+/* Blocks per group when the kernels unroll them (32-input blocks), else 0. */
+static int blocks_per_group(const ep_gemm_args *a) {
+    if (a->ng == 1) return 0;
+    switch (a->group) {
+    case 32: return 1;
+    case 64: return 2;
+    case 128: return 4;
+    case 256: return 8;
+    default: return 0;
+    }
+}
+
+/* The float pass, in the specification's order: groups outer, planes inner, one fused
+ * multiply-add each; f holds the tile's running sums per token. */
+EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
+                          int64_t j1, const int32_t *D, int64_t dtok, int64_t bias_per_block,
+                          __m256 f[][2]) {
+    const int64_t nj = j1 - j0;
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        const int32_t bias = (int32_t)(bias_per_block * ((c1 - c0) / 4));
+        for (int64_t i = 0; i < a->k; i++) {
             const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
             const __m256 al0 = _mm256_loadu_ps(alpha), al1 = _mm256_loadu_ps(alpha + 8);
             for (int b = 0; b < TB; b++) {
-                const __m256i S = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]);
-                __m256i d0 = _mm256_sub_epi32(S, _mm256_slli_epi32(m[b][0], 1));
-                __m256i d1 = _mm256_sub_epi32(S, _mm256_slli_epi32(m[b][1], 1));
+                const int32_t *d = D + b * dtok + (i * nj + (j - j0)) * EP_TILE;
+                const __m256i S = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);
+                __m256i d0 = _mm256_sub_epi32(S, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)d), 1));
+                __m256i d1 = _mm256_sub_epi32(S, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(d + 8)), 1));
                 f[b][0] = ep_fmadd256(al0, _mm256_cvtepi32_ps(d0), f[b][0]);
                 f[b][1] = ep_fmadd256(al1, _mm256_cvtepi32_ps(d1), f[b][1]);
             }
         }
     }
+}
+
+/* Groups [j0, j1) of tile t for tokens tok0 .. tok0+TB-1, EP_CHUNK_GROUPS at a time: integers
+ * first, then floats; the running sums stay in registers across the chunks. */
+EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
+                       int64_t j1, const int GB) {
+    int32_t D[EP_TB * 8 * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
+    __m256 f[4][2];
+    load_acc(a, t, tok0, TB, f, j0 == 0);
+    for (int64_t c0 = j0; c0 < j1; c0 += EP_CHUNK_GROUPS) {
+        const int64_t c1 = ep_min64(c0 + EP_CHUNK_GROUPS, j1), dtok = a->k * (c1 - c0) * EP_TILE;
+        for (int64_t i = 0; i < a->k; i++) i8_plane(a, t, tok0, TB, i, c0, c1, D, dtok, GB);
+        float_pass(a, t, tok0, TB, c0, c1, D, dtok, 8192, f);  /* D = S - 2(m - 4096 nb) */
+    }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-/* Groups per chunk, so that the tables of a token block stay in a 32 KiB L1 (half of it). */
-static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
-    int64_t g = a->group, cap = 16384 / (tb * bytes_per_input);
-    int64_t gpc = cap / g;
-    return gpc < 1 ? 1 : gpc;
-}
+#define EP_SWITCH_GB(call, ...)                                                          \
+    switch (gb) {                                                                        \
+    case 1: call(__VA_ARGS__, 1); break;                                                 \
+    case 2: call(__VA_ARGS__, 2); break;                                                 \
+    case 4: call(__VA_ARGS__, 4); break;                                                 \
+    case 8: call(__VA_ARGS__, 8); break;                                                 \
+    default: call(__VA_ARGS__, 0); break;                                                \
+    }
 
-#define EP_TB 4
+/* One token block (decode): whole rows tile by tile, the weights streamed once in order.
+ * More tokens: chunks of groups outer so that the token block's tables stay in L1 while this
+ * thread's tiles pass under them, partial sums kept in a->acc between chunks. */
 #define EP_TILE_LOOP(tile_fn, bpi)                                                       \
-    const int64_t tbmax = a->n < EP_TB ? a->n : EP_TB;                                   \
-    const int64_t gpc = groups_per_chunk(a, tbmax, bpi);                                 \
+    const int gb = blocks_per_group(a);                                                  \
+    const int64_t gpc = a->n <= EP_TB ? a->ng : groups_per_chunk(a, EP_TB, bpi);         \
     for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {                                        \
         const int64_t j1 = ep_min64(j0 + gpc, a->ng);                                    \
         for (int64_t tok0 = 0; tok0 < a->n; tok0 += EP_TB) {                             \
             const int64_t tb = ep_min64(EP_TB, a->n - tok0);                             \
             for (int64_t t = t0; t < t1; t++) {                                          \
                 switch (tb) {                                                            \
-                case 4: tile_fn(a, t, tok0, 4, j0, j1); break;                           \
-                case 3: tile_fn(a, t, tok0, 3, j0, j1); break;                           \
-                case 2: tile_fn(a, t, tok0, 2, j0, j1); break;                           \
-                default: tile_fn(a, t, tok0, 1, j0, j1); break;                          \
+                case 4: EP_SWITCH_GB(tile_fn, a, t, tok0, 4, j0, j1) break;              \
+                case 3: EP_SWITCH_GB(tile_fn, a, t, tok0, 3, j0, j1) break;              \
+                case 2: EP_SWITCH_GB(tile_fn, a, t, tok0, 2, j0, j1) break;              \
+                default: EP_SWITCH_GB(tile_fn, a, t, tok0, 1, j0, j1) break;             \
                 }                                                                        \
             }                                                                            \
         }                                                                                \
@@ -280,52 +357,70 @@ static void avx2_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uin
     ep_ref_group_valid(in, group, nvalid);
 }
 
-EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
-    const __m256i m0f = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-    __m256 f[4][2];
-    load_acc(a, t, tok0, TB, f, j0 == 0);
+/* One 32-input block of one plane for TB tokens: byte counts of differing bits (<= 16 per lane). */
+EP_INLINE void xnor_block(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB,
+                          __m256i *s) {
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + cc * EP_TILE));
+    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + (cc + 2) * EP_TILE));
+    __m256i lo0 = _mm256_and_si256(v0, m0f), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
+    __m256i lo1 = _mm256_and_si256(v1, m0f), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
+    for (int b = 0; b < TB; b++) {
+        const __m256i *T = (const __m256i *)(tab + b * ts + cc * 32);
+        __m256i x = _mm256_add_epi8(_mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 0), lo0),
+                                                    _mm256_shuffle_epi8(_mm256_load_si256(T + 1), hi0)),
+                                    _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), lo1),
+                                                    _mm256_shuffle_epi8(_mm256_load_si256(T + 3), hi1)));
+        s[b] = _mm256_add_epi8(s[b], x);
+    }
+}
+
+EP_INLINE void add_counts(__m256i s, __m256i m[2]) {
+    const __m256i zero = _mm256_setzero_si256();
+    m[0] = _mm256_add_epi32(m[0], sum_halves_epi16(_mm256_unpacklo_epi8(s, zero)));
+    m[1] = _mm256_add_epi32(m[1], sum_halves_epi16(_mm256_unpackhi_epi8(s, zero)));
+}
+
+/* Integer pass of the xnor product: D[b][i][j - j0][16] = differing valid bits in the group. */
+EP_INLINE void xnor_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t i,
+                          int64_t j0, int64_t j1, int32_t *D, int64_t dtok, const int GB) {
+    const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t ts = a->tab_stride, nj = j1 - j0;
     for (int64_t j = j0; j < j1; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        for (int64_t i = 0; i < a->k; i++) {
-            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
-            __m256i p[4][2];
-            for (int b = 0; b < TB; b++) p[b][0] = p[b][1] = _mm256_setzero_si256();
+        int32_t *d = D + (i * nj + (j - j0)) * EP_TILE;
+        __m256i m[4][2], s[4];
+        for (int b = 0; b < TB; b++) m[b][0] = m[b][1] = _mm256_setzero_si256();
+        if (GB > 0 && j != a->ng - 1) {
+            for (int b = 0; b < TB; b++) s[b] = _mm256_setzero_si256();
+            for (int u = 0; u < GB; u++) xnor_block(w, tab, ts, j * 4 * GB + 4 * u, TB, s);
+            for (int b = 0; b < TB; b++) add_counts(s[b], m[b]);
+        } else {
+            int64_t c0, c1;
+            ep_group_cols(a, j, &c0, &c1);
             for (int64_t c = c0; c < c1; c += 32) {  /* <= 8 blocks: byte counts stay <= 128 */
                 const int64_t ce = ep_min64(c + 32, c1);
-                __m256i s[4];
                 for (int b = 0; b < TB; b++) s[b] = _mm256_setzero_si256();
-                for (int64_t cc = c; cc < ce; cc += 4) {
-                    __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + cc * EP_TILE));
-                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + (cc + 2) * EP_TILE));
-                    __m256i lo0 = _mm256_and_si256(v0, m0f), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
-                    __m256i lo1 = _mm256_and_si256(v1, m0f), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
-                    for (int b = 0; b < TB; b++) {
-                        const __m256i *T = (const __m256i *)(a->tab + (tok0 + b) * a->tab_stride + cc * 32);
-                        __m256i x = _mm256_add_epi8(
-                            _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 0), lo0),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 1), hi0)),
-                            _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), lo1),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 3), hi1)));
-                        s[b] = _mm256_add_epi8(s[b], x);
-                    }
-                }
-                for (int b = 0; b < TB; b++) {
-                    __m256i u0 = _mm256_unpacklo_epi8(s[b], zero), u1 = _mm256_unpackhi_epi8(s[b], zero);
-                    p[b][0] = _mm256_add_epi32(p[b][0], sum_halves_epi16(u0));
-                    p[b][1] = _mm256_add_epi32(p[b][1], sum_halves_epi16(u1));
-                }
-            }
-            const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
-            const __m256 al0 = _mm256_loadu_ps(alpha), al1 = _mm256_loadu_ps(alpha + 8);
-            for (int b = 0; b < TB; b++) {
-                const __m256i nv = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]);
-                __m256i d0 = _mm256_sub_epi32(nv, _mm256_slli_epi32(p[b][0], 1));
-                __m256i d1 = _mm256_sub_epi32(nv, _mm256_slli_epi32(p[b][1], 1));
-                f[b][0] = ep_fmadd256(al0, _mm256_cvtepi32_ps(d0), f[b][0]);
-                f[b][1] = ep_fmadd256(al1, _mm256_cvtepi32_ps(d1), f[b][1]);
+                for (int64_t cc = c; cc < ce; cc += 4) xnor_block(w, tab, ts, cc, TB, s);
+                for (int b = 0; b < TB; b++) add_counts(s[b], m[b]);
             }
         }
+        for (int b = 0; b < TB; b++) {
+            _mm256_storeu_si256((__m256i *)(d + b * dtok), m[b][0]);
+            _mm256_storeu_si256((__m256i *)(d + b * dtok + 8), m[b][1]);
+        }
+    }
+}
+
+EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
+                         int64_t j1, const int GB) {
+    int32_t D[EP_TB * 8 * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
+    __m256 f[4][2];
+    load_acc(a, t, tok0, TB, f, j0 == 0);
+    for (int64_t c0 = j0; c0 < j1; c0 += EP_CHUNK_GROUPS) {
+        const int64_t c1 = ep_min64(c0 + EP_CHUNK_GROUPS, j1), dtok = a->k * (c1 - c0) * EP_TILE;
+        for (int64_t i = 0; i < a->k; i++) xnor_plane(a, t, tok0, TB, i, c0, c1, D, dtok, GB);
+        float_pass(a, t, tok0, TB, c0, c1, D, dtok, 0, f);  /* D = valid - 2 * differing */
     }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
