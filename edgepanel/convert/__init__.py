@@ -1,0 +1,190 @@
+"""Convert a Hugging Face checkpoint directory or a GGUF file into an edgepanel model file.
+
+    from edgepanel.convert import convert, Recipe
+    report = convert("SmolLM2-dir", "smol.ep", Recipe(planes=2, group=64))
+
+One module per source architecture, registered by its Hugging Face name, each with an explicit
+table from source tensor names to edgepanel's (model/names.py); every source tensor is consumed
+or the conversion fails.  Needs no compiled kernels.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import bits, quantize
+from ..errors import FormatError
+from ..format import Metadata, ModelWriter
+from . import bitnet, gpt2, llama, qwen2  # noqa: F401  (register the architectures)
+from .base import ARCHITECTURES, Emitted, Recipe, architecture_for
+
+__all__ = ["convert", "Recipe", "ConversionReport", "supported_architectures"]
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple
+    kind: str
+    planes: int = 0
+    group: int = 0
+    bits: float = 0.0            # bits per weight, scales included
+    error: float = 0.0           # relative Frobenius reconstruction error
+
+
+@dataclass
+class ConversionReport:
+    path: Path
+    rows: list[TensorReport] = field(default_factory=list)
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def linear_bits(self) -> float:
+        """Average bits per weight over the linear layers."""
+        lin = [r for r in self.rows if r.kind in ("planes", "dense")]
+        n = sum(int(np.prod(r.shape)) for r in lin)
+        return sum(r.bits * int(np.prod(r.shape)) for r in lin) / max(n, 1)
+
+    def table(self) -> str:
+        lines = [f"{'tensor':28} {'shape':>13} {'kind':>7} {'k':>2} {'group':>5} {'bits/w':>7} {'rel.err':>8}"]
+        for r in self.rows:
+            shape = "x".join(map(str, r.shape))
+            k = str(r.planes) if r.planes else "-"
+            g = str(r.group) if r.group else "-"
+            err = f"{r.error:.4f}" if r.kind == "planes" else "-"
+            lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>8}")
+        lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; file {self.file_bytes / 2**20:.1f} MiB; "
+                     f"{self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def open_source(src: Path):
+    if src.is_dir():
+        from .hf import open_hf
+        return open_hf(src)
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        from .gguf import open_gguf
+        return open_gguf(src)
+    if not src.exists():
+        raise FormatError(f"{src}: no such file or directory")
+    raise FormatError(f"{src}: not a Hugging Face checkpoint directory or a .gguf file")
+
+
+class _Store:
+    """Turns emitted tensors into file tensors according to the recipe."""
+
+    def __init__(self, writer: ModelWriter, recipe: Recipe, report: ConversionReport):
+        self.w, self.r, self.report = writer, recipe, report
+        self.recipes: dict[str, dict] = {}
+
+    def dense_dtype(self, e: Emitted):
+        return np.float16 if e.source_dtype == "float16" else np.float32
+
+    def linear(self, e: Emitted):
+        out, inp = e.weight.shape
+        if self.r.passthrough or self.r.keeps(e.name):
+            dt = self.dense_dtype(e)
+            self.w.add(e.name + ".weight", e.weight.astype(dt))
+            self.recipes[e.name] = {"kind": "dense", "dtype": np.dtype(dt).name}
+            self.report.rows.append(TensorReport(e.name, (out, inp), "dense", bits=8.0 * np.dtype(dt).itemsize))
+        else:
+            if e.ternary or e.absmean:
+                w = e.weight if e.ternary else quantize.absmean_ternary(e.weight)[0]
+                pm = quantize.ternary_planes(w)
+                fit = "ternary (exact)" if e.ternary else "bitnet absmean ternary"
+            else:
+                g = self.r.group or inp
+                pm = quantize.fit_planes(e.weight, self.r.planes, g if g in bits.GROUP_SIZES or g == inp else inp,
+                                         als_iters=self.r.als_iters)
+                w = e.weight
+                fit = f"greedy+als{self.r.als_iters}"
+            scales16 = pm.scales.astype(np.float16)
+            if not np.all(np.isfinite(scales16)):
+                raise FormatError(f"{e.name}: a plane scale does not fit in float16")
+            self.w.add(e.name + ".planes", pm.planes)
+            self.w.add(e.name + ".scales", scales16)
+            self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": fit}
+            nbits = 8.0 * (pm.planes.nbytes + scales16.nbytes) / (out * inp)
+            self.report.rows.append(TensorReport(e.name, (out, inp), "planes", pm.k, pm.group, nbits,
+                                                 quantize.reconstruction_error(w, pm)))
+        if e.bias is not None:
+            self.w.add(e.name + ".bias", e.bias.astype(np.float32))
+
+    def rows(self, e: Emitted, fmt: str):
+        """Embeddings and head: int8 rows, or dense."""
+        if self.r.passthrough:
+            fmt = "f16" if e.source_dtype == "float16" else "f32"
+        rows, cols = e.weight.shape
+        if fmt == "int8":
+            q, s = quantize.int8_rows(e.weight)
+            self.w.add(e.name + ".q", q)
+            self.w.add(e.name + ".row_scale", s)
+            self.recipes[e.name] = {"kind": "int8_rows"}
+            nbits = 8.0 + 32.0 / cols
+        else:
+            dt = np.float16 if fmt == "f16" else np.float32
+            self.w.add(e.name + ".weight", e.weight.astype(dt))
+            self.recipes[e.name] = {"kind": "dense", "dtype": np.dtype(dt).name}
+            nbits = 8.0 * np.dtype(dt).itemsize
+        self.report.rows.append(TensorReport(e.name, (rows, cols), self.recipes[e.name]["kind"], bits=nbits))
+
+    def vector(self, e: Emitted):
+        self.w.add(e.name + ".weight", e.weight.astype(np.float32))
+        if e.bias is not None:
+            self.w.add(e.name + ".bias", e.bias.astype(np.float32))
+        self.recipes[e.name] = {"kind": "dense", "dtype": "float32"}
+
+    def __call__(self, e: Emitted):
+        if e.role == "linear":
+            self.linear(e)
+        elif e.role == "embed":
+            self.rows(e, self.r.embed)
+        elif e.role == "head":
+            self.rows(e, self.r.head)
+        elif e.role in ("norm", "pos_embed", "vector"):
+            self.vector(e)
+        else:
+            raise AssertionError(f"unknown role {e.role}")
+
+
+def convert(src, out, recipe: Recipe | None = None, progress: bool = False) -> ConversionReport:
+    """Convert `src` (HF checkpoint directory or .gguf file) to the model file `out`."""
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    recipe = recipe or Recipe()
+    hf_arch, hf_cfg, tensors, tok_json, tok_info = open_source(src)
+    arch = architecture_for(hf_arch)
+    cfg = arch.config(hf_cfg)
+    report = ConversionReport(out)
+    with ModelWriter(out) as writer:
+        store = _Store(writer, recipe, report)
+        emitted = arch.tensors(tensors, cfg, hf_cfg)
+        if progress:
+            from ..progress import bar
+            emitted = bar(emitted, total=_count(cfg), desc="converting", unit="tensor")
+        for e in emitted:
+            store(e)
+        tensors.check_all_consumed()
+        if cfg.pos == "rope":
+            writer.add("rope.inv_freq", cfg.rope_inv_freq())
+        meta = Metadata(architecture=cfg.arch, config=cfg.to_dict(), tensors=store.recipes,
+                        tokenizer={k: v for k, v in tok_info.items()},
+                        source={"path": str(src), "architecture": hf_arch},
+                        recipe=recipe.to_dict())
+        writer.close(meta, tok_json)
+    report.file_bytes = out.stat().st_size
+    report.seconds = time.time() - t0
+    return report
+
+
+def _count(cfg) -> int:
+    per_layer = 4 + 2 + (3 if cfg.gated_mlp else 2) + (2 if cfg.sub_norms else 0)
+    return 2 + cfg.n_layers * per_layer + (0 if cfg.tie_embeddings else 1) + (1 if cfg.pos == "learned" else 0)

@@ -1,0 +1,131 @@
+"""The machinery every source architecture shares: the registry, the source-tensor bookkeeping
+(every tensor of a checkpoint is consumed or the conversion fails), and the recipe."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import FormatError
+from ..model.config import ModelConfig
+
+ARCHITECTURES: dict[str, type["Architecture"]] = {}
+
+
+def register(*hf_names: str):
+    """Class decorator: the architecture handles checkpoints whose config names `hf_names`."""
+    def deco(cls):
+        for n in hf_names:
+            ARCHITECTURES[n] = cls
+        cls.hf_names = hf_names
+        return cls
+    return deco
+
+
+def architecture_for(hf_name: str) -> "Architecture":
+    cls = ARCHITECTURES.get(hf_name)
+    if cls is None:
+        raise FormatError(f"architecture {hf_name!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return cls()
+
+
+class SourceTensors:
+    """Tensors of a source checkpoint by their Hugging Face names; tracks what was consumed."""
+
+    def __init__(self, names: list[str], loader: Callable[[str], np.ndarray], where: str):
+        self._names = set(names)
+        self._loader = loader
+        self._used: set[str] = set()
+        self.where = where
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    def take(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise FormatError(f"{self.where}: tensor '{name}' is missing")
+        self._used.add(name)
+        return np.asarray(self._loader(name), dtype=np.float32)
+
+    def take_raw(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise FormatError(f"{self.where}: tensor '{name}' is missing")
+        self._used.add(name)
+        return np.asarray(self._loader(name))
+
+    def ignore(self, pattern: str):
+        """Mark tensors matching `pattern` (fnmatch) as deliberately unused."""
+        self._used.update(n for n in self._names if fnmatch.fnmatchcase(n, pattern))
+
+    def check_all_consumed(self):
+        left = sorted(self._names - self._used)
+        if left:
+            more = f" and {len(left) - 10} more" if len(left) > 10 else ""
+            raise FormatError(f"{self.where}: {len(left)} source tensors were not used by the conversion: "
+                              f"{', '.join(left[:10])}{more} (unsupported variant of the architecture?)")
+
+
+@dataclass
+class Emitted:
+    """One tensor group in edgepanel's names: a linear layer, a norm, an embedding, ..."""
+    name: str
+    role: str                      # "linear" | "norm" | "embed" | "head" | "pos_embed" | "vector"
+    weight: np.ndarray             # float32
+    bias: np.ndarray | None = None
+    ternary: bool = False          # the source is ternary {-a, 0, +a}: exactly 2 planes
+    absmean: bool = False          # binarize with BitNet's absmean ternarization (then exact)
+    source_dtype: str = "float32"
+
+
+class Architecture:
+    """One Hugging Face architecture: its config, and the table from its tensors to ours."""
+
+    hf_names: tuple[str, ...] = ()
+
+    def config(self, hf: dict) -> ModelConfig:
+        raise NotImplementedError
+
+    def tensors(self, src: SourceTensors, cfg: ModelConfig, hf: dict) -> Iterator[Emitted]:
+        raise NotImplementedError
+
+
+def get(hf: dict, key: str, default=None, *, required=False, where="config.json"):
+    v = hf.get(key, default)
+    if required and v is None:
+        raise FormatError(f"{where}: '{key}' is missing")
+    return v
+
+
+@dataclass
+class Recipe:
+    """How to store each tensor: chosen per conversion, recorded in the file."""
+    planes: int = 2
+    group: int = 64
+    keep: list[str] = field(default_factory=list)   # fnmatch patterns of linear layers left dense
+    passthrough: bool = False                        # every weight at its source precision
+    embed: str = "int8"                              # int8 | f16 | f32
+    head: str = "int8"                               # int8 | f16 | f32
+    als_iters: int = 4
+
+    def __post_init__(self):
+        from .. import bits
+        if not 1 <= self.planes <= bits.MAX_PLANES:
+            raise ValueError(f"planes must be in 1..{bits.MAX_PLANES}, got {self.planes}")
+        if self.group not in bits.GROUP_SIZES and self.group != 0:
+            raise ValueError(f"group must be one of {bits.GROUP_SIZES} (or 0: one group per row), got {self.group}")
+        for what in ("embed", "head"):
+            if getattr(self, what) not in ("int8", "f16", "f32"):
+                raise ValueError(f"{what} format must be int8, f16 or f32, got {getattr(self, what)!r}")
+
+    def keeps(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.keep)
+
+    def to_dict(self) -> dict:
+        return {"planes": self.planes, "group": self.group, "keep": list(self.keep),
+                "passthrough": self.passthrough, "embed": self.embed, "head": self.head,
+                "als_iters": self.als_iters}

@@ -1,0 +1,282 @@
+"""The edgepanel model file: a safetensors container, the only place its layout is defined.
+
+A model file is a standard safetensors file (readable by the `safetensors` library):
+  8 bytes   little-endian u64 N: length of the JSON header
+  N bytes   JSON header: {tensor name: {"dtype", "shape", "data_offsets": [begin, end]}, ...,
+            "__metadata__": {"edgepanel": <JSON text>, "tokenizer.json": <JSON text>}}
+            padded with spaces so the data starts on an 8-byte boundary
+  data      the tensors back to back, ordered by element size (4-byte types first, then 2, then 1)
+            so every tensor is aligned to its element size
+
+The "edgepanel" metadata (see `Metadata`) carries the format version, the architecture and its
+hyper-parameters, the recipe of every tensor, the tokenizer's special tokens and chat template.
+Loading maps the file read-only: tensors are NumPy views into the mapping, never copied.
+
+Tensor names and kinds (per linear layer NAME, see model/weights.py for the names):
+  NAME.planes  uint8 (k, out_pad/16, in_pad/8, 16)   binary planes, layout in edgepanel/bits.py
+  NAME.scales  float16 (k, out_pad/16, n_groups, 16)
+  NAME.weight  float32 or float16 (out, in)          a dense (unbinarized) linear layer
+  NAME.q       int8 (rows, cols) + NAME.row_scale float32 (rows,)   int8 rows (embeddings, head)
+  NAME.bias    float32 (out,)
+Every reading error is an edgepanel.FormatError naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
+
+FORMAT_NAME = "edgepanel"
+FORMAT_VERSION = 1
+META_KEY = "edgepanel"
+TOKENIZER_KEY = "tokenizer.json"
+MAX_HEADER = 256 * 2**20
+
+DTYPES = {  # safetensors name -> numpy dtype (little-endian)
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class Metadata:
+    """What the "edgepanel" metadata entry holds."""
+
+    architecture: str
+    config: dict
+    tensors: dict                      # tensor group name -> recipe dict ({"kind": ...})
+    tokenizer: dict = field(default_factory=dict)   # special tokens, chat template, ...
+    source: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)      # the conversion options, for the record
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT_NAME, "format_version": self.format_version,
+                           "architecture": self.architecture, "config": self.config,
+                           "tensors": self.tensors, "tokenizer": self.tokenizer,
+                           "source": self.source, "recipe": self.recipe}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Metadata":
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise FormatError(f"{where}: the edgepanel metadata is not valid JSON ({exc})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise FormatError(f"{where}: not an edgepanel model (metadata 'format' is {d.get('format') if isinstance(d, dict) else d!r})")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise FormatError(f"{where}: metadata has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise FormatError(f"{where}: format version {version} is newer than this edgepanel reads "
+                              f"(up to {FORMAT_VERSION}); upgrade edgepanel")
+        if version < 1:
+            raise FormatError(f"{where}: unknown format version {version}")
+        for key, typ in (("architecture", str), ("config", dict), ("tensors", dict)):
+            if not isinstance(d.get(key), typ):
+                raise FormatError(f"{where}: metadata field '{key}' is missing or not a {typ.__name__}")
+        return cls(architecture=d["architecture"], config=d["config"], tensors=d["tensors"],
+                   tokenizer=d.get("tokenizer") or {}, source=d.get("source") or {},
+                   recipe=d.get("recipe") or {}, format_version=version)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class SafetensorsFile:
+    """Any safetensors file, mapped read-only: `tensors[name]` are NumPy views (BF16 tensors come
+    as uint16 arrays, named in `bf16`), `metadata` the str->str metadata.  Malformed files raise
+    FormatError naming the file and the problem."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        where = str(self.path)
+        try:
+            f = open(self.path, "rb")
+        except OSError as exc:
+            raise FormatError(f"{where}: cannot open ({exc.strerror})") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise FormatError(f"{where}: file is {size} bytes, too short for a safetensors header")
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", self._mm[:8])
+        if n > MAX_HEADER or 8 + n > size:
+            raise FormatError(f"{where}: header length {n} does not fit the {size}-byte file (truncated or not safetensors)")
+        try:
+            header = json.loads(bytes(self._mm[8:8 + n]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"{where}: header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{where}: header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise FormatError(f"{where}: __metadata__ is not a JSON object")
+        self.metadata: dict = meta
+        data_start, data_len = 8 + n, size - 8 - n
+        self.tensors: dict[str, np.ndarray] = {}
+        self.bf16: set[str] = set()
+        spans = []
+        for name, info in header.items():
+            if not isinstance(info, dict):
+                raise FormatError(f"{where}: tensor '{name}' has no description")
+            dtn = info.get("dtype")
+            dt = np.dtype("<u2") if dtn == "BF16" else DTYPES.get(dtn)
+            shape = info.get("shape")
+            offs = info.get("data_offsets")
+            if dt is None:
+                raise FormatError(f"{where}: tensor '{name}' has unsupported dtype {dtn!r}")
+            if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+                raise FormatError(f"{where}: tensor '{name}' has an invalid shape {shape!r}")
+            if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+                raise FormatError(f"{where}: tensor '{name}' has invalid data_offsets {offs!r}")
+            b, e = offs
+            count = int(np.prod(shape, dtype=np.int64))
+            if not 0 <= b <= e or e - b != count * dt.itemsize:
+                raise FormatError(f"{where}: tensor '{name}' offsets {offs} do not match shape {shape} of {dtn}")
+            if e > data_len:
+                raise FormatError(f"{where}: tensor '{name}' ends at byte {e} past the {data_len} data bytes (the file is truncated)")
+            if (data_start + b) % dt.itemsize:
+                # foreign files need not align; copy such a tensor rather than misread it
+                arr = np.frombuffer(bytes(self._mm[data_start + b:data_start + e]), dtype=dt).reshape(shape)
+            else:
+                arr = np.frombuffer(self._mm, dtype=dt, count=count, offset=data_start + b).reshape(shape)
+            self.tensors[name] = arr
+            if dtn == "BF16":
+                self.bf16.add(name)
+            spans.append((b, e, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise FormatError(f"{where}: tensors '{n0}' and '{n1}' overlap")
+
+    def float32(self, name: str) -> np.ndarray:
+        """Tensor `name` converted to float32 (BF16 widened exactly)."""
+        a = self.tensors[name]
+        if name in self.bf16:
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32)
+
+    def close(self):
+        self.tensors = {}
+        try:
+            self._mm.close()
+        except BufferError:  # views still alive: the mapping goes when they do
+            pass
+
+
+class ModelFile(SafetensorsFile):
+    """A mapped edgepanel model file: tensors, `meta` (Metadata) and `tokenizer_json` (or None)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        where = str(self.path)
+        if META_KEY not in self.metadata:
+            raise FormatError(f"{where}: no edgepanel metadata (is this a plain safetensors file? convert it with `edgepanel convert`)")
+        self.meta = Metadata.from_json(self.metadata[META_KEY], where)
+        tok = self.metadata.get(TOKENIZER_KEY)
+        self.tokenizer_json = tok if isinstance(tok, str) and tok else None
+        if self.bf16:
+            raise FormatError(f"{where}: BF16 tensors ({sorted(self.bf16)[0]}, ...) do not belong in an edgepanel model")
+
+    def get(self, name: str, dtype=None, shape=None) -> np.ndarray:
+        """The tensor `name`, checked against the dtype and shape the model expects."""
+        arr = self.tensors.get(name)
+        if arr is None:
+            raise FormatError(f"{self.path}: tensor '{name}' is missing")
+        if dtype is not None:
+            allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+            if arr.dtype not in [np.dtype(d) for d in allowed]:
+                raise FormatError(f"{self.path}: tensor '{name}' has dtype {arr.dtype.name}, expected "
+                                  f"{' or '.join(np.dtype(d).name for d in allowed)}")
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise FormatError(f"{self.path}: tensor '{name}' has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        return arr
+
+def read_metadata(path) -> Metadata:
+    return ModelFile(path).meta
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class ModelWriter:
+    """Write a model file atomically with bounded memory: tensors are spooled to temporary files
+    as they come (one per element size), then header and data are written to `path + .tmp` and
+    renamed over `path`.  Nothing at `path` changes unless `close()` succeeds."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._spool = {s: tempfile.TemporaryFile(dir=self.path.parent) for s in (8, 4, 2, 1)}
+        self._entries: dict[int, list] = {s: [] for s in (8, 4, 2, 1)}
+        self._sizes = {s: 0 for s in (8, 4, 2, 1)}
+        self._names: set[str] = set()
+
+    def add(self, name: str, array: np.ndarray):
+        if name in self._names:
+            raise ValueError(f"tensor '{name}' written twice")
+        a = np.ascontiguousarray(array)
+        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        if dt not in NAMES:
+            raise TypeError(f"tensor '{name}': dtype {a.dtype} cannot be stored")
+        a = a.astype(dt, copy=False)
+        s = dt.itemsize
+        self._spool[s].write(a.tobytes())
+        self._entries[s].append((name, NAMES[dt], list(a.shape), self._sizes[s], a.nbytes))
+        self._sizes[s] += a.nbytes
+        self._names.add(name)
+
+    def close(self, meta: Metadata, tokenizer_json: str | None = None):
+        header, base = {}, 0
+        for s in (8, 4, 2, 1):
+            for name, dtn, shape, off, nbytes in self._entries[s]:
+                header[name] = {"dtype": dtn, "shape": shape, "data_offsets": [base + off, base + off + nbytes]}
+            base += self._sizes[s]
+        md = {META_KEY: meta.to_json()}
+        if tokenizer_json:
+            md[TOKENIZER_KEY] = tokenizer_json
+        header["__metadata__"] = md
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-(8 + len(text)) % 8)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(text)))
+                out.write(text)
+                for s in (8, 4, 2, 1):
+                    sp = self._spool[s]
+                    sp.seek(0)
+                    while chunk := sp.read(1 << 24):
+                        out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+            self.abort()
+
+    def abort(self):
+        for sp in self._spool.values():
+            sp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.abort()
+        return False

@@ -1,0 +1,147 @@
+"""The readable forward pass in NumPy: the specification the C engine is tested against, and the
+fallback when the C kernels are not built.  Top to bottom: embed, then per layer norm, q/k/v,
+RoPE, attention over the cache, o, residual, norm, MLP, residual; final norm; head.
+
+Binarized linear layers compute exactly what the kernels do: int8 activations per token, integer
+sums per group, float scales (edgepanel.bits).  Dense layers are float32 matmuls.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import bits
+from .config import ModelConfig
+from .weights import Linear, Norm, Rows, Weights
+
+
+class KVCache:
+    """Keys and values per layer: (n_layers, capacity, n_kv_heads, head_dim) float32."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int):
+        shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+
+def linear(lin: Linear, x: np.ndarray) -> np.ndarray:
+    """x (n, in) float32 -> (n, out) float32."""
+    if lin.planes is not None:
+        q, s = bits.quantize_i8(x)
+        y = bits.gemm_planes_i8(q, s, lin.planes)
+    else:
+        y = (x.astype(np.float32) @ lin.weight.T.astype(np.float32)).astype(np.float32)
+    if lin.bias is not None:
+        y = y + lin.bias
+    return y.astype(np.float32)
+
+
+def norm(cfg: ModelConfig, n: Norm, x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    if cfg.norm == "rms":
+        var = np.mean(x * x, axis=-1, keepdims=True)
+        return (n.weight * (x / np.sqrt(var + np.float32(cfg.norm_eps)))).astype(np.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + np.float32(cfg.norm_eps)) * n.weight
+    return (y + n.bias if n.bias is not None else y).astype(np.float32)
+
+
+def rms_sub_norm(cfg: ModelConfig, n: Norm, x: np.ndarray) -> np.ndarray:
+    """BitNet's sub-norms are RMS norms whatever the block norm is."""
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (n.weight * (x / np.sqrt(var + np.float32(cfg.norm_eps)))).astype(np.float32)
+
+
+def activation(cfg: ModelConfig, x: np.ndarray) -> np.ndarray:
+    if cfg.act == "silu":
+        return x / (1.0 + np.exp(-x))
+    if cfg.act == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+    if cfg.act == "gelu":
+        erf = np.frompyfunc(math.erf, 1, 1)
+        return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)).astype(np.float32))).astype(np.float32)
+    if cfg.act == "relu2":
+        r = np.maximum(x, 0)
+        return r * r
+    return np.maximum(x, 0)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """x (n, heads, head_dim): rotate pairs (i, i + head_dim/2), the Hugging Face convention."""
+    freqs = positions.astype(np.float32)[:, None] * inv_freq[None, :]   # (n, hd/2)
+    cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
+
+
+def attention(cfg: ModelConfig, q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray, positions) -> np.ndarray:
+    """q (n, H, hd); k_all, v_all (T, Hkv, hd) for positions 0..T-1; causal by position."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    k = np.repeat(k_all, group, axis=1)                    # (T, H, hd)
+    v = np.repeat(v_all, group, axis=1)
+    scores = np.einsum("nhd,thd->hnt", q, k) / np.float32(math.sqrt(cfg.head_dim))
+    T = k_all.shape[0]
+    mask = np.arange(T)[None, :] > np.asarray(positions)[:, None]   # (n, T)
+    scores = np.where(mask[None], np.float32(-np.inf), scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hnt,thd->nhd", p.astype(np.float32), v).astype(np.float32)
+
+
+def head_logits(w: Weights, h: np.ndarray) -> np.ndarray:
+    """Logits from the final hidden states h (n, dim)."""
+    head = w.embed if w.head is None else w.head
+    if isinstance(head, Linear):
+        return linear(head, h)
+    if head.q is not None:   # int8 rows: int8 activations, exact integer dots, two float scales
+        q, s = bits.quantize_i8(h)
+        dots = q.astype(np.float64) @ head.q.T.astype(np.float64)
+        return (dots * head.row_scale[None, :].astype(np.float64) * s[:, None]).astype(np.float32)
+    return (h @ head.weight.T.astype(np.float32)).astype(np.float32)
+
+
+def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    """Run `tokens` (n,) at positions cache.length.. ; returns logits (n, vocab) or (vocab,)."""
+    cfg = w.cfg
+    tokens = np.asarray(tokens, np.int64)
+    n, p0 = len(tokens), cache.length
+    positions = np.arange(p0, p0 + n)
+    if p0 + n > cache.capacity:
+        raise ValueError(f"{p0 + n} positions do not fit the cache ({cache.capacity})")
+    x = w.embed.lookup(tokens)
+    if w.pos_embed is not None:
+        x = x + w.pos_embed[positions]
+    for li, L in enumerate(w.layers):
+        h = norm(cfg, L.attn_norm, x)
+        q = linear(L.wq, h).reshape(n, cfg.n_heads, cfg.head_dim)
+        k = linear(L.wk, h).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(L.wv, h).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.pos == "rope":
+            q, k = rope(q, positions, w.inv_freq), rope(k, positions, w.inv_freq)
+        cache.k[li, p0:p0 + n] = k
+        cache.v[li, p0:p0 + n] = v
+        a = attention(cfg, q, cache.k[li, :p0 + n], cache.v[li, :p0 + n], positions).reshape(n, cfg.q_dim)
+        if L.attn_sub_norm is not None:
+            a = rms_sub_norm(cfg, L.attn_sub_norm, a)
+        x = x + linear(L.wo, a)
+        h = norm(cfg, L.mlp_norm, x)
+        if cfg.gated_mlp:
+            u = activation(cfg, linear(L.w_gate, h)) * linear(L.w_up, h)
+        else:
+            u = activation(cfg, linear(L.w_up, h))
+        if L.mlp_sub_norm is not None:
+            u = rms_sub_norm(cfg, L.mlp_sub_norm, u)
+        x = x + linear(L.w_down, u.astype(np.float32))
+    cache.length = p0 + n
+    h = norm(cfg, w.final_norm, x if all_logits else x[-1:])
+    logits = head_logits(w, h)
+    return logits if all_logits else logits[0]

@@ -1,0 +1,197 @@
+"""Typed views of a model file's tensors, checked against the config and the recipe.
+
+Packed planes, dense weights and int8 rows are views into the mapped file (never copied); the
+continuous parameters (plane scales, norms, biases) are float32 arrays of their own, so the
+fine-tuner can perturb them in place and the kernels read them at call time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import bits
+from ..errors import FormatError
+from ..format import ModelFile
+from . import names as N
+from .config import ModelConfig
+
+
+@dataclass
+class Linear:
+    """y = x W^T + b, W binarized (planes) or dense."""
+    name: str
+    out_features: int
+    in_features: int
+    planes: bits.PlaneMatrix | None = None   # binarized
+    weight: np.ndarray | None = None          # dense (out, in) float32 or float16 view
+    bias: np.ndarray | None = None            # float32 (out,)
+
+    @property
+    def kind(self) -> str:
+        return "planes" if self.planes is not None else "dense"
+
+
+@dataclass
+class Rows:
+    """A (rows, cols) table read by rows (embeddings) or multiplied (head): int8 with one scale
+    per row, or dense."""
+    name: str
+    rows: int
+    cols: int
+    q: np.ndarray | None = None               # int8 view
+    row_scale: np.ndarray | None = None       # float32
+    weight: np.ndarray | None = None          # float32/float16 view
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        if self.q is not None:
+            return self.q[ids].astype(np.float32) * self.row_scale[ids, None]
+        return self.weight[ids].astype(np.float32)
+
+    def dense(self) -> np.ndarray:
+        return self.lookup(np.arange(self.rows))
+
+
+@dataclass
+class Norm:
+    weight: np.ndarray                        # float32 (dim,)
+    bias: np.ndarray | None = None
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
+    mlp_norm: Norm
+    w_up: Linear
+    w_down: Linear
+    w_gate: Linear | None = None
+    attn_sub_norm: Norm | None = None
+    mlp_sub_norm: Norm | None = None
+
+    def linears(self):
+        for n in N.LINEARS:
+            lin = getattr(self, n)
+            if lin is not None:
+                yield lin
+
+
+@dataclass
+class Weights:
+    cfg: ModelConfig
+    embed: Rows
+    layers: list[Layer]
+    final_norm: Norm
+    head: Rows | Linear | None                # None: tied to embed
+    pos_embed: np.ndarray | None = None       # float32 (max_seq, dim)
+    inv_freq: np.ndarray | None = None        # float32 (head_dim/2,)
+    file: ModelFile | None = field(default=None, repr=False)
+
+    def linears(self):
+        for layer in self.layers:
+            yield from layer.linears()
+        if isinstance(self.head, Linear):
+            yield self.head
+
+    def continuous(self) -> dict[str, np.ndarray]:
+        """The float32 parameters a fine-tuner may change in place: scales, norms, biases."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for n in N.NORMS:
+                norm = getattr(layer, n)
+                if norm is not None:
+                    out[N.layer(i, n) + ".weight"] = norm.weight
+                    if norm.bias is not None:
+                        out[N.layer(i, n) + ".bias"] = norm.bias
+            for lin in layer.linears():
+                if lin.planes is not None:
+                    out[lin.name + ".scales"] = lin.planes.scales
+                if lin.bias is not None:
+                    out[lin.name + ".bias"] = lin.bias
+        out["final_norm.weight"] = self.final_norm.weight
+        if self.final_norm.bias is not None:
+            out["final_norm.bias"] = self.final_norm.bias
+        return out
+
+
+class _Reader:
+    def __init__(self, f: ModelFile):
+        self.f = f
+        self.recipes = f.meta.tensors
+
+    def recipe(self, name: str) -> dict:
+        r = self.recipes.get(name)
+        if not isinstance(r, dict) or "kind" not in r:
+            raise FormatError(f"{self.f.path}: no recipe recorded for '{name}'")
+        return r
+
+    def vec(self, name: str, n: int) -> np.ndarray:
+        return np.array(self.f.get(name, np.float32, (n,)), dtype=np.float32)  # own, writable copy
+
+    def norm(self, name: str, n: int, with_bias: bool) -> Norm:
+        return Norm(self.vec(name + ".weight", n), self.vec(name + ".bias", n) if with_bias else None)
+
+    def linear(self, name: str, out: int, inp: int, bias: bool) -> Linear:
+        r = self.recipe(name)
+        b = self.vec(name + ".bias", out) if bias else None
+        if r["kind"] == "planes":
+            k, group = r.get("k"), r.get("group")
+            if not isinstance(k, int) or not 1 <= k <= bits.MAX_PLANES:
+                raise FormatError(f"{self.f.path}: '{name}' recipe has invalid k={k!r}")
+            try:
+                bits.check_group(inp, group)
+            except (TypeError, ValueError) as exc:
+                raise FormatError(f"{self.f.path}: '{name}' recipe: {exc}") from None
+            tiles, ncol = bits.padded_out(out) // bits.TILE, bits.padded_in(inp) // 8
+            planes = self.f.get(name + ".planes", np.uint8, (k, tiles, ncol, bits.TILE))
+            scales = self.f.get(name + ".scales", (np.float16, np.float32), (k, tiles, bits.n_groups(inp, group), bits.TILE))
+            pm = bits.PlaneMatrix(planes, np.array(scales, dtype=np.float32), out, inp, group)
+            return Linear(name, out, inp, planes=pm, bias=b)
+        if r["kind"] == "dense":
+            w = self.f.get(name + ".weight", (np.float32, np.float16), (out, inp))
+            return Linear(name, out, inp, weight=w, bias=b)
+        raise FormatError(f"{self.f.path}: '{name}' has unknown kind {r['kind']!r}")
+
+    def rows(self, name: str, rows: int, cols: int) -> Rows:
+        r = self.recipe(name)
+        if r["kind"] == "int8_rows":
+            return Rows(name, rows, cols, q=self.f.get(name + ".q", np.int8, (rows, cols)),
+                        row_scale=self.vec(name + ".row_scale", rows))
+        if r["kind"] == "dense":
+            return Rows(name, rows, cols, weight=self.f.get(name + ".weight", (np.float32, np.float16), (rows, cols)))
+        if r["kind"] == "planes":
+            raise FormatError(f"{self.f.path}: '{name}' as planes is only supported for the head")
+        raise FormatError(f"{self.f.path}: '{name}' has unknown kind {r['kind']!r}")
+
+
+def load_weights(f: ModelFile) -> Weights:
+    cfg = ModelConfig.from_dict(f.meta.config)
+    rd = _Reader(f)
+    layer_norm = cfg.norm == "layer"
+    layers = []
+    for i in range(cfg.n_layers):
+        L = lambda part: N.layer(i, part)  # noqa: E731
+        layers.append(Layer(
+            attn_norm=rd.norm(L("attn_norm"), cfg.dim, layer_norm),
+            wq=rd.linear(L("wq"), cfg.q_dim, cfg.dim, cfg.qkv_bias),
+            wk=rd.linear(L("wk"), cfg.kv_dim, cfg.dim, cfg.qkv_bias),
+            wv=rd.linear(L("wv"), cfg.kv_dim, cfg.dim, cfg.qkv_bias),
+            wo=rd.linear(L("wo"), cfg.dim, cfg.q_dim, cfg.o_bias),
+            attn_sub_norm=rd.norm(L("attn_sub_norm"), cfg.q_dim, False) if cfg.sub_norms else None,
+            mlp_norm=rd.norm(L("mlp_norm"), cfg.dim, layer_norm),
+            w_gate=rd.linear(L("w_gate"), cfg.hidden_dim, cfg.dim, cfg.mlp_bias) if cfg.gated_mlp else None,
+            w_up=rd.linear(L("w_up"), cfg.hidden_dim, cfg.dim, cfg.mlp_bias),
+            mlp_sub_norm=rd.norm(L("mlp_sub_norm"), cfg.hidden_dim, False) if cfg.sub_norms else None,
+            w_down=rd.linear(L("w_down"), cfg.dim, cfg.hidden_dim, cfg.mlp_bias)))
+    head = None
+    if not cfg.tie_embeddings:
+        head = rd.rows("head", cfg.vocab_size, cfg.dim)
+    return Weights(
+        cfg=cfg, embed=rd.rows("embed", cfg.vocab_size, cfg.dim), layers=layers,
+        final_norm=rd.norm("final_norm", cfg.dim, layer_norm), head=head,
+        pos_embed=np.asarray(f.get("pos_embed.weight", np.float32, (cfg.max_seq_len, cfg.dim))) if cfg.pos == "learned" else None,
+        inv_freq=rd.vec("rope.inv_freq", cfg.head_dim // 2) if cfg.pos == "rope" else None,
+        file=f)

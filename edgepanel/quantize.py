@@ -1,0 +1,138 @@
+"""Binarization recipes: float weights -> k sign planes and their scales (edgepanel.bits layout).
+
+Data-free fitting (issue 3): greedy residual planes, then alternating least squares.
+  greedy:  R = W; for i in 1..k: B_i = sign(R), alpha_i = mean |R| per (row, group), R -= alpha_i B_i
+  ALS:     repeat: (a) scales by least squares per (row, group), signs fixed: (B B^T) alpha = B w
+                   (b) signs by the nearest of the 2^k levels sum_i +-alpha_i, scales fixed
+Both steps never increase the squared error.  Ternary weights {-a, 0, +a} (BitNet) are exactly two
+planes with scales a/2 and take no fitting at all.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from . import bits
+
+
+def _grouped(x: np.ndarray, group: int) -> np.ndarray:
+    """(out, in) -> (out, ng, gs), zero-padded; gs = group (or in for one group per row)."""
+    n_out, n_in = x.shape
+    gs = n_in if bits.n_groups(n_in, group) == 1 else group
+    ng = -(-n_in // gs)
+    pad = ng * gs - n_in
+    if pad:
+        x = np.concatenate([x, np.zeros((n_out, pad), x.dtype)], axis=1)
+    return x.reshape(n_out, ng, gs)
+
+
+def _valid_mask(n_in: int, group: int) -> np.ndarray:
+    ones = np.ones((1, n_in), np.float32)
+    return _grouped(ones, group)[0] > 0          # (ng, gs)
+
+
+def greedy_planes(w: np.ndarray, k: int, group: int):
+    """Greedy residual fit: (signs (k, out, in) int8, alpha (k, out, ng) float32)."""
+    w = np.asarray(w, np.float32)
+    n_out, n_in = w.shape
+    valid = _valid_mask(n_in, group)
+    counts = valid.sum(axis=1).astype(np.float32)           # (ng,)
+    r = _grouped(w, group).copy()
+    signs, alpha = [], []
+    for _ in range(k):
+        b = np.where(r < 0, np.float32(-1), np.float32(1))
+        a = (np.abs(r) * valid).sum(axis=2) / counts         # (out, ng)
+        r -= a[:, :, None] * b * valid
+        signs.append(b)
+        alpha.append(a)
+    s = np.stack(signs).reshape(k, n_out, -1)[:, :, :n_in].astype(np.int8)
+    return s, np.stack(alpha).astype(np.float32)
+
+
+def _levels(alpha: np.ndarray):
+    """alpha (k, ...) -> (combos (2^k, k) of +-1, levels (2^k, ...))."""
+    k = alpha.shape[0]
+    combos = np.array(list(itertools.product((-1.0, 1.0), repeat=k)), np.float32)  # (2^k, k)
+    return combos, np.tensordot(combos, alpha, axes=(1, 0))
+
+
+def als_refine(w: np.ndarray, signs: np.ndarray, alpha: np.ndarray, group: int, iters: int = 4,
+               rows_per_chunk: int = 4096):
+    """Alternating least squares on (signs, alpha); returns refined copies."""
+    w = np.asarray(w, np.float32)
+    k, n_out, n_in = signs.shape
+    valid = _valid_mask(n_in, group).astype(np.float32)     # (ng, gs)
+    signs = signs.copy()
+    alpha = alpha.astype(np.float32).copy()
+    for r0 in range(0, n_out, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, n_out)
+        wg = _grouped(w[r0:r1], group)                      # (o, ng, gs)
+        for _ in range(iters):
+            b = np.stack([_grouped(signs[i, r0:r1].astype(np.float32), group) for i in range(k)], 2)
+            b *= valid[None, :, None, :]                     # (o, ng, k, gs)
+            gram = np.einsum("onks,onhs->onkh", b, b) + 1e-6 * np.eye(k, dtype=np.float32)
+            rhs = np.einsum("onks,ons->onk", b, wg)
+            a = np.linalg.solve(gram.astype(np.float64), rhs[..., None].astype(np.float64))[..., 0]
+            alpha[:, r0:r1] = np.moveaxis(a, 2, 0).astype(np.float32)
+            combos, lev = _levels(alpha[:, r0:r1])            # lev (2^k, o, ng)
+            err = np.abs(wg[None] - lev[..., None])           # (2^k, o, ng, gs)
+            best = err.argmin(axis=0)                         # (o, ng, gs)
+            chosen = combos[best]                             # (o, ng, gs, k)
+            for i in range(k):
+                signs[i, r0:r1] = chosen[..., i].reshape(r1 - r0, -1)[:, :n_in].astype(np.int8)
+    return signs, alpha
+
+
+def fit_planes(w: np.ndarray, k: int, group: int, als_iters: int = 4) -> bits.PlaneMatrix:
+    """The data-free recipe: greedy residual planes refined by `als_iters` ALS rounds."""
+    bits.check_group(w.shape[1], group)
+    if not 1 <= k <= bits.MAX_PLANES:
+        raise ValueError(f"planes must be in 1..{bits.MAX_PLANES}, got {k}")
+    signs, alpha = greedy_planes(w, k, group)
+    if als_iters:
+        signs, alpha = als_refine(w, signs, alpha, group, als_iters)
+    return bits.PlaneMatrix.from_signs(signs, alpha, group)
+
+
+def ternary_scale(w: np.ndarray) -> float | None:
+    """If w holds only {-a, 0, +a} for one a > 0, return a; else None."""
+    w = np.asarray(w, np.float32)
+    nz = np.abs(w[w != 0])
+    if nz.size == 0:
+        return None
+    a = float(nz.max())
+    return a if np.all(nz == np.float32(a)) else None
+
+
+def absmean_ternary(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """BitNet b1.58's weight quantization: t = round(clip(w / mean|w|, -1, 1)), scale mean|w|."""
+    w = np.asarray(w, np.float32)
+    gamma = max(float(np.abs(w).mean()), 1e-5)
+    t = np.clip(np.round(w / gamma), -1, 1)
+    return (t * gamma).astype(np.float32), gamma
+
+
+def ternary_planes(w: np.ndarray) -> bits.PlaneMatrix:
+    """Exactly two planes for a ternary matrix (one group per row)."""
+    a = ternary_scale(w)
+    if a is None:
+        raise ValueError("matrix is not ternary {-a, 0, +a}")
+    n_out, n_in = w.shape
+    signs, alpha = bits.ternary_to_planes(w, np.full(n_out, a, np.float32))
+    return bits.PlaneMatrix.from_signs(signs, alpha[:, :, None], n_in)
+
+
+def reconstruction_error(w: np.ndarray, pm: bits.PlaneMatrix) -> float:
+    """Relative Frobenius error ||W - W_hat|| / ||W||."""
+    w = np.asarray(w, np.float32)
+    return float(np.linalg.norm(w - pm.dequantize()) / max(np.linalg.norm(w), 1e-30))
+
+
+def int8_rows(w: np.ndarray):
+    """Per-row absmax int8: (q int8 (rows, cols), scale float32 (rows,)), w ~ q * scale."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale

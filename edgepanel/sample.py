@@ -1,0 +1,76 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition penalty,
+reproducible with a seed.  Order: repetition penalty, temperature, top-k, top-p, min-p, draw."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7       # 0: greedy
+    top_k: int = 0                 # 0: off
+    top_p: float = 1.0             # 1: off
+    min_p: float = 0.0             # 0: off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.temperature, (int, float)) or not (0 <= self.temperature < float("inf")):
+            bad("temperature", "must be a finite number >= 0")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
+            bad("min_p", "must be in [0, 1)")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
+            bad("repetition_penalty", "must be a finite number > 0")
+        if not isinstance(self.max_tokens, (int, np.integer)) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            bad("max_tokens", "must be an integer >= 0")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
+            bad("seed", "must be None or an integer >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+
+
+class Sampler:
+    def __init__(self, params: Sampling):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history) -> int:
+        p = self.p
+        x = np.asarray(logits, np.float64).copy()
+        if p.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history, np.int64))
+            seen = seen[(seen >= 0) & (seen < x.size)]
+            v = x[seen]
+            x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(x))
+        x /= p.temperature
+        if p.top_k and p.top_k < x.size:
+            kth = np.partition(x, -p.top_k)[-p.top_k]
+            x[x < kth] = -np.inf
+        x -= x.max()
+        probs = np.exp(x)
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            keep = cum - probs[order] < p.top_p      # smallest set whose mass reaches top_p
+            drop = order[~keep]
+            probs[drop] = 0
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0
+        probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))

@@ -1,0 +1,57 @@
+"""Tiny random Hugging Face checkpoints of every supported architecture, built with transformers
+(no network): the reference the converter and the engine are tested against."""
+from __future__ import annotations
+
+import numpy as np
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "gpt2", "bitnet"]
+
+
+def build(arch: str, path, seed: int = 0, ternary: bool = False):
+    """Save a tiny random model of `arch` in `path` (safetensors); return the torch model."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    if arch == "llama":
+        cfg = T.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True)
+        model = T.LlamaForCausalLM(cfg)
+    elif arch == "llama3":
+        cfg = T.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        model = T.LlamaForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = T.MistralConfig(**common, head_dim=24, sliding_window=None)
+        model = T.MistralForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = T.Qwen2Config(**common, tie_word_embeddings=True)
+        model = T.Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = T.GPT2Config(vocab_size=211, n_embd=64, n_layer=2, n_head=4, n_positions=96,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = T.GPT2LMHeadModel(cfg)
+    elif arch == "bitnet":
+        cfg = T.BitNetConfig(**common)
+        model = T.BitNetForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.eval()
+    with torch.no_grad():  # norms are ones at init: make them matter
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            if ternary and p.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                a = p.abs().mean()
+                p.copy_(torch.clamp(torch.round(p / a), -1, 1) * a)
+    model.save_pretrained(str(path))
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
