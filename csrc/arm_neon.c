@@ -263,7 +263,100 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
 
 static void neon_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
 
+/* The canonical order of ref.c's ep_ref_dot: two 4-lane accumulators are lanes 0-3 and 4-7. */
+static float finish_lanes(float32x4_t lo, float32x4_t hi, const float *a, const float *b, int64_t i, int64_t n) {
+    float lane[8];
+    vst1q_f32(lane, lo);
+    vst1q_f32(lane + 4, hi);
+    for (; i < n; i++) lane[i & 7] = fmaf(a[i], b[i], lane[i & 7]);
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+static float neon_dot(const float *a, const float *b, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    }
+    return finish_lanes(s0, s1, a, b, i, n);
+}
+
+static void neon_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
+                            int64_t ldy, int64_t r0, int64_t r1) {
+    float wtail[8];
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wf = (const float *)w + r * in;
+        const float16_t *wh = (const float16_t *)w + r * in;
+        const int64_t n8 = in & ~(int64_t)7;
+        for (int64_t v = n8; v < in; v++) wtail[v - n8] = f16 ? ep_half_to_float(((const uint16_t *)w)[r * in + v]) : wf[v];
+        for (int64_t t = 0; t < n; t++) {
+            const float *xt = x + t * in;
+            float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
+            for (int64_t u = 0; u < n8; u += 8) {
+                float32x4_t w0, w1;
+                if (f16) {
+                    float16x8_t h = vld1q_f16(wh + u);
+                    w0 = vcvt_f32_f16(vget_low_f16(h));
+                    w1 = vcvt_f32_f16(vget_high_f16(h));
+                } else {
+                    w0 = vld1q_f32(wf + u);
+                    w1 = vld1q_f32(wf + u + 4);
+                }
+                s0 = vfmaq_f32(s0, vld1q_f32(xt + u), w0);
+                s1 = vfmaq_f32(s1, vld1q_f32(xt + u + 4), w1);
+            }
+            y[t * ldy + r] = finish_lanes(s0, s1, xt + n8, wtail, 0, in - n8);
+        }
+    }
+}
+
+static void neon_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
+                         const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *wr = w + r * in;
+        for (int64_t t = 0; t < n; t++) {
+            const int8_t *qt = q + t * in;
+            int32x4_t acc = vdupq_n_s32(0);
+            int64_t u = 0;
+            for (; u + 16 <= in; u += 16) {
+                int8x16_t a = vld1q_s8(qt + u), b = vld1q_s8(wr + u);
+                int16x8_t p = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+                p = vmlal_s8(p, vget_high_s8(a), vget_high_s8(b));  /* 2 * 127 * 127 fits int16 */
+                acc = vpadalq_s16(acc, p);
+            }
+            int32_t d = vaddvq_s32(acc);
+            for (; u < in; u++) d += (int32_t)qt[u] * wr[u];
+            y[t * ldy + r] = ((float)d * ws[r]) * qs[t];
+        }
+    }
+}
+
+/* Attention (specification: ep_ref_attend), two keys at a time. */
+static void neon_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+                        int64_t T, int64_t hd, float scale, float *out, float *scratch) {
+    if (hd % 8 || hd > 256) {
+        ep_ref_attend(q, G, k, v, kstride, T, hd, scale, out, scratch);
+        return;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float *qg = q + g * hd;
+        float *w = scratch + g * T;
+        for (int64_t s = 0; s < T; s++) w[s] = neon_dot(qg, k + s * kstride, hd) * scale;
+        ep_softmax_weights(w, T);
+        float32x4_t o[64];
+        const int64_t nv = hd / 4;
+        for (int64_t j = 0; j < nv; j++) o[j] = vdupq_n_f32(0.0f);
+        for (int64_t s = 0; s < T; s++) {
+            const float *vs = v + s * kstride;
+            for (int64_t j = 0; j < nv; j++) o[j] = vfmaq_n_f32(o[j], vld1q_f32(vs + 4 * j), w[s]);
+        }
+        for (int64_t j = 0; j < nv; j++) vst1q_f32(out + g * hd + 4 * j, o[j]);
+    }
+}
+
 const ep_kernels ep_kernels_neon = {
-    "neon",          neon_supported,    neon_quantize_i8, neon_binarize,
-    neon_i8_tables,  neon_xnor_tables,  neon_i8_tiles,    neon_xnor_tiles,
+    "neon",           neon_supported,    neon_quantize_i8, neon_binarize,
+    neon_i8_tables,   neon_xnor_tables,  neon_i8_tiles,    neon_xnor_tiles,
+    neon_dense_rows,  neon_i8_rows,      neon_dot,         neon_attend,
 };

@@ -73,6 +73,85 @@ void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, flo
     for (int64_t r = 0; r < rows; r++) y_row[t * EP_TILE + r] = acc16[r] * s;
 }
 
+float ep_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Dot products in a fixed order, so that every ISA gives the same bits: eight lanes, lane l
+ * accumulating a[i]*b[i] for i = l, l+8, ... with one fused multiply-add each, combined as
+ * ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)). */
+float ep_ref_dot(const float *a, const float *b, int64_t n) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n; i++) lane[i & 7] = fmaf(a[i], b[i], lane[i & 7]);
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+void ep_ref_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
+                       int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < n; t++) {
+            const float *xt = x + t * in;
+            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (f16) {
+                const uint16_t *wr = (const uint16_t *)w + r * in;
+                for (int64_t u = 0; u < in; u++) lane[u & 7] = fmaf(xt[u], ep_half_to_float(wr[u]), lane[u & 7]);
+                y[t * ldy + r] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+            } else {
+                y[t * ldy + r] = ep_ref_dot(xt, (const float *)w + r * in, in);
+            }
+        }
+}
+
+void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
+                    const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < n; t++) {
+            int32_t d = 0;
+            for (int64_t u = 0; u < in; u++) d += (int32_t)q[t * in + u] * w[r * in + u];
+            y[t * ldy + r] = ((float)d * ws[r]) * qs[t];
+        }
+}
+
+void ep_softmax_weights(float *scores, int64_t T) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t s = 0; s < T; s++)
+        if (scores[s] > mx) mx = scores[s];
+    for (int64_t s = 0; s < T; s++) {
+        scores[s] = expf(scores[s] - mx);
+        sum += scores[s];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t s = 0; s < T; s++) scores[s] *= inv;
+}
+
+void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+                   int64_t T, int64_t hd, float scale, float *out, float *scratch) {
+    for (int64_t g = 0; g < G; g++) {
+        float *w = scratch + g * T, *o = out + g * hd;
+        for (int64_t s = 0; s < T; s++) w[s] = ep_ref_dot(q + g * hd, k + s * kstride, hd) * scale;
+        ep_softmax_weights(w, T);
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t s = 0; s < T; s++)
+            for (int64_t i = 0; i < hd; i++) o[i] = fmaf(w[s], v[s * kstride + i], o[i]);
+    }
+}
+
 static int ref_supported(void) { return 1; }
 
 /* The scalar "tables" are the activations themselves, zero-padded to in_pad. */
@@ -160,6 +239,7 @@ static void ref_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 }
 
 const ep_kernels ep_kernels_scalar = {
-    "scalar",        ref_supported,   ep_ref_quantize_i8, ep_ref_binarize,
-    ref_i8_tables,   ref_xnor_tables, ref_i8_tiles,       ref_xnor_tiles,
+    "scalar",          ref_supported,   ep_ref_quantize_i8, ep_ref_binarize,
+    ref_i8_tables,     ref_xnor_tables, ref_i8_tiles,       ref_xnor_tiles,
+    ep_ref_dense_rows, ep_ref_i8_rows,  ep_ref_dot,         ep_ref_attend,
 };

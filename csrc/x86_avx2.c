@@ -16,9 +16,11 @@
 #include "ep_simd_x86.h"
 #include "ep_internal.h"
 
-EP_TARGET_PUSH("avx2,fma")
+EP_TARGET_PUSH("avx2,fma,f16c")
 
-static int avx2_supported(void) { return EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma"); }
+static int avx2_supported(void) {
+    return EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma") && EP_CPU_SUPPORTS("f16c");
+}
 
 void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -427,9 +429,121 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
 
 static void avx2_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
 
+/* The canonical order of ref.c's ep_ref_dot: lane l of one 8-lane accumulator takes elements
+ * l, l+8, ...; the tail continues the same lanes; then the fixed tree. */
+EP_INLINE float finish_lanes(__m256 acc, const float *a, const float *b, int64_t i, int64_t n) {
+    float lane[8];
+    _mm256_storeu_ps(lane, acc);
+    for (; i < n; i++) lane[i & 7] = fmaf(a[i], b[i], lane[i & 7]);
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+float ep_avx2_dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = ep_fmadd256(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return finish_lanes(acc, a, b, i, n);
+}
+
+/* One row of W (float32, or float16 widened with F16C) against up to 4 tokens, each dot in the
+ * canonical order. */
+void ep_avx2_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
+                        int64_t ldy, int64_t r0, int64_t r1) {
+    float wtail[8];
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wf = (const float *)w + r * in;
+        const uint16_t *wh = (const uint16_t *)w + r * in;
+        const int64_t n8 = in & ~(int64_t)7;
+        for (int64_t v = n8; v < in; v++) wtail[v - n8] = f16 ? ep_half_to_float(wh[v]) : wf[v];
+        for (int64_t t0 = 0; t0 < n; t0 += 4) {
+            const int tb = (int)ep_min64(4, n - t0);
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t u = 0; u < n8; u += 8) {
+                __m256 wv = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wh + u))) : _mm256_loadu_ps(wf + u);
+                for (int b = 0; b < tb; b++) acc[b] = ep_fmadd256(_mm256_loadu_ps(x + (t0 + b) * in + u), wv, acc[b]);
+            }
+            for (int b = 0; b < tb; b++)
+                y[(t0 + b) * ldy + r] = finish_lanes(acc[b], x + (t0 + b) * in + n8, wtail, 0, in - n8);
+        }
+    }
+}
+
+/* Attention (specification: ep_ref_attend).  Scores four keys at a time, each in its own
+ * canonical 8-lane accumulator; the weighted sum keeps out[i] in registers, one FMA per (s, i). */
+void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+                    int64_t T, int64_t hd, float scale, float *out, float *scratch) {
+    if (hd % 8 || hd > 256) {
+        ep_ref_attend(q, G, k, v, kstride, T, hd, scale, out, scratch);
+        return;
+    }
+    const int64_t nv = hd / 8;
+    for (int64_t g = 0; g < G; g++) {
+        const float *qg = q + g * hd;
+        float *w = scratch + g * T;
+        int64_t s = 0;
+        for (; s + 4 <= T; s += 4) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *k0 = k + s * kstride;
+            for (int64_t i = 0; i < hd; i += 8) {
+                __m256 qv = _mm256_loadu_ps(qg + i);
+                a0 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + i), a0);
+                a1 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + kstride + i), a1);
+                a2 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + 2 * kstride + i), a2);
+                a3 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + 3 * kstride + i), a3);
+            }
+            w[s] = finish_lanes(a0, qg, k0, hd, hd) * scale;
+            w[s + 1] = finish_lanes(a1, qg, k0 + kstride, hd, hd) * scale;
+            w[s + 2] = finish_lanes(a2, qg, k0 + 2 * kstride, hd, hd) * scale;
+            w[s + 3] = finish_lanes(a3, qg, k0 + 3 * kstride, hd, hd) * scale;
+        }
+        for (; s < T; s++) w[s] = ep_avx2_dot(qg, k + s * kstride, hd) * scale;
+        ep_softmax_weights(w, T);
+        __m256 o[32];
+        for (int64_t j = 0; j < nv; j++) o[j] = _mm256_setzero_ps();
+        for (s = 0; s < T; s++) {
+            const __m256 ws = _mm256_set1_ps(w[s]);
+            const float *vs = v + s * kstride;
+            for (int64_t j = 0; j < nv; j++) o[j] = ep_fmadd256(ws, _mm256_loadu_ps(vs + 8 * j), o[j]);
+        }
+        for (int64_t j = 0; j < nv; j++) _mm256_storeu_ps(out + g * hd + 8 * j, o[j]);
+    }
+}
+
+/* Exact int8 dots: |w| times x with w's sign, summed pairwise in int16 (|w|, |x| <= 127: no
+ * saturation), then in int32. */
+void ep_avx2_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
+                     const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *wr = w + r * in;
+        for (int64_t t0 = 0; t0 < n; t0 += 4) {
+            const int tb = (int)ep_min64(4, n - t0);
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            int64_t u = 0;
+            for (; u + 32 <= in; u += 32) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + u));
+                __m256i aw = _mm256_abs_epi8(wv);
+                for (int b = 0; b < tb; b++) {
+                    __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + (t0 + b) * in + u)), wv);
+                    acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
+                }
+            }
+            for (int b = 0; b < tb; b++) {
+                __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[b]), _mm256_extracti128_si256(acc[b], 1));
+                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+                int32_t d = _mm_cvtsi128_si32(s);
+                for (int64_t v = u; v < in; v++) d += (int32_t)q[(t0 + b) * in + v] * wr[v];
+                y[(t0 + b) * ldy + r] = ((float)d * ws[r]) * qs[t0 + b];
+            }
+        }
+    }
+}
+
 EP_TARGET_POP()
 
 const ep_kernels ep_kernels_avx2 = {
-    "avx2",          avx2_supported,    ep_avx2_quantize_i8, ep_avx2_binarize,
-    avx2_i8_tables,  avx2_xnor_tables,  avx2_i8_tiles,    avx2_xnor_tiles,
+    "avx2",             avx2_supported,    ep_avx2_quantize_i8, ep_avx2_binarize,
+    avx2_i8_tables,     avx2_xnor_tables,  avx2_i8_tiles,       avx2_xnor_tiles,
+    ep_avx2_dense_rows, ep_avx2_i8_rows,   ep_avx2_dot,         ep_avx2_attend,
 };

@@ -17,7 +17,7 @@ EP_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
 
 static int avx512_supported(void) {
     return EP_CPU_SUPPORTS("avx512f") && EP_CPU_SUPPORTS("avx512bw") && EP_CPU_SUPPORTS("avx512vl") &&
-           EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma");
+           EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma") && EP_CPU_SUPPORTS("f16c");
 }
 
 EP_INLINE __m512i lanes_0011(__m256i v) {
@@ -264,4 +264,6 @@ EP_TARGET_POP()
 const ep_kernels ep_kernels_avx512bw = {
     "avx512bw",         avx512_supported,    ep_avx2_quantize_i8, ep_avx2_binarize,
     avx512_i8_tables,   avx512_xnor_tables,  avx512_i8_tiles,     avx512_xnor_tiles,
+    ep_avx2_dense_rows, ep_avx2_i8_rows,     ep_avx2_dot,  /* memory-bound: the AVX2 versions */
+    ep_avx2_attend,
 };

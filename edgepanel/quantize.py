@@ -71,9 +71,10 @@ def als_refine(w: np.ndarray, signs: np.ndarray, alpha: np.ndarray, group: int, 
         for _ in range(iters):
             b = np.stack([_grouped(signs[i, r0:r1].astype(np.float32), group) for i in range(k)], 2)
             b *= valid[None, :, None, :]                     # (o, ng, k, gs)
-            gram = np.einsum("onks,onhs->onkh", b, b) + 1e-6 * np.eye(k, dtype=np.float32)
-            rhs = np.einsum("onks,ons->onk", b, wg)
-            a = np.linalg.solve(gram.astype(np.float64), rhs[..., None].astype(np.float64))[..., 0]
+            gram = np.einsum("onks,onhs->onkh", b, b).astype(np.float64)
+            gram += 1e-6 * gram.shape[-1] * np.eye(k) * np.maximum(valid.sum(axis=1), 1)[None, :, None, None]
+            rhs = np.einsum("onks,ons->onk", b, wg).astype(np.float64)
+            a = np.linalg.solve(gram, rhs[..., None])[..., 0]  # ridge keeps equal planes solvable
             alpha[:, r0:r1] = np.moveaxis(a, 2, 0).astype(np.float32)
             combos, lev = _levels(alpha[:, r0:r1])            # lev (2^k, o, ng)
             err = np.abs(wg[None] - lev[..., None])           # (2^k, o, ng, gs)

@@ -25,7 +25,10 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("engine", ["reference"])
+ENGINES = ["reference"] + (["c"] if __import__("edgepanel.kernels._cffi", fromlist=["lib"]).lib is not None else [])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_passthrough_matches_transformers(tiny, engine):
     arch, d, model = tiny
     convert(d / "hf", d / "pass.ep", Recipe(passthrough=True))

@@ -66,6 +66,62 @@ int ep_gemm_xnor(const ep_kernels *kt, const uint8_t *bits, const float *ascale,
                  const uint8_t *planes, const float *scales, int64_t k, int64_t out, int64_t in,
                  int64_t group, float *y, void *work, int64_t work_bytes, int threads);
 
+/* ---- the forward pass (csrc/forward.c) ----------------------------------------------------
+ * A model is a set of plain structs pointing into the mapped weights (and into the float32
+ * arrays of scales, norms and biases, which the caller may change between calls). */
+
+enum {
+    EP_MAT_PLANES = 1,   /* planes (k, out_pad/16, in_pad/8, 16) + scales float32 */
+    EP_MAT_F32 = 2,      /* dense float32 (out, in) */
+    EP_MAT_F16 = 3,      /* dense float16 (out, in) */
+    EP_MAT_I8ROWS = 4    /* int8 (out, in) + row_scale float32 (out) */
+};
+enum { EP_NORM_RMS = 0, EP_NORM_LAYER = 1 };
+enum { EP_ACT_SILU = 0, EP_ACT_GELU_TANH = 1, EP_ACT_GELU = 2, EP_ACT_RELU2 = 3, EP_ACT_RELU = 4 };
+
+typedef struct {
+    int32_t kind;
+    int32_t k;
+    int64_t rows, cols, group; /* rows = outputs, cols = inputs */
+    const uint8_t *planes;
+    const float *scales;
+    const void *weight;
+    const float *row_scale;
+    const float *bias;          /* (out,) or NULL */
+} ep_matrix;
+
+typedef struct {
+    const float *weight;        /* NULL: absent */
+    const float *bias;
+} ep_norm;
+
+typedef struct {
+    ep_norm attn_norm, attn_sub_norm, mlp_norm, mlp_sub_norm;
+    ep_matrix wq, wk, wv, wo, w_gate, w_up, w_down;   /* w_gate.kind == 0 when not gated */
+} ep_layer;
+
+typedef struct {
+    int32_t vocab, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, max_seq;
+    int32_t norm, act, gated;
+    float norm_eps;
+    const float *inv_freq;      /* (head_dim/2,): RoPE; NULL: learned positions */
+    const float *pos_embed;     /* (max_seq, dim) or NULL */
+    ep_matrix embed;            /* read by rows: EP_MAT_I8ROWS, EP_MAT_F32 or EP_MAT_F16 */
+    ep_matrix head;             /* the output layer (a copy of embed when tied) */
+    ep_norm final_norm;
+    const ep_layer *layers;
+} ep_model;
+
+/* Bytes of workspace a forward pass over n tokens needs (64-byte aligned buffer). */
+int64_t ep_forward_workspace(const ep_model *m, int64_t n, int threads);
+
+/* Run tokens[0..n) at positions pos..pos+n-1.  k_cache, v_cache: (n_layers, cap, n_kv_heads,
+ * head_dim) float32, positions < pos already filled.  logits: (n, vocab) when all_logits, else
+ * (vocab,) for the last token. */
+int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+               const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
+               void *work, int64_t work_bytes, int threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -54,6 +54,21 @@ struct ep_kernels {
     /* tiles [t0, t1) for all tokens */
     void (*i8_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
     void (*xnor_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+    /* rows [r0, r1) of dense products for n tokens, y[t * ldy + r]:
+     * dense_rows: x (n, in) float32 times W (out, in) float32 or float16 (f16 != 0);
+     * i8_rows: exact int32 dots of q (n, in) int8 with W (out, in) int8 (entries in -127..127),
+     *          y = ((float)dot * ws[r]) * qs[t] */
+    void (*dense_rows)(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
+                       int64_t ldy, int64_t r0, int64_t r1);
+    void (*i8_rows)(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
+                    const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
+    float (*dot)(const float *a, const float *b, int64_t n);
+    /* Attention of G query heads sharing one key/value head over positions 0..T-1: q (G, hd);
+     * key and value of position s at k + s*kstride and v + s*kstride; out (G, hd); scratch >= G*T.
+     * Specification (ep_ref_attend): score = dot(q, k_s) * scale (the canonical dot), softmax with
+     * expf after subtracting the max, w_s = e_s * (1 / sum), out = fmaf(w_s, v_s, out) over s. */
+    void (*attend)(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+                   int64_t T, int64_t hd, float scale, float *out, float *scratch);
 };
 
 /* The portable specification: every ISA file matches it bit for bit (integers and floats). */
@@ -64,6 +79,13 @@ extern const ep_kernels ep_kernels_avx512bw;
 /* the AVX-512 table reuses these two (every AVX-512 CPU has AVX2 and FMA) */
 void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale);
 void ep_avx2_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
+void ep_avx2_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
+                        int64_t ldy, int64_t r0, int64_t r1);
+void ep_avx2_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
+                     const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
+float ep_avx2_dot(const float *a, const float *b, int64_t n);
+void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
 #endif
 #if defined(__aarch64__)
 extern const ep_kernels ep_kernels_neon;
@@ -75,6 +97,16 @@ void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
 float ep_ref_abs_mean(const float *x, int64_t in);
 void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum);
 void ep_ref_group_valid(int64_t in, int64_t group, int32_t *nvalid);
+float ep_half_to_float(uint16_t h);
+void ep_ref_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
+                       int64_t ldy, int64_t r0, int64_t r1);
+void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
+                    const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
+float ep_ref_dot(const float *a, const float *b, int64_t n);
+void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+                   int64_t T, int64_t hd, float scale, float *out, float *scratch);
+/* the softmax weights of one head from its scores (shared by every attend) */
+void ep_softmax_weights(float *scores, int64_t T);
 /* Store the final outputs of one tile for one token: y_row[r] = acc[r] * s for rows < out. */
 void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, float s);
 

@@ -8,6 +8,7 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #include <simde/x86/fma.h>
+#include <simde/x86/f16c.h>
 #include <math.h>
 /* SIMDe's portable fmadd may round twice; the specification needs one rounding. */
 static inline __m256 ep_fmadd256(__m256 a, __m256 b, __m256 c) {

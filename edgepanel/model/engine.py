@@ -22,6 +22,14 @@ class ReferenceEngine:
 
 
 def make(weights, threads=None, name=None):
-    if name in (None, "reference"):
+    """`name`: "c", "reference", or None for C when the kernels are built."""
+    from ..kernels import _cffi
+
+    if name is None:
+        name = "c" if _cffi.lib is not None else "reference"
+    if name == "reference":
         return ReferenceEngine(weights, threads)
-    raise ValueError(f"unknown engine {name!r}")
+    if name == "c":
+        from .cengine import CEngine
+        return CEngine(weights, threads)
+    raise ValueError(f"unknown engine {name!r}; choose c or reference")

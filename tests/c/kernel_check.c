@@ -105,6 +105,66 @@ static void check_shape(const shape *s, int special) {
     free(qs0); free(qs1); free(bs0); free(bs1); free(y80); free(y81); free(yx0); free(yx1);
 }
 
+/* The dense helpers of the forward pass: every variant bit for bit equal to the scalar one. */
+static void check_dense_helpers(void) {
+    const ep_kernels *ref = ep_kernels_get("scalar");
+    static const int64_t ins[] = {1, 7, 8, 63, 64, 65, 576};
+    for (size_t a = 0; a < sizeof ins / sizeof *ins; a++) {
+        int64_t in = ins[a], out = 19, n = 5;
+        float *x = xalloc(n * in * 4), *wf = xalloc(out * in * 4), *ws = xalloc(out * 4), *qs = xalloc(n * 4);
+        uint16_t *wh = xalloc(out * in * 2);
+        int8_t *q = xalloc(n * in), *w8 = xalloc(out * in);
+        for (int64_t i = 0; i < n * in; i++) { x[i] = rndf(); q[i] = (int8_t)(rnd() % 255 - 127); }
+        for (int64_t i = 0; i < out * in; i++) {
+            wf[i] = rndf();
+            w8[i] = (int8_t)(rnd() % 255 - 127);
+            wh[i] = (uint16_t)(0x3000 + rnd() % 0x1000) | (uint16_t)((rnd() & 1) << 15);  /* normal halves */
+        }
+        for (int64_t i = 0; i < out; i++) ws[i] = rndf();
+        for (int64_t i = 0; i < n; i++) qs[i] = rndf();
+        float *y0 = xalloc(n * out * 4), *y1 = xalloc(n * out * 4);
+        char names[256];
+        snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+        for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+            const ep_kernels *kt = ep_kernels_get(name);
+            if (!kt || kt == ref) continue;
+            for (int f16 = 0; f16 < 2; f16++) {
+                ref->dense_rows(x, n, in, f16 ? (const void *)wh : wf, f16, y0, out, 0, out);
+                kt->dense_rows(x, n, in, f16 ? (const void *)wh : wf, f16, y1, out, 2, out);
+                kt->dense_rows(x, n, in, f16 ? (const void *)wh : wf, f16, y1, out, 0, 2);
+                CHECK(memcmp(y0, y1, n * out * 4) == 0, "%s dense_rows f16=%d in=%lld differs", name, f16, (long long)in);
+            }
+            ref->i8_rows(q, qs, n, in, w8, ws, y0, out, 0, out);
+            kt->i8_rows(q, qs, n, in, w8, ws, y1, out, 0, out);
+            CHECK(memcmp(y0, y1, n * out * 4) == 0, "%s i8_rows in=%lld differs", name, (long long)in);
+            float d0 = ref->dot(x, wf, in), d1 = kt->dot(x, wf, in);
+            CHECK(memcmp(&d0, &d1, 4) == 0, "%s dot in=%lld: %g != %g", name, (long long)in, d1, d0);
+        }
+        free(x); free(wf); free(ws); free(qs); free(wh); free(q); free(w8); free(y0); free(y1);
+    }
+    /* attention: heads 1 and 3 per key head, head sizes 64 and 24 (the fallback), T = 1..40 */
+    for (int64_t hd = 24; hd <= 64; hd += 40)
+        for (int64_t G = 1; G <= 3; G += 2)
+            for (int64_t T = 1; T <= 40; T += 13) {
+                int64_t kstride = 2 * hd;  /* two key heads interleaved, as in the cache */
+                float *q = xalloc(G * hd * 4), *k = xalloc(T * kstride * 4), *v = xalloc(T * kstride * 4);
+                float *o0 = xalloc(G * hd * 4), *o1 = xalloc(G * hd * 4), *sc = xalloc(G * T * 4);
+                for (int64_t i = 0; i < G * hd; i++) q[i] = rndf();
+                for (int64_t i = 0; i < T * kstride; i++) { k[i] = rndf(); v[i] = rndf(); }
+                ref->attend(q, G, k, v, kstride, T, hd, 0.125f, o0, sc);
+                char names[256];
+                snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+                for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+                    const ep_kernels *kt = ep_kernels_get(name);
+                    if (!kt || kt == ref) continue;
+                    kt->attend(q, G, k, v, kstride, T, hd, 0.125f, o1, sc);
+                    CHECK(memcmp(o0, o1, G * hd * 4) == 0, "%s attend hd=%lld G=%lld T=%lld differs", name,
+                          (long long)hd, (long long)G, (long long)T);
+                }
+                free(q); free(k); free(v); free(o0); free(o1); free(sc);
+            }
+}
+
 /* Known answers from the NumPy reference: see tools/make_kat.py for the layout. */
 static int check_kat(const char *path) {
     FILE *f = fopen(path, "rb");
@@ -191,6 +251,7 @@ int main(int argc, char **argv) {
     shape big2 = {1, 3, 5, 1536, 256};
     check_shape(&big2, 1);
     cases += 2;
+    check_dense_helpers();
     printf("random cases: %d\n", cases);
     if (argc > 1) check_kat(argv[1]);
     printf(failures ? "FAILED: %d\n" : "ok\n", failures);

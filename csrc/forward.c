@@ -1,0 +1,349 @@
+/* The forward pass of a decoder-only transformer over a KV cache, in portable C, calling the
+ * ISA kernels (ep_kernels) for every product.  Mirrors edgepanel/model/reference.py step by step:
+ * embed; per layer: norm, q/k/v, RoPE, attention over the cache, (sub-norm), o, residual, norm,
+ * MLP, (sub-norm), residual; final norm; head.  Products that read the same input (q/k/v,
+ * gate/up) share one activation quantization and one set of tables and run in one parallel pass. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ep_internal.h"
+
+#define MAX_CONCURRENT 3
+#define UNIT_ROWS 16  /* rows per work unit for dense products */
+
+static int64_t align64(int64_t v) { return (v + 63) & ~(int64_t)63; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+typedef struct {
+    const ep_kernels *kt;
+    const ep_model *m;
+    int threads;
+    int64_t n;            /* tokens in this pass */
+    int64_t dmax;         /* widest activation */
+    /* workspace */
+    float *x, *h, *q, *k, *v, *att, *g, *u, *o, *rope_cs;
+    int8_t *qa;
+    float *qs;
+    uint8_t *tab;
+    int32_t *gsum;        /* MAX_CONCURRENT * n * ng_max */
+    float *acc;           /* partial sums of chunked GEMMs, per matrix */
+    int64_t tab_stride, ng_max, acc_per_mat;
+} fwd;
+
+static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *base) {
+    int64_t q_dim = (int64_t)m->n_heads * m->head_dim, kv_dim = (int64_t)m->n_kv_heads * m->head_dim;
+    int64_t dmax = max64(max64(m->dim, q_dim), m->hidden_dim);
+    int64_t omax = max64(max64(q_dim, m->hidden_dim), max64(m->dim, m->vocab));
+    int64_t ng_max = dmax / 32 + 2;
+    int64_t off = 0;
+#define TAKE(field, type, count)                                   \
+    do {                                                           \
+        if (f) f->field = (type *)(base + off);                    \
+        off += align64((int64_t)sizeof(type) * (count));           \
+    } while (0)
+    TAKE(x, float, n * m->dim);
+    TAKE(h, float, n * dmax);
+    TAKE(q, float, n * q_dim);
+    TAKE(k, float, n * kv_dim);
+    TAKE(v, float, n * kv_dim);
+    TAKE(att, float, n * q_dim);
+    TAKE(g, float, n * m->hidden_dim);
+    TAKE(u, float, n * m->hidden_dim);
+    TAKE(o, float, n * omax);
+    TAKE(rope_cs, float, n * m->head_dim);
+    TAKE(qa, int8_t, n * dmax);
+    TAKE(qs, float, n);
+    TAKE(tab, uint8_t, n * ep_tab_stride(dmax));
+    TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
+    TAKE(acc, float, MAX_CONCURRENT * n * ep_padded_out(omax));
+#undef TAKE
+    if (f) {
+        f->dmax = dmax;
+        f->tab_stride = ep_tab_stride(dmax);
+        f->ng_max = ng_max;
+        f->acc_per_mat = n * ep_padded_out(omax);
+    }
+    return off;
+}
+
+int64_t ep_forward_workspace(const ep_model *m, int64_t n, int threads) {
+    (void)threads;
+    if (!m || n <= 0) return 0;
+    return workspace_layout(m, n, NULL, NULL);
+}
+
+/* ---- products ------------------------------------------------------------------------------ */
+
+typedef struct {
+    fwd *f;
+    int count;
+    const ep_matrix *mat[MAX_CONCURRENT];
+    float *y[MAX_CONCURRENT];
+    const float *x;
+    int64_t in;
+    ep_gemm_args args[MAX_CONCURRENT];
+    int64_t units[MAX_CONCURRENT];   /* tiles (planes) or blocks of UNIT_ROWS rows */
+} products;
+
+static void products_range(void *ctx, int64_t b, int64_t e) {
+    products *p = (products *)ctx;
+    const ep_kernels *kt = p->f->kt;
+    int64_t base = 0;
+    for (int i = 0; i < p->count; i++) {
+        const int64_t lo = b > base ? b : base, hi = ep_min64(e, base + p->units[i]);
+        if (lo < hi) {
+            const ep_matrix *mt = p->mat[i];
+            int64_t u0 = lo - base, u1 = hi - base;
+            if (mt->kind == EP_MAT_PLANES) {
+                kt->i8_tiles(&p->args[i], u0, u1);
+            } else {
+                int64_t r0 = u0 * UNIT_ROWS, r1 = ep_min64(u1 * UNIT_ROWS, mt->rows);
+                if (mt->kind == EP_MAT_I8ROWS)
+                    kt->i8_rows(p->f->qa, p->f->qs, p->f->n, p->in, (const int8_t *)mt->weight, mt->row_scale,
+                                p->y[i], mt->rows, r0, r1);
+                else
+                    kt->dense_rows(p->x, p->f->n, p->in, mt->weight, mt->kind == EP_MAT_F16, p->y[i], mt->rows, r0, r1);
+            }
+        }
+        base += p->units[i];
+    }
+}
+
+typedef struct { const ep_kernels *kt; const int8_t *qa; int64_t in, group; uint8_t *tab; int64_t stride; int32_t *gsum; int64_t ng; } tab_job;
+
+static void tables_range(void *ctx, int64_t b, int64_t e) {
+    tab_job *j = (tab_job *)ctx;
+    for (int64_t t = b; t < e; t++)
+        j->kt->i8_tables(j->qa + t * j->in, j->in, j->group, j->tab + t * j->stride, j->gsum + t * j->ng);
+}
+
+/* y_i = x W_i^T + b_i for matrices sharing the input x (n, in). */
+static void run_products(fwd *f, const float *x, int64_t in, int count, const ep_matrix *const *mats, float *const *ys) {
+    const ep_kernels *kt = f->kt;
+    const int64_t n = f->n;
+    products p;
+    memset(&p, 0, sizeof(p));
+    p.f = f;
+    p.count = count;
+    p.x = x;
+    p.in = in;
+    int need_q = 0, tables_group = 0;
+    for (int i = 0; i < count; i++) {
+        p.mat[i] = mats[i];
+        p.y[i] = ys[i];
+        if (mats[i]->kind == EP_MAT_PLANES || mats[i]->kind == EP_MAT_I8ROWS) need_q = 1;
+        if (mats[i]->kind == EP_MAT_PLANES && !tables_group) tables_group = (int)mats[i]->group;
+    }
+    if (need_q)
+        for (int64_t t = 0; t < n; t++) kt->quantize_i8(x + t * in, in, f->qa + t * in, f->qs + t);
+    if (tables_group) {  /* tables once for every planes matrix; group sums per matrix below */
+        tab_job tj = {kt, f->qa, in, tables_group, f->tab, f->tab_stride, f->gsum, f->ng_max};
+        ep_parallel_for(f->threads, n, tables_range, &tj);
+    }
+    for (int i = 0; i < count; i++) {
+        const ep_matrix *mt = mats[i];
+        if (mt->kind == EP_MAT_PLANES) {
+            ep_gemm_args *a = &p.args[i];
+            a->planes = mt->planes;
+            a->scales = mt->scales;
+            a->k = mt->k;
+            a->out = mt->rows;
+            a->in = in;
+            a->ng = ep_n_groups(in, mt->group);
+            a->group = a->ng == 1 ? ep_padded_in(in) : mt->group;
+            a->in_pad = ep_padded_in(in);
+            a->tiles = ep_padded_out(mt->rows) / EP_TILE;
+            a->ncol = a->in_pad / 8;
+            a->n = n;
+            a->tab = f->tab;
+            a->tab_stride = f->tab_stride;
+            int32_t *gs = f->gsum + (int64_t)i * n * f->ng_max;
+            for (int64_t t = 0; t < n; t++) ep_ref_group_sums(f->qa + t * in, in, a->group, gs + t * a->ng);
+            a->gsum = gs;
+            a->ascale = f->qs;
+            a->acc = f->acc + (int64_t)i * f->acc_per_mat;
+            a->y = ys[i];
+            p.units[i] = a->tiles;
+        } else {
+            p.units[i] = ep_ceil_div(mt->rows, UNIT_ROWS);
+        }
+    }
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) total += p.units[i];
+    ep_parallel_for(f->threads, total, products_range, &p);
+    for (int i = 0; i < count; i++)
+        if (mats[i]->bias)
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t r = 0; r < mats[i]->rows; r++) ys[i][t * mats[i]->rows + r] += mats[i]->bias[r];
+}
+
+static void run_one(fwd *f, const float *x, int64_t in, const ep_matrix *mat, float *y) {
+    run_products(f, x, in, 1, &mat, &y);
+}
+
+/* ---- the rest ---------------------------------------------------------------------------- */
+
+static void norm_rows(const ep_model *m, const ep_norm *nw, int kind, const float *x, float *y, int64_t n, int64_t d) {
+    for (int64_t t = 0; t < n; t++) {
+        const float *xt = x + t * d;
+        float *yt = y + t * d;
+        if (kind == EP_NORM_RMS) {
+            float ss = 0.0f;
+            for (int64_t i = 0; i < d; i++) ss += xt[i] * xt[i];
+            float r = 1.0f / sqrtf(ss / (float)d + m->norm_eps);
+            for (int64_t i = 0; i < d; i++) yt[i] = nw->weight[i] * (xt[i] * r);
+        } else {
+            float mean = 0.0f, var = 0.0f;
+            for (int64_t i = 0; i < d; i++) mean += xt[i];
+            mean /= (float)d;
+            for (int64_t i = 0; i < d; i++) var += (xt[i] - mean) * (xt[i] - mean);
+            float r = 1.0f / sqrtf(var / (float)d + m->norm_eps);
+            for (int64_t i = 0; i < d; i++) yt[i] = (xt[i] - mean) * r * nw->weight[i] + (nw->bias ? nw->bias[i] : 0.0f);
+        }
+    }
+}
+
+static float act(int kind, float x) {
+    switch (kind) {
+    case EP_ACT_SILU: return x / (1.0f + expf(-x));
+    case EP_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case EP_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    case EP_ACT_RELU2: return x > 0.0f ? x * x : 0.0f;
+    default: return x > 0.0f ? x : 0.0f;
+    }
+}
+
+static void rope_rows(const fwd *f, float *x, int64_t heads) {
+    const int64_t hd = f->m->head_dim, half = hd / 2;
+    for (int64_t t = 0; t < f->n; t++) {
+        const float *cs = f->rope_cs + t * hd;  /* cos[0..half), sin[0..half) */
+        for (int64_t h = 0; h < heads; h++) {
+            float *p = x + (t * heads + h) * hd;
+            for (int64_t i = 0; i < half; i++) {
+                float x1 = p[i], x2 = p[i + half], c = cs[i], s = cs[half + i];
+                p[i] = x1 * c - x2 * s;
+                p[i + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+}
+
+typedef struct {
+    const fwd *f;
+    const float *kc, *vc;  /* this layer's cache */
+    int64_t pos, cap;
+} attn_job;
+
+/* One task per (token, key/value head): the query heads of its group share the keys. */
+static void attention_range(void *ctx, int64_t b, int64_t e) {
+    const attn_job *j = (const attn_job *)ctx;
+    const ep_model *m = j->f->m;
+    const int64_t H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim, G = H / Hkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(G * (j->pos + j->f->n)));
+    if (!scratch) return;
+    for (int64_t task = b; task < e; task++) {
+        const int64_t t = task / Hkv, kh = task % Hkv, T = j->pos + t + 1;
+        j->f->kt->attend(j->f->q + (t * H + kh * G) * hd, G, j->kc + kh * hd, j->vc + kh * hd, Hkv * hd, T, hd,
+                         scale, j->f->att + (t * H + kh * G) * hd, scratch);
+    }
+    free(scratch);
+}
+
+static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int64_t d, float *x) {
+    for (int64_t t = 0; t < n; t++) {
+        int64_t id = tokens[t];
+        float *xt = x + t * d;
+        if (e->kind == EP_MAT_I8ROWS) {
+            const int8_t *r = (const int8_t *)e->weight + id * d;
+            for (int64_t i = 0; i < d; i++) xt[i] = (float)r[i] * e->row_scale[id];
+        } else if (e->kind == EP_MAT_F16) {
+            const uint16_t *r = (const uint16_t *)e->weight + id * d;
+            for (int64_t i = 0; i < d; i++) xt[i] = ep_half_to_float(r[i]);
+        } else {
+            memcpy(xt, (const float *)e->weight + id * d, sizeof(float) * (size_t)d);
+        }
+    }
+}
+
+int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+               const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
+               void *work, int64_t work_bytes, int threads) {
+    if (!kt) kt = ep_kernels_get(NULL);
+    if (!m || !k_cache || !v_cache || !tokens || !logits || n <= 0 || pos < 0 || pos + n > cap ||
+        pos + n > m->max_seq)
+        return EP_EINVAL;
+    if (!work || ((uintptr_t)work % 64) || work_bytes < ep_forward_workspace(m, n, threads)) return EP_ENOMEM;
+    for (int64_t t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->vocab) return EP_EINVAL;
+    fwd f;
+    memset(&f, 0, sizeof(f));
+    f.kt = kt;
+    f.m = m;
+    f.threads = threads;
+    f.n = n;
+    workspace_layout(m, n, &f, (uint8_t *)work);
+    const int64_t D = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
+    const int64_t q_dim = H * hd, kv_dim = Hkv * hd, F = m->hidden_dim;
+
+    embed_rows(&m->embed, tokens, n, D, f.x);
+    if (m->pos_embed)
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t i = 0; i < D; i++) f.x[t * D + i] += m->pos_embed[(pos + t) * D + i];
+    if (m->inv_freq)
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t i = 0; i < hd / 2; i++) {
+                float fr = (float)(pos + t) * m->inv_freq[i];
+                f.rope_cs[t * hd + i] = cosf(fr);
+                f.rope_cs[t * hd + hd / 2 + i] = sinf(fr);
+            }
+
+    for (int32_t li = 0; li < m->n_layers; li++) {
+        const ep_layer *L = &m->layers[li];
+        float *kc = k_cache + (int64_t)li * cap * kv_dim, *vc = v_cache + (int64_t)li * cap * kv_dim;
+        norm_rows(m, &L->attn_norm, m->norm, f.x, f.h, n, D);
+        const ep_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        float *qkv_out[3] = {f.q, f.k, f.v};
+        run_products(&f, f.h, D, 3, qkv, qkv_out);
+        if (m->inv_freq) {
+            rope_rows(&f, f.q, H);
+            rope_rows(&f, f.k, Hkv);
+        }
+        memcpy(kc + pos * kv_dim, f.k, sizeof(float) * (size_t)(n * kv_dim));
+        memcpy(vc + pos * kv_dim, f.v, sizeof(float) * (size_t)(n * kv_dim));
+        attn_job aj = {&f, kc, vc, pos, cap};
+        ep_parallel_for(threads, n * Hkv, attention_range, &aj);
+        const float *a_in = f.att;
+        if (L->attn_sub_norm.weight) {
+            norm_rows(m, &L->attn_sub_norm, EP_NORM_RMS, f.att, f.h, n, q_dim);
+            a_in = f.h;
+        }
+        run_one(&f, a_in, q_dim, &L->wo, f.o);
+        for (int64_t i = 0; i < n * D; i++) f.x[i] += f.o[i];
+
+        norm_rows(m, &L->mlp_norm, m->norm, f.x, f.h, n, D);
+        if (m->gated) {
+            const ep_matrix *gu[2] = {&L->w_gate, &L->w_up};
+            float *gu_out[2] = {f.g, f.u};
+            run_products(&f, f.h, D, 2, gu, gu_out);
+            for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.g[i]) * f.u[i];
+        } else {
+            run_one(&f, f.h, D, &L->w_up, f.u);
+            for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.u[i]);
+        }
+        const float *d_in = f.u;
+        if (L->mlp_sub_norm.weight) {
+            norm_rows(m, &L->mlp_sub_norm, EP_NORM_RMS, f.u, f.g, n, F);
+            d_in = f.g;
+        }
+        run_one(&f, d_in, F, &L->w_down, f.o);
+        for (int64_t i = 0; i < n * D; i++) f.x[i] += f.o[i];
+    }
+
+    int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+    norm_rows(m, &m->final_norm, m->norm, f.x + first * D, f.h, rows, D);
+    f.n = rows;  /* the head sees only the rows it scores */
+    run_one(&f, f.h, D, &m->head, logits);
+    return EP_OK;
+}

@@ -1,0 +1,117 @@
+"""The C forward engine: the model described to csrc/forward.c as plain structs pointing into
+the mapped weights and the float32 parameter arrays (which stay changeable between calls)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from ..kernels import _cffi
+from .reference import KVCache
+from .weights import Linear, Norm, Rows, Weights
+
+ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu2": 3, "relu": 4}
+
+
+class CEngine:
+    name = "c"
+
+    def __init__(self, weights: Weights, threads: int | None = None, isa: str | None = None):
+        if _cffi.lib is None:
+            raise BackendUnavailable(f"the C kernels are not built ({_cffi.IMPORT_ERROR})")
+        self.ffi, self.lib = _cffi.ffi, _cffi.lib
+        self.kt = _cffi.CBackend(isa)._kt
+        self.w = weights
+        self.threads = threads or 0
+        self._keep = []   # everything the structs point to stays alive with the engine
+        self.model = self._build()
+        self._work = None
+
+    # -- building the structs ---------------------------------------------------------------
+    def _ptr(self, ctype, a):
+        if a is None:
+            return self.ffi.NULL
+        self._keep.append(a)
+        return self.ffi.cast(ctype, a.ctypes.data)
+
+    def _matrix(self, dst, m):
+        lib = self.lib
+        if isinstance(m, Linear):
+            dst.rows, dst.cols = m.out_features, m.in_features
+            dst.bias = self._ptr("float *", m.bias)
+            if m.planes is not None:
+                dst.kind = lib.EP_MAT_PLANES
+                dst.k, dst.group = m.planes.k, m.planes.group
+                dst.planes = self._ptr("uint8_t *", m.planes.planes)
+                dst.scales = self._ptr("float *", m.planes.scales)
+            else:
+                dst.kind = lib.EP_MAT_F16 if m.weight.dtype == np.float16 else lib.EP_MAT_F32
+                dst.weight = self._ptr("void *", np.ascontiguousarray(m.weight))
+        elif isinstance(m, Rows):
+            dst.rows, dst.cols = m.rows, m.cols
+            if m.q is not None:
+                dst.kind = lib.EP_MAT_I8ROWS
+                dst.weight = self._ptr("void *", m.q)
+                dst.row_scale = self._ptr("float *", m.row_scale)
+            else:
+                dst.kind = lib.EP_MAT_F16 if m.weight.dtype == np.float16 else lib.EP_MAT_F32
+                dst.weight = self._ptr("void *", np.ascontiguousarray(m.weight))
+
+    def _norm(self, dst, n: Norm | None):
+        if n is not None:
+            dst.weight = self._ptr("float *", n.weight)
+            dst.bias = self._ptr("float *", n.bias)
+
+    def _build(self):
+        ffi, w, c = self.ffi, self.w, self.w.cfg
+        m = ffi.new("ep_model *")
+        m.vocab, m.dim, m.n_layers = c.vocab_size, c.dim, c.n_layers
+        m.n_heads, m.n_kv_heads, m.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        m.hidden_dim, m.max_seq = c.hidden_dim, c.max_seq_len
+        m.norm = self.lib.EP_NORM_RMS if c.norm == "rms" else self.lib.EP_NORM_LAYER
+        m.act, m.gated, m.norm_eps = ACTS[c.act], int(c.gated_mlp), c.norm_eps
+        m.inv_freq = self._ptr("float *", w.inv_freq)
+        m.pos_embed = self._ptr("float *", None if w.pos_embed is None else np.ascontiguousarray(w.pos_embed, np.float32))
+        self._matrix(m.embed, w.embed)
+        self._matrix(m.head, w.head if w.head is not None else w.embed)
+        self._norm(m.final_norm, w.final_norm)
+        layers = ffi.new("ep_layer[]", c.n_layers)
+        for i, L in enumerate(w.layers):
+            d = layers[i]
+            for name in ("attn_norm", "attn_sub_norm", "mlp_norm", "mlp_sub_norm"):
+                self._norm(getattr(d, name), getattr(L, name))
+            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+                lin = getattr(L, name)
+                if lin is not None:
+                    self._matrix(getattr(d, name), lin)
+        m.layers = layers
+        self._keep.append(layers)
+        return m
+
+    # -- running ----------------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.w.cfg, capacity)
+
+    def _workspace(self, n: int):
+        need = self.lib.ep_forward_workspace(self.model, n, self.threads)
+        if self._work is None or self._work.nbytes < need + 64:
+            self._work = np.empty(need + 64, np.uint8)
+        off = -self._work.ctypes.data % 64
+        return self.ffi.cast("void *", self._work.ctypes.data + off), self._work.nbytes - off
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, np.int32)
+        n = len(tokens)
+        if cache.length + n > cache.capacity:
+            raise ValueError(f"{cache.length + n} positions do not fit the cache ({cache.capacity})")
+        logits = np.empty((n if all_logits else 1, self.w.cfg.vocab_size), np.float32)
+        work, nbytes = self._workspace(n)
+        ffi = self.ffi
+        rc = self.lib.ep_forward(self.kt, self.model, ffi.cast("float *", cache.k.ctypes.data),
+                                 ffi.cast("float *", cache.v.ctypes.data), cache.capacity,
+                                 ffi.cast("int32_t *", tokens.ctypes.data), n, cache.length, int(all_logits),
+                                 ffi.cast("float *", logits.ctypes.data), work, nbytes, self.threads)
+        if rc != 0:
+            raise ValueError(f"forward pass failed in C ({_cffi._ERRORS.get(rc, rc)}): tokens out of range "
+                             f"or context full?")
+        cache.length += n
+        return logits if all_logits else logits[0]
