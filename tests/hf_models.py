@@ -13,7 +13,7 @@ def build(arch: str, path, seed: int = 0, ternary: bool = False):
     import transformers as T
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
     if arch == "llama":
         cfg = T.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True)
@@ -30,7 +30,7 @@ def build(arch: str, path, seed: int = 0, ternary: bool = False):
         cfg = T.Qwen2Config(**common, tie_word_embeddings=True)
         model = T.Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = T.GPT2Config(vocab_size=211, n_embd=64, n_layer=2, n_head=4, n_positions=96,
+        cfg = T.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=96,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = T.GPT2LMHeadModel(cfg)
     elif arch == "bitnet":
@@ -48,6 +48,35 @@ def build(arch: str, path, seed: int = 0, ternary: bool = False):
                 p.copy_(torch.clamp(torch.round(p / a), -1, 1) * a)
     model.save_pretrained(str(path))
     return model
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def add_tokenizer(path, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (tokenizers library, trained on a few sentences) with a
+    chat template, written next to a tiny checkpoint so text in and out works end to end."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the cat sat on the mat", "once upon a time there was a dog", "hello world, how are you?",
+              "edge devices run binarized models", "0123456789 .,!?"] * 20
+    special = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHAT_TEMPLATE, "eos_token": "<|end|>", "add_bos_token": False}))
+    gen = path / "generation_config.json"
+    g = json.loads(gen.read_text()) if gen.exists() else {}
+    g["eos_token_id"] = tok.token_to_id("<|end|>")
+    gen.write_text(json.dumps(g))
+    return tok
 
 
 def hf_logits(model, ids) -> np.ndarray:

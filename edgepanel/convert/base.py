@@ -122,6 +122,13 @@ class Recipe:
             if getattr(self, what) not in ("int8", "f16", "f32"):
                 raise ValueError(f"{what} format must be int8, f16 or f32, got {getattr(self, what)!r}")
 
+    def tag(self) -> str:
+        """A short name for the recipe (cache file names)."""
+        if self.passthrough:
+            return "passthrough"
+        t = f"k{self.planes}g{self.group or 'row'}-e{self.embed}-h{self.head}"
+        return t + ("-keep" + str(len(self.keep)) if self.keep else "")
+
     def keeps(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep)
 

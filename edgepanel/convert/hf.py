@@ -114,5 +114,7 @@ def open_hf(d: Path):
     archs = cfg.get("architectures") or []
     if not archs:
         raise FormatError(f"{d / 'config.json'}: no 'architectures' entry")
+    from .base import architecture_for
+    architecture_for(archs[0])  # an unsupported architecture fails before any weight is read
     tok_json, info = tokenizer_info(d)
     return archs[0], cfg, open_weights(d), tok_json, info

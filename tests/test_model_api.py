@@ -1,0 +1,132 @@
+"""The Python API around the engine: generation options, streaming, stop strings, chat templates,
+scoring, and every bad input getting a clear error."""
+import numpy as np
+import pytest
+
+import edgepanel
+from edgepanel.convert import Recipe, convert
+from edgepanel.model.model import ContextOverflow
+from edgepanel.tokenizer import TokenizerMissing
+
+from hf_models import add_tokenizer, build
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    build("llama", d / "hf")
+    add_tokenizer(d / "hf")
+    convert(d / "hf", d / "m.ep", Recipe(planes=2, group=32))
+    build("qwen2", d / "bare")  # no tokenizer
+    convert(d / "bare", d / "bare.ep", Recipe(planes=2, group=32))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return edgepanel.load(tiny / "m.ep")
+
+
+def test_load_and_repr(model):
+    assert "llama" in repr(model) and model.cfg.vocab_size == 300
+    assert model.tokenizer.available and model.tokenizer.eos_ids
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kw = dict(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    a, b = model.generate("the cat", **kw), model.generate("the cat", **kw)
+    assert a == b
+    others = {model.generate("the cat", max_tokens=20, temperature=1.0, top_p=0.9, seed=s) for s in range(8)}
+    assert len(others) > 1, "different seeds should not all give the same text"
+
+
+def test_stream_equals_whole(model):
+    kw = dict(max_tokens=15, temperature=0.8, seed=3)
+    pieces = list(model.generate("once upon", stream=True, **kw))
+    assert "".join(pieces) == model.generate("once upon", **kw)
+    assert len(pieces) >= 1
+
+
+def test_stop_strings_cut_the_text(model):
+    full = model.generate("hello", max_tokens=30, temperature=0)
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = model.generate("hello", max_tokens=30, temperature=0, stop=[stop])
+    assert cut == full[:full.find(stop)]
+    assert "".join(model.generate("hello", max_tokens=30, temperature=0, stop=[stop], stream=True)) == cut
+
+
+def test_greedy_ids_and_max_tokens(model):
+    ids = model.generate_ids("the cat", max_tokens=7, temperature=0)
+    assert 1 <= len(ids) <= 7
+    assert model.generate("the cat", max_tokens=0) == ""
+
+
+def test_chat_template(model):
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|user|>hi<|end|><|assistant|>"
+    out = model.generate([{"role": "user", "content": "hello world"}], max_tokens=5, temperature=0)
+    assert isinstance(out, str)
+    with pytest.raises(ValueError, match="messages\\[0\\] must be a dict"):
+        model.generate([{"role": "user"}], max_tokens=3)
+
+
+def test_scoring(model):
+    ids = model.tokenizer.encode("the cat sat on the mat")
+    lp = model.token_logprobs(ids)
+    logits = model.logits(ids).astype(np.float64)
+    ls = logits - logits.max(1, keepdims=True)
+    ls -= np.log(np.exp(ls).sum(1, keepdims=True))
+    np.testing.assert_allclose(lp, ls[np.arange(len(ids) - 1), ids[1:]], rtol=1e-6)
+    ppl = model.perplexity("the cat sat on the mat")
+    assert ppl == pytest.approx(np.exp(-lp.mean()), rel=1e-6)
+    masked = model.score([ids], [np.array([0, 0, 1, 1, 1, 1] + [0] * (len(ids) - 6), bool)])[0]
+    np.testing.assert_allclose(masked, lp[1:5])
+
+
+@pytest.mark.parametrize("opt,val,msg", [
+    ("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"),
+    ("top_k", -2, "top_k"), ("min_p", 1.0, "min_p"), ("repetition_penalty", 0.0, "repetition_penalty"),
+    ("seed", -5, "seed"), ("stop", [""], "stop"),
+])
+def test_bad_sampling_options(model, opt, val, msg):
+    with pytest.raises(ValueError, match=msg):
+        model.generate("hi", max_tokens=3, **{opt: val})
+
+
+def test_context_overflow_and_truncation(model):
+    long = list(np.random.default_rng(0).integers(5, 200, model.cfg.max_seq_len + 10))
+    with pytest.raises(ContextOverflow, match="context"):
+        model.generate(long, max_tokens=2)
+    with pytest.raises(ContextOverflow):
+        model.logits(long)
+    assert isinstance(model.generate(long, max_tokens=2, truncate=True, temperature=0), str)
+
+
+def test_bad_token_ids(model):
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model.logits([1, 2, 5000])
+    with pytest.raises(ValueError, match="non-empty"):
+        model.logits([])
+    with pytest.raises(TypeError, match="prompt must be"):
+        model.generate(3.5)
+
+
+def test_missing_tokenizer(tiny):
+    m = edgepanel.load(tiny / "bare.ep")
+    with pytest.raises(TokenizerMissing, match="no tokenizer"):
+        m.generate("hello", max_tokens=2)
+    assert len(m.generate_ids([1, 2, 3], max_tokens=4, temperature=0)) == 4  # ids still work
+
+
+def test_missing_tensor_is_a_format_error(tiny, tmp_path):
+    from edgepanel.errors import FormatError
+    from edgepanel.format import ModelFile, ModelWriter
+    f = ModelFile(tiny / "m.ep")
+    with ModelWriter(tmp_path / "broken.ep") as w:
+        for name, arr in f.tensors.items():
+            if name != "layers.1.wk.planes":
+                w.add(name, arr)
+        w.close(f.meta, f.tokenizer_json)
+    with pytest.raises(FormatError, match="'layers.1.wk.planes' is missing"):
+        edgepanel.load(tmp_path / "broken.ep")
