@@ -132,11 +132,19 @@ EP_INLINE void store_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB,
     }
 }
 
+/* The 16 scales of (plane i, tile t, group j), float32 or float16 (widened exactly). */
+EP_INLINE void load_scales(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, float32x4_t out[4]) {
+    const int64_t idx = ep_scale_index(a, i, t, j);
+    for (int u = 0; u < 4; u++)
+        out[u] = a->scales_f16 ? vcvt_f32_f16(vld1_f16((const float16_t *)a->scales + idx + 4 * u))
+                               : vld1q_f32((const float *)a->scales + idx + 4 * u);
+}
+
 /* d = count0 - 2*m per row, then f += alpha * d (fused, as fmaf) */
-EP_INLINE void fma_rows(float32x4_t f[4], const float *alpha, int32_t base, const int32x4_t m[4]) {
+EP_INLINE void fma_rows(float32x4_t f[4], const float32x4_t alpha[4], int32_t base, const int32x4_t m[4]) {
     const int32x4_t s = vdupq_n_s32(base);
     for (int u = 0; u < 4; u++)
-        f[u] = vfmaq_f32(f[u], vld1q_f32(alpha + 4 * u), vcvtq_f32_s32(vsubq_s32(s, vshlq_n_s32(m[u], 1))));
+        f[u] = vfmaq_f32(f[u], alpha[u], vcvtq_f32_s32(vsubq_s32(s, vshlq_n_s32(m[u], 1))));
 }
 
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
@@ -180,7 +188,8 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
                     m[b][3] = vaddw_s16(m[b][3], vget_high_s16(s[b][1]));
                 }
             }
-            const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
+            float32x4_t alpha[4];
+            load_scales(a, i, t, j, alpha);
             for (int b = 0; b < TB; b++) fma_rows(f[b], alpha, a->gsum[(tok0 + b) * a->ng + j], m[b]);
         }
     }
@@ -254,7 +263,8 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
                     p[b][3] = vreinterpretq_s32_u32(vaddw_u16(vreinterpretq_u32_s32(p[b][3]), vget_high_u16(hi)));
                 }
             }
-            const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
+            float32x4_t alpha[4];
+            load_scales(a, i, t, j, alpha);
             for (int b = 0; b < TB; b++) fma_rows(f[b], alpha, a->gsum[(tok0 + b) * a->ng + j], p[b]);
         }
     }

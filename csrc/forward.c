@@ -147,6 +147,7 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
             ep_gemm_args *a = &p.args[i];
             a->planes = mt->planes;
             a->scales = mt->scales;
+            a->scales_f16 = mt->scales_f16;
             a->k = mt->k;
             a->out = mt->rows;
             a->in = in;
@@ -251,6 +252,39 @@ static void attention_range(void *ctx, int64_t b, int64_t e) {
     free(scratch);
 }
 
+/* x <- mix(FWHT(signs * x)) per token, as edgepanel/rotation.py: butterflies over distances
+ * 1, 2, 4, ... within each block of p, scaled by 1/sqrt(p), then the m x m mix of the blocks. */
+static void rotate_rows(const ep_model *m, float *x, float *tmp, int64_t n) {
+    const int64_t P = m->rot_p, M = m->rot_m, D = P * M;
+    const float norm = 1.0f / sqrtf((float)P);
+    for (int64_t t = 0; t < n; t++) {
+        float *v = x + t * D;
+        for (int64_t i = 0; i < D; i++) v[i] *= m->rot_signs[i];
+        for (int64_t b = 0; b < M; b++) {
+            float *blk = v + b * P;
+            for (int64_t h = 1; h < P; h *= 2)
+                for (int64_t s = 0; s < P; s += 2 * h)
+                    for (int64_t i = s; i < s + h; i++) {
+                        float a = blk[i], c = blk[i + h];
+                        blk[i] = a + c;
+                        blk[i + h] = a - c;
+                    }
+        }
+        for (int64_t i = 0; i < D; i++) v[i] *= norm;
+        if (M > 1) {
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < P; j++) {
+                    float acc = 0.0f;
+                    for (int64_t k = 0; k < M; k++) acc += m->rot_mix[i * M + k] * v[k * P + j];
+                    tmp[i * P + j] = acc;
+                }
+            memcpy(v, tmp, sizeof(float) * (size_t)D);
+        } else if (m->rot_mix[0] != 1.0f) {
+            for (int64_t i = 0; i < D; i++) v[i] *= m->rot_mix[0];
+        }
+    }
+}
+
 static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int64_t d, float *x) {
     for (int64_t t = 0; t < n; t++) {
         int64_t id = tokens[t];
@@ -332,11 +366,12 @@ int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v
             run_one(&f, f.h, D, &L->w_up, f.u);
             for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.u[i]);
         }
-        const float *d_in = f.u;
+        float *d_in = f.u;
         if (L->mlp_sub_norm.weight) {
             norm_rows(m, &L->mlp_sub_norm, EP_NORM_RMS, f.u, f.g, n, F);
             d_in = f.g;
         }
+        if (m->rot_signs) rotate_rows(m, d_in, d_in == f.u ? f.g : f.u, n);
         run_one(&f, d_in, F, &L->w_down, f.o);
         for (int64_t i = 0; i < n * D; i++) f.x[i] += f.o[i];
     }

@@ -260,6 +260,20 @@ static int blocks_per_group(const ep_gemm_args *a) {
     }
 }
 
+/* The 16 scales of (plane i, tile t, group j), float32 or float16 (widened exactly by F16C). */
+EP_INLINE void load_scales(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, __m256 *lo, __m256 *hi) {
+    const int64_t idx = ep_scale_index(a, i, t, j);
+    if (a->scales_f16) {
+        const uint16_t *p = (const uint16_t *)a->scales + idx;
+        *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    } else {
+        const float *p = (const float *)a->scales + idx;
+        *lo = _mm256_loadu_ps(p);
+        *hi = _mm256_loadu_ps(p + 8);
+    }
+}
+
 /* The float pass, in the specification's order: groups outer, planes inner, one fused
  * multiply-add each; f holds the tile's running sums per token. */
 EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
@@ -271,8 +285,8 @@ EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const 
         ep_group_cols(a, j, &c0, &c1);
         const int32_t bias = (int32_t)(bias_per_block * ((c1 - c0) / 4));
         for (int64_t i = 0; i < a->k; i++) {
-            const float *alpha = a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE;
-            const __m256 al0 = _mm256_loadu_ps(alpha), al1 = _mm256_loadu_ps(alpha + 8);
+            __m256 al0, al1;
+            load_scales(a, i, t, j, &al0, &al1);
             for (int b = 0; b < TB; b++) {
                 const int32_t *d = D + b * dtok + (i * nj + (j - j0)) * EP_TILE;
                 const __m256i S = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);

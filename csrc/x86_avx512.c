@@ -80,6 +80,13 @@ EP_INLINE __m512i join_rows(__m256i r0_7, __m256i r8_15) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(r0_7), r8_15, 1);
 }
 
+EP_INLINE __m512 load_scales512(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j) {
+    const int64_t idx = ep_scale_index(a, i, t, j);
+    if (a->scales_f16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->scales + idx)));
+    return _mm512_loadu_ps((const float *)a->scales + idx);
+}
+
 EP_INLINE void load_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, __m512 *f, int first) {
     for (int b = 0; b < TB; b++)
         f[b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(a->acc + ((tok0 + b) * a->tiles + t) * EP_TILE);
@@ -150,7 +157,7 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
                     m[b] = _mm512_add_epi32(m[b], join_rows(r0, r1));
                 }
             }
-            const __m512 alpha = _mm512_loadu_ps(a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE);
+            const __m512 alpha = load_scales512(a, i, t, j);
             for (int b = 0; b < TB; b++) {
                 __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_slli_epi32(m[b], 1));
                 f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
@@ -247,7 +254,7 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
                     p[b] = _mm512_add_epi32(p[b], join_rows(r0, r1));
                 }
             }
-            const __m512 alpha = _mm512_loadu_ps(a->scales + ((i * a->tiles + t) * a->ng + j) * EP_TILE);
+            const __m512 alpha = load_scales512(a, i, t, j);
             for (int b = 0; b < TB; b++) {
                 __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_slli_epi32(p[b], 1));
                 f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);

@@ -16,7 +16,7 @@ A weight matrix W (out x in) is stored as k binary planes: W ~ sum_i alpha_i * B
 * Padding: ``in_pad`` is ``in`` rounded up to 64 and ``out_pad`` is ``out`` rounded up to 16.
   Padding bits and padding rows hold 0 when packed here, and every kernel ignores them whatever
   they hold.  The layout is defined on bytes, so it is the same on every machine.
-* Scales: ``scales[k, out_pad // 16, n_groups, 16]``, float32 (fp16 in files): alpha of plane i,
+* Scales: ``scales[k, out_pad // 16, n_groups, 16]``, float16 or float32: alpha of plane i,
   row 16t+r, group j is ``scales[i, t, j, r]``; padding rows hold 0.  Group j covers inputs
   ``[j*g, min((j+1)*g, in))`` for g in GROUP_SIZES, or g = in (one group per row).
 
@@ -159,7 +159,7 @@ class PlaneMatrix:
     """k bit planes and their scales for a weight matrix of shape (out_features, in_features)."""
 
     planes: np.ndarray          # (k, out_pad/16, in_pad/8, 16) uint8
-    scales: np.ndarray          # (k, out_pad/16, n_groups, 16) float32
+    scales: np.ndarray          # (k, out_pad/16, n_groups, 16) float32 or float16
     out_features: int
     in_features: int
     group: int
@@ -173,8 +173,8 @@ class PlaneMatrix:
         p, s = self.planes, self.scales
         if not isinstance(p, np.ndarray) or p.dtype != np.uint8:
             raise TypeError(f"planes must be a uint8 ndarray, got {getattr(p, 'dtype', type(p))}")
-        if not isinstance(s, np.ndarray) or s.dtype != np.float32:
-            raise TypeError(f"scales must be a float32 ndarray, got {getattr(s, 'dtype', type(s))}")
+        if not isinstance(s, np.ndarray) or s.dtype not in (np.float32, np.float16):
+            raise TypeError(f"scales must be a float32 or float16 ndarray, got {getattr(s, 'dtype', type(s))}")
         tiles, ncol = padded_out(self.out_features) // TILE, padded_in(self.in_features) // 8
         if p.ndim != 4 or p.shape[1:] != (tiles, ncol, TILE) or not 1 <= p.shape[0] <= MAX_PLANES:
             raise ValueError(
@@ -220,7 +220,7 @@ class PlaneMatrix:
 
     def alpha(self) -> np.ndarray:
         """(k, out, n_groups) float32."""
-        return untile_scales(self.scales, self.out_features)
+        return untile_scales(self.scales, self.out_features).astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """W_hat = sum_i alpha_i * B_i as float32 (out, in)."""

@@ -146,8 +146,11 @@ def cmd_fetch(a) -> int:
 def cmd_convert(a) -> int:
     from .convert import Recipe, convert
     recipe = Recipe(planes=a.planes, group=a.group, keep=a.keep, passthrough=a.passthrough,
-                    embed=a.embed, head=a.head, als_iters=a.als_iters)
-    report = convert(a.src, a.out, recipe, progress=not a.quiet)
+                    embed=a.embed, head=a.head, als_iters=a.als_iters,
+                    calib=None if a.no_calib else a.calib, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
+                    rotate=not a.no_rotate, seed=a.seed, bits=a.bits)
+    log = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
+    report = convert(a.src, a.out, recipe, progress=not a.quiet, log=log)
     if not a.quiet:
         print(report.table())
     return 0
@@ -228,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("out")
     s.add_argument("--planes", "-k", type=int, default=2, help="binary planes per weight, 1..4 (default 2)")
+    s.add_argument("--bits", type=float, default=None,
+                   help="average bits per weight, scales included: planes per layer by measured sensitivity")
     s.add_argument("--group", "-g", type=int, default=64, help="inputs per scale: 32, 64, 128, 256, 0 = row")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="leave linear layers matching PATTERN (e.g. 'layers.0.*') unbinarized")
@@ -235,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embed", choices=["int8", "f16", "f32"], default="int8")
     s.add_argument("--head", choices=["int8", "f16", "f32"], default="int8")
     s.add_argument("--als-iters", type=int, default=4, help="alternating least-squares rounds (default 4)")
+    c = s.add_argument_group("calibration (on by default, with the shipped text)")
+    c.add_argument("--calib", metavar="TEXT_FILE", default="default",
+                   help="UTF-8 text the layers are fitted on (default: edgepanel/data/calib.txt)")
+    c.add_argument("--no-calib", action="store_true", help="data-free fitting (greedy + ALS) instead")
+    c.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    c.add_argument("--no-rotate", action="store_true", help="no rotation before calibration")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random rotations")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_convert)
 

@@ -137,3 +137,116 @@ def int8_rows(w: np.ndarray):
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration-aware fitting (issue 4): the error measured on real inputs, H = X^T X
+
+
+def weighted_error(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray) -> float:
+    """Output error on the calibration inputs, relative: tr(E H E^T) / tr(W H W^T), E = W - W_hat."""
+    w = np.asarray(w, np.float64)
+    e = w - pm.dequantize().astype(np.float64)
+    num = float(np.sum((e @ h) * e))   # matrix products: a three-operand einsum would not use BLAS
+    den = float(np.sum((w @ h) * w))
+    return float(num / max(den, 1e-30))
+
+
+def _nearest_level(col: np.ndarray, alpha: np.ndarray, combos: np.ndarray):
+    """col (out,), alpha (k, out) -> (value (out,), chosen combo rows (out, k))."""
+    lev = combos @ alpha                               # (2^k, out)
+    best = np.abs(col[None, :] - lev).argmin(axis=0)   # (out,)
+    return lev[best, np.arange(col.size)], combos[best]
+
+
+def gptq_prepare(h: np.ndarray, damp: float = 0.01):
+    """(damped H, upper Cholesky factor of its inverse, dead inputs): what GPTQ needs of H, once
+    for every matrix that reads the same inputs."""
+    h = np.array(h, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * np.mean(np.diag(h)) * np.eye(h.shape[0])
+    return h, np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 0.01, block: int = 128,
+                als_iters: int = 2, refit: bool = True, prepared=None) -> bits.PlaneMatrix:
+    """GPTQ-style fitting of k sign planes: columns left to right, each one rounded to the nearest
+    of its row's 2^k levels, the rounding error fed forward through H^-1 to the columns not yet
+    rounded; every group's codebook (its k scales per row) is fitted, greedy + ALS, on the
+    error-updated weights when the group starts.  Optionally the scales are then refit jointly
+    per row on the original weights (signs fixed, see refit_scales)."""
+    w = np.asarray(w, np.float32)
+    n_out, n_in = w.shape
+    bits.check_group(n_in, group)
+    one_group = bits.n_groups(n_in, group) == 1
+    g = n_in if one_group else group
+    h_damped, hinv, dead = prepared if prepared is not None else gptq_prepare(h, damp)
+    W = w.astype(np.float64).copy()
+    W[:, dead] = 0.0
+    B = max(block, g) if not one_group else n_in
+    B = (B // g) * g if not one_group else B
+    combos = np.array(list(itertools.product((-1.0, 1.0), repeat=k)), np.float64)  # (2^k, k)
+    signs = np.zeros((k, n_out, n_in), np.int8)
+    alpha = np.zeros((k, n_out, bits.n_groups(n_in, group)), np.float32)
+    cur = None
+    for i1 in range(0, n_in, B):
+        i2 = min(i1 + B, n_in)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        H1 = hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = i1 + j
+            if col % g == 0:
+                gi = col // g
+                ge = min(col + g, n_in)
+                part = W1[:, j:j + (ge - col)] if ge <= i2 else np.concatenate([W1[:, j:], W[:, i2:ge]], 1)
+                s0, a0 = greedy_planes(part.astype(np.float32), k, part.shape[1])
+                if als_iters:
+                    s0, a0 = als_refine(part.astype(np.float32), s0, a0, part.shape[1], als_iters)
+                cur = a0[:, :, 0].astype(np.float64)       # (k, out)
+                alpha[:, :, gi] = cur
+            q, chosen = _nearest_level(W1[:, j], cur, combos)
+            signs[:, :, col] = chosen.T.astype(np.int8)
+            err = (W1[:, j] - q) / H1[j, j]
+            W1[:, j:] -= np.outer(err, H1[j, j:])
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    pm = bits.PlaneMatrix.from_signs(signs, alpha, group)
+    if refit:
+        pm = refit_scales(w, pm, h_damped)
+    return pm
+
+
+def refit_scales(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, rows_per_chunk: int = 64) -> bits.PlaneMatrix:
+    """Every scale of a row at once, signs fixed: minimise (w - B a)^T H (w - B a) per row, with
+    B the row's planes split by groups (n_groups * k unknowns, one small solve per row)."""
+    w = np.asarray(w, np.float64)
+    h = np.asarray(h, np.float64)
+    n_out, n_in = w.shape
+    k, ng = pm.k, pm.n_groups
+    bounds = bits.group_bounds(n_in, pm.group)
+    S = pm.signs().astype(np.float64)                      # (k, out, in)
+    hw = w @ h                                             # (out, in)
+    m = ng * k
+    new_alpha = pm.alpha().astype(np.float64).copy()      # (k, out, ng)
+    for r0 in range(0, n_out, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, n_out)
+        R = r1 - r0
+        # HP[(g, i)] = H[:, g] @ S_i[rows, g]^T : (in, R)
+        hp = np.empty((m, n_in, R))
+        for gi, (c0, c1) in enumerate(bounds):
+            for i in range(k):
+                hp[gi * k + i] = h[:, c0:c1] @ S[i, r0:r1, c0:c1].T
+        A = np.empty((R, m, m))
+        b = np.empty((R, m))
+        for gi, (c0, c1) in enumerate(bounds):
+            for i in range(k):
+                s = S[i, r0:r1, c0:c1]                     # (R, g)
+                A[:, gi * k + i, :] = np.einsum("ru,mur->rm", s, hp[:, c0:c1, :])
+                b[:, gi * k + i] = np.einsum("ru,ru->r", s, hw[r0:r1, c0:c1])
+        tr = np.trace(A, axis1=1, axis2=2) / m
+        A += (1e-7 * tr + 1e-12)[:, None, None] * np.eye(m)
+        a = np.linalg.solve(A, b[..., None])[..., 0]      # (R, m)
+        new_alpha[:, r0:r1, :] = a.reshape(R, ng, k).transpose(2, 0, 1)
+    return bits.PlaneMatrix.from_signs(S.astype(np.int8), new_alpha.astype(np.float32), pm.group)

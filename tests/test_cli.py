@@ -51,7 +51,7 @@ def test_convert_generate_perplexity_info(tiny):
 ])
 def test_errors_are_one_clear_line(tiny, args, msg):
     if not (tiny / "m.ep").exists():
-        convert(tiny / "hf", tiny / "m.ep", Recipe(planes=2, group=32))
+        convert(tiny / "hf", tiny / "m.ep", Recipe(planes=2, group=32, calib=None))
     args = [str(tiny / "m.ep") if a == "MODEL" else str(tiny / "hf") if a == "HF" else a for a in args]
     r = run(*args)
     assert r.returncode == 1

@@ -8,7 +8,7 @@ from edgepanel.convert import Recipe, convert
 from edgepanel.kernels import _cffi
 from edgepanel.model.model import Model
 
-from hf_models import build
+from hf_models import add_tokenizer, build
 
 pytestmark = pytest.mark.skipif(_cffi.lib is None, reason="C kernels not built")
 IDS = np.array([3, 17, 99, 150, 7, 42, 200, 5, 61, 88, 13, 2], np.int32)
@@ -18,7 +18,8 @@ IDS = np.array([3, 17, 99, 150, 7, 42, 200, 5, 61, 88, 13, 2], np.int32)
 def binarized(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("e_" + request.param)
     build(request.param, d / "hf")
-    convert(d / "hf", d / "m.ep", Recipe(planes=3, group=32))
+    add_tokenizer(d / "hf")
+    convert(d / "hf", d / "m.ep", Recipe(planes=3, group=32, calib_tokens=2048, seq_len=64))  # calibrated, rotated
     return d / "m.ep"
 
 
@@ -63,7 +64,9 @@ def test_isa_variants_give_identical_logits(binarized):
 def test_parameters_are_read_at_call_time(binarized):
     m = Model(binarized, engine="c")
     before = m.logits(IDS)
-    params = m.weights.continuous()
+    params = m.trainable_parameters()
+    np.testing.assert_array_equal(m.logits(IDS), before)  # float16 scales widened exactly
+    assert all(p.dtype == np.float32 and p.flags.writeable for p in params.values())
     scales = params["layers.0.wq.scales"]
     saved = scales.copy()
     scales *= 1.5                      # in place, as a zeroth-order perturbation does

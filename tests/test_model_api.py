@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
     add_tokenizer(d / "hf")
     convert(d / "hf", d / "m.ep", Recipe(planes=2, group=32))
     build("qwen2", d / "bare")  # no tokenizer
-    convert(d / "bare", d / "bare.ep", Recipe(planes=2, group=32))
+    convert(d / "bare", d / "bare.ep", Recipe(planes=2, group=32, calib=None))
     return d
 
 

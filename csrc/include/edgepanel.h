@@ -53,18 +53,20 @@ int ep_binarize(const ep_kernels *kt, const float *x, int64_t n, int64_t in, uin
                 float *scale);
 
 /* y (n, out) float32 = activations (n, in) times the k-plane matrix transposed.
- * planes: (k, out_pad/16, in_pad/8, 16) uint8; scales: (k, out_pad/16, n_groups, 16) float32.
+ * planes: (k, out_pad/16, in_pad/8, 16) uint8; scales: (k, out_pad/16, n_groups, 16) float32,
+ * or float16 when scales_f16 is nonzero (widened exactly: the same results for the same values).
  * gemm_planes_i8 reads int8 activations q with per-token scales qscale;
  * gemm_xnor reads packed sign activations bits with per-token scales ascale.
  * work: at least ep_workspace_bytes(n, out, in, group) bytes, 64-byte aligned.
  * threads <= 0 means all processors; the result does not depend on it. */
 int ep_gemm_planes_i8(const ep_kernels *kt, const int8_t *q, const float *qscale, int64_t n,
-                      const uint8_t *planes, const float *scales, int64_t k, int64_t out,
-                      int64_t in, int64_t group, float *y, void *work, int64_t work_bytes,
-                      int threads);
+                      const uint8_t *planes, const void *scales, int32_t scales_f16, int64_t k,
+                      int64_t out, int64_t in, int64_t group, float *y, void *work,
+                      int64_t work_bytes, int threads);
 int ep_gemm_xnor(const ep_kernels *kt, const uint8_t *bits, const float *ascale, int64_t n,
-                 const uint8_t *planes, const float *scales, int64_t k, int64_t out, int64_t in,
-                 int64_t group, float *y, void *work, int64_t work_bytes, int threads);
+                 const uint8_t *planes, const void *scales, int32_t scales_f16, int64_t k,
+                 int64_t out, int64_t in, int64_t group, float *y, void *work, int64_t work_bytes,
+                 int threads);
 
 /* ---- the forward pass (csrc/forward.c) ----------------------------------------------------
  * A model is a set of plain structs pointing into the mapped weights (and into the float32
@@ -84,7 +86,8 @@ typedef struct {
     int32_t k;
     int64_t rows, cols, group; /* rows = outputs, cols = inputs */
     const uint8_t *planes;
-    const float *scales;
+    const void *scales;         /* float32, or float16 when scales_f16 */
+    int32_t scales_f16;
     const void *weight;
     const float *row_scale;
     const float *bias;          /* (out,) or NULL */
@@ -110,6 +113,11 @@ typedef struct {
     ep_matrix head;             /* the output layer (a copy of embed when tied) */
     ep_norm final_norm;
     const ep_layer *layers;
+    /* the MLP's inner activations are rotated before down_proj when rot_signs is set:
+     * hidden_dim = rot_p * rot_m, rot_p a power of two (edgepanel/rotation.py) */
+    const float *rot_signs;     /* (hidden_dim,) */
+    const float *rot_mix;       /* (rot_m, rot_m) */
+    int32_t rot_p, rot_m;
 } ep_model;
 
 /* Bytes of workspace a forward pass over n tokens needs (64-byte aligned buffer). */

@@ -14,7 +14,8 @@ static inline int64_t ep_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 /* One GEMM call, as seen by an ISA's tile kernel. */
 typedef struct {
     const uint8_t *planes;  /* (k, tiles, ncol, 16) */
-    const float *scales;    /* (k, tiles, ng, 16) */
+    const void *scales;     /* (k, tiles, ng, 16) float32, or float16 when scales_f16 */
+    int scales_f16;
     int64_t k, out, in, group;
     int64_t in_pad;         /* in rounded up to 64 */
     int64_t tiles;          /* out_pad / 16 */
@@ -34,6 +35,11 @@ typedef struct {
 static inline void ep_group_cols(const ep_gemm_args *a, int64_t j, int64_t *c0, int64_t *c1) {
     *c0 = j * (a->group / 8);
     *c1 = (j == a->ng - 1) ? a->ncol : (j + 1) * (a->group / 8);
+}
+
+/* The 16 scales of plane i, tile t, group j start at this element index. */
+static inline int64_t ep_scale_index(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j) {
+    return ((i * a->tiles + t) * a->ng + j) * EP_TILE;
 }
 
 /* Bytes per token of the table area: the i8 tables take 8 bytes per padded input (four 16-entry

@@ -36,6 +36,13 @@ static inline __m512 ep_simde_cvtepi32_ps(__m512i v) {
     for (int i = 0; i < 16; i++) r[i] = (float)a[i];
     return _mm512_loadu_ps(r);
 }
+static inline __m512 ep_simde_cvtph_ps(__m256i v) {
+    float r[16];
+    _mm256_storeu_ps(r, _mm256_cvtph_ps(_mm256_castsi256_si128(v)));
+    _mm256_storeu_ps(r + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1)));
+    return _mm512_loadu_ps(r);
+}
+#define _mm512_cvtph_ps ep_simde_cvtph_ps
 #define _mm512_cvtepi16_epi32 ep_simde_cvtepi16_epi32
 #define _mm512_cvtepi32_ps ep_simde_cvtepi32_ps
 #define EP_TARGET_PUSH(t)

@@ -36,7 +36,8 @@ class TensorReport:
     planes: int = 0
     group: int = 0
     bits: float = 0.0            # bits per weight, scales included
-    error: float = 0.0           # relative Frobenius reconstruction error
+    error: float = 0.0           # relative reconstruction error (Frobenius, or on the calibration inputs)
+    calibrated: bool = False
 
 
 @dataclass
@@ -54,13 +55,14 @@ class ConversionReport:
         return sum(r.bits * int(np.prod(r.shape)) for r in lin) / max(n, 1)
 
     def table(self) -> str:
-        lines = [f"{'tensor':28} {'shape':>13} {'kind':>7} {'k':>2} {'group':>5} {'bits/w':>7} {'rel.err':>8}"]
+        lines = [f"{'tensor':28} {'shape':>13} {'kind':>7} {'k':>2} {'group':>5} {'bits/w':>7} {'rel.err':>8}"
+                 "   (rel.err: ||W-W'||/||W||, or tr(E H E^T)/tr(W H W^T) on the calibration inputs when marked *)"]
         for r in self.rows:
             shape = "x".join(map(str, r.shape))
             k = str(r.planes) if r.planes else "-"
             g = str(r.group) if r.group else "-"
-            err = f"{r.error:.4f}" if r.kind == "planes" else "-"
-            lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>8}")
+            err = (f"{r.error:.4f}" + ("*" if r.calibrated else " ")) if r.kind == "planes" else "-"
+            lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>9}")
         lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; file {self.file_bytes / 2**20:.1f} MiB; "
                      f"{self.seconds:.1f} s")
         return "\n".join(lines)
@@ -88,8 +90,23 @@ class _Store:
     def dense_dtype(self, e: Emitted):
         return np.float16 if e.source_dtype == "float16" else np.float32
 
-    def linear(self, e: Emitted):
+    def linear(self, e: Emitted, fitted=None):
+        """Store a linear layer: dense, or binarized (by `fitted` = (PlaneMatrix, calibrated
+        error) when calibration fitted it, else data-free here)."""
         out, inp = e.weight.shape
+        if fitted is not None and fitted[0] is not None and not (e.ternary or e.absmean):
+            pm, err = fitted
+            scales16 = pm.scales.astype(np.float16)
+            if not np.all(np.isfinite(scales16)):
+                raise FormatError(f"{e.name}: a plane scale does not fit in float16")
+            self.w.add(e.name + ".planes", pm.planes)
+            self.w.add(e.name + ".scales", scales16)
+            self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": "gptq+refit" if self.r.refit else "gptq"}
+            nbits = 8.0 * (pm.planes.nbytes + scales16.nbytes) / (out * inp)
+            self.report.rows.append(TensorReport(e.name, (out, inp), "planes", pm.k, pm.group, nbits, err, calibrated=True))
+            if e.bias is not None:
+                self.w.add(e.name + ".bias", e.bias.astype(np.float32))
+            return
         if self.r.passthrough or self.r.keeps(e.name):
             dt = self.dense_dtype(e)
             self.w.add(e.name + ".weight", e.weight.astype(dt))
@@ -155,26 +172,56 @@ class _Store:
             raise AssertionError(f"unknown role {e.role}")
 
 
-def convert(src, out, recipe: Recipe | None = None, progress: bool = False) -> ConversionReport:
+def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=None) -> ConversionReport:
     """Convert `src` (HF checkpoint directory or .gguf file) to the model file `out`."""
     t0 = time.time()
     src, out = Path(src), Path(out)
     recipe = recipe or Recipe()
+    log = log or (lambda msg: None)
     hf_arch, hf_cfg, tensors, tok_json, tok_info = open_source(src)
     arch = architecture_for(hf_arch)
     cfg = arch.config(hf_cfg)
     report = ConversionReport(out)
+    extra: dict[str, np.ndarray] = {}
+    fitted: dict = {}
+    emitted = arch.tensors(tensors, cfg, hf_cfg)
+    if recipe.calibrated:
+        from . import calibrate as cal
+        fm = cal.FloatModel(cfg, emitted)
+        tensors.check_all_consumed()
+        if recipe.rotate and cal.can_rotate(cfg):
+            cal.rotate(fm, recipe.seed)
+            extra["mlp_rotation.signs"] = fm.rotation.signs
+            extra["mlp_rotation.mix"] = fm.rotation.mix
+        cfg = fm.cfg
+        path = cal.DEFAULT_CALIB if recipe.calib == "default" else Path(recipe.calib)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path}: cannot read the calibration text ({exc})") from None
+        toks = cal.calibration_tokens(tok_json, text, recipe.calib_tokens, min(recipe.seq_len, cfg.max_seq_len), str(src))
+        run = cal._Run(fm, recipe, log)
+        if recipe.bits:
+            run.planes_of = cal.plan_planes(run, toks, recipe.bits, log)
+        run.run(toks)
+        fitted = run.results
+        emitted = list(fm.t.values())
     with ModelWriter(out) as writer:
         store = _Store(writer, recipe, report)
-        emitted = arch.tensors(tensors, cfg, hf_cfg)
         if progress:
             from ..progress import bar
-            emitted = bar(emitted, total=_count(cfg), desc="converting", unit="tensor")
+            emitted = bar(emitted, total=_count(cfg), desc="writing" if recipe.calibrated else "converting", unit="tensor")
         for e in emitted:
-            store(e)
-        tensors.check_all_consumed()
+            if e.role == "linear":
+                store.linear(e, fitted.get(e.name))
+            else:
+                store(e)
+        if not recipe.calibrated:
+            tensors.check_all_consumed()
         if cfg.pos == "rope":
             writer.add("rope.inv_freq", cfg.rope_inv_freq())
+        for name, arr in extra.items():
+            writer.add(name, arr)
         meta = Metadata(architecture=cfg.arch, config=cfg.to_dict(), tensors=store.recipes,
                         tokenizer={k: v for k, v in tok_info.items()},
                         source={"path": str(src), "architecture": hf_arch},

@@ -111,6 +111,16 @@ class Recipe:
     embed: str = "int8"                              # int8 | f16 | f32
     head: str = "int8"                               # int8 | f16 | f32
     als_iters: int = 4
+    calib: str | None = "default"                    # calibration text file; "default": the shipped one; None: data-free
+    calib_tokens: int = 8192
+    seq_len: int = 256
+    rotate: bool = True                              # rotation before calibration (RMS-norm models)
+    damp: float = 0.01                               # GPTQ damping, relative to mean diag(H)
+    refit: bool = True                               # joint per-row scale refit after GPTQ
+    compensate: bool | str = False                   # fit to the float model's outputs: True (every layer),
+                                                     # "residual" (o and down only), False
+    seed: int = 0                                    # of the random rotations
+    bits: float | None = None                        # average bits per weight: planes per layer by sensitivity
 
     def __post_init__(self):
         from .. import bits
@@ -118,15 +128,26 @@ class Recipe:
             raise ValueError(f"planes must be in 1..{bits.MAX_PLANES}, got {self.planes}")
         if self.group not in bits.GROUP_SIZES and self.group != 0:
             raise ValueError(f"group must be one of {bits.GROUP_SIZES} (or 0: one group per row), got {self.group}")
+        if self.bits is not None and not (self.bits > 0):
+            raise ValueError(f"bits must be a positive number, got {self.bits}")
+        if self.bits is not None and not self.calib:
+            raise ValueError("--bits measures sensitivity on calibration data: it needs calibration")
         for what in ("embed", "head"):
             if getattr(self, what) not in ("int8", "f16", "f32"):
                 raise ValueError(f"{what} format must be int8, f16 or f32, got {getattr(self, what)!r}")
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calib) and not self.passthrough
 
     def tag(self) -> str:
         """A short name for the recipe (cache file names)."""
         if self.passthrough:
             return "passthrough"
-        t = f"k{self.planes}g{self.group or 'row'}-e{self.embed}-h{self.head}"
+        t = (f"b{self.bits:g}" if self.bits else f"k{self.planes}") + f"g{self.group or 'row'}-e{self.embed}-h{self.head}"
+        if self.calibrated:
+            t += (f"-cal{self.calib_tokens}" + ("-rot" if self.rotate else "") + ({True: "-comp", "residual": "-compres"}.get(self.compensate, ""))
+                  + ("" if self.calib == "default" else "-own"))
         return t + ("-keep" + str(len(self.keep)) if self.keep else "")
 
     def keeps(self, name: str) -> bool:
@@ -135,4 +156,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"planes": self.planes, "group": self.group, "keep": list(self.keep),
                 "passthrough": self.passthrough, "embed": self.embed, "head": self.head,
-                "als_iters": self.als_iters}
+                "als_iters": self.als_iters, "calib": self.calib, "calib_tokens": self.calib_tokens,
+                "seq_len": self.seq_len, "rotate": self.rotate, "damp": self.damp, "refit": self.refit,
+                "compensate": self.compensate, "bits": self.bits,
+                "seed": self.seed}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import warnings
 
+import importlib.util
+
 from ..errors import BackendUnavailable, EdgepanelWarning
 from ._backend import Backend, NumpyBackend
-from . import _cffi, _numba
+from . import _cffi  # numba (slow to import) loads only when its backend is asked for
 
 BACKENDS = ("c", "numba", "numpy")
 _instances: dict[tuple[str, str | None], Backend] = {}
@@ -24,6 +26,7 @@ def _make(name: str, isa: str | None) -> Backend:
         if name == "c":
             _instances[key] = _cffi.CBackend(isa)
         elif name == "numba":
+            from . import _numba
             _instances[key] = _numba.NumbaBackend()
         elif name == "numpy":
             _instances[key] = NumpyBackend()
@@ -66,7 +69,7 @@ def info() -> str:
 def available() -> list[tuple[str, str | None]]:
     """Every (backend, isa) this machine can run."""
     out: list[tuple[str, str | None]] = [("c", isa) for isa in _cffi.runnable_isas()]
-    if _numba.numba is not None:
+    if importlib.util.find_spec("numba") is not None:
         out.append(("numba", None))
     out.append(("numpy", None))
     return out

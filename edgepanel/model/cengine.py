@@ -42,7 +42,8 @@ class CEngine:
                 dst.kind = lib.EP_MAT_PLANES
                 dst.k, dst.group = m.planes.k, m.planes.group
                 dst.planes = self._ptr("uint8_t *", m.planes.planes)
-                dst.scales = self._ptr("float *", m.planes.scales)
+                dst.scales = self._ptr("void *", m.planes.scales)
+                dst.scales_f16 = int(m.planes.scales.dtype == np.float16)
             else:
                 dst.kind = lib.EP_MAT_F16 if m.weight.dtype == np.float16 else lib.EP_MAT_F32
                 dst.weight = self._ptr("void *", np.ascontiguousarray(m.weight))
@@ -85,6 +86,11 @@ class CEngine:
                     self._matrix(getattr(d, name), lin)
         m.layers = layers
         self._keep.append(layers)
+        if w.mlp_rotation is not None:
+            from ..rotation import split_pow2
+            m.rot_p, m.rot_m = split_pow2(c.hidden_dim)
+            m.rot_signs = self._ptr("float *", np.ascontiguousarray(w.mlp_rotation.signs, np.float32))
+            m.rot_mix = self._ptr("float *", np.ascontiguousarray(w.mlp_rotation.mix, np.float32))
         return m
 
     # -- running ----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class ModelConfig:
     mlp_bias: bool = False
     sub_norms: bool = False
     tie_embeddings: bool = False
+    mlp_rotation: bool = False  # the MLP's inner activations are rotated (edgepanel.rotation) before down
 
     def __post_init__(self):
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):

@@ -47,6 +47,13 @@ class Model:
     def threads(self):
         return self.engine.threads
 
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """The continuous parameters (plane scales, norms, biases) as float32 arrays that the
+        engine reads at every call: change them in place and the next forward pass sees it."""
+        params = self.weights.continuous()
+        self.engine = _engine(self.weights, self.engine.threads, self.engine.name)
+        return params
+
     # -- scoring ----------------------------------------------------------------------------
     def _check_ids(self, ids, check_length: bool = True) -> np.ndarray:
         arr = np.asarray(ids)

@@ -140,6 +140,8 @@ def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False) -> np.
             u = activation(cfg, linear(L.w_up, h))
         if L.mlp_sub_norm is not None:
             u = rms_sub_norm(cfg, L.mlp_sub_norm, u)
+        if w.mlp_rotation is not None:
+            u = w.mlp_rotation.apply(u)
         x = x + linear(L.w_down, u.astype(np.float32))
     cache.length = p0 + n
     h = norm(cfg, w.final_norm, x if all_logits else x[-1:])

@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import bits
 from ..errors import FormatError
+from ..rotation import Rotation, split_pow2
 from ..format import ModelFile
 from . import names as N
 from .config import ModelConfig
@@ -88,6 +89,7 @@ class Weights:
     head: Rows | Linear | None                # None: tied to embed
     pos_embed: np.ndarray | None = None       # float32 (max_seq, dim)
     inv_freq: np.ndarray | None = None        # float32 (head_dim/2,)
+    mlp_rotation: "Rotation | None" = None    # applied to the MLP's inner activations before down
     file: ModelFile | None = field(default=None, repr=False)
 
     def linears(self):
@@ -97,7 +99,15 @@ class Weights:
             yield self.head
 
     def continuous(self) -> dict[str, np.ndarray]:
-        """The float32 parameters a fine-tuner may change in place: scales, norms, biases."""
+        """The float32 parameters a fine-tuner may change in place: scales, norms, biases.
+        Plane scales are read from the file as float16 views; the first call gives every matrix
+        float32 copies instead (engines built before it must be rebuilt: Model.trainable_parameters
+        does that)."""
+        for lin in self.linears():
+            pm = lin.planes
+            if pm is not None and pm.scales.dtype != np.float32:
+                lin.planes = bits.PlaneMatrix(pm.planes, pm.scales.astype(np.float32), pm.out_features,
+                                              pm.in_features, pm.group)
         out = {}
         for i, layer in enumerate(self.layers):
             for n in N.NORMS:
@@ -148,7 +158,7 @@ class _Reader:
             tiles, ncol = bits.padded_out(out) // bits.TILE, bits.padded_in(inp) // 8
             planes = self.f.get(name + ".planes", np.uint8, (k, tiles, ncol, bits.TILE))
             scales = self.f.get(name + ".scales", (np.float16, np.float32), (k, tiles, bits.n_groups(inp, group), bits.TILE))
-            pm = bits.PlaneMatrix(planes, np.array(scales, dtype=np.float32), out, inp, group)
+            pm = bits.PlaneMatrix(planes, scales, out, inp, group)  # a view: the kernels read float16
             return Linear(name, out, inp, planes=pm, bias=b)
         if r["kind"] == "dense":
             w = self.f.get(name + ".weight", (np.float32, np.float16), (out, inp))
@@ -194,4 +204,10 @@ def load_weights(f: ModelFile) -> Weights:
         final_norm=rd.norm("final_norm", cfg.dim, layer_norm), head=head,
         pos_embed=np.asarray(f.get("pos_embed.weight", np.float32, (cfg.max_seq_len, cfg.dim))) if cfg.pos == "learned" else None,
         inv_freq=rd.vec("rope.inv_freq", cfg.head_dim // 2) if cfg.pos == "rope" else None,
+        mlp_rotation=_rotation(f, "mlp_rotation", cfg.hidden_dim) if cfg.mlp_rotation else None,
         file=f)
+
+
+def _rotation(f: ModelFile, name: str, n: int) -> Rotation:
+    m = split_pow2(n)[1]
+    return Rotation(np.array(f.get(name + ".signs", np.float32, (n,))), np.array(f.get(name + ".mix", np.float32, (m, m))))

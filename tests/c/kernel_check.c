@@ -28,6 +28,7 @@ static int failures = 0;
 #define CHECK(cond, ...) do { if (!(cond)) { failures++; printf("FAIL: " __VA_ARGS__); printf("\n"); } } while (0)
 
 typedef struct { int64_t n, k, out, in, group; } shape;
+static uint16_t *g_scales16 = NULL;  /* float16 copy of the current scales, when they are halves */
 
 /* Run one variant on one shape; returns y (n, out) for i8 and xnor in y8 / yx. */
 static void run(const ep_kernels *kt, const shape *s, const float *x, const uint8_t *planes,
@@ -37,8 +38,16 @@ static void run(const ep_kernels *kt, const shape *s, const float *x, const uint
     void *work = xalloc((size_t)wb);
     int rc = ep_quantize_i8(kt, x, s->n, s->in, q, qs);
     rc |= ep_binarize(kt, x, s->n, s->in, bits, bs);
-    rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, scales, s->k, s->out, s->in, s->group, y8, work, wb, threads);
-    rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, scales, s->k, s->out, s->in, s->group, yx, work, wb, threads);
+    rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, scales, 0, s->k, s->out, s->in, s->group, y8, work, wb, threads);
+    rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, scales, 0, s->k, s->out, s->in, s->group, yx, work, wb, threads);
+    if (g_scales16) {  /* the same scales as float16: the same bits out */
+        float *y2 = xalloc((size_t)(s->n * s->out * 4));
+        rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, g_scales16, 1, s->k, s->out, s->in, s->group, y2, work, wb, threads);
+        CHECK(memcmp(y2, y8, (size_t)(s->n * s->out * 4)) == 0, "%s: float16 scales give other i8 results", ep_kernels_name(kt));
+        rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, g_scales16, 1, s->k, s->out, s->in, s->group, y2, work, wb, threads);
+        CHECK(memcmp(y2, yx, (size_t)(s->n * s->out * 4)) == 0, "%s: float16 scales give other xnor results", ep_kernels_name(kt));
+        free(y2);
+    }
     CHECK(rc == 0, "%s: rc=%d", ep_kernels_name(kt), rc);
     free(work);
 }
@@ -54,7 +63,12 @@ static void check_shape(const shape *s, int special) {
     if (special == 1) /* one token at extremes: all +-absmax, all bits set: overflow bait */
         for (size_t u = 0; u < nx; u++) x[u] = (u % 3 == 0) ? 2.0f : 2.0f;
     for (size_t u = 0; u < np; u++) planes[u] = special == 1 ? 0xFF : (uint8_t)rnd();  /* padding bits too */
-    for (size_t u = 0; u < ns; u++) scales[u] = special == 1 ? 1.0f : rndf();
+    uint16_t *s16 = xalloc(ns * 2);
+    for (size_t u = 0; u < ns; u++) {  /* random halves, so float32 and float16 hold the same values */
+        s16[u] = special == 1 ? 0x3c00 : (uint16_t)((0x2000 + rnd() % 0x2800) | ((rnd() & 1) << 15));
+        scales[u] = ep_half_to_float(s16[u]);
+    }
+    g_scales16 = s16;
     const ep_kernels *ref = ep_kernels_get("scalar");
     int8_t *q0 = xalloc(nx), *q1 = xalloc(nx);
     uint8_t *b0 = xalloc(nb), *b1 = xalloc(nb);
@@ -101,6 +115,8 @@ static void check_shape(const shape *s, int special) {
                   threads, (long long)badx, badx < 0 ? 0.0 : yx1[badx], badx < 0 ? 0.0 : yx0[badx]);
         }
     }
+    g_scales16 = NULL;
+    free(s16);
     free(x); free(scales); free(planes); free(q0); free(q1); free(b0); free(b1);
     free(qs0); free(qs1); free(bs0); free(bs1); free(y80); free(y81); free(yx0); free(yx1);
 }

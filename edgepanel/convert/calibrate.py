@@ -1,0 +1,350 @@
+"""Calibration-aware binarization: fit every linear layer against the inputs it really sees.
+
+The model is held in float32 (source precision); then, optionally,
+  1. rotation (RMS-norm models): norm weights fused into the next linear layers, the residual
+     stream rotated by an orthogonal T (embeddings, every input and output of the blocks, head;
+     exact offline; the tied head becomes its own matrix), each value head rotated (v_proj rows,
+     o_proj columns; exact offline), and the MLP's inner activations rotated before down_proj
+     (weights offline, activations at run time);
+  2. one pass over the calibration tokens, layer by layer, through the already binarized layers:
+     each layer's inputs X give H = X^T X, each linear layer is fitted by GPTQ-style error
+     feedback with per-group codebooks, then its scales are refit jointly on H;
+  3. the head, when binarized, the same way on the final hidden states.
+Memory: the float model plus one layer's activations for the calibration tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import bits, quantize
+from ..errors import FormatError
+from ..model import names as N
+from ..model import reference as ref
+from ..model.config import ModelConfig
+from ..model.weights import Linear, Norm
+from ..rotation import Rotation
+from .base import Emitted
+
+DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "data" / "calib.txt"
+
+
+
+
+class FloatModel:
+    """Every tensor of the source, in edgepanel's names, float32."""
+
+    def __init__(self, cfg: ModelConfig, emitted):
+        self.cfg = cfg
+        self.t: dict[str, Emitted] = {e.name: e for e in emitted}
+        self.rotation: Rotation | None = None
+
+    def w(self, name):
+        return self.t[name].weight
+
+    def set(self, name, weight=None, bias=None):
+        e = self.t[name]
+        if weight is not None:
+            e.weight = np.ascontiguousarray(weight, np.float32)
+        if bias is not None:
+            e.bias = np.ascontiguousarray(bias, np.float32)
+
+
+def can_rotate(cfg: ModelConfig) -> bool:
+    return cfg.norm == "rms" and not cfg.sub_norms and cfg.pos == "rope"
+
+
+def rotate(fm: FloatModel, seed: int = 0):
+    """Fuse the norm weights and rotate (see the module docstring); outputs are unchanged."""
+    cfg, t = fm.cfg, fm.t
+    if not can_rotate(cfg):
+        raise FormatError(f"rotation needs an RMS-norm rope model without sub-norms ({cfg.arch} is not)")
+    res = Rotation.random(cfg.dim, seed)
+    if cfg.tie_embeddings:  # the head gets its own matrix: it absorbs the final norm
+        t["head"] = Emitted("head", "head", t["embed"].weight.copy())
+        fm.cfg = cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    t["head"].weight = t["head"].weight * t["final_norm"].weight[None, :]
+    t["final_norm"].weight = np.ones(cfg.dim, np.float32)
+    fm.set("embed", res.apply(t["embed"].weight))
+    fm.set("head", res.apply(t["head"].weight))
+    G = cfg.n_heads // cfg.n_kv_heads
+    for i in range(cfg.n_layers):
+        L = lambda p: N.layer(i, p)  # noqa: E731
+        for norm, lins in (("attn_norm", ("wq", "wk", "wv")), ("mlp_norm", ("w_gate", "w_up"))):
+            gamma = t[L(norm)].weight
+            for lin in lins:
+                if L(lin) in t:
+                    fm.set(L(lin), res.apply(t[L(lin)].weight * gamma[None, :]))
+            t[L(norm)].weight = np.ones(cfg.dim, np.float32)
+        for lin in ("wo", "w_down"):
+            e = t[L(lin)]
+            fm.set(L(lin), res.apply_columns(e.weight), None if e.bias is None else res.apply(e.bias))
+        # value heads: rows of v_proj (and its bias), the matching columns of o_proj
+        wv, wo, hd = t[L("wv")].weight.copy(), t[L("wo")].weight.copy(), cfg.head_dim
+        bv = None if t[L("wv")].bias is None else t[L("wv")].bias.copy()
+        for kh in range(cfg.n_kv_heads):
+            rot = Rotation.random(hd, seed + 1000 + i * cfg.n_kv_heads + kh)
+            sl = slice(kh * hd, (kh + 1) * hd)
+            wv[sl] = rot.apply_columns(wv[sl])
+            if bv is not None:
+                bv[sl] = rot.apply(bv[sl])
+            for h in range(kh * G, (kh + 1) * G):
+                hs = slice(h * hd, (h + 1) * hd)
+                wo[:, hs] = rot.apply(wo[:, hs])
+        fm.set(L("wv"), wv, bv)
+        fm.set(L("wo"), wo)
+    mlp = Rotation.random(cfg.hidden_dim, seed + 1)
+    for i in range(cfg.n_layers):
+        fm.set(N.layer(i, "w_down"), mlp.apply(t[N.layer(i, "w_down")].weight))
+    fm.rotation = mlp
+    fm.cfg = dataclasses.replace(fm.cfg, mlp_rotation=True)
+
+
+def calibration_tokens(tokenizer_json: str | None, text: str, n_tokens: int, seq_len: int, where: str) -> np.ndarray:
+    """(S, seq_len) token ids from the start of `text`."""
+    if not tokenizer_json:
+        raise FormatError(f"{where}: calibration needs the model's tokenizer; this source has none "
+                          "(convert with --no-calib)")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tokenizer_json)
+    ids = tok.encode(text).ids
+    S = min(n_tokens // seq_len, len(ids) // seq_len)
+    if S < 1:
+        raise FormatError(f"calibration text has {len(ids)} tokens; at least {seq_len} are needed")
+    return np.asarray(ids[:S * seq_len], np.int32).reshape(S, seq_len)
+
+
+class _Run:
+    """The calibration pass: activations flow through the layers as they get binarized."""
+
+    def __init__(self, fm: FloatModel, recipe, log):
+        self.fm, self.r, self.log = fm, recipe, log
+        from .. import kernels
+        self.kern = kernels.get()
+        self.results: dict[str, tuple] = {}     # name -> (PlaneMatrix or None, error)
+        self.fit_seconds = 0.0
+        self._cache_key, self._cache = None, None
+        self.planes_of: dict[str, int] = {}     # per-layer planes from a bit budget
+
+    def group_for(self, inp: int) -> int:
+        group = self.r.group or inp
+        return group if group in bits.GROUP_SIZES or group == inp else inp
+
+    def fit(self, name: str, x: np.ndarray, x_fp: np.ndarray | None = None, k: int | None = None):
+        """Binarize linear `name` on its inputs x (N, in) -- the inputs the binarized model
+        produces -- so that its outputs match the float layer's on the float model's inputs
+        x_fp: min ||x W_hat^T - x_fp W^T||, i.e. GPTQ on H = x^T x of the compensated weights
+        W* = W (x_fp^T x) H^-1, which also absorb the error of the layers before.  Returns its
+        Linear for the forward."""
+        e = self.fm.t[name]
+        out, inp = e.weight.shape
+        if e.ternary or e.absmean:  # BitNet: exactly two planes, nothing to fit
+            self.results[name] = (None, 0.0)
+            w = e.weight if e.ternary else quantize.absmean_ternary(e.weight)[0]
+            return Linear(name, out, inp, planes=quantize.ternary_planes(w), bias=e.bias)
+        if self.r.keeps(name):
+            self.results[name] = (None, 0.0)
+            return Linear(name, out, inp, weight=e.weight, bias=e.bias)
+        t0 = time.time()
+        if not (self._cache_key and self._cache_key[0] is x and self._cache_key[1] is x_fp):
+            # q/k/v (and gate/up) read the same inputs: H once (the key holds them, so no other
+            # array can take their place)
+            xf = x.astype(np.float32)
+            n = max(len(xf), 1)
+            h = (xf.T @ xf).astype(np.float64) / n
+            prep = quantize.gptq_prepare(h, self.r.damp)
+            c = None
+            if x_fp is not None and self.r.compensate:
+                c = (xf.T @ x_fp.astype(np.float32)).astype(np.float64) / n  # x^T x_fp
+            self._cache_key, self._cache = (x, x_fp), (h, prep, c)
+        h, prep, c = self._cache
+        target = e.weight
+        compensate = c is not None and (self.r.compensate is True or
+                                        (self.r.compensate == "residual" and name.split(".")[-1] in ("wo", "w_down")))
+        if compensate:
+            # W* = W C^T H_damped^-1 (H_damped^-1 = U^T U from the prepared factor)
+            u = prep[1]
+            target = ((e.weight.astype(np.float64) @ c.T) @ u.T @ u).astype(np.float32)
+        k = k or self.planes_of.get(name, self.r.planes)
+        group = self.group_for(inp)
+        pm = quantize.gptq_planes(target, h, k, group, damp=self.r.damp, refit=self.r.refit, prepared=prep)
+        self.results[name] = (pm, quantize.weighted_error(target, pm, h))
+        self.fit_seconds += time.time() - t0
+        return Linear(name, out, inp, planes=pm, bias=e.bias)
+
+    def linear(self, lin: Linear, x: np.ndarray) -> np.ndarray:
+        if lin.planes is None:
+            return ref.linear(lin, x)
+        q, s = self.kern.quantize_i8(np.ascontiguousarray(x, np.float32))
+        y = self.kern.gemm_planes_i8(q, s, lin.planes)
+        return y + lin.bias if lin.bias is not None else y
+
+    def block(self, i: int, x: np.ndarray, x_fp: np.ndarray | None, S: int, Lq: int, inv_freq, fit: bool):
+        """Layer i on x (S*Lq, dim).  fit=True: binarize its linear layers on the way (x_fp: the
+        float model's inputs, for compensation); fit=False: the float layer."""
+        cfg, t = self.fm.cfg, self.fm.t
+        L = lambda p: N.layer(i, p)  # noqa: E731
+        norm = lambda name: Norm(t[L(name)].weight, t[L(name)].bias)  # noqa: E731
+        dense = lambda name: Linear(name, *t[name].weight.shape, weight=t[name].weight, bias=t[name].bias)  # noqa: E731
+        pos = np.arange(Lq)
+        acts = {}
+
+        def lin(name, inp, inp_fp):
+            if not fit:
+                acts[name] = inp
+                return dense(L(name))
+            return self.fit(L(name), inp, None if inp_fp is None else inp_fp[name])
+
+        h = ref.norm(cfg, norm("attn_norm"), x)
+        qkv = [lin(n, h, x_fp) for n in ("wq", "wk", "wv")]
+        q, k, v = (self.linear(m, h) for m in qkv)
+        att = np.empty((S * Lq, cfg.q_dim), np.float32)
+        for s in range(S):
+            sl = slice(s * Lq, (s + 1) * Lq)
+            qs = q[sl].reshape(Lq, cfg.n_heads, cfg.head_dim)
+            ks = k[sl].reshape(Lq, cfg.n_kv_heads, cfg.head_dim)
+            if inv_freq is not None:
+                qs, ks = ref.rope(qs, pos, inv_freq), ref.rope(ks, pos, inv_freq)
+            vs = v[sl].reshape(Lq, cfg.n_kv_heads, cfg.head_dim)
+            att[sl] = ref.attention(cfg, qs, ks, vs, pos).reshape(Lq, cfg.q_dim)
+        if cfg.sub_norms:
+            att = ref.rms_sub_norm(cfg, norm("attn_sub_norm"), att)
+        wo = lin("wo", att, x_fp)
+        x = x + self.linear(wo, att)
+        h = ref.norm(cfg, norm("mlp_norm"), x)
+        if cfg.gated_mlp:
+            gate, up = lin("w_gate", h, x_fp), lin("w_up", h, x_fp)
+            u = ref.activation(cfg, self.linear(gate, h)) * self.linear(up, h)
+        else:
+            up = lin("w_up", h, x_fp)
+            u = ref.activation(cfg, self.linear(up, h))
+        if cfg.sub_norms:
+            u = ref.rms_sub_norm(cfg, norm("mlp_sub_norm"), u)
+        if self.fm.rotation is not None:
+            u = self.fm.rotation.apply(u)
+        u = u.astype(np.float32)
+        down = lin("w_down", u, x_fp)
+        return x + self.linear(down, u), acts
+
+    def run(self, tokens: np.ndarray):
+        fm, cfg, t = self.fm, self.fm.cfg, self.fm.t
+        S, Lq = tokens.shape
+        x = t["embed"].weight[tokens.reshape(-1)].astype(np.float32)      # (S*L, dim)
+        if cfg.pos == "learned":
+            x += np.tile(t["pos_embed"].weight[:Lq], (S, 1))
+        inv_freq = cfg.rope_inv_freq() if cfg.pos == "rope" else None
+        x_fp = x.copy() if self.r.compensate else None
+        t0 = time.time()
+        for i in range(cfg.n_layers):
+            acts = None
+            if x_fp is not None:  # the float layer first: its inputs are the targets' inputs
+                x_fp_next, acts = self.block(i, x_fp, None, S, Lq, inv_freq, fit=False)
+            x, _ = self.block(i, x, acts, S, Lq, inv_freq, fit=True)
+            if x_fp is not None:
+                x_fp = x_fp_next
+            self.log(f"calibrated layer {i + 1}/{cfg.n_layers} ({time.time() - t0:.0f} s, fitting {self.fit_seconds:.0f} s)")
+        return ref.norm(cfg, Norm(t["final_norm"].weight, t["final_norm"].bias), x)
+
+
+def nominal_bits(k: int, group: int) -> float:
+    """Bits per weight of k planes with one float16 scale per plane and group."""
+    return k * (1.0 + 16.0 / group)
+
+
+def plan_planes(run: "_Run", tokens: np.ndarray, budget: float, log) -> dict[str, int]:
+    """Planes per linear layer under an average of `budget` bits per weight (scales included):
+    a float pass over the calibration tokens measures, for every layer and k = 1..4, the output
+    error of a data-free fit on that layer's inputs (tr(E H E^T) / tr(W H W^T)); planes then go,
+    one at a time, where they remove the most error per bit, until the budget is spent."""
+    import heapq
+
+    fm, cfg, t = run.fm, run.fm.cfg, run.fm.t
+    S, Lq = tokens.shape
+    x = t["embed"].weight[tokens.reshape(-1)].astype(np.float32)
+    if cfg.pos == "learned":
+        x += np.tile(t["pos_embed"].weight[:Lq], (S, 1))
+    inv_freq = cfg.rope_inv_freq() if cfg.pos == "rope" else None
+    errs: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    for i in range(cfg.n_layers):
+        x, acts = run.block(i, x, None, S, Lq, inv_freq, fit=False)
+        seen = {}
+        for short, xin in acts.items():
+            name = N.layer(i, short)
+            e = t[name]
+            if e.ternary or e.absmean or run.r.keeps(name):
+                continue
+            if id(xin) not in seen:
+                xf = xin.astype(np.float32)
+                seen[id(xin)] = (xf.T @ xf).astype(np.float64) / len(xf)
+            h = seen[id(xin)]
+            out, inp = e.weight.shape
+            g = run.group_for(inp)
+            errs[name] = [quantize.weighted_error(e.weight, quantize.fit_planes(e.weight, k, g, als_iters=0), h)
+                          for k in range(1, bits.MAX_PLANES + 1)]
+            sizes[name], groups[name] = out * inp, g
+        log(f"measured sensitivity of layer {i + 1}/{cfg.n_layers}")
+    total = sum(sizes.values())
+    if not total:
+        return {}
+    k_of = {n: 1 for n in sizes}
+    used = sum(sizes[n] * nominal_bits(1, groups[n]) for n in sizes)
+    limit = budget * total
+    if used > limit:
+        raise FormatError(f"--bits {budget}: even one plane everywhere takes {used / total:.2f} bits per weight")
+
+    def gain(n):  # error removed per bit, each layer's relative error weighted by its size
+        k = k_of[n]
+        cost = sizes[n] * (nominal_bits(k + 1, groups[n]) - nominal_bits(k, groups[n]))
+        return sizes[n] * (errs[n][k - 1] - errs[n][k]) / cost, cost
+
+    heap = []
+    for n in sizes:
+        g_, c = gain(n)
+        heapq.heappush(heap, (-g_, n, c))
+    while heap:
+        _, n, cost = heapq.heappop(heap)
+        if used + cost > limit:
+            continue
+        k_of[n] += 1
+        used += cost
+        if k_of[n] < bits.MAX_PLANES:
+            g_, c = gain(n)
+            heapq.heappush(heap, (-g_, n, c))
+    counts = {k: sum(1 for v in k_of.values() if v == k) for k in range(1, bits.MAX_PLANES + 1)}
+    log(f"planes for {budget} bits/weight: {used / total:.3f} used; layers with k=1..4: {counts}")
+    log("planes per layer: " + " ".join(f"{n.replace('layers.', '')}={k}" for n, k in k_of.items()))
+    return k_of
+
+
+def to_weights(fm: FloatModel):
+    """The float model as engine Weights (every layer dense), e.g. for the reference forward."""
+    from ..model.weights import Layer, Rows, Weights
+    cfg, t = fm.cfg, fm.t
+
+    def lin(name):
+        if name not in t:
+            return None
+        e = t[name]
+        return Linear(name, e.weight.shape[0], e.weight.shape[1], weight=e.weight, bias=e.bias)
+
+    def norm(name):
+        return Norm(t[name].weight, t[name].bias) if name in t else None
+
+    layers = []
+    for i in range(cfg.n_layers):
+        L = lambda p: N.layer(i, p)  # noqa: E731
+        layers.append(Layer(attn_norm=norm(L("attn_norm")), wq=lin(L("wq")), wk=lin(L("wk")), wv=lin(L("wv")),
+                            wo=lin(L("wo")), mlp_norm=norm(L("mlp_norm")), w_up=lin(L("w_up")),
+                            w_down=lin(L("w_down")), w_gate=lin(L("w_gate")),
+                            attn_sub_norm=norm(L("attn_sub_norm")), mlp_sub_norm=norm(L("mlp_sub_norm"))))
+    rows = lambda name: Rows(name, *t[name].weight.shape, weight=t[name].weight)  # noqa: E731
+    return Weights(cfg=cfg, embed=rows("embed"), layers=layers, final_norm=norm("final_norm"),
+                   head=None if cfg.tie_embeddings else rows("head"),
+                   pos_embed=t["pos_embed"].weight if "pos_embed" in t else None,
+                   inv_freq=cfg.rope_inv_freq() if cfg.pos == "rope" else None, mlp_rotation=fm.rotation)

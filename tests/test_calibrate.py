@@ -1,0 +1,135 @@
+"""Calibration-aware binarization: each fitting step helps on real inputs, the rotation is exact,
+ternary checkpoints stay exact."""
+import json
+
+import numpy as np
+import pytest
+
+from edgepanel import bits, quantize
+from edgepanel.convert import Recipe, convert
+from edgepanel.convert import calibrate as cal
+from edgepanel.convert.base import architecture_for
+from edgepanel.convert.hf import open_hf
+from edgepanel.model import reference as ref
+
+from hf_models import add_tokenizer, build
+
+
+def correlated_layer(seed=0, n_in=256, n_out=96, n=2048):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 24)) @ rng.standard_normal((24, n_in)) + 0.3 * rng.standard_normal((n, n_in))
+    x[:, :4] *= 8  # a few outlier inputs, as in real activations
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    x = x.astype(np.float32)
+    return w, (x.T @ x).astype(np.float64)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_each_fitting_step_lowers_the_error_on_calibration_inputs(k, group):
+    w, h = correlated_layer(seed=k)
+    s, a = quantize.greedy_planes(w, k, group)
+    steps = [bits.PlaneMatrix.from_signs(s, a, group)]                     # greedy residual
+    steps.append(quantize.fit_planes(w, k, group))                        # + alternating LS
+    steps.append(quantize.gptq_planes(w, h, k, group, refit=False))       # + error feedback
+    steps.append(quantize.refit_scales(w, steps[-1], h))                  # + joint scale refit
+    errs = [quantize.weighted_error(w, p, h) for p in steps]
+    if k == 1:  # one plane: sign and mean |w| are already the least-squares fit; ALS keeps them
+        assert errs[1] <= errs[0] * (1 + 1e-6), errs
+    else:
+        assert errs[1] < errs[0], errs
+    assert errs[2] < errs[1] and errs[3] < errs[2], errs
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "mistral"])
+def test_rotation_is_exact(arch, tmp_path):
+    build(arch, tmp_path / "hf")
+    hf_arch, hf_cfg, src, _, _ = open_hf(tmp_path / "hf")
+    a = architecture_for(hf_arch)
+    ids = np.array([3, 17, 99, 150, 7, 42, 200, 5], np.int32)
+
+    def logits(rotated):
+        fm = cal.FloatModel(a.config(hf_cfg), list(a.tensors(open_hf(tmp_path / "hf")[2], a.config(hf_cfg), hf_cfg)))
+        if rotated:
+            cal.rotate(fm, seed=3)
+        w = cal.to_weights(fm)
+        return ref.forward(w, ids, ref.KVCache(w.cfg, len(ids)), all_logits=True)
+
+    plain, rot = logits(False), logits(True)
+    assert np.abs(rot - plain).max() <= 1e-5 * np.abs(plain).max() + 1e-6
+
+
+def test_calibrated_conversion_beats_data_free(tmp_path):
+    """On a tiny model, calibrated + rotated k=2 is closer to the float model than data-free k=2."""
+    from edgepanel.model.model import Model
+    build("llama", tmp_path / "hf", seed=5)
+    add_tokenizer(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "fp.ep", Recipe(passthrough=True))
+    convert(tmp_path / "hf", tmp_path / "free.ep", Recipe(planes=2, group=32, calib=None))
+    rep = convert(tmp_path / "hf", tmp_path / "cal.ep", Recipe(planes=2, group=32, calib_tokens=2048, seq_len=64))
+    assert any(r.calibrated for r in rep.rows)
+    fp = Model(tmp_path / "fp.ep")
+    text = "once upon a time there was a dog. the cat sat on the mat."
+    ids = fp.tokenizer.encode(text)
+    target = fp.logits(ids)
+
+    def kl(m):
+        lp = lambda z: z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)  # noqa: E731
+        p, q = lp(target.astype(np.float64)), lp(m.logits(ids).astype(np.float64))
+        return float((np.exp(p) * (p - q)).sum(1).mean())
+
+    assert kl(Model(tmp_path / "cal.ep")) < kl(Model(tmp_path / "free.ep"))
+
+
+def test_ternary_checkpoints_convert_exactly(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers.integrations.bitnet import pack_weights
+
+    model = build("bitnet", tmp_path / "hf", ternary=True)
+    # a packed checkpoint as the BitNet quantizer writes it: uint8 weights + weight_scale
+    packed_dir = tmp_path / "packed"
+    packed_dir.mkdir()
+    sd, expect = {}, {}
+    for name, p in model.state_dict().items():
+        if p.ndim == 2 and "embed" not in name and "lm_head" not in name:
+            a = p.abs().max()
+            t = torch.round(p / a).clamp(-1, 1)
+            sd[name] = pack_weights(t.to(torch.int8).clone())  # it adds the +1 offset itself
+            sd[name.replace(".weight", ".weight_scale")] = torch.tensor([1.0 / float(a)])
+            expect[name] = (t * a).float().numpy()
+        else:
+            sd[name] = p.contiguous()
+    save_file(sd, str(packed_dir / "model.safetensors"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitnet", "linear_class": "bitlinear"}
+    (packed_dir / "config.json").write_text(json.dumps(cfg))
+    from edgepanel.format import ModelFile
+    from edgepanel.model.weights import load_weights
+    for d, name in ((tmp_path / "hf", "float.ep"), (packed_dir, "packed.ep")):
+        convert(d, tmp_path / name, Recipe(calib=None))
+        w = load_weights(ModelFile(tmp_path / name))
+        for lin in w.linears():
+            assert lin.planes.k == 2
+            hf_name = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                       "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                       "w_down": "mlp.down_proj"}[lin.name.split(".")[-1]]
+            key = f"model.layers.{lin.name.split('.')[1]}.{hf_name}.weight"
+            want = expect[key] if d == packed_dir else model.state_dict()[key].float().numpy()
+            np.testing.assert_allclose(lin.planes.dequantize(), want, rtol=1e-3, atol=1e-7)
+
+
+def test_bit_budget_is_respected(tmp_path):
+    from edgepanel.convert.calibrate import nominal_bits
+    build("llama", tmp_path / "hf", seed=2)
+    add_tokenizer(tmp_path / "hf")
+    rep = convert(tmp_path / "hf", tmp_path / "b.ep", Recipe(bits=2.6, group=32, calib_tokens=1024, seq_len=64))
+    rows = [r for r in rep.rows if r.kind == "planes"]
+    ks = {r.planes for r in rows}
+    assert len(ks) > 1, "a budget between two plane counts mixes them"
+    n = sum(r.shape[0] * r.shape[1] for r in rows)
+    used = sum(r.shape[0] * r.shape[1] * nominal_bits(r.planes, r.group) for r in rows) / n
+    assert used <= 2.6 + 1e-9
+    assert used > 2.6 - nominal_bits(1, 32)  # and spent: less than one more plane was left over
+    with pytest.raises(ValueError, match="needs calibration"):
+        Recipe(bits=3, calib=None)

@@ -1,0 +1,106 @@
+"""Perplexity of SmolLM2-135M-Instruct under binarization recipes, relative to pass-through, on
+the held-out texts of tools/eval_texts.py (first --tokens tokens of each, windows of 512).
+
+    python tools/quality.py k4g64 k3g64 k2g64 k2g64:nocal k2g64:norot --json quality.json
+
+A recipe is kK gG (planes, group) or bB gG (a budget of B bits per weight, planes per layer by
+sensitivity), plus options after ':' joined by ',':
+  nocal (data-free greedy+ALS), norot (no rotation), norefit (no joint scale refit),
+  comp / compres (fit every / only o and down layers to the float model's outputs),
+  tokensN (calibration tokens), headplanesK (binarized head with K planes; default int8 rows).
+Prints a markdown table; conversions are cached in $EDGEPANEL_HOME/quality/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_texts import TEXTS  # noqa: E402
+
+from edgepanel import hub  # noqa: E402
+from edgepanel.convert import Recipe, convert  # noqa: E402
+from edgepanel.model.model import load  # noqa: E402
+
+
+def parse(spec: str) -> Recipe:
+    if spec == "pass":
+        return Recipe(passthrough=True)
+    base, _, opts = spec.partition(":")
+    m = re.fullmatch(r"(k|b)([\d.]+)g(\d+)", base)
+    if not m:
+        raise SystemExit(f"bad recipe {spec!r}")
+    r = Recipe(group=int(m[3])) if m[1] == "b" else Recipe(planes=int(m[2]), group=int(m[3]))
+    if m[1] == "b":
+        r.bits = float(m[2])
+    for o in filter(None, opts.split(",")):
+        if o == "nocal":
+            r.calib = None
+        elif o == "norot":
+            r.rotate = False
+        elif o == "norefit":
+            r.refit = False
+        elif o == "comp":
+            r.compensate = True
+        elif o == "compres":
+            r.compensate = "residual"
+        elif o.startswith("tokens"):
+            r.calib_tokens = int(o[6:])
+        else:
+            raise SystemExit(f"unknown option {o!r} in {spec!r}")
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipes", nargs="+")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    src = hub.fetch("smollm2")
+    texts = {name: fn() for name, fn in TEXTS.items()}
+    out_dir = hub.cache_dir() / "quality"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in ["pass"] + [r for r in args.recipes if r != "pass"]:
+        recipe = parse(spec)
+        path = out_dir / f"{spec.replace(':', '_').replace(',', '_')}.ep"
+        secs = None
+        if not path.exists():
+            t = time.time()
+            convert(src, path, recipe, log=lambda m: print("  " + m, file=sys.stderr))
+            secs = time.time() - t
+        m = load(path)
+        row = {"recipe": spec, "file_mib": path.stat().st_size / 2**20, "convert_s": secs,
+               "bits": _linear_bits(m)}
+        for name, text in texts.items():
+            ids = m.tokenizer.encode(text)[:args.tokens]
+            row[name] = m.perplexity(m.tokenizer.decode(ids), window=args.window)
+        rows.append(row)
+        base = rows[0]
+        print(f"{spec:28} " + " ".join(f"{n} {row[n]:9.2f} ({row[n] / base[n]:.2f}x)" for n in texts)
+              + f"  {row['bits']:.2f} bits/w, {row['file_mib']:.1f} MiB"
+              + (f", converted in {secs:.0f} s" if secs else ""), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def _linear_bits(m) -> float:
+    tot = bits = 0
+    for lin in m.weights.linears():
+        n = lin.out_features * lin.in_features
+        tot += n
+        if lin.planes is not None:
+            bits += 8 * (lin.planes.planes.nbytes + lin.planes.scales.size * 2)
+        else:
+            bits += 8 * lin.weight.nbytes
+    return bits / tot
+
+
+if __name__ == "__main__":
+    main()
