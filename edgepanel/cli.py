@@ -151,6 +151,9 @@ def cmd_convert(a) -> int:
                     rotate=not a.no_rotate, seed=a.seed, bits=a.bits)
     log = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
     report = convert(a.src, a.out, recipe, progress=not a.quiet, log=log)
+    if a.eval:
+        from .convert import evaluate
+        report.perplexity = evaluate(a.src, a.out, a.eval, a.eval_tokens)
     if not a.quiet:
         print(report.table())
     return 0
@@ -248,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     c.add_argument("--no-rotate", action="store_true", help="no rotation before calibration")
     c.add_argument("--seed", type=int, default=0, help="seed of the random rotations")
+    s.add_argument("--eval", metavar="TEXT_FILE", help="report perplexity before and after on this text")
+    s.add_argument("--eval-tokens", type=int, default=2048, help="tokens of --eval scored (default 2048)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_convert)
 

@@ -170,12 +170,15 @@ def gptq_prepare(h: np.ndarray, damp: float = 0.01):
 
 
 def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 0.01, block: int = 128,
-                als_iters: int = 2, refit: bool = True, prepared=None) -> bits.PlaneMatrix:
+                als_iters: int = 2, refit: bool = True, prepared=None, rounds: int = 1,
+                alpha_fixed: np.ndarray | None = None) -> bits.PlaneMatrix:
     """GPTQ-style fitting of k sign planes: columns left to right, each one rounded to the nearest
     of its row's 2^k levels, the rounding error fed forward through H^-1 to the columns not yet
     rounded; every group's codebook (its k scales per row) is fitted, greedy + ALS, on the
-    error-updated weights when the group starts.  Optionally the scales are then refit jointly
-    per row on the original weights (signs fixed, see refit_scales)."""
+    error-updated weights when the group starts (or taken from alpha_fixed (k, out, ng)).
+    Optionally the scales are then refit jointly per row on the original weights (signs fixed,
+    see refit_scales); with rounds > 1, the signs are chosen again by error feedback under the
+    refit scales, and the scales refit again, that many times."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     bits.check_group(n_in, group)
@@ -199,12 +202,15 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
             col = i1 + j
             if col % g == 0:
                 gi = col // g
-                ge = min(col + g, n_in)
-                part = W1[:, j:j + (ge - col)] if ge <= i2 else np.concatenate([W1[:, j:], W[:, i2:ge]], 1)
-                s0, a0 = greedy_planes(part.astype(np.float32), k, part.shape[1])
-                if als_iters:
-                    s0, a0 = als_refine(part.astype(np.float32), s0, a0, part.shape[1], als_iters)
-                cur = a0[:, :, 0].astype(np.float64)       # (k, out)
+                if alpha_fixed is not None:
+                    cur = alpha_fixed[:, :, gi].astype(np.float64)
+                else:
+                    ge = min(col + g, n_in)
+                    part = W1[:, j:j + (ge - col)] if ge <= i2 else np.concatenate([W1[:, j:], W[:, i2:ge]], 1)
+                    s0, a0 = greedy_planes(part.astype(np.float32), k, part.shape[1])
+                    if als_iters:
+                        s0, a0 = als_refine(part.astype(np.float32), s0, a0, part.shape[1], als_iters)
+                    cur = a0[:, :, 0].astype(np.float64)       # (k, out)
                 alpha[:, :, gi] = cur
             q, chosen = _nearest_level(W1[:, j], cur, combos)
             signs[:, :, col] = chosen.T.astype(np.int8)
@@ -215,6 +221,9 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
     pm = bits.PlaneMatrix.from_signs(signs, alpha, group)
     if refit:
         pm = refit_scales(w, pm, h_damped)
+        if rounds > 1:
+            return gptq_planes(w, h, k, group, damp, block, als_iters, refit, (h_damped, hinv, dead),
+                               rounds - 1, pm.alpha())
     return pm
 
 

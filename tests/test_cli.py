@@ -24,16 +24,18 @@ def tiny(tmp_path_factory):
 
 def test_convert_generate_perplexity_info(tiny):
     out = tiny / "m.ep"
-    r = run("convert", str(tiny / "hf"), str(out), "--planes", "2", "--group", "32", "--keep", "layers.0.wo")
+    (tiny / "t.txt").write_text("the cat sat on the mat. hello world, how are you? once upon a time there was a dog.")
+    r = run("convert", str(tiny / "hf"), str(out), "--planes", "2", "--group", "32", "--keep", "layers.0.wo",
+            "--calib-tokens", "1024", "--seq-len", "64", "--eval", str(tiny / "t.txt"))
     assert r.returncode == 0, r.stderr
     assert "bits/weight" in r.stdout and "layers.0.wo" in r.stdout and "dense" in r.stdout
+    assert "perplexity on" in r.stdout and "source" in r.stdout and "converted" in r.stdout
     r = run("generate", str(out), "-p", "the cat", "-n", "8", "--seed", "1")
     assert r.returncode == 0, r.stderr
     again = run("generate", str(out), "-p", "the cat", "-n", "8", "--seed", "1")
     assert r.stdout == again.stdout and r.stdout.strip()
     r = run("generate", str(out), "-n", "4", "--temperature", "0", input="once upon")  # prompt on stdin
     assert r.returncode == 0, r.stderr
-    (tiny / "t.txt").write_text("the cat sat on the mat. hello world, how are you?")
     r = run("perplexity", str(out), str(tiny / "t.txt"))
     assert r.returncode == 0 and r.stdout.startswith("perplexity "), r.stderr
     r = run("info", str(out))

@@ -46,6 +46,7 @@ class ConversionReport:
     rows: list[TensorReport] = field(default_factory=list)
     file_bytes: int = 0
     seconds: float = 0.0
+    perplexity: dict | None = None   # {"before": ..., "after": ...} when an eval text was given
 
     @property
     def linear_bits(self) -> float:
@@ -65,6 +66,10 @@ class ConversionReport:
             lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>9}")
         lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; file {self.file_bytes / 2**20:.1f} MiB; "
                      f"{self.seconds:.1f} s")
+        if self.perplexity:
+            p = self.perplexity
+            lines.append(f"perplexity on {p['file']} ({p['tokens']} tokens): source {p['before']:.3f}, "
+                         f"converted {p['after']:.3f} ({p['after'] / p['before']:.3f}x)")
         return "\n".join(lines)
 
 
@@ -230,6 +235,27 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
     report.file_bytes = out.stat().st_size
     report.seconds = time.time() - t0
     return report
+
+
+def evaluate(src, out, eval_file, tokens: int = 2048, window: int = 512) -> dict:
+    """Perplexity of the converted model and of its source (converted pass-through to a
+    temporary file) on the first `tokens` tokens of `eval_file`."""
+    import tempfile
+
+    from ..model.model import load
+    try:
+        text = Path(eval_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{eval_file}: cannot read the evaluation text ({exc})") from None
+    after = load(out)
+    ids = after.tokenizer.encode(text)[:tokens]
+    text = after.tokenizer.decode(ids)
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
+        ref = Path(tmp) / "source.ep"
+        convert(src, ref, Recipe(passthrough=True))
+        before = load(ref).perplexity(text, window=window)
+    return {"file": str(eval_file), "tokens": len(ids), "before": before,
+            "after": after.perplexity(text, window=window)}
 
 
 def _count(cfg) -> int:

@@ -117,6 +117,7 @@ class Recipe:
     rotate: bool = True                              # rotation before calibration (RMS-norm models)
     damp: float = 0.01                               # GPTQ damping, relative to mean diag(H)
     refit: bool = True                               # joint per-row scale refit after GPTQ
+    rounds: int = 1                                  # GPTQ + refit rounds (signs again under refit scales)
     compensate: bool | str = False                   # fit to the float model's outputs: True (every layer),
                                                      # "residual" (o and down only), False
     seed: int = 0                                    # of the random rotations
@@ -158,5 +159,5 @@ class Recipe:
                 "passthrough": self.passthrough, "embed": self.embed, "head": self.head,
                 "als_iters": self.als_iters, "calib": self.calib, "calib_tokens": self.calib_tokens,
                 "seq_len": self.seq_len, "rotate": self.rotate, "damp": self.damp, "refit": self.refit,
-                "compensate": self.compensate, "bits": self.bits,
+                "compensate": self.compensate, "bits": self.bits, "rounds": self.rounds,
                 "seed": self.seed}

@@ -171,7 +171,8 @@ class _Run:
             target = ((e.weight.astype(np.float64) @ c.T) @ u.T @ u).astype(np.float32)
         k = k or self.planes_of.get(name, self.r.planes)
         group = self.group_for(inp)
-        pm = quantize.gptq_planes(target, h, k, group, damp=self.r.damp, refit=self.r.refit, prepared=prep)
+        pm = quantize.gptq_planes(target, h, k, group, damp=self.r.damp, refit=self.r.refit, prepared=prep,
+                                  rounds=self.r.rounds)
         self.results[name] = (pm, quantize.weighted_error(target, pm, h))
         self.fit_seconds += time.time() - t0
         return Linear(name, out, inp, planes=pm, bias=e.bias)

@@ -8,25 +8,40 @@ from . import reference
 
 
 class ReferenceEngine:
+    """The NumPy forward pass; with `backend` (a kernels backend) its binarized products run on
+    those kernels (the Numba fallback), else on the NumPy reference arithmetic."""
+
     name = "reference"
 
-    def __init__(self, weights, threads=None):
+    def __init__(self, weights, threads=None, backend=None):
         self.w = weights
         self.threads = threads
+        self.backend = backend
 
     def new_cache(self, capacity: int):
         return reference.KVCache(self.w.cfg, capacity)
 
+    def _linear(self, lin, x):
+        if lin.planes is None or self.backend is None:
+            return reference.linear(lin, x)
+        q, s = self.backend.quantize_i8(np.ascontiguousarray(x, np.float32))
+        y = self.backend.gemm_planes_i8(q, s, lin.planes, self.threads)
+        return y + lin.bias if lin.bias is not None else y
+
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
-        return reference.forward(self.w, tokens, cache, all_logits)
+        return reference.forward(self.w, tokens, cache, all_logits, linear=self._linear)
 
 
 def make(weights, threads=None, name=None):
-    """`name`: "c", "reference", or None for C when the kernels are built."""
-    from ..kernels import _cffi
+    """`name`: "c", "reference", or None: C when the default kernels are the C ones (see
+    edgepanel.kernels: EDGEPANEL_BACKEND), else the NumPy pass on the default kernels."""
+    from .. import kernels
 
     if name is None:
-        name = "c" if _cffi.lib is not None else "reference"
+        backend = kernels.get()
+        if backend.name != "c":
+            return ReferenceEngine(weights, threads, backend if backend.name == "numba" else None)
+        name = "c"
     if name == "reference":
         return ReferenceEngine(weights, threads)
     if name == "c":

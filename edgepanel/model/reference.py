@@ -109,8 +109,9 @@ def head_logits(w: Weights, h: np.ndarray) -> np.ndarray:
     return (h @ head.weight.T.astype(np.float32)).astype(np.float32)
 
 
-def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-    """Run `tokens` (n,) at positions cache.length.. ; returns logits (n, vocab) or (vocab,)."""
+def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False, linear=linear) -> np.ndarray:
+    """Run `tokens` (n,) at positions cache.length.. ; returns logits (n, vocab) or (vocab,).
+    `linear` computes the linear layers (the kernels' backends plug in here)."""
     cfg = w.cfg
     tokens = np.asarray(tokens, np.int64)
     n, p0 = len(tokens), cache.length
