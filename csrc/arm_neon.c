@@ -45,13 +45,7 @@ static void neon_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale
         int16x8_t h = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(a)), vqmovn_s32(vcvtnq_s32_f32(b)));
         vst1_s8(q + j, vqmovn_s16(h));
     }
-    for (; j < in; j++) {
-        float f = nearbyintf(x[j] * inv_s);
-        if (f != f) f = 0.0f;
-        if (f > 127.0f) f = 127.0f;
-        if (f < -127.0f) f = -127.0f;
-        q[j] = (int8_t)f;
-    }
+    for (; j < in; j++) q[j] = ep_quantize_one(x[j], inv_s);
     *scale = amax / 127.0f;
 }
 
@@ -196,39 +190,17 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
-    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
-    return gpc < 1 ? 1 : gpc;
+static void neon_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+#define CALL(TB) i8_tile(a, t, tok0, TB, j0, j1)
+    EP_TILE_LOOP(a, t0, t1, 8, CALL);
+#undef CALL
 }
-
-#define EP_TB 4
-#define EP_TILE_LOOP(tile_fn, bpi)                                                       \
-    const int64_t tbmax = a->n < EP_TB ? a->n : EP_TB;                                   \
-    const int64_t gpc = groups_per_chunk(a, tbmax, bpi);                                 \
-    for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {                                        \
-        const int64_t j1 = ep_min64(j0 + gpc, a->ng);                                    \
-        for (int64_t tok0 = 0; tok0 < a->n; tok0 += EP_TB) {                             \
-            const int64_t tb = ep_min64(EP_TB, a->n - tok0);                             \
-            for (int64_t t = t0; t < t1; t++) {                                          \
-                switch (tb) {                                                            \
-                case 4: tile_fn(a, t, tok0, 4, j0, j1); break;                           \
-                case 3: tile_fn(a, t, tok0, 3, j0, j1); break;                           \
-                case 2: tile_fn(a, t, tok0, 2, j0, j1); break;                           \
-                default: tile_fn(a, t, tok0, 1, j0, j1); break;                          \
-                }                                                                        \
-            }                                                                            \
-        }                                                                                \
-    }
-
-static void neon_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(i8_tile, 8) }
 
 static void neon_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
     const int64_t ncol = ep_padded_in(in) / 8;
     for (int64_t c = 0; c < ncol; c++) {
-        int64_t left = in - 8 * c;
-        uint8_t valid = left >= 8 ? 0xFF : left <= 0 ? 0 : (uint8_t)((1u << left) - 1);
         vst1q_u8(tab + c * 32, vdupq_n_u8(bits[c]));
-        vst1q_u8(tab + c * 32 + 16, vdupq_n_u8(valid));
+        vst1q_u8(tab + c * 32 + 16, vdupq_n_u8(ep_valid_bits(in, c)));
     }
     ep_ref_group_valid(in, group, nvalid);
 }
@@ -271,7 +243,11 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-static void neon_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
+static void neon_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+#define CALL(TB) xnor_tile(a, t, tok0, TB, j0, j1)
+    EP_TILE_LOOP(a, t0, t1, 4, CALL);
+#undef CALL
+}
 
 /* The canonical order of ref.c's ep_ref_dot: two 4-lane accumulators are lanes 0-3 and 4-7. */
 static float finish_lanes(float32x4_t lo, float32x4_t hi, const float *a, const float *b, int64_t i, int64_t n) {

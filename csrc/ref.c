@@ -23,13 +23,7 @@ void ep_ref_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
         return;
     }
     float inv = 127.0f / amax;
-    for (int64_t j = 0; j < in; j++) {
-        float v = nearbyintf(x[j] * inv);  /* round half to even, as the SIMD conversions do */
-        if (v != v) v = 0.0f;
-        if (v > 127.0f) v = 127.0f;
-        if (v < -127.0f) v = -127.0f;
-        q[j] = (int8_t)v;
-    }
+    for (int64_t j = 0; j < in; j++) q[j] = ep_quantize_one(x[j], inv);  /* nearbyintf: half to even */
     *scale = amax / 127.0f;
 }
 

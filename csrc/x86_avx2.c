@@ -55,13 +55,7 @@ void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
         _mm256_storeu_si256((__m256i *)(q + j), _mm256_permutevar8x32_epi32(p, perm));
     }
-    for (; j < in; j++) {  /* the same rule as the vector loop, one element at a time */
-        float f = nearbyintf(x[j] * inv_s);
-        if (f != f) f = 0.0f;
-        if (f > 127.0f) f = 127.0f;
-        if (f < -127.0f) f = -127.0f;
-        q[j] = (int8_t)f;
-    }
+    for (; j < in; j++) q[j] = ep_quantize_one(x[j], inv_s);  /* the same rule, one at a time */
     *scale = amax / 127.0f;
 }
 
@@ -236,17 +230,9 @@ EP_INLINE void i8_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const in
     }
 }
 
-/* D (the integer results of a tile) holds EP_CHUNK_GROUPS groups at a time; groups_per_chunk
- * keeps the tables of a token block in half of a 32 KiB L1. */
+/* D (the integer results of a tile) holds EP_CHUNK_GROUPS groups at a time. */
 #define EP_CHUNK_GROUPS 8
-#ifndef EP_TB
-#define EP_TB 4
-#endif
-
-static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
-    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
-    return gpc < 1 ? 1 : gpc;
-}
+#define EP_TB EP_TOKEN_BLOCK
 
 /* Blocks per group when the kernels unroll them (32-input blocks), else 0. */
 static int blocks_per_group(const ep_gemm_args *a) {
@@ -323,36 +309,15 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
     default: call(__VA_ARGS__, 0); break;                                                \
     }
 
-/* One token block (decode): whole rows tile by tile, the weights streamed once in order.
- * More tokens: chunks of groups outer so that the token block's tables stay in L1 while this
- * thread's tiles pass under them, partial sums kept in a->acc between chunks. */
-#define EP_TILE_LOOP(tile_fn, bpi)                                                       \
-    const int gb = blocks_per_group(a);                                                  \
-    const int64_t gpc = a->n <= EP_TB ? a->ng : groups_per_chunk(a, EP_TB, bpi);         \
-    for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {                                        \
-        const int64_t j1 = ep_min64(j0 + gpc, a->ng);                                    \
-        for (int64_t tok0 = 0; tok0 < a->n; tok0 += EP_TB) {                             \
-            const int64_t tb = ep_min64(EP_TB, a->n - tok0);                             \
-            for (int64_t t = t0; t < t1; t++) {                                          \
-                switch (tb) {                                                            \
-                case 4: EP_SWITCH_GB(tile_fn, a, t, tok0, 4, j0, j1) break;              \
-                case 3: EP_SWITCH_GB(tile_fn, a, t, tok0, 3, j0, j1) break;              \
-                case 2: EP_SWITCH_GB(tile_fn, a, t, tok0, 2, j0, j1) break;              \
-                default: EP_SWITCH_GB(tile_fn, a, t, tok0, 1, j0, j1) break;             \
-                }                                                                        \
-            }                                                                            \
-        }                                                                                \
-    }
-
-static void avx2_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(i8_tile, 8) }
+static void avx2_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+    const int gb = blocks_per_group(a);
+#define CALL(TB) EP_SWITCH_GB(i8_tile, a, t, tok0, TB, j0, j1)
+    EP_TILE_LOOP(a, t0, t1, 8, CALL);
+#undef CALL
+}
 
 static const uint8_t popcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
 
-/* Bits of byte column c that are real inputs. */
-static inline uint8_t valid_bits(int64_t in, int64_t c) {
-    int64_t left = in - 8 * c;
-    return left >= 8 ? 0xFF : left <= 0 ? 0 : (uint8_t)((1u << left) - 1);
-}
 
 static void avx2_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
     const int64_t ncol = ep_padded_in(in) / 8;
@@ -362,8 +327,8 @@ static void avx2_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uin
     const __m256i m0f = _mm256_set1_epi8(0x0f);
     for (int64_t c = 0; c < ncol; c += 2) {
         __m256i A = _mm256_setr_m128i(_mm_set1_epi8((char)bits[c]), _mm_set1_epi8((char)bits[c + 1]));
-        __m256i V = _mm256_setr_m128i(_mm_set1_epi8((char)valid_bits(in, c)),
-                                      _mm_set1_epi8((char)valid_bits(in, c + 1)));
+        __m256i V = _mm256_setr_m128i(_mm_set1_epi8((char)ep_valid_bits(in, c)),
+                                      _mm_set1_epi8((char)ep_valid_bits(in, c + 1)));
         __m256i alo = _mm256_and_si256(A, m0f), ahi = _mm256_and_si256(_mm256_srli_epi16(A, 4), m0f);
         __m256i vlo = _mm256_and_si256(V, m0f), vhi = _mm256_and_si256(_mm256_srli_epi16(V, 4), m0f);
         __m256i *dst = (__m256i *)(tab + c * 32);
@@ -441,7 +406,12 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-static void avx2_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
+static void avx2_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+    const int gb = blocks_per_group(a);
+#define CALL(TB) EP_SWITCH_GB(xnor_tile, a, t, tok0, TB, j0, j1)
+    EP_TILE_LOOP(a, t0, t1, 4, CALL);
+#undef CALL
+}
 
 /* The canonical order of ref.c's ep_ref_dot: lane l of one 8-lane accumulator takes elements
  * l, l+8, ...; the tail continues the same lanes; then the fixed tree. */

@@ -167,38 +167,14 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-static int64_t groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
-    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
-    return gpc < 1 ? 1 : gpc;
+static void avx512_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+#define CALL(TB) i8_tile(a, t, tok0, TB, j0, j1)
+    EP_TILE_LOOP(a, t0, t1, 8, CALL);
+#undef CALL
 }
-
-#define EP_TB 4
-#define EP_TILE_LOOP(tile_fn, bpi)                                                       \
-    const int64_t tbmax = a->n < EP_TB ? a->n : EP_TB;                                   \
-    const int64_t gpc = groups_per_chunk(a, tbmax, bpi);                                 \
-    for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {                                        \
-        const int64_t j1 = ep_min64(j0 + gpc, a->ng);                                    \
-        for (int64_t tok0 = 0; tok0 < a->n; tok0 += EP_TB) {                             \
-            const int64_t tb = ep_min64(EP_TB, a->n - tok0);                             \
-            for (int64_t t = t0; t < t1; t++) {                                          \
-                switch (tb) {                                                            \
-                case 4: tile_fn(a, t, tok0, 4, j0, j1); break;                           \
-                case 3: tile_fn(a, t, tok0, 3, j0, j1); break;                           \
-                case 2: tile_fn(a, t, tok0, 2, j0, j1); break;                           \
-                default: tile_fn(a, t, tok0, 1, j0, j1); break;                          \
-                }                                                                        \
-            }                                                                            \
-        }                                                                                \
-    }
-
-static void avx512_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(i8_tile, 8) }
 
 static const uint8_t popcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
 
-static inline uint8_t valid_bits(int64_t in, int64_t c) {
-    int64_t left = in - 8 * c;
-    return left >= 8 ? 0xFF : left <= 0 ? 0 : (uint8_t)((1u << left) - 1);
-}
 
 EP_INLINE __m512i bytes_per_lane(uint8_t b0, uint8_t b1, uint8_t b2, uint8_t b3) {
     __m512i v = _mm512_castsi128_si512(_mm_set1_epi8((char)b0));
@@ -214,7 +190,7 @@ static void avx512_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, u
     const __m512i m0f = _mm512_set1_epi8(0x0f);
     for (int64_t c = 0; c < ncol; c += 4) {
         __m512i A = bytes_per_lane(bits[c], bits[c + 1], bits[c + 2], bits[c + 3]);
-        __m512i V = bytes_per_lane(valid_bits(in, c), valid_bits(in, c + 1), valid_bits(in, c + 2), valid_bits(in, c + 3));
+        __m512i V = bytes_per_lane(ep_valid_bits(in, c), ep_valid_bits(in, c + 1), ep_valid_bits(in, c + 2), ep_valid_bits(in, c + 3));
         __m512i alo = _mm512_and_si512(A, m0f), ahi = _mm512_and_si512(_mm512_srli_epi16(A, 4), m0f);
         __m512i vlo = _mm512_and_si512(V, m0f), vhi = _mm512_and_si512(_mm512_srli_epi16(V, 4), m0f);
         uint8_t *dst = tab + c * 32;
@@ -264,7 +240,11 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-static void avx512_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) { EP_TILE_LOOP(xnor_tile, 4) }
+static void avx512_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+#define CALL(TB) xnor_tile(a, t, tok0, TB, j0, j1)
+    EP_TILE_LOOP(a, t0, t1, 4, CALL);
+#undef CALL
+}
 
 EP_TARGET_POP()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -83,16 +82,6 @@ print("RESULT " + json.dumps(res))
 '''
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def run_child(kind, path, threads, repeat):
     code = f"PROMPT = {PROMPT!r}\n" + CHILD
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
@@ -106,6 +95,7 @@ def run_child(kind, path, threads, repeat):
 
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_report import cpu_name
     from quality import parse
     from edgepanel import hub
     from edgepanel.convert import convert

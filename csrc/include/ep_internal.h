@@ -2,6 +2,8 @@
  * the table of kernels an ISA file provides.  The layout itself is specified in edgepanel/bits.py. */
 #ifndef EP_INTERNAL_H
 #define EP_INTERNAL_H
+#include <math.h>
+
 #include "edgepanel.h"
 
 #define EP_TILE 16      /* rows per tile: the 16 bytes of one (tile, byte column) hold one byte per row */
@@ -41,6 +43,56 @@ static inline void ep_group_cols(const ep_gemm_args *a, int64_t j, int64_t *c0, 
 static inline int64_t ep_scale_index(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j) {
     return ((i * a->tiles + t) * a->ng + j) * EP_TILE;
 }
+
+/* One element of int8 quantization (the rule of ep_ref_quantize_i8), for the SIMD files' tails. */
+static inline int8_t ep_quantize_one(float x, float inv) {
+    float v = nearbyintf(x * inv);
+    if (v != v) v = 0.0f;
+    if (v > 127.0f) v = 127.0f;
+    if (v < -127.0f) v = -127.0f;
+    return (int8_t)v;
+}
+
+/* Bits of byte column c that are real inputs (xnor tables mask the rest). */
+static inline uint8_t ep_valid_bits(int64_t in, int64_t c) {
+    int64_t left = in - 8 * c;
+    return left >= 8 ? 0xFF : left <= 0 ? 0 : (uint8_t)((1u << left) - 1);
+}
+
+/* Groups per chunk so that a block of tb tokens' tables (bytes_per_input each) stays in half a
+ * 32 KiB L1 while a thread's tiles pass under them. */
+static inline int64_t ep_groups_per_chunk(const ep_gemm_args *a, int64_t tb, int64_t bytes_per_input) {
+    int64_t gpc = (16384 / (tb * bytes_per_input)) / a->group;
+    return gpc < 1 ? 1 : gpc;
+}
+
+#define EP_TOKEN_BLOCK 4  /* tokens sharing one pass over a tile's weights */
+
+/* The loop every ISA's *_tiles function runs over this thread's tiles [t0, t1).  One block of
+ * tokens (decode): whole rows tile by tile, the weights streamed once in order.  More tokens:
+ * chunks of groups outer, so a token block's tables stay in L1 while the tiles pass under them
+ * (partial sums kept in a->acc between chunks).  CALL(tb) handles one tile for tokens
+ * tok0 .. tok0+tb-1 and groups [j0, j1); the ISA file instantiates it per constant tb. */
+#define EP_TILE_LOOP(a, t0, t1, bytes_per_input, CALL)                                            \
+    do {                                                                                         \
+        const int64_t ep_gpc_ = (a)->n <= EP_TOKEN_BLOCK                                          \
+                                    ? (a)->ng                                                     \
+                                    : ep_groups_per_chunk((a), EP_TOKEN_BLOCK, (bytes_per_input)); \
+        for (int64_t j0 = 0; j0 < (a)->ng; j0 += ep_gpc_) {                                      \
+            const int64_t j1 = ep_min64(j0 + ep_gpc_, (a)->ng);                                  \
+            for (int64_t tok0 = 0; tok0 < (a)->n; tok0 += EP_TOKEN_BLOCK) {                      \
+                const int64_t ep_tb_ = ep_min64(EP_TOKEN_BLOCK, (a)->n - tok0);                  \
+                for (int64_t t = (t0); t < (t1); t++) {                                          \
+                    switch (ep_tb_) {                                                            \
+                    case 4: CALL(4); break;                                                      \
+                    case 3: CALL(3); break;                                                      \
+                    case 2: CALL(2); break;                                                      \
+                    default: CALL(1); break;                                                     \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
 
 /* Bytes per token of the table area: the i8 tables take 8 bytes per padded input (four 16-entry
  * tables per 8 inputs), the xnor tables 4; every ISA fits in this. */
