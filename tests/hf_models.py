@@ -7,14 +7,16 @@ import numpy as np
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "gpt2", "bitnet"]
 
 
-def build(arch: str, path, seed: int = 0, ternary: bool = False):
-    """Save a tiny random model of `arch` in `path` (safetensors); return the torch model."""
+def build(arch: str, path, seed: int = 0, ternary: bool = False, std: float = 0.02):
+    """Save a tiny random model of `arch` in `path` (safetensors); return the torch model.
+    `std`: the weights' initial spread (larger: sharper next-token distributions)."""
     import torch
     import transformers as T
 
     torch.manual_seed(seed)
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                  initializer_range=std)
     if arch == "llama":
         cfg = T.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True)
         model = T.LlamaForCausalLM(cfg)

@@ -119,11 +119,18 @@ def test_ternary_checkpoints_convert_exactly(tmp_path):
             np.testing.assert_allclose(lin.planes.dequantize(), want, rtol=1e-3, atol=1e-7)
 
 
-def test_bit_budget_is_respected(tmp_path):
+@pytest.mark.parametrize("with_torch", [True, False], ids=["torch", "no-torch"])
+def test_bit_budget_is_respected(tmp_path, with_torch, monkeypatch):
+    from edgepanel.convert import recover
     from edgepanel.convert.calibrate import nominal_bits
+    if not with_torch:
+        monkeypatch.setattr(recover, "available", lambda: False)
     build("llama", tmp_path / "hf", seed=2)
     add_tokenizer(tmp_path / "hf")
-    rep = convert(tmp_path / "hf", tmp_path / "b.ep", Recipe(bits=2.6, group=32, calib_tokens=1024, seq_len=64))
+    logs = []
+    rep = convert(tmp_path / "hf", tmp_path / "b.ep", Recipe(bits=2.6, group=32, calib_tokens=1024, seq_len=64),
+                  log=logs.append)
+    assert any(("gradient" in m) == with_torch for m in logs if m.startswith("measured sensitivity"))
     rows = [r for r in rep.rows if r.kind == "planes"]
     ks = {r.planes for r in rows}
     assert len(ks) > 1, "a budget between two plane counts mixes them"

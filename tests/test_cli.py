@@ -26,9 +26,10 @@ def test_convert_generate_perplexity_info(tiny):
     out = tiny / "m.ep"
     (tiny / "t.txt").write_text("the cat sat on the mat. hello world, how are you? once upon a time there was a dog.")
     r = run("convert", str(tiny / "hf"), str(out), "--planes", "2", "--group", "32", "--keep", "layers.0.wo",
-            "--calib-tokens", "1024", "--seq-len", "64", "--eval", str(tiny / "t.txt"))
+            "--calib-tokens", "1024", "--seq-len", "64", "--tune-steps", "5", "--eval", str(tiny / "t.txt"))
     assert r.returncode == 0, r.stderr
     assert "bits/weight" in r.stdout and "layers.0.wo" in r.stdout and "dense" in r.stdout
+    assert "scale tuning: 5 steps" in r.stdout
     assert "perplexity on" in r.stdout and "source" in r.stdout and "converted" in r.stdout
     r = run("generate", str(out), "-p", "the cat", "-n", "8", "--seed", "1")
     assert r.returncode == 0, r.stderr
@@ -50,6 +51,7 @@ def test_convert_generate_perplexity_info(tiny):
     (["convert", "/nonexistent", "o.ep"], "no such file or directory"),
     (["perplexity", "MODEL", "/nonexistent.txt"], "cannot read"),
     (["convert", "HF", "o.ep", "--planes", "9"], "planes must be in 1..4"),
+    (["convert", "HF", "o.ep", "--tune-steps", "-3"], "tune_steps must be"),
 ])
 def test_errors_are_one_clear_line(tiny, args, msg):
     if not (tiny / "m.ep").exists():

@@ -7,7 +7,8 @@ A recipe is kK gG (planes, group) or bB gG (a budget of B bits per weight, plane
 sensitivity), plus options after ':' joined by ',':
   nocal (data-free greedy+ALS), norot (no rotation), norefit (no joint scale refit),
   comp / compres (fit every / only o and down layers to the float model's outputs),
-  tokensN (calibration tokens), roundsN (GPTQ + refit rounds), dampX (GPTQ damping).
+  tokensN (calibration tokens), roundsN (GPTQ + refit rounds), dampX (GPTQ damping),
+  tuneN / tunelrX (scale tuning steps, default 40; its learning rate).
 Prints a markdown table; conversions are cached in $EDGEPANEL_HOME/quality/.
 """
 from __future__ import annotations
@@ -52,6 +53,10 @@ def parse(spec: str) -> Recipe:
             r.rounds = int(o[6:])
         elif o.startswith("damp"):
             r.damp = float(o[4:])
+        elif o.startswith("tunelr"):
+            r.tune_lr = float(o[6:])
+        elif o.startswith("tune"):
+            r.tune_steps = int(o[4:])
         elif o.startswith("tokens"):
             r.calib_tokens = int(o[6:])
         else:

@@ -9,6 +9,7 @@ or the conversion fails.  Needs no compiled kernels.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class ConversionReport:
     file_bytes: int = 0
     seconds: float = 0.0
     perplexity: dict | None = None   # {"before": ..., "after": ...} when an eval text was given
+    tuning: dict | None = None       # {"kl_before": ..., "kl_after": ...} when the scales were tuned
 
     @property
     def linear_bits(self) -> float:
@@ -66,6 +68,10 @@ class ConversionReport:
             lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>9}")
         lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; file {self.file_bytes / 2**20:.1f} MiB; "
                      f"{self.seconds:.1f} s")
+        if self.tuning:
+            t = self.tuning
+            lines.append(f"scale tuning: {t['steps']} steps in {t['seconds']:.0f} s; KL to the float model on "
+                         f"{t['eval_tokens']} calibration tokens {t['kl_before']:.4f} -> {t['kl_after']:.4f}")
         if self.perplexity:
             p = self.perplexity
             lines.append(f"perplexity on {p['file']} ({p['tokens']} tokens): source {p['before']:.3f}, "
@@ -210,6 +216,14 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
             run.planes_of = cal.plan_planes(run, toks, recipe.bits, log)
         run.run(toks)
         fitted = run.results
+        if recipe.tuned:
+            from . import recover
+            if recover.available():
+                report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
+                                             seed=recipe.seed, log=log)
+            else:
+                log("torch is not installed: the scales are not tuned (pip install 'edgepanel[tune]')")
+                recipe = dataclasses.replace(recipe, tune_steps=0)
         emitted = list(fm.t.values())
     with ModelWriter(out) as writer:
         store = _Store(writer, recipe, report)

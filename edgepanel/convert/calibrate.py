@@ -256,40 +256,53 @@ def nominal_bits(k: int, group: int) -> float:
     return k * (1.0 + 16.0 / group)
 
 
-def plan_planes(run: "_Run", tokens: np.ndarray, budget: float, log) -> dict[str, int]:
-    """Planes per linear layer under an average of `budget` bits per weight (scales included):
-    a float pass over the calibration tokens measures, for every layer and k = 1..4, the output
-    error of a data-free fit on that layer's inputs (tr(E H E^T) / tr(W H W^T)); planes then go,
-    one at a time, where they remove the most error per bit, until the budget is spent."""
+def plan_planes(run: "_Run", tokens: np.ndarray, budget: float, log, sens_seqs: int = 8) -> dict[str, int]:
+    """Planes per linear layer under an average of `budget` bits per weight (scales included).
+    Each layer's loss increase at k = 1..4 planes is estimated from a data-free fit W_hat_k:
+    with torch, 1/2 sum_r f_r E_r H E_r^T (E = W - W_hat_k; f, H from recover.sensitivity on
+    `sens_seqs` calibration sequences); without it, the layer's relative output error on its
+    calibration inputs times its size.  Planes then go, one at a time, where they
+    remove the most estimated loss per bit, until the budget is spent."""
     import heapq
 
+    from . import recover
+
     fm, cfg, t = run.fm, run.fm.cfg, run.fm.t
-    S, Lq = tokens.shape
-    x = t["embed"].weight[tokens.reshape(-1)].astype(np.float32)
-    if cfg.pos == "learned":
-        x += np.tile(t["pos_embed"].weight[:Lq], (S, 1))
-    inv_freq = cfg.rope_inv_freq() if cfg.pos == "rope" else None
+    names = [n for n, e in t.items() if e.role == "linear" and n != "head"
+             and not (e.ternary or e.absmean or run.r.keeps(n))]
+    sizes = {n: t[n].weight.size for n in names}
+    groups = {n: run.group_for(t[n].weight.shape[1]) for n in names}
+    fits = lambda n: [quantize.fit_planes(t[n].weight, k, groups[n], als_iters=0)  # noqa: E731
+                      for k in range(1, bits.MAX_PLANES + 1)]
     errs: dict[str, list[float]] = {}
-    sizes: dict[str, int] = {}
-    groups: dict[str, int] = {}
-    for i in range(cfg.n_layers):
-        x, acts = run.block(i, x, None, S, Lq, inv_freq, fit=False)
-        seen = {}
-        for short, xin in acts.items():
-            name = N.layer(i, short)
-            e = t[name]
-            if e.ternary or e.absmean or run.r.keeps(name):
-                continue
-            if id(xin) not in seen:
-                xf = xin.astype(np.float32)
-                seen[id(xin)] = (xf.T @ xf).astype(np.float64) / len(xf)
-            h = seen[id(xin)]
-            out, inp = e.weight.shape
-            g = run.group_for(inp)
-            errs[name] = [quantize.weighted_error(e.weight, quantize.fit_planes(e.weight, k, g, als_iters=0), h)
-                          for k in range(1, bits.MAX_PLANES + 1)]
-            sizes[name], groups[name] = out * inp, g
-        log(f"measured sensitivity of layer {i + 1}/{cfg.n_layers}")
+    if recover.available():
+        stats = recover.sensitivity(fm, tokens[:sens_seqs], log)
+        for n in names:
+            f, h = stats[n]
+            errs[n] = []
+            for pm in fits(n):
+                e = t[n].weight.astype(np.float64) - pm.dequantize()
+                errs[n].append(float(0.5 * (f * ((e @ h) * e).sum(1)).sum()))
+        how = "output-gradient-weighted error"
+    else:
+        S, Lq = tokens.shape
+        x = t["embed"].weight[tokens.reshape(-1)].astype(np.float32)
+        if cfg.pos == "learned":
+            x += np.tile(t["pos_embed"].weight[:Lq], (S, 1))
+        inv_freq = cfg.rope_inv_freq() if cfg.pos == "rope" else None
+        for i in range(cfg.n_layers):
+            x, acts = run.block(i, x, None, S, Lq, inv_freq, fit=False)
+            seen = {}
+            for short, xin in acts.items():
+                n = N.layer(i, short)
+                if n not in sizes:
+                    continue
+                if id(xin) not in seen:
+                    xf = xin.astype(np.float32)
+                    seen[id(xin)] = (xf.T @ xf).astype(np.float64) / len(xf)
+                errs[n] = [sizes[n] * quantize.weighted_error(t[n].weight, pm, seen[id(xin)]) for pm in fits(n)]
+        how = "relative output error x size (no torch)"
+    log(f"measured sensitivity of {len(errs)} layers ({how})")
     total = sum(sizes.values())
     if not total:
         return {}
@@ -299,10 +312,10 @@ def plan_planes(run: "_Run", tokens: np.ndarray, budget: float, log) -> dict[str
     if used > limit:
         raise FormatError(f"--bits {budget}: even one plane everywhere takes {used / total:.2f} bits per weight")
 
-    def gain(n):  # error removed per bit, each layer's relative error weighted by its size
+    def gain(n):  # estimated loss removed per bit by one more plane
         k = k_of[n]
         cost = sizes[n] * (nominal_bits(k + 1, groups[n]) - nominal_bits(k, groups[n]))
-        return sizes[n] * (errs[n][k - 1] - errs[n][k]) / cost, cost
+        return (errs[n][k - 1] - errs[n][k]) / cost, cost
 
     heap = []
     for n in sizes:

@@ -1,0 +1,273 @@
+"""Recovery after binarization: tune the continuous parameters of the binarized model (every plane
+scale, signs fixed) so that its next-token distributions match the
+float model's, by backpropagation of KL(float || binarized) on the calibration tokens.
+
+Layer-by-layer fitting (calibrate.py) makes each layer's outputs close to the float layer's; the
+errors still add up through 30 layers.  Tuning the scales against the end-to-end output recovers
+much of that: the signs (the bits) stay where the fitting put them, only the float16 scales move.
+
+This needs torch (an optional dependency, used at conversion only; the engine never imports it).
+The tuned model is the one the kernels run except for the int8 activation rounding, which the
+tuning does not model.  Deterministic given the seed (and the torch thread count).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+
+from .. import bits, quantize
+from ..errors import FormatError
+from ..model import names as N
+
+
+def available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise FormatError("scale tuning (--tune-steps) needs torch: pip install 'edgepanel[tune]' "
+                          "(or convert with --tune-steps 0)") from None
+    return torch
+
+
+class _TorchModel:
+    """The float model (teacher) or the binarized one (student) as a torch forward pass that
+    mirrors edgepanel.model.reference.forward over whole sequences."""
+
+    def __init__(self, torch, cfg, fm, fitted: dict | None):
+        self.torch, self.cfg = torch, cfg
+        t = fm.t
+
+        def T(a):  # shares memory with the (read-only) float model: never written in place
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.ascontiguousarray(a, np.float32))
+        self.params: list = []          # the tuned tensors
+        self.lin: dict[str, tuple] = {}
+        self.planes: dict[str, tuple] = {}   # name -> (pm, signs tensor, alpha0, multiplier)
+        for name, e in t.items():
+            if e.role != "linear":
+                continue
+            pm = None if fitted is None else (fitted.get(name) or (None,))[0]
+            bias = None if e.bias is None else T(e.bias)
+            if pm is None:
+                self.lin[name] = (T(e.weight), bias)
+                continue
+            signs = torch.from_numpy(pm.signs()).to(torch.float32)           # (k, out, in)
+            alpha0 = T(pm.alpha())                                           # (k, out, ng)
+            mult = torch.ones_like(alpha0, requires_grad=True)
+            self.params.append(mult)
+            self.planes[name] = (pm, signs, alpha0, mult)
+            self.lin[name] = (None, bias)
+        self.norms = {}
+        for name, e in t.items():
+            if e.role == "norm":
+                self.norms[name] = (T(e.weight), None if e.bias is None else T(e.bias))
+        if fitted is None:   # the float model
+            self.embed = T(t["embed"].weight)
+            self.head = T(t["head"].weight) if "head" in t else self.embed
+        else:                # what the file stores: int8 rows
+            q, s = quantize.int8_rows(t["embed"].weight)
+            self.embed = T(q.astype(np.float32) * s[:, None])
+            if "head" in t:
+                q, s = quantize.int8_rows(t["head"].weight)
+                self.head = T(q.astype(np.float32) * s[:, None])
+            else:
+                self.head = self.embed
+        self.pos_embed = T(t["pos_embed"].weight) if "pos_embed" in t else None
+        self.record = None
+        self.rot = T(fm.rotation.matrix()) if fm.rotation is not None else None
+        self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
+
+    def weight(self, name):
+        w, _ = self.lin[name]
+        if w is not None:
+            return w
+        pm, signs, alpha0, mult = self.planes[name]
+        a = (alpha0 * mult).repeat_interleave(pm.group, dim=-1)[..., :pm.in_features]
+        return (signs * a).sum(0)
+
+    def linear(self, name, x):
+        _, b = self.lin[name]
+        y = x @ self.weight(name).T
+        y = y if b is None else y + b
+        if self.record is not None:   # sensitivity(): inputs and outputs of every layer
+            y.retain_grad()
+            self.record[name] = (x.detach(), y)
+        return y
+
+    def norm(self, name, x, rms=None):
+        torch, cfg = self.torch, self.cfg
+        w, b = self.norms[name]
+        if rms or cfg.norm == "rms":
+            return w * x * torch.rsqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps)
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
+
+    def act(self, x):
+        F, a = self.torch.nn.functional, self.cfg.act
+        if a == "silu":
+            return F.silu(x)
+        if a == "gelu_tanh":
+            return F.gelu(x, approximate="tanh")
+        if a == "gelu":
+            return F.gelu(x)
+        if a == "relu2":
+            return F.relu(x) ** 2
+        return F.relu(x)
+
+    def rope(self, x, pos):
+        torch = self.torch
+        f = pos[:, None] * self.inv_freq[None, :]
+        cos, sin = torch.cos(f)[:, None, :], torch.sin(f)[:, None, :]
+        h = x.shape[-1] // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def logits(self, tokens):
+        """tokens (L,) int64 tensor -> logits (L, vocab)."""
+        torch, cfg = self.torch, self.cfg
+        L = tokens.shape[0]
+        pos = torch.arange(L, dtype=torch.float32)
+        x = self.embed[tokens]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[:L]
+        if self.record is not None:   # gradients flow from here even when no weight needs them
+            x = x.detach().requires_grad_(True)
+        G = cfg.n_heads // cfg.n_kv_heads
+        for i in range(cfg.n_layers):
+            P = lambda p: N.layer(i, p)  # noqa: E731
+            h = self.norm(P("attn_norm"), x)
+            q = self.linear(P("wq"), h).view(L, cfg.n_heads, cfg.head_dim)
+            k = self.linear(P("wk"), h).view(L, cfg.n_kv_heads, cfg.head_dim)
+            v = self.linear(P("wv"), h).view(L, cfg.n_kv_heads, cfg.head_dim)
+            if self.inv_freq is not None:
+                q, k = self.rope(q, pos), self.rope(k, pos)
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            a = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+            a = a.transpose(0, 1).reshape(L, cfg.q_dim)
+            if cfg.sub_norms:
+                a = self.norm(P("attn_sub_norm"), a, rms=True)
+            x = x + self.linear(P("wo"), a)
+            h = self.norm(P("mlp_norm"), x)
+            if cfg.gated_mlp:
+                u = self.act(self.linear(P("w_gate"), h)) * self.linear(P("w_up"), h)
+            else:
+                u = self.act(self.linear(P("w_up"), h))
+            if cfg.sub_norms:
+                u = self.norm(P("mlp_sub_norm"), u, rms=True)
+            if self.rot is not None:
+                u = u @ self.rot.T
+            x = x + self.linear(P("w_down"), u)
+        return self.norm("final_norm", x) @ self.head.T
+
+
+def _mean_kl(torch, teacher, student, tokens) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for seq in tokens:
+            seq = torch.from_numpy(seq.astype(np.int64))
+            p_log = torch.log_softmax(teacher.logits(seq), -1)
+            q_log = torch.log_softmax(student.logits(seq), -1)
+            total += float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+    return total / len(tokens)
+
+
+def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
+         seed: int = 0, eval_seqs: int = 2, log=None) -> dict:
+    """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
+    in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
+    seeded order.  (Tuning the norm weights as well gained almost nothing on SmolLM2.)  Each scale is
+    alpha0 * m with m starting at 1, so `lr` is a relative change per step.  Returns the mean KL
+    to the float model on the first `eval_seqs` sequences before and after, and the time taken."""
+    torch = _require_torch()
+    log = log or (lambda m: None)
+    if steps <= 0:
+        return {}
+    t0 = time.time()
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        cfg = fm.cfg
+        teacher = _TorchModel(torch, cfg, fm, None)
+        student = _TorchModel(torch, cfg, fm, fitted)
+        if not student.params:
+            return {}
+        held = tokens[:max(1, min(eval_seqs, len(tokens)))]
+        kl_before = _mean_kl(torch, teacher, student, held)
+        opt = torch.optim.Adam(student.params, lr=lr)
+        order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(tokens)), math.ceil(steps / len(tokens))))
+        kls = []
+        for step in range(steps):
+            seq = torch.from_numpy(tokens[order[step]].astype(np.int64))
+            with torch.no_grad():
+                p_log = torch.log_softmax(teacher.logits(seq), -1)
+            q_log = torch.log_softmax(student.logits(seq), -1)
+            kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            opt.step()
+            kls.append(float(kl.detach()))
+            if (step + 1) % 10 == 0 or step + 1 == steps:
+                log(f"tuning scales: step {step + 1}/{steps}, KL {np.mean(kls[-10:]):.4f} ({time.time() - t0:.0f} s)")
+        kl_after = _mean_kl(torch, teacher, student, held)
+        with torch.no_grad():
+            for name, (pm, _, alpha0, mult) in student.planes.items():
+                alpha = (alpha0 * mult).numpy()
+                if not np.all(np.isfinite(alpha)):
+                    raise FormatError(f"{name}: scale tuning diverged (lower --tune-lr)")
+                new = bits.PlaneMatrix(pm.planes, bits.tile_scales(alpha), pm.out_features, pm.in_features, pm.group)
+                fitted[name] = (new,) + tuple(fitted[name][1:])
+        return {"steps": steps, "seconds": time.time() - t0, "kl_before": kl_before, "kl_after": kl_after,
+                "eval_tokens": int(held.size)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For every linear layer of the float model, from next-token cross-entropy on the sequences
+    in `tokens`: f (out,), the mean square of d loss / d output per token, and H (in, in), the mean
+    of x x^T over its input vectors.  Quantizing W to W_hat (E = W - W_hat) then raises the loss
+    by about 1/2 sum_r f_r E_r H E_r^T (the output errors weighted by how much each output
+    matters), which, unlike a diagonal Fisher on the weights, sees the inputs' correlations."""
+    torch = _require_torch()
+    log = log or (lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        model = _TorchModel(torch, fm.cfg, fm, None)
+        f: dict = {}
+        h: dict = {}
+        t0 = time.time()
+        for seq in tokens:
+            seq = torch.from_numpy(seq.astype(np.int64))
+            model.record = {}
+            loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
+            loss.backward()
+            hs = {}
+            for name, (x, y) in model.record.items():
+                g2 = (y.grad * y.grad).sum(0)
+                f[name] = f.get(name, 0) + g2
+                key = x.data_ptr()
+                if key not in hs:
+                    hs[key] = x.T @ x
+                h[name] = h.get(name, 0) + hs[key]
+            model.record = None
+        n = tokens.size
+        log(f"sensitivity from {len(tokens)} sequences ({time.time() - t0:.0f} s)")
+        return {name: ((f[name] / n).numpy().astype(np.float64), (h[name] / n).numpy().astype(np.float64))
+                for name in f}
+    finally:
+        torch.set_num_threads(threads)
