@@ -220,7 +220,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
             from . import recover
             if recover.available():
                 report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
-                                             seed=recipe.seed, log=log)
+                                             seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log)
             else:
                 log("torch is not installed: the scales are not tuned (pip install 'edgepanel[tune]')")
                 recipe = dataclasses.replace(recipe, tune_steps=0)

@@ -45,7 +45,7 @@ class _TorchModel:
     """The float model (teacher) or the binarized one (student) as a torch forward pass that
     mirrors edgepanel.model.reference.forward over whole sequences."""
 
-    def __init__(self, torch, cfg, fm, fitted: dict | None):
+    def __init__(self, torch, cfg, fm, fitted: dict | None, rows: tuple[str, str] = ("int8", "int8")):
         self.torch, self.cfg = torch, cfg
         t = fm.t
 
@@ -74,17 +74,16 @@ class _TorchModel:
         for name, e in t.items():
             if e.role == "norm":
                 self.norms[name] = (T(e.weight), None if e.bias is None else T(e.bias))
-        if fitted is None:   # the float model
-            self.embed = T(t["embed"].weight)
-            self.head = T(t["head"].weight) if "head" in t else self.embed
-        else:                # what the file stores: int8 rows
-            q, s = quantize.int8_rows(t["embed"].weight)
-            self.embed = T(q.astype(np.float32) * s[:, None])
-            if "head" in t:
-                q, s = quantize.int8_rows(t["head"].weight)
-                self.head = T(q.astype(np.float32) * s[:, None])
-            else:
-                self.head = self.embed
+        def stored(w, fmt):  # the student sees embeddings and head as the file will hold them
+            if fitted is None or fmt == "f32":
+                return T(w)
+            if fmt == "f16":
+                return T(w.astype(np.float16))
+            q, s = quantize.int8_rows(w)
+            return T(q.astype(np.float32) * s[:, None])
+
+        self.embed = stored(t["embed"].weight, rows[0])
+        self.head = stored(t["head"].weight, rows[1]) if "head" in t else self.embed
         self.pos_embed = T(t["pos_embed"].weight) if "pos_embed" in t else None
         self.record = None
         self.rot = T(fm.rotation.matrix()) if fm.rotation is not None else None
@@ -185,10 +184,11 @@ def _mean_kl(torch, teacher, student, tokens) -> float:
 
 
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
-         seed: int = 0, eval_seqs: int = 2, log=None) -> dict:
+         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None) -> dict:
     """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
     in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
-    seeded order.  (Tuning the norm weights as well gained almost nothing on SmolLM2.)  Each scale is
+    seeded order; `rows`: the formats (int8 | f16 | f32) embeddings and head are stored in.
+    (Tuning the norm weights as well gained almost nothing on SmolLM2.)  Each scale is
     alpha0 * m with m starting at 1, so `lr` is a relative change per step.  Returns the mean KL
     to the float model on the first `eval_seqs` sequences before and after, and the time taken."""
     torch = _require_torch()
@@ -202,7 +202,7 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
     try:
         cfg = fm.cfg
         teacher = _TorchModel(torch, cfg, fm, None)
-        student = _TorchModel(torch, cfg, fm, fitted)
+        student = _TorchModel(torch, cfg, fm, fitted, rows)
         if not student.params:
             return {}
         held = tokens[:max(1, min(eval_seqs, len(tokens)))]
