@@ -60,7 +60,8 @@ def resolve_model(spec: str | None, quiet: bool = False) -> Path:
     from .convert import convert
     if not quiet:
         print(f"converting {src.name} -> {out.name} (once; cached in {out.parent})", file=sys.stderr)
-    report = convert(src, out, recipe, progress=not quiet)
+    report = convert(src, out, recipe, progress=not quiet,
+                     log=None if quiet else (lambda m: print("  " + m, file=sys.stderr, flush=True)))
     if not quiet:
         print(f"done in {report.seconds:.0f} s: {report.linear_bits:.2f} bits/weight, "
               f"{report.file_bytes / 2**20:.1f} MiB", file=sys.stderr)
