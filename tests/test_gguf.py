@@ -4,7 +4,7 @@ match transformers loading the same GGUF."""
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a dev dependency: a missing torch fails the tests, never skips them)
 
 from edgepanel import hub
 from edgepanel.convert import Recipe, convert

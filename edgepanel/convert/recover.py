@@ -53,7 +53,6 @@ class _TorchModel:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.from_numpy(np.ascontiguousarray(a, np.float32))
-        self.params: list = []          # the tuned tensors
         self.lin: dict[str, tuple] = {}
         self.planes: dict[str, tuple] = {}   # name -> (pm, signs tensor, alpha0, multiplier)
         for name, e in t.items():
@@ -67,7 +66,6 @@ class _TorchModel:
             signs = torch.from_numpy(pm.signs()).to(torch.float32)           # (k, out, in)
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
             mult = torch.ones_like(alpha0, requires_grad=True)
-            self.params.append(mult)
             self.planes[name] = (pm, signs, alpha0, mult)
             self.lin[name] = (None, bias)
         self.norms = {}
@@ -203,11 +201,11 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         cfg = fm.cfg
         teacher = _TorchModel(torch, cfg, fm, None)
         student = _TorchModel(torch, cfg, fm, fitted, rows)
-        if not student.params:
+        if not student.planes:
             return {}
         held = tokens[:max(1, min(eval_seqs, len(tokens)))]
         kl_before = _mean_kl(torch, teacher, student, held)
-        opt = torch.optim.Adam(student.params, lr=lr)
+        opt = torch.optim.Adam([mult for *_, mult in student.planes.values()], lr=lr)
         order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(tokens)), math.ceil(steps / len(tokens))))
         kls = []
         for step in range(steps):
