@@ -28,7 +28,7 @@ def sid(s):
 class Prepared:
     """Everything a GEMM needs, allocated once: the timed call is two cffi calls."""
 
-    def __init__(self, n_out, n_in, k, n_tokens, group=GROUP, seed=0, threads=1):
+    def __init__(self, n_out, n_in, k, n_tokens, group=GROUP, seed=0, threads=1, isa=None):
         ffi, lib = _cffi.ffi, _cffi.lib
         rng = np.random.default_rng(seed)
         tiles, ncol = bits.padded_out(n_out) // 16, bits.padded_in(n_in) // 8
@@ -44,7 +44,8 @@ class Prepared:
         self.work = np.empty(nbytes + 64, np.uint8)
         wp = self.work.ctypes.data + (-self.work.ctypes.data % 64)
         p = lambda t, a: ffi.cast(t, a.ctypes.data)  # noqa: E731
-        kt = lib.ep_kernels_get(ffi.NULL)
+        kt = lib.ep_kernels_get(isa.encode() if isa else ffi.NULL)
+        assert kt != ffi.NULL, f"ISA variant {isa} does not run here"
         args = (p("uint8_t *", self.planes), p("void *", self.scales), 1, k, n_out, n_in, group,
                 p("float *", self.y), ffi.cast("void *", wp), nbytes, threads)
         xp, qp, bp, sp = p("float *", self.x), p("int8_t *", self.q), p("uint8_t *", self.bits), p("float *", self.s)

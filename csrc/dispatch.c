@@ -14,6 +14,7 @@
 static const ep_kernels *const variants[] = {
     /* best first */
 #if defined(EP_HAVE_X86)
+    &ep_kernels_avx512vnni,
     &ep_kernels_avx512bw,
     &ep_kernels_avx2,
 #endif

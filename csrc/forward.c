@@ -11,6 +11,7 @@
 
 #define MAX_CONCURRENT 3
 #define UNIT_ROWS 16  /* rows per work unit for dense products */
+#define HEAD_ROWS 32  /* tokens per pass of the output head (bounds its buffers) */
 
 static int64_t align64(int64_t v) { return (v + 63) & ~(int64_t)63; }
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -21,8 +22,13 @@ typedef struct {
     int threads;
     int64_t n;            /* tokens in this pass */
     int64_t dmax;         /* widest activation */
+    /* the batch: token t belongs to sequence tok_seq[t], at position tok_pos[t] */
+    const int64_t *seq_len, *seq_pos;
+    int64_t n_seqs;
+    int32_t *tok_seq;
+    int64_t *tok_pos;
     /* workspace */
-    float *x, *h, *q, *k, *v, *att, *g, *u, *o, *rope_cs;
+    float *x, *h, *q, *k, *v, *att, *g, *u, *o, *rope_cs, *hb;
     int8_t *qa;
     float *qs;
     uint8_t *tab;
@@ -34,8 +40,9 @@ typedef struct {
 static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *base) {
     int64_t q_dim = (int64_t)m->n_heads * m->head_dim, kv_dim = (int64_t)m->n_kv_heads * m->head_dim;
     int64_t dmax = max64(max64(m->dim, q_dim), m->hidden_dim);
-    int64_t omax = max64(max64(q_dim, m->hidden_dim), max64(m->dim, m->vocab));
+    int64_t omax = max64(q_dim, max64(m->hidden_dim, m->dim));  /* the head runs in chunks */
     int64_t ng_max = dmax / 32 + 2;
+    int64_t acc_per_mat = max64(n * ep_padded_out(omax), HEAD_ROWS * ep_padded_out(m->vocab));
     int64_t off = 0;
 #define TAKE(field, type, count)                                   \
     do {                                                           \
@@ -52,17 +59,20 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
     TAKE(u, float, n * m->hidden_dim);
     TAKE(o, float, n * omax);
     TAKE(rope_cs, float, n * m->head_dim);
+    TAKE(hb, float, HEAD_ROWS * m->vocab);
+    TAKE(tok_seq, int32_t, n);
+    TAKE(tok_pos, int64_t, n);
     TAKE(qa, int8_t, n * dmax);
     TAKE(qs, float, n);
     TAKE(tab, uint8_t, n * ep_tab_stride(dmax));
     TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
-    TAKE(acc, float, MAX_CONCURRENT * n * ep_padded_out(omax));
+    TAKE(acc, float, MAX_CONCURRENT * acc_per_mat);
 #undef TAKE
     if (f) {
         f->dmax = dmax;
         f->tab_stride = ep_tab_stride(dmax);
         f->ng_max = ng_max;
-        f->acc_per_mat = n * ep_padded_out(omax);
+        f->acc_per_mat = acc_per_mat;
     }
     return off;
 }
@@ -232,22 +242,29 @@ static void rope_rows(const fwd *f, float *x, int64_t heads) {
 
 typedef struct {
     const fwd *f;
-    const float *kc, *vc;  /* this layer's cache */
-    int64_t pos, cap;
+    const float *kc, *vc;  /* this layer's cache of sequence 0; sequence s is seq_stride further */
+    int64_t seq_stride, max_t;
+    int failed;
 } attn_job;
 
-/* One task per (token, key/value head): the query heads of its group share the keys. */
+/* One task per (token, key/value head): the query heads of its group share the keys; a token
+ * sees its own sequence's positions 0..tok_pos. */
 static void attention_range(void *ctx, int64_t b, int64_t e) {
-    const attn_job *j = (const attn_job *)ctx;
-    const ep_model *m = j->f->m;
+    attn_job *j = (attn_job *)ctx;
+    const fwd *f = j->f;
+    const ep_model *m = f->m;
     const int64_t H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim, G = H / Hkv;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(G * (j->pos + j->f->n)));
-    if (!scratch) return;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(G * j->max_t));
+    if (!scratch) {
+        j->failed = 1;
+        return;
+    }
     for (int64_t task = b; task < e; task++) {
-        const int64_t t = task / Hkv, kh = task % Hkv, T = j->pos + t + 1;
-        j->f->kt->attend(j->f->q + (t * H + kh * G) * hd, G, j->kc + kh * hd, j->vc + kh * hd, Hkv * hd, T, hd,
-                         scale, j->f->att + (t * H + kh * G) * hd, scratch);
+        const int64_t t = task / Hkv, kh = task % Hkv, T = f->tok_pos[t] + 1;
+        const int64_t off = f->tok_seq[t] * j->seq_stride + kh * hd;
+        f->kt->attend(f->q + (t * H + kh * G) * hd, G, j->kc + off, j->vc + off, Hkv * hd, T, hd, scale,
+                      f->att + (t * H + kh * G) * hd, scratch);
     }
     free(scratch);
 }
@@ -301,41 +318,70 @@ static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int
     }
 }
 
-int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
-               const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
-               void *work, int64_t work_bytes, int threads) {
+/* log-softmax of one row of logits at `target`, in double (the order is fixed: any ISA, any
+ * thread count gives the same value) */
+static float row_logprob(const float *row, int64_t vocab, int32_t target) {
+    float mx = row[0];
+    for (int64_t i = 1; i < vocab; i++) mx = row[i] > mx ? row[i] : mx;
+    double sum = 0.0;
+    for (int64_t i = 0; i < vocab; i++) sum += exp((double)row[i] - (double)mx);
+    return (float)((double)row[target] - (double)mx - log(sum));
+}
+
+int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+                     const int32_t *tokens, int64_t n, const int64_t *seq_len, const int64_t *seq_pos,
+                     int64_t n_seqs, int32_t out_kind, const int32_t *targets, float *out, void *work,
+                     int64_t work_bytes, int threads) {
     if (!kt) kt = ep_kernels_get(NULL);
-    if (!m || !k_cache || !v_cache || !tokens || !logits || n <= 0 || pos < 0 || pos + n > cap ||
-        pos + n > m->max_seq)
+    if (!m || !k_cache || !v_cache || !tokens || !out || !seq_len || !seq_pos || n <= 0 || n_seqs <= 0 ||
+        n_seqs > n || out_kind < EP_OUT_LAST || out_kind > EP_OUT_LOGPROB || (out_kind == EP_OUT_LOGPROB && !targets))
         return EP_EINVAL;
     if (!work || ((uintptr_t)work % 64) || work_bytes < ep_forward_workspace(m, n, threads)) return EP_ENOMEM;
+    int64_t total = 0, max_t = 0;
+    for (int64_t s = 0; s < n_seqs; s++) {
+        if (seq_len[s] <= 0 || seq_pos[s] < 0 || seq_pos[s] + seq_len[s] > cap || seq_pos[s] + seq_len[s] > m->max_seq)
+            return EP_EINVAL;
+        total += seq_len[s];
+        max_t = max64(max_t, seq_pos[s] + seq_len[s]);
+    }
+    if (total != n) return EP_EINVAL;
     for (int64_t t = 0; t < n; t++)
-        if (tokens[t] < 0 || tokens[t] >= m->vocab) return EP_EINVAL;
+        if (tokens[t] < 0 || tokens[t] >= m->vocab || (out_kind == EP_OUT_LOGPROB && targets[t] >= m->vocab))
+            return EP_EINVAL;
     fwd f;
     memset(&f, 0, sizeof(f));
     f.kt = kt;
     f.m = m;
     f.threads = threads;
     f.n = n;
+    f.seq_len = seq_len;
+    f.seq_pos = seq_pos;
+    f.n_seqs = n_seqs;
     workspace_layout(m, n, &f, (uint8_t *)work);
     const int64_t D = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
     const int64_t q_dim = H * hd, kv_dim = Hkv * hd, F = m->hidden_dim;
+    const int64_t layer_stride = cap * kv_dim, seq_stride = (int64_t)m->n_layers * layer_stride;
+    for (int64_t s = 0, t = 0; s < n_seqs; s++)
+        for (int64_t i = 0; i < seq_len[s]; i++, t++) {
+            f.tok_seq[t] = (int32_t)s;
+            f.tok_pos[t] = seq_pos[s] + i;
+        }
 
     embed_rows(&m->embed, tokens, n, D, f.x);
     if (m->pos_embed)
         for (int64_t t = 0; t < n; t++)
-            for (int64_t i = 0; i < D; i++) f.x[t * D + i] += m->pos_embed[(pos + t) * D + i];
+            for (int64_t i = 0; i < D; i++) f.x[t * D + i] += m->pos_embed[f.tok_pos[t] * D + i];
     if (m->inv_freq)
         for (int64_t t = 0; t < n; t++)
             for (int64_t i = 0; i < hd / 2; i++) {
-                float fr = (float)(pos + t) * m->inv_freq[i];
+                float fr = (float)f.tok_pos[t] * m->inv_freq[i];
                 f.rope_cs[t * hd + i] = cosf(fr);
                 f.rope_cs[t * hd + hd / 2 + i] = sinf(fr);
             }
 
     for (int32_t li = 0; li < m->n_layers; li++) {
         const ep_layer *L = &m->layers[li];
-        float *kc = k_cache + (int64_t)li * cap * kv_dim, *vc = v_cache + (int64_t)li * cap * kv_dim;
+        float *kc = k_cache + (int64_t)li * layer_stride, *vc = v_cache + (int64_t)li * layer_stride;
         norm_rows(m, &L->attn_norm, m->norm, f.x, f.h, n, D);
         const ep_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {f.q, f.k, f.v};
@@ -344,10 +390,14 @@ int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v
             rope_rows(&f, f.q, H);
             rope_rows(&f, f.k, Hkv);
         }
-        memcpy(kc + pos * kv_dim, f.k, sizeof(float) * (size_t)(n * kv_dim));
-        memcpy(vc + pos * kv_dim, f.v, sizeof(float) * (size_t)(n * kv_dim));
-        attn_job aj = {&f, kc, vc, pos, cap};
+        for (int64_t s = 0, t = 0; s < n_seqs; t += seq_len[s], s++) {
+            const int64_t at = s * seq_stride + seq_pos[s] * kv_dim, len = sizeof(float) * (size_t)(seq_len[s] * kv_dim);
+            memcpy(kc + at, f.k + t * kv_dim, len);
+            memcpy(vc + at, f.v + t * kv_dim, len);
+        }
+        attn_job aj = {&f, kc, vc, seq_stride, max_t, 0};
         ep_parallel_for(threads, n * Hkv, attention_range, &aj);
+        if (aj.failed) return EP_ENOMEM;
         const float *a_in = f.att;
         if (L->attn_sub_norm.weight) {
             norm_rows(m, &L->attn_sub_norm, EP_NORM_RMS, f.att, f.h, n, q_dim);
@@ -376,9 +426,35 @@ int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v
         for (int64_t i = 0; i < n * D; i++) f.x[i] += f.o[i];
     }
 
-    int64_t first = all_logits ? 0 : n - 1, rows = n - first;
-    norm_rows(m, &m->final_norm, m->norm, f.x + first * D, f.h, rows, D);
-    f.n = rows;  /* the head sees only the rows it scores */
-    run_one(&f, f.h, D, &m->head, logits);
+    /* the head, HEAD_ROWS rows at a time, over the rows it scores: every token, or the last
+     * token of each sequence (gathered into x's first rows) */
+    int64_t rows = n;
+    if (out_kind == EP_OUT_LAST) {
+        rows = n_seqs;
+        for (int64_t s = 0, end = 0; s < n_seqs; s++) {
+            end += seq_len[s];
+            memmove(f.x + s * D, f.x + (end - 1) * D, sizeof(float) * (size_t)D);
+        }
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += HEAD_ROWS) {
+        const int64_t nr = ep_min64(HEAD_ROWS, rows - r0);
+        norm_rows(m, &m->final_norm, m->norm, f.x + r0 * D, f.h, nr, D);
+        f.n = nr;
+        float *dst = out_kind == EP_OUT_LOGPROB ? f.hb : out + r0 * m->vocab;
+        run_one(&f, f.h, D, &m->head, dst);
+        if (out_kind == EP_OUT_LOGPROB)
+            for (int64_t r = 0; r < nr; r++) {
+                const int32_t y = targets[r0 + r];
+                out[r0 + r] = y < 0 ? 0.0f : row_logprob(f.hb + r * m->vocab, m->vocab, y);
+            }
+    }
     return EP_OK;
+}
+
+int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+               const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
+               void *work, int64_t work_bytes, int threads) {
+    const int64_t len = n, at = pos;
+    return ep_forward_batch(kt, m, k_cache, v_cache, cap, tokens, n, &len, &at, 1,
+                            all_logits ? EP_OUT_ALL : EP_OUT_LAST, NULL, logits, work, work_bytes, threads);
 }

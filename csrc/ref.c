@@ -122,15 +122,38 @@ void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, con
         }
 }
 
+/* exp(x) as every ISA computes it: x = n ln2 + r (n = round-half-even(x log2 e), ln2 in two
+ * parts), e^r by a degree-6 Taylor polynomial in Horner form with fused multiply-adds, times
+ * 2^n built from its exponent bits.  Within about 2 ulp of expf; 0 below -87, inf above 88. */
+float ep_expf(float x) {
+    if (x != x) return x;
+    if (!(x > EP_EXP_LO)) return 0.0f;
+    if (x > EP_EXP_HI) return INFINITY;
+    const float n = nearbyintf(x * EP_LOG2E);
+    float r = fmaf(n, -EP_LN2_HI, x);
+    r = fmaf(n, -EP_LN2_LO, r);
+    float p = EP_EXP_C6;
+    p = fmaf(p, r, EP_EXP_C5);
+    p = fmaf(p, r, EP_EXP_C4);
+    p = fmaf(p, r, EP_EXP_C3);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    union { uint32_t u; float f; } two_n = {(uint32_t)((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
+/* Softmax of one head's scores in place: e_s = ep_expf(score_s - max); the sum in 8 lanes
+ * (lane s mod 8, in order of s) joined by the canonical tree; w_s = e_s * (1 / sum). */
 void ep_softmax_weights(float *scores, int64_t T) {
-    float mx = -INFINITY, sum = 0.0f;
+    float mx = -INFINITY, lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t s = 0; s < T; s++)
         if (scores[s] > mx) mx = scores[s];
     for (int64_t s = 0; s < T; s++) {
-        scores[s] = expf(scores[s] - mx);
-        sum += scores[s];
+        scores[s] = ep_expf(scores[s] - mx);
+        lane[s & 7] += scores[s];
     }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])));
     for (int64_t s = 0; s < T; s++) scores[s] *= inv;
 }
 

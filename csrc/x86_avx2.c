@@ -454,6 +454,64 @@ void ep_avx2_dense_rows(const float *x, int64_t n, int64_t in, const void *w, in
 
 /* Attention (specification: ep_ref_attend).  Scores four keys at a time, each in its own
  * canonical 8-lane accumulator; the weighted sum keeps out[i] in registers, one FMA per (s, i). */
+/* The canonical dots of 8 accumulators (one per key, 8 lanes each) in one vector: hadd pairs
+ * (l0+l1), (l2+l3), ...; a second hadd the quarters; the halves added last, as the tree. */
+EP_INLINE __m256 finish8(const __m256 *a) {
+    __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 y = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+}
+
+/* ep_expf, 8 at a time, bit for bit */
+EP_INLINE __m256 exp256(__m256 x) {
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = ep_fmadd256(n, _mm256_set1_ps(-EP_LN2_HI), x);
+    r = ep_fmadd256(n, _mm256_set1_ps(-EP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EP_EXP_C6);
+    p = ep_fmadd256(p, r, _mm256_set1_ps(EP_EXP_C5));
+    p = ep_fmadd256(p, r, _mm256_set1_ps(EP_EXP_C4));
+    p = ep_fmadd256(p, r, _mm256_set1_ps(EP_EXP_C3));
+    p = ep_fmadd256(p, r, _mm256_set1_ps(0.5f));
+    p = ep_fmadd256(p, r, _mm256_set1_ps(1.0f));
+    p = ep_fmadd256(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(EP_EXP_LO), _CMP_NGT_UQ));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(EP_EXP_HI), _CMP_GT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* ep_softmax_weights, vectorized in its own lane order */
+static void softmax256(float *w, int64_t T) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 8 <= T; s += 8) m = _mm256_max_ps(_mm256_loadu_ps(w + s), m);  /* NaN scores are skipped */
+    float lane[8], mx;
+    _mm256_storeu_ps(lane, m);
+    mx = lane[0];
+    for (int l = 1; l < 8; l++) mx = lane[l] > mx ? lane[l] : mx;
+    for (; s < T; s++) mx = w[s] > mx ? w[s] : mx;
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (s = 0; s + 8 <= T; s += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(w + s), vm));
+        _mm256_storeu_ps(w + s, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    _mm256_storeu_ps(lane, acc);
+    for (; s < T; s++) {
+        w[s] = ep_expf(w[s] - mx);
+        lane[s & 7] += w[s];
+    }
+    const float inv = 1.0f / (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+    const __m256 vi = _mm256_set1_ps(inv);
+    for (s = 0; s + 8 <= T; s += 8) _mm256_storeu_ps(w + s, _mm256_mul_ps(_mm256_loadu_ps(w + s), vi));
+    for (; s < T; s++) w[s] *= inv;
+}
+
+/* Attention of G query heads over one key/value head (specification: ep_ref_attend).  Scores
+ * 8 keys at a time, each block of keys read from L1 by all G heads; values one position at a
+ * time into hd/8 accumulators per head. */
 void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch) {
     if (hd % 8 || hd > 256) {
@@ -461,27 +519,26 @@ void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, i
         return;
     }
     const int64_t nv = hd / 8;
-    for (int64_t g = 0; g < G; g++) {
-        const float *qg = q + g * hd;
-        float *w = scratch + g * T;
-        int64_t s = 0;
-        for (; s + 4 <= T; s += 4) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *k0 = k + s * kstride;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int64_t s = 0;
+    for (; s + 8 <= T; s += 8) {
+        const float *kb = k + s * kstride;
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = q + g * hd;
+            __m256 a[8];
+            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
             for (int64_t i = 0; i < hd; i += 8) {
-                __m256 qv = _mm256_loadu_ps(qg + i);
-                a0 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + i), a0);
-                a1 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + kstride + i), a1);
-                a2 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + 2 * kstride + i), a2);
-                a3 = ep_fmadd256(qv, _mm256_loadu_ps(k0 + 3 * kstride + i), a3);
+                const __m256 qv = _mm256_loadu_ps(qg + i);
+                for (int j = 0; j < 8; j++) a[j] = ep_fmadd256(qv, _mm256_loadu_ps(kb + j * kstride + i), a[j]);
             }
-            w[s] = finish_lanes(a0, qg, k0, hd, hd) * scale;
-            w[s + 1] = finish_lanes(a1, qg, k0 + kstride, hd, hd) * scale;
-            w[s + 2] = finish_lanes(a2, qg, k0 + 2 * kstride, hd, hd) * scale;
-            w[s + 3] = finish_lanes(a3, qg, k0 + 3 * kstride, hd, hd) * scale;
+            _mm256_storeu_ps(scratch + g * T + s, _mm256_mul_ps(finish8(a), vscale));
         }
-        for (; s < T; s++) w[s] = ep_avx2_dot(qg, k + s * kstride, hd) * scale;
-        ep_softmax_weights(w, T);
+    }
+    for (; s < T; s++)
+        for (int64_t g = 0; g < G; g++) scratch[g * T + s] = ep_avx2_dot(q + g * hd, k + s * kstride, hd) * scale;
+    for (int64_t g = 0; g < G; g++) {
+        const float *w = scratch + g * T;
+        softmax256(scratch + g * T, T);
         __m256 o[32];
         for (int64_t j = 0; j < nv; j++) o[j] = _mm256_setzero_ps();
         for (s = 0; s < T; s++) {

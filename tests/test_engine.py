@@ -87,3 +87,37 @@ def test_numba_fallback_engine(binarized, monkeypatch):
     assert m.engine.name == "reference" and m.engine.backend.name == "numba"
     err = per_position_rel(m.logits(IDS), c)
     assert np.median(err) < 1e-5 and err.max() < 2e-2, err
+
+
+def test_batched_forward_equals_one_pass_per_sequence(binarized):
+    """ep_forward_batch runs every product over all sequences' tokens at once; each sequence's
+    log-probabilities are bit for bit those of its own forward pass, and match the float64
+    log-softmax of its logits (the reference engine's score)."""
+    m = Model(binarized, engine="c", threads=2)
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(0, m.cfg.vocab_size, n).astype(np.int32) for n in (12, 1, 37, 5, 64)]
+    batched = m.engine.logprobs(seqs)
+    for s, lp in zip(seqs, batched):
+        assert lp.shape == (len(s) - 1,)
+        np.testing.assert_array_equal(lp, m.engine.logprobs([s])[0])
+        if len(s) > 1:
+            lg = m.logits(s)[:-1].astype(np.float64)
+            want = lg[np.arange(len(s) - 1), s[1:]] - np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) - lg.max(1)
+            np.testing.assert_allclose(lp, want, rtol=0, atol=1e-5)
+    # Model.score splits into batches; masks keep the counted tokens
+    masks = [rng.random(len(s)) < 0.5 for s in seqs]
+    scored = m.score(seqs, masks, batch_tokens=40)
+    for lp, full, mk in zip(scored, batched, masks):
+        np.testing.assert_array_equal(lp, full[mk[1:]])
+    ref = Model(binarized, engine="reference").score(seqs[:1])[0]
+    np.testing.assert_allclose(batched[0], ref, atol=2e-2)
+
+
+def test_batched_forward_rejects_bad_batches(binarized):
+    m = Model(binarized, engine="c")
+    with pytest.raises(ValueError, match="masks"):
+        m.score([IDS, IDS], masks=[np.ones(len(IDS), bool)])
+    with pytest.raises(ValueError, match=r"masks\[0\]"):
+        m.score([IDS], masks=[np.ones(3, bool)])
+    with pytest.raises(ValueError, match="token ids"):
+        m.score([IDS, np.array([m.cfg.vocab_size])])

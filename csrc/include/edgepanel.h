@@ -130,6 +130,22 @@ int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v
                const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
                void *work, int64_t work_bytes, int threads);
 
+/* What ep_forward_batch writes to out. */
+enum {
+    EP_OUT_LAST = 0,    /* (n_seqs, vocab): logits of each sequence's last token */
+    EP_OUT_ALL = 1,     /* (n, vocab): logits of every token */
+    EP_OUT_LOGPROB = 2  /* (n,): log-softmax of token t's logits at targets[t]; 0 where targets[t] < 0 */
+};
+
+/* Several sequences in one pass: sequence s is seq_len[s] consecutive tokens of tokens[0..n),
+ * at positions seq_pos[s].., with its own cache, k_cache/v_cache + s * n_layers*cap*kv_dim
+ * (n_seqs, n_layers, cap, n_kv_heads, head_dim).  Every product runs over all n tokens at once;
+ * attention stays within a sequence.  The same results as one ep_forward per sequence. */
+int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+                     const int32_t *tokens, int64_t n, const int64_t *seq_len, const int64_t *seq_pos,
+                     int64_t n_seqs, int32_t out_kind, const int32_t *targets, float *out, void *work,
+                     int64_t work_bytes, int threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -134,6 +134,7 @@ extern const ep_kernels ep_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64) || defined(EP_SIMDE)
 extern const ep_kernels ep_kernels_avx2;
 extern const ep_kernels ep_kernels_avx512bw;
+extern const ep_kernels ep_kernels_avx512vnni;  /* + VNNI, VBMI, BITALG */
 /* the AVX-512 table reuses these two (every AVX-512 CPU has AVX2 and FMA) */
 void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale);
 void ep_avx2_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
@@ -163,8 +164,19 @@ void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, con
 float ep_ref_dot(const float *a, const float *b, int64_t n);
 void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
-/* the softmax weights of one head from its scores (shared by every attend) */
+/* the softmax weights of one head from its scores (the specification every attend follows) */
 void ep_softmax_weights(float *scores, int64_t T);
+/* exp as the softmax computes it (ref.c); the constants, for the SIMD versions */
+float ep_expf(float x);
+#define EP_EXP_LO (-87.0f)
+#define EP_EXP_HI 88.0f
+#define EP_LOG2E 1.44269504088896341f
+#define EP_LN2_HI 0.693145751953125f     /* ln 2 to 16 bits: n * EP_LN2_HI is exact */
+#define EP_LN2_LO 1.42860682030941723e-6f
+#define EP_EXP_C3 (1.0f / 6.0f)
+#define EP_EXP_C4 (1.0f / 24.0f)
+#define EP_EXP_C5 (1.0f / 120.0f)
+#define EP_EXP_C6 (1.0f / 720.0f)
 /* Store the final outputs of one tile for one token: y_row[r] = acc[r] * s for rows < out. */
 void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, float s);
 

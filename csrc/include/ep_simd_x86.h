@@ -43,6 +43,10 @@ static inline __m512 ep_simde_cvtph_ps(__m256i v) {
     return _mm512_loadu_ps(r);
 }
 #define _mm512_cvtph_ps ep_simde_cvtph_ps
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#define _MM_FROUND_TO_NEAREST_INT SIMDE_MM_FROUND_TO_NEAREST_INT
+#endif
 #define _mm512_cvtepi16_epi32 ep_simde_cvtepi16_epi32
 #define _mm512_cvtepi32_ps ep_simde_cvtepi32_ps
 #define EP_TARGET_PUSH(t)

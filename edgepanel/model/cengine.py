@@ -121,3 +121,27 @@ class CEngine:
                              f"or context full?")
         cache.length += n
         return logits if all_logits else logits[0]
+
+    def logprobs(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, from empty contexts, in
+        one batched pass (ep_forward_batch: all products over all tokens at once)."""
+        seqs = [np.ascontiguousarray(s, np.int32) for s in sequences]
+        lens = np.array([len(s) for s in seqs], np.int64)
+        n, cap = int(lens.sum()), int(lens.max())
+        tokens = np.concatenate(seqs)
+        targets = np.concatenate([np.append(s[1:], -1).astype(np.int32) for s in seqs])
+        c = self.w.cfg
+        shape = (len(seqs), c.n_layers, cap, c.n_kv_heads, c.head_dim)
+        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        pos = np.zeros(len(seqs), np.int64)
+        out = np.empty(n, np.float32)
+        work, nbytes = self._workspace(n)
+        ffi, p = self.ffi, lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
+        rc = self.lib.ep_forward_batch(self.kt, self.model, p("float *", k), p("float *", v), cap,
+                                       p("int32_t *", tokens), n, p("int64_t *", lens), p("int64_t *", pos),
+                                       len(seqs), self.lib.EP_OUT_LOGPROB, p("int32_t *", targets),
+                                       p("float *", out), work, nbytes, self.threads)
+        if rc != 0:
+            raise ValueError(f"batched forward pass failed in C ({_cffi._ERRORS.get(rc, rc)})")
+        ends = np.cumsum(lens)
+        return [out[e - ln:e - 1].astype(np.float64) for e, ln in zip(ends, lens)]

@@ -31,6 +31,15 @@ class ReferenceEngine:
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         return reference.forward(self.w, tokens, cache, all_logits, linear=self._linear)
 
+    def logprobs(self, sequences) -> list[np.ndarray]:
+        """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, one pass each."""
+        out = []
+        for seq in sequences:
+            seq = np.asarray(seq, np.int64)
+            lg = self.forward(seq, self.new_cache(len(seq)), all_logits=True)[:-1]
+            out.append(reference.log_softmax_at(lg, seq[1:]))
+        return out
+
 
 def make(weights, threads=None, name=None):
     """`name`: "c", "reference", or None: C when the default kernels are the C ones (see

@@ -73,24 +73,33 @@ class Model:
 
     def token_logprobs(self, token_ids) -> np.ndarray:
         """log p(token_t | tokens before t) for t = 1..n-1, float64 (n-1,)."""
-        ids = self._check_ids(token_ids)
-        lg = self.logits(ids)[:-1].astype(np.float64)
-        lg -= lg.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(lg).sum(axis=1))
-        return lg[np.arange(len(ids) - 1), ids[1:]] - lse
+        return self.engine.logprobs([self._check_ids(token_ids)])[0]
 
-    def score(self, sequences, masks=None) -> list[np.ndarray]:
-        """Per-token log-probabilities of several sequences; with masks (one bool array per
-        sequence, True where a token counts), the positions outside the mask are dropped."""
-        out = []
-        for i, seq in enumerate(sequences):
-            lp = self.token_logprobs(seq)
-            if masks is not None:
-                m = np.asarray(masks[i], bool)
-                if m.shape != (len(seq),):
-                    raise ValueError(f"masks[{i}] must have one entry per token ({len(seq)}), got {m.shape}")
-                lp = lp[m[1:]]
-            out.append(lp)
+    def score(self, sequences, masks=None, batch_tokens: int = 2048) -> list[np.ndarray]:
+        """Per-token log-probabilities log p(seq[t] | seq[:t]), t = 1..len-1, of several
+        sequences, each from an empty context; they run together in batched forward passes of
+        about `batch_tokens` tokens.  With masks (one bool array per sequence, True where a
+        token counts), the positions outside the mask are dropped."""
+        seqs = [self._check_ids(s) for s in sequences]
+        if masks is not None:
+            if len(masks) != len(seqs):
+                raise ValueError(f"masks must have one entry per sequence ({len(seqs)}), got {len(masks)}")
+            masks = [np.asarray(m, bool) for m in masks]
+            for i, (m, s) in enumerate(zip(masks, seqs)):
+                if m.shape != (len(s),):
+                    raise ValueError(f"masks[{i}] must have one entry per token ({len(s)}), got {m.shape}")
+        if batch_tokens < 1:
+            raise ValueError("batch_tokens must be at least 1")
+        out: list[np.ndarray] = []
+        batch: list[np.ndarray] = []
+        for s in seqs + [None]:
+            if batch and (s is None or sum(map(len, batch)) + len(s) > batch_tokens):
+                out.extend(self.engine.logprobs(batch))
+                batch = []
+            if s is not None:
+                batch.append(s)
+        if masks is not None:
+            out = [lp[m[1:]] for lp, m in zip(out, masks)]
         return out
 
     def perplexity(self, text: str, window: int | None = None) -> float:

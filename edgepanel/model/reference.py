@@ -109,6 +109,14 @@ def head_logits(w: Weights, h: np.ndarray) -> np.ndarray:
     return (h @ head.weight.T.astype(np.float32)).astype(np.float32)
 
 
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log-softmax of each row of logits (n, vocab) at targets (n,), in float64."""
+    lg = logits.astype(np.float64)
+    mx = lg.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(lg - mx).sum(axis=1)) + mx[:, 0]
+    return lg[np.arange(len(targets)), targets] - lse
+
+
 def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False, linear=linear) -> np.ndarray:
     """Run `tokens` (n,) at positions cache.length.. ; returns logits (n, vocab) or (vocab,).
     `linear` computes the linear layers (the kernels' backends plug in here)."""

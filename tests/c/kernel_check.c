@@ -158,14 +158,16 @@ static void check_dense_helpers(void) {
         }
         free(x); free(wf); free(ws); free(qs); free(wh); free(q); free(w8); free(y0); free(y1);
     }
-    /* attention: heads 1 and 3 per key head, head sizes 64 and 24 (the fallback), T = 1..40 */
+    /* attention: heads 1 and 3 per key head, head sizes 64 and 24 (the fallback), T from 1 to
+     * past several blocks of 8 keys; queries up to 40 wide, so scores span exp's whole range */
     for (int64_t hd = 24; hd <= 64; hd += 40)
         for (int64_t G = 1; G <= 3; G += 2)
-            for (int64_t T = 1; T <= 40; T += 13) {
+            for (int64_t T = 1; T <= 140; T += (T < 20 ? 1 : 23)) {
                 int64_t kstride = 2 * hd;  /* two key heads interleaved, as in the cache */
                 float *q = xalloc(G * hd * 4), *k = xalloc(T * kstride * 4), *v = xalloc(T * kstride * 4);
                 float *o0 = xalloc(G * hd * 4), *o1 = xalloc(G * hd * 4), *sc = xalloc(G * T * 4);
-                for (int64_t i = 0; i < G * hd; i++) q[i] = rndf();
+                const float qscale = T % 3 == 0 ? 40.0f : 1.0f;
+                for (int64_t i = 0; i < G * hd; i++) q[i] = rndf() * qscale;
                 for (int64_t i = 0; i < T * kstride; i++) { k[i] = rndf(); v[i] = rndf(); }
                 ref->attend(q, G, k, v, kstride, T, hd, 0.125f, o0, sc);
                 char names[256];
@@ -179,6 +181,21 @@ static void check_dense_helpers(void) {
                 }
                 free(q); free(k); free(v); free(o0); free(o1); free(sc);
             }
+}
+
+/* The softmax's exp: within 3 ulp of libm's expf over its range, exact at the edges. */
+static void check_expf(void) {
+    float worst = 0.0f;
+    for (float x = -86.9f; x < 87.9f; x += 0.0137f) {
+        double want = exp((double)x), got = (double)ep_expf(x);
+        float ulp = nextafterf((float)want, INFINITY) - (float)want;
+        float err = (float)(fabs(got - want) / ulp);
+        if (err > worst) worst = err;
+    }
+    CHECK(worst <= 3.0f, "ep_expf is %g ulp from exp", worst);
+    CHECK(ep_expf(0.0f) == 1.0f && ep_expf(-0.0f) == 1.0f, "ep_expf(0) != 1");
+    CHECK(ep_expf(-INFINITY) == 0.0f && ep_expf(-100.0f) == 0.0f, "ep_expf underflow");
+    CHECK(isinf(ep_expf(INFINITY)) && isinf(ep_expf(100.0f)) && isnan(ep_expf(NAN)), "ep_expf edges");
 }
 
 /* Known answers from the NumPy reference: see tools/make_kat.py for the layout. */
@@ -268,6 +285,7 @@ int main(int argc, char **argv) {
     check_shape(&big2, 1);
     cases += 2;
     check_dense_helpers();
+    check_expf();
     printf("random cases: %d\n", cases);
     if (argc > 1) check_kat(argv[1]);
     printf(failures ? "FAILED: %d\n" : "ok\n", failures);
