@@ -92,3 +92,19 @@ def test_transformers_decode_64(benchmark, hf_model, threads):
     benchmark.group = f"prefill 128 + decode 64, {threads} thread(s)"
     benchmark.extra_info.update(tokens=64, engine="transformers", threads=threads)
     benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+
+
+SCORE_SEQS = [(PROMPT * 2)[i * 37:i * 37 + 400] for i in range(8)]   # 8 texts of ~80-100 tokens
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-per-pass"])
+def test_edgepanel_score_8_sequences(benchmark, default_model, batched):
+    """Model.score: the fine-tuner's forward (log-probabilities of several sequences), as one
+    batched pass over all of them or one pass per sequence, 1 thread."""
+    import edgepanel
+    m = edgepanel.load(default_model, threads=1)
+    seqs = [np.array(m.tokenizer.encode(s), np.int32) for s in SCORE_SEQS]
+    benchmark.group = "score 8 sequences, 1 thread"
+    benchmark.extra_info.update(tokens=int(sum(map(len, seqs))), engine="edgepanel", threads=1, batched=batched)
+    run = (lambda: m.score(seqs)) if batched else (lambda: [m.score([s]) for s in seqs])
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)

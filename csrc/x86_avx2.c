@@ -234,18 +234,6 @@ EP_INLINE void i8_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const in
 #define EP_CHUNK_GROUPS 8
 #define EP_TB EP_TOKEN_BLOCK
 
-/* Blocks per group when the kernels unroll them (32-input blocks), else 0. */
-static int blocks_per_group(const ep_gemm_args *a) {
-    if (a->ng == 1) return 0;
-    switch (a->group) {
-    case 32: return 1;
-    case 64: return 2;
-    case 128: return 4;
-    case 256: return 8;
-    default: return 0;
-    }
-}
-
 /* The 16 scales of (plane i, tile t, group j), float32 or float16 (widened exactly by F16C). */
 EP_INLINE void load_scales(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, __m256 *lo, __m256 *hi) {
     const int64_t idx = ep_scale_index(a, i, t, j);
@@ -300,17 +288,8 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-#define EP_SWITCH_GB(call, ...)                                                          \
-    switch (gb) {                                                                        \
-    case 1: call(__VA_ARGS__, 1); break;                                                 \
-    case 2: call(__VA_ARGS__, 2); break;                                                 \
-    case 4: call(__VA_ARGS__, 4); break;                                                 \
-    case 8: call(__VA_ARGS__, 8); break;                                                 \
-    default: call(__VA_ARGS__, 0); break;                                                \
-    }
-
 static void avx2_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
-    const int gb = blocks_per_group(a);
+    const int gb = ep_blocks_per_group(a);
 #define CALL(TB) EP_SWITCH_GB(i8_tile, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
@@ -407,7 +386,7 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
 }
 
 static void avx2_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
-    const int gb = blocks_per_group(a);
+    const int gb = ep_blocks_per_group(a);
 #define CALL(TB) EP_SWITCH_GB(xnor_tile, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 4, CALL);
 #undef CALL
@@ -509,20 +488,44 @@ static void softmax256(float *w, int64_t T) {
     for (; s < T; s++) w[s] *= inv;
 }
 
+/* out (64 floats) = sum over s of w[s] * v_s[0..64), in order of s, accumulators in registers;
+ * the value rows (from DRAM at decode: the weights have streamed through the caches) prefetched
+ * a few positions ahead. */
+EP_INLINE void weighted_values64(const float *w, const float *v, int64_t kstride, int64_t T, int64_t width,
+                                 float *out) {
+    __m256 o[8];
+    const int nv = (int)(width / 8);
+    for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < T; s++) {
+        const float *vs = v + s * kstride;
+        if (s + 6 < T)
+            for (int j = 0; j < nv; j += 2) _mm_prefetch((const char *)(vs + 6 * kstride + 8 * j), _MM_HINT_T0);
+        const __m256 ws = _mm256_set1_ps(w[s]);
+        if (nv == 8) {
+            for (int j = 0; j < 8; j++) o[j] = ep_fmadd256(ws, _mm256_loadu_ps(vs + 8 * j), o[j]);
+        } else {
+            for (int j = 0; j < nv; j++) o[j] = ep_fmadd256(ws, _mm256_loadu_ps(vs + 8 * j), o[j]);
+        }
+    }
+    for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + 8 * j, o[j]);
+}
+
 /* Attention of G query heads over one key/value head (specification: ep_ref_attend).  Scores
- * 8 keys at a time, each block of keys read from L1 by all G heads; values one position at a
- * time into hd/8 accumulators per head. */
+ * 8 keys at a time, each block of keys read from L1 by all G heads (the next block
+ * prefetched); values in 64-wide column strips, each strip's sums held in registers. */
 void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch) {
     if (hd % 8 || hd > 256) {
         ep_ref_attend(q, G, k, v, kstride, T, hd, scale, out, scratch);
         return;
     }
-    const int64_t nv = hd / 8;
     const __m256 vscale = _mm256_set1_ps(scale);
     int64_t s = 0;
     for (; s + 8 <= T; s += 8) {
         const float *kb = k + s * kstride;
+        if (s + 16 <= T)
+            for (int j = 0; j < 8; j++)
+                for (int64_t i = 0; i < hd; i += 16) _mm_prefetch((const char *)(kb + (8 + j) * kstride + i), _MM_HINT_T0);
         for (int64_t g = 0; g < G; g++) {
             const float *qg = q + g * hd;
             __m256 a[8];
@@ -537,16 +540,9 @@ void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, i
     for (; s < T; s++)
         for (int64_t g = 0; g < G; g++) scratch[g * T + s] = ep_avx2_dot(q + g * hd, k + s * kstride, hd) * scale;
     for (int64_t g = 0; g < G; g++) {
-        const float *w = scratch + g * T;
         softmax256(scratch + g * T, T);
-        __m256 o[32];
-        for (int64_t j = 0; j < nv; j++) o[j] = _mm256_setzero_ps();
-        for (s = 0; s < T; s++) {
-            const __m256 ws = _mm256_set1_ps(w[s]);
-            const float *vs = v + s * kstride;
-            for (int64_t j = 0; j < nv; j++) o[j] = ep_fmadd256(ws, _mm256_loadu_ps(vs + 8 * j), o[j]);
-        }
-        for (int64_t j = 0; j < nv; j++) _mm256_storeu_ps(out + g * hd + 8 * j, o[j]);
+        for (int64_t c = 0; c < hd; c += 64)
+            weighted_values64(scratch + g * T, v + c, kstride, T, ep_min64(64, hd - c), out + g * hd + c);
     }
 }
 

@@ -280,57 +280,95 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
     }
 }
 
-EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
+/* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
+ * for TB tokens: m[b] += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
+EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB, int two,
+                            __m512i perm, __m512i *m) {
     const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
+    __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
+    __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
+    __m512i lo1 = lo0, hi1 = hi0;
+    if (two) {
+        __m512i v1 = _mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE));
+        lo1 = _mm512_and_si512(v1, m0f);
+        hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
+    }
+    for (int b = 0; b < TB; b++) {
+        const uint8_t *T = tab + b * ts + cc * 64;
+        __m512i al = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
+                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
+        __m512i ah = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
+                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
+        if (two) {
+            const uint8_t *T2 = T + 256;
+            al = _mm512_add_epi8(al, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
+                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
+            ah = _mm512_add_epi8(ah, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
+                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
+        }
+        m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, al), ones);
+        m[b] = _mm512_dpbusd_epi32(m[b], sixteen, _mm512_permutexvar_epi8(perm, ah));
+    }
+}
+
+/* GB > 0: every group but the last is GB blocks (unrolled, pointers stepped); the last group
+ * and GB == 0 take the general path.  K > 0: the plane count, known at compile time. */
+EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
+                            const int GB, const int K) {
     const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
+    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t ts = a->tab_stride, k = K ? K : a->k;
+    const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
+    const int64_t sstride = a->tiles * a->ng * EP_TILE;     /* scales between planes */
+    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
     __m512 f[4];
     load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int64_t j = j0; j < j1; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        for (int64_t i = 0; i < a->k; i++) {
-            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+    const int64_t jfast = GB > 0 ? ep_min64(j1, a->ng - 1) : j0;
+    int64_t j = j0;
+    for (; j < jfast; j++) {
+        const int64_t cc = j * 4 * GB, sidx = ep_scale_index(a, 0, t, j);
+        for (int64_t i = 0; i < k; i++) {
             __m512i m[4];
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
-            /* pairs of 32-input blocks: L bytes <= 4 * 60, H bytes in [-128, 112] */
-            for (int64_t cc = c0; cc < c1; cc += 8) {
-                const int two = cc + 4 < c1;
-                __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
-                __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
-                __m512i lo1 = lo0, hi1 = hi0;
-                if (two) {
-                    __m512i v1 = _mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE));
-                    lo1 = _mm512_and_si512(v1, m0f);
-                    hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
-                }
-                for (int b = 0; b < TB; b++) {
-                    const uint8_t *T = a->tab + (tok0 + b) * a->tab_stride + cc * 64;
-                    __m512i al = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
-                                                 _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
-                    __m512i ah = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
-                                                 _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
-                    if (two) {
-                        const uint8_t *T2 = T + 256;
-                        al = _mm512_add_epi8(al, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
-                                                                 _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
-                        ah = _mm512_add_epi8(ah, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
-                                                                 _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
-                    }
-                    m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, al), ones);
-                    m[b] = _mm512_dpbusd_epi32(m[b], sixteen, _mm512_permutexvar_epi8(perm, ah));
-                }
+            for (int u = 0; u < GB; u += 2) vnni_i8_pair(w0 + i * pstride, tab, ts, cc + 4 * u, TB, GB > 1, perm, m);
+            const __m512 alpha = a->scales_f16
+                ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->scales + sidx + i * sstride)))
+                : _mm512_loadu_ps((const float *)a->scales + sidx + i * sstride);
+            for (int b = 0; b < TB; b++) {
+                __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_add_epi32(m[b], m[b]));
+                f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
             }
+        }
+    }
+    for (; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        for (int64_t i = 0; i < k; i++) {
+            __m512i m[4];
+            for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
+            for (int64_t cc = c0; cc < c1; cc += 8) vnni_i8_pair(w0 + i * pstride, tab, ts, cc, TB, cc + 4 < c1, perm, m);
             fma_group(a, i, t, j, tok0, TB, m, f);
         }
     }
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
 }
 
+#define VNNI_I8_K(a, t, tok0, TB, j0, j1, GB)                          \
+    switch (kk) {                                                     \
+    case 1: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 1); break;       \
+    case 2: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 2); break;       \
+    case 3: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 3); break;       \
+    case 4: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 4); break;       \
+    default: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 0); break;      \
+    }
+
 static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
-#define CALL(TB) vnni_i8_tile(a, t, tok0, TB, j0, j1)
+    const int gb = ep_blocks_per_group(a), kk = a->k <= 4 ? (int)a->k : 0;
+#define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
 }
+#undef VNNI_I8_K
 
 /* xnor tables: per 32 inputs (byte columns c..c+3) one vector, lane q = byte c+q of the
  * activation signs (padding cleared), 16 times. */
@@ -344,9 +382,29 @@ static void avx512vnni_xnor_tables(const uint8_t *bits, int64_t in, int64_t grou
     ep_ref_group_valid(in, group, nvalid);
 }
 
-EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
-    const __m512i ones = _mm512_set1_epi8(1), perm = _mm512_loadu_si512((const void *)rows_by_dword);
+/* Byte counts of differing bits over blocks [cc, ce) (<= 31 blocks: <= 248 per byte) into m. */
+EP_INLINE void vnni_xnor_run(const ep_gemm_args *a, const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc,
+                             int64_t ce, const int TB, int masked, __m512i perm, __m512i *m) {
+    const __m512i ones = _mm512_set1_epi8(1);
     const int64_t cfull = (a->in / 32) * 4;  /* blocks from here on hold padding inputs */
+    __m512i s[4];
+    for (int b = 0; b < TB; b++) s[b] = _mm512_setzero_si512();
+    for (; cc < ce; cc += 4) {
+        __m512i v = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
+        if (masked && cc >= cfull)  /* the weights' padding bits must not count */
+            v = _mm512_and_si512(v, bytes_per_lane(ep_valid_bits(a->in, cc), ep_valid_bits(a->in, cc + 1),
+                                                   ep_valid_bits(a->in, cc + 2), ep_valid_bits(a->in, cc + 3)));
+        for (int b = 0; b < TB; b++)
+            s[b] = _mm512_add_epi8(s[b], _mm512_popcnt_epi8(_mm512_xor_si512(v, _mm512_load_si512((const void *)(tab + b * ts + cc * 16)))));
+    }
+    for (int b = 0; b < TB; b++) m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, s[b]), ones);
+}
+
+EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
+                              const int GB) {
+    const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
+    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t ts = a->tab_stride;
     __m512 f[4];
     load_acc512(a, t, tok0, TB, f, j0 == 0);
     for (int64_t j = j0; j < j1; j++) {
@@ -356,21 +414,11 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
             const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
             __m512i m[4];
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
-            for (int64_t c = c0; c < c1; c += 64) {  /* 16 blocks of <= 8 per byte: <= 128 */
-                const int64_t ce = ep_min64(c + 64, c1);
-                __m512i s[4];
-                for (int b = 0; b < TB; b++) s[b] = _mm512_setzero_si512();
-                for (int64_t cc = c; cc < ce; cc += 4) {
-                    __m512i v = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
-                    if (cc >= cfull)  /* the weights' padding bits must not count */
-                        v = _mm512_and_si512(v, bytes_per_lane(ep_valid_bits(a->in, cc), ep_valid_bits(a->in, cc + 1),
-                                                               ep_valid_bits(a->in, cc + 2), ep_valid_bits(a->in, cc + 3)));
-                    for (int b = 0; b < TB; b++) {
-                        const uint8_t *A = a->tab + (tok0 + b) * a->tab_stride + cc * 16;
-                        s[b] = _mm512_add_epi8(s[b], _mm512_popcnt_epi8(_mm512_xor_si512(v, _mm512_load_si512((const void *)A))));
-                    }
-                }
-                for (int b = 0; b < TB; b++) m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, s[b]), ones);
+            if (GB > 0 && j != a->ng - 1) {  /* no padding before the last group */
+                vnni_xnor_run(a, w, tab, ts, c0, c0 + 4 * GB, TB, 0, perm, m);
+            } else {
+                for (int64_t c = c0; c < c1; c += 120)  /* runs of 30 blocks */
+                    vnni_xnor_run(a, w, tab, ts, c, ep_min64(c + 120, c1), TB, 1, perm, m);
             }
             fma_group(a, i, t, j, tok0, TB, m, f);
         }
@@ -379,7 +427,8 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
 }
 
 static void avx512vnni_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
-#define CALL(TB) vnni_xnor_tile(a, t, tok0, TB, j0, j1)
+    const int gb = ep_blocks_per_group(a);
+#define CALL(TB) EP_SWITCH_GB(vnni_xnor_tile, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 2, CALL);
 #undef CALL
 }
@@ -396,5 +445,5 @@ const ep_kernels ep_kernels_avx512bw = {
 const ep_kernels ep_kernels_avx512vnni = {
     "avx512vnni",           avx512vnni_supported,   ep_avx2_quantize_i8,   ep_avx2_binarize,
     avx512_i8_tables,       avx512vnni_xnor_tables, avx512vnni_i8_tiles,   avx512vnni_xnor_tiles,
-    ep_avx2_dense_rows,     ep_avx2_i8_rows,        ep_avx2_dot,           ep_avx2_attend,
+    ep_avx2_dense_rows,     ep_avx2_i8_rows,        ep_avx2_dot,           ep_avx2_attend,  /* memory-bound */
 };

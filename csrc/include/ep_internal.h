@@ -94,6 +94,29 @@ static inline int64_t ep_groups_per_chunk(const ep_gemm_args *a, int64_t tb, int
         }                                                                                        \
     } while (0)
 
+/* Blocks per group when the kernels unroll them (32-input blocks), else 0. */
+static inline int ep_blocks_per_group(const ep_gemm_args *a) {
+    if (a->ng == 1) return 0;
+    switch (a->group) {
+    case 32: return 1;
+    case 64: return 2;
+    case 128: return 4;
+    case 256: return 8;
+    default: return 0;
+    }
+}
+
+/* Instantiate call(..., GB) for the unrolled group sizes (gb = ep_blocks_per_group(a)), or the
+ * general path (GB = 0). */
+#define EP_SWITCH_GB(call, ...)                                                          \
+    switch (gb) {                                                                        \
+    case 1: call(__VA_ARGS__, 1); break;                                                 \
+    case 2: call(__VA_ARGS__, 2); break;                                                 \
+    case 4: call(__VA_ARGS__, 4); break;                                                 \
+    case 8: call(__VA_ARGS__, 8); break;                                                 \
+    default: call(__VA_ARGS__, 0); break;                                                \
+    }
+
 /* Bytes per token of the table area: the i8 tables take 8 bytes per padded input (four 16-entry
  * tables per 8 inputs), the xnor tables 4; every ISA fits in this. */
 static inline int64_t ep_tab_stride(int64_t in) {
