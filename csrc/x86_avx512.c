@@ -107,6 +107,26 @@ EP_INLINE void store_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int 
     }
 }
 
+/* The i8 tables of one token at one pair of 32-input blocks (T: the first block's 256 bytes;
+ * the second's follow, read only when `two`) looked up by the weights' nibbles: al = the sums of
+ * the low activation nibbles, ah = of the signed high nibbles, per byte. */
+EP_INLINE void lookup_pair(const uint8_t *T, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1, int two,
+                           __m512i *al, __m512i *ah) {
+    __m512i l = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
+                                _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
+    __m512i h = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
+                                _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
+    if (two) {
+        const uint8_t *T2 = T + 256;
+        l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
+                                               _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
+        h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
+                                               _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
+    }
+    *al = l;
+    *ah = h;
+}
+
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
     const __m512i m0f = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
     const __m512i mul = _mm512_set1_epi16(0x1001);
@@ -131,18 +151,8 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
                     __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
                     __m512i lo1 = _mm512_and_si512(v1, m0f), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
                     for (int b = 0; b < TB; b++) {
-                        const uint8_t *T = a->tab + (tok0 + b) * a->tab_stride + cc * 64;
-                        __m512i al = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
-                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
-                        __m512i ah = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
-                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
-                        if (two) {
-                            const uint8_t *T2 = T + 256;
-                            al = _mm512_add_epi8(al, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
-                                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
-                            ah = _mm512_add_epi8(ah, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
-                                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
-                        }
+                        __m512i al, ah;
+                        lookup_pair(a->tab + (tok0 + b) * a->tab_stride + cc * 64, lo0, hi0, lo1, hi1, two, &al, &ah);
                         ah = _mm512_xor_si512(ah, flip);
                         s[b][0] = _mm512_add_epi16(s[b][0], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(al, ah), mul));
                         s[b][1] = _mm512_add_epi16(s[b][1], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(al, ah), mul));
@@ -280,11 +290,17 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
     }
 }
 
+#define EP_PREFETCH_BYTES 4096  /* how far ahead in a plane a decode step asks for weights */
+
 /* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
  * for TB tokens: m[b] += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
 EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB, int two,
                             __m512i perm, __m512i *m) {
     const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
+    if (TB == 1) {  /* decode: the weights stream from DRAM, the hardware prefetcher alone lags */
+        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES + 64), _MM_HINT_T0);
+    }
     __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
     __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
     __m512i lo1 = lo0, hi1 = hi0;
@@ -294,18 +310,8 @@ EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, in
         hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
     }
     for (int b = 0; b < TB; b++) {
-        const uint8_t *T = tab + b * ts + cc * 64;
-        __m512i al = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
-                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
-        __m512i ah = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
-                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
-        if (two) {
-            const uint8_t *T2 = T + 256;
-            al = _mm512_add_epi8(al, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
-                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
-            ah = _mm512_add_epi8(ah, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
-                                                     _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
-        }
+        __m512i al, ah;
+        lookup_pair(tab + b * ts + cc * 64, lo0, hi0, lo1, hi1, two, &al, &ah);
         m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, al), ones);
         m[b] = _mm512_dpbusd_epi32(m[b], sixteen, _mm512_permutexvar_epi8(perm, ah));
     }
@@ -363,7 +369,11 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     }
 
 static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+#if defined(EP_SIMDE)  /* emulated builds check the logic, not the speed: one plane-count path compiles 5x faster */
+    const int gb = ep_blocks_per_group(a), kk = 0;
+#else
     const int gb = ep_blocks_per_group(a), kk = a->k <= 4 ? (int)a->k : 0;
+#endif
 #define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
@@ -390,6 +400,7 @@ EP_INLINE void vnni_xnor_run(const ep_gemm_args *a, const uint8_t *w, const uint
     __m512i s[4];
     for (int b = 0; b < TB; b++) s[b] = _mm512_setzero_si512();
     for (; cc < ce; cc += 4) {
+        if (TB == 1) _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T0);
         __m512i v = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
         if (masked && cc >= cfull)  /* the weights' padding bits must not count */
             v = _mm512_and_si512(v, bytes_per_lane(ep_valid_bits(a->in, cc), ep_valid_bits(a->in, cc + 1),
