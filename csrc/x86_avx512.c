@@ -399,8 +399,7 @@ EP_INLINE void vnni_xnor_run(const ep_gemm_args *a, const uint8_t *w, const uint
     const int64_t cfull = (a->in / 32) * 4;  /* blocks from here on hold padding inputs */
     __m512i s[4];
     for (int b = 0; b < TB; b++) s[b] = _mm512_setzero_si512();
-    for (; cc < ce; cc += 4) {
-        if (TB == 1) _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T0);
+    for (; cc < ce; cc += 4) {  /* (prefetching here measured slower, in cache and from DRAM) */
         __m512i v = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
         if (masked && cc >= cfull)  /* the weights' padding bits must not count */
             v = _mm512_and_si512(v, bytes_per_lane(ep_valid_bits(a->in, cc), ep_valid_bits(a->in, cc + 1),
