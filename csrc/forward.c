@@ -23,8 +23,6 @@ typedef struct {
     int64_t n;            /* tokens in this pass */
     int64_t dmax;         /* widest activation */
     /* the batch: token t belongs to sequence tok_seq[t], at position tok_pos[t] */
-    const int64_t *seq_len, *seq_pos;
-    int64_t n_seqs;
     int32_t *tok_seq;
     int64_t *tok_pos;
     /* workspace */
@@ -354,9 +352,6 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
     f.m = m;
     f.threads = threads;
     f.n = n;
-    f.seq_len = seq_len;
-    f.seq_pos = seq_pos;
-    f.n_seqs = n_seqs;
     workspace_layout(m, n, &f, (uint8_t *)work);
     const int64_t D = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
     const int64_t q_dim = H * hd, kv_dim = Hkv * hd, F = m->hidden_dim;

@@ -136,7 +136,7 @@ class CEngine:
         pos = np.zeros(len(seqs), np.int64)
         out = np.empty(n, np.float32)
         work, nbytes = self._workspace(n)
-        ffi, p = self.ffi, lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
+        p = lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
         rc = self.lib.ep_forward_batch(self.kt, self.model, p("float *", k), p("float *", v), cap,
                                        p("int32_t *", tokens), n, p("int64_t *", lens), p("int64_t *", pos),
                                        len(seqs), self.lib.EP_OUT_LOGPROB, p("int32_t *", targets),
