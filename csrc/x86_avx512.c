@@ -290,7 +290,7 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
     }
 }
 
-#define EP_PREFETCH_BYTES 4096  /* how far ahead in a plane a decode step asks for weights */
+#define EP_PREFETCH_BYTES 16384  /* how far ahead in a plane a decode step asks for weights */
 
 /* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
  * for TB tokens: m[b] += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
@@ -298,8 +298,8 @@ EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, in
                             __m512i perm, __m512i *m) {
     const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
     if (TB == 1) {  /* decode: the weights stream from DRAM, the hardware prefetcher alone lags */
-        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES + 64), _MM_HINT_T1);
     }
     __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
     __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
@@ -410,26 +410,56 @@ EP_INLINE void vnni_xnor_run(const ep_gemm_args *a, const uint8_t *w, const uint
     for (int b = 0; b < TB; b++) m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, s[b]), ones);
 }
 
+/* GB > 0: every group but the last is GB blocks, unrolled with pointers stepped, and its row
+ * sums come out of one vpdpbusd as S - 2m directly (the popcount bytes times -2 added onto the
+ * valid count: exact integers); the last group and GB == 0 take the general path. */
 EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
                               const int GB) {
-    const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
+    const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword), minus2 = _mm512_set1_epi8(-2);
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride;
+    const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
+    const int64_t sstride = a->tiles * a->ng * EP_TILE;     /* scales between planes */
+    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
     __m512 f[4];
     load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int64_t j = j0; j < j1; j++) {
+    const int64_t jfast = GB > 0 ? ep_min64(j1, a->ng - 1) : j0;
+    int64_t j = j0;
+    for (; j < jfast; j++) {
+        const int64_t cc = j * 4 * GB, sidx = ep_scale_index(a, 0, t, j);
+        const int32_t *gs = a->gsum + tok0 * a->ng + j;
+        for (int64_t i = 0; i < a->k; i++) {
+            const uint8_t *w = w0 + i * pstride + cc * EP_TILE;
+            __m512i s[4];
+            if (TB == 1)  /* decode: ask L2 for the weights ahead, the hardware prefetcher alone lags */
+                for (int u = 0; u < GB; u++) _mm_prefetch((const char *)(w + EP_PREFETCH_BYTES + u * 64), _MM_HINT_T1);
+            const __m512i v0 = _mm512_loadu_si512((const void *)w);
+            for (int b = 0; b < TB; b++)
+                s[b] = _mm512_popcnt_epi8(_mm512_xor_si512(v0, _mm512_load_si512((const void *)(tab + b * ts + cc * 16))));
+            for (int u = 1; u < GB; u++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(w + u * 64));
+                for (int b = 0; b < TB; b++)
+                    s[b] = _mm512_add_epi8(s[b], _mm512_popcnt_epi8(_mm512_xor_si512(
+                                                     v, _mm512_load_si512((const void *)(tab + b * ts + (cc + 4 * u) * 16)))));
+            }
+            const __m512 alpha = a->scales_f16
+                ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->scales + sidx + i * sstride)))
+                : _mm512_loadu_ps((const float *)a->scales + sidx + i * sstride);
+            for (int b = 0; b < TB; b++) {
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_set1_epi32(gs[b * a->ng]), _mm512_permutexvar_epi8(perm, s[b]), minus2);
+                f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
+            }
+        }
+    }
+    for (; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
         for (int64_t i = 0; i < a->k; i++) {
-            const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
+            const uint8_t *w = w0 + i * pstride;
             __m512i m[4];
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
-            if (GB > 0 && j != a->ng - 1) {  /* no padding before the last group */
-                vnni_xnor_run(a, w, tab, ts, c0, c0 + 4 * GB, TB, 0, perm, m);
-            } else {
-                for (int64_t c = c0; c < c1; c += 120)  /* runs of 30 blocks */
-                    vnni_xnor_run(a, w, tab, ts, c, ep_min64(c + 120, c1), TB, 1, perm, m);
-            }
+            for (int64_t c = c0; c < c1; c += 120)  /* runs of 30 blocks */
+                vnni_xnor_run(a, w, tab, ts, c, ep_min64(c + 120, c1), TB, 1, perm, m);
             fma_group(a, i, t, j, tok0, TB, m, f);
         }
     }
