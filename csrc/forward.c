@@ -304,7 +304,21 @@ static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int
     for (int64_t t = 0; t < n; t++) {
         int64_t id = tokens[t];
         float *xt = x + t * d;
-        if (e->kind == EP_MAT_I8ROWS) {
+        if (e->kind == EP_MAT_PLANES) {  /* x = a_0 B_0, then += a_i B_i (as bits.PlaneMatrix.rows) */
+            const int64_t tiles = ep_padded_out(e->rows) / EP_TILE, ncol = ep_padded_in(d) / 8;
+            const int64_t ng = ep_n_groups(d, e->group), g = ng == 1 ? d : e->group;
+            const int64_t t0 = id / EP_TILE, lane = id % EP_TILE;
+            for (int64_t i = 0; i < e->k; i++) {
+                const uint8_t *p = e->planes + ((i * tiles + t0) * ncol) * EP_TILE + lane;
+                for (int64_t c = 0; c < d; c++) {
+                    const int64_t si = ((i * tiles + t0) * ng + c / g) * EP_TILE + lane;
+                    const float a = e->scales_f16 ? ep_half_to_float(((const uint16_t *)e->scales)[si])
+                                                  : ((const float *)e->scales)[si];
+                    const float v = (p[(c / 8) * EP_TILE] >> (c % 8)) & 1 ? -a : a;
+                    xt[c] = i == 0 ? v : xt[c] + v;
+                }
+            }
+        } else if (e->kind == EP_MAT_I8ROWS) {
             const int8_t *r = (const int8_t *)e->weight + id * d;
             for (int64_t i = 0; i < d; i++) xt[i] = (float)r[i] * e->row_scale[id];
         } else if (e->kind == EP_MAT_F16) {

@@ -222,6 +222,22 @@ class PlaneMatrix:
         """(k, out, n_groups) float32."""
         return untile_scales(self.scales, self.out_features).astype(np.float32)
 
+    def rows(self, ids) -> np.ndarray:
+        """Rows `ids` of W_hat as float32 (len(ids), in), the way an embedding lookup reads them:
+        x = alpha_0 B_0, then x += alpha_i B_i for i = 1..k-1, in float32 (every engine sums in
+        this order, so a looked-up row is the same bits everywhere)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        tiles, lanes = ids // TILE, ids % TILE
+        sub = self.planes[:, tiles, :, lanes]                        # (n, k, ncol)
+        neg = _unpack_bits_rows(sub, self.in_features)               # (n, k, in)
+        gidx = np.minimum(np.arange(self.in_features) // self.group, self.n_groups - 1)
+        a = self.scales[:, tiles, :, lanes].astype(np.float32)[:, :, gidx]   # (n, k, in)
+        term = np.where(neg, -a, a)
+        x = term[:, 0].copy()
+        for i in range(1, self.k):
+            x += term[:, i]
+        return x
+
     def dequantize(self) -> np.ndarray:
         """W_hat = sum_i alpha_i * B_i as float32 (out, in)."""
         b = self.signs().astype(np.float32)

@@ -149,11 +149,18 @@ def cmd_fetch(a) -> int:
 
 def cmd_convert(a) -> int:
     from .convert import Recipe, convert
-    recipe = Recipe(planes=a.planes, group=a.group, keep=a.keep, passthrough=a.passthrough,
-                    embed=a.embed, head=a.head, als_iters=a.als_iters,
+    budget = {}
+    if a.bits is not None:  # --planes / --group restrict the formats the budget chooses from
+        if a.planes:
+            budget["bits_planes"] = (a.planes,)
+        if a.group:
+            budget["bits_groups"] = (a.group,)
+    rows = "auto" if a.bits is not None else "int8"
+    recipe = Recipe(planes=a.planes or 2, group=64 if a.group is None else a.group, keep=a.keep,
+                    passthrough=a.passthrough, embed=a.embed or rows, head=a.head or rows, als_iters=a.als_iters,
                     calib=None if a.no_calib else a.calib, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
-                    rotate=not a.no_rotate, seed=a.seed, bits=a.bits, tune_steps=a.tune_steps,
-                    tune_lr=a.tune_lr)
+                    rotate=not a.no_rotate, act_order=a.act_order, seed=a.seed, bits=a.bits,
+                    tune_steps=a.tune_steps, tune_lr=a.tune_lr, **budget)
     log = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
     report = convert(a.src, a.out, recipe, progress=not a.quiet, log=log)
     if a.eval:
@@ -238,15 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a Hugging Face directory or GGUF file to a model file")
     s.add_argument("src")
     s.add_argument("out")
-    s.add_argument("--planes", "-k", type=int, default=2, help="binary planes per weight, 1..4 (default 2)")
+    s.add_argument("--planes", "-k", type=int, default=None, help="binary planes per weight, 1..4 (default 2)")
     s.add_argument("--bits", type=float, default=None,
-                   help="average bits per weight, scales included: planes per layer by measured sensitivity")
-    s.add_argument("--group", "-g", type=int, default=64, help="inputs per scale: 32, 64, 128, 256, 0 = row")
+                   help="average bits per weight, scales included: planes and group size per tensor by "
+                        "measured sensitivity (with --planes / --group: only that plane count / group size); "
+                        "embeddings and head are chosen and counted too unless --embed / --head fix them")
+    s.add_argument("--group", "-g", type=int, default=None, help="inputs per scale: 32, 64, 128, 256, 0 = row (default 64)")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="leave linear layers matching PATTERN (e.g. 'layers.0.*') unbinarized")
     s.add_argument("--passthrough", action="store_true", help="keep every weight at its source precision")
-    s.add_argument("--embed", choices=["int8", "f16", "f32"], default="int8")
-    s.add_argument("--head", choices=["int8", "f16", "f32"], default="int8")
+    s.add_argument("--embed", default=None, metavar="FORMAT",
+                   help="embeddings: int8 (rows, the default), f16, f32, kK or kKgG (K planes, group G), "
+                        "auto (chosen by --bits, its default there)")
+    s.add_argument("--head", default=None, metavar="FORMAT", help="the output layer: as --embed")
     s.add_argument("--als-iters", type=int, default=4, help="alternating least-squares rounds (default 4)")
     c = s.add_argument_group("calibration (on by default, with the shipped text)")
     c.add_argument("--calib", metavar="TEXT_FILE", default="default",
@@ -255,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
     c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     c.add_argument("--no-rotate", action="store_true", help="no rotation before calibration")
+    c.add_argument("--act-order", action="store_true",
+                   help="GPTQ rounds columns by decreasing input energy (helps layers with outlier inputs; "
+                        "measured worse on SmolLM2 after rotation)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random rotations and of the tuning order")
     c.add_argument("--tune-steps", type=int, default=40,
                    help="after fitting, tune the plane scales against the float model's outputs for this "

@@ -10,6 +10,7 @@ planes with scales a/2 and take no fitting at all.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,6 +49,13 @@ def greedy_planes(w: np.ndarray, k: int, group: int):
         alpha.append(a)
     s = np.stack(signs).reshape(k, n_out, -1)[:, :, :n_in].astype(np.int8)
     return s, np.stack(alpha).astype(np.float32)
+
+
+def expand_scales(alpha: np.ndarray, group: int, n_in: int) -> np.ndarray:
+    """alpha (..., out, n_groups) -> (..., out, n_in): each group's scale on its inputs."""
+    ng = alpha.shape[-1]
+    idx = np.minimum(np.arange(n_in) // (n_in if ng == 1 else group), ng - 1)
+    return alpha[..., idx]
 
 
 def _levels(alpha: np.ndarray):
@@ -159,60 +167,77 @@ def _nearest_level(col: np.ndarray, alpha: np.ndarray, combos: np.ndarray):
     return lev[best, np.arange(col.size)], combos[best]
 
 
-def gptq_prepare(h: np.ndarray, damp: float = 0.01):
-    """(damped H, upper Cholesky factor of its inverse, dead inputs): what GPTQ needs of H, once
-    for every matrix that reads the same inputs."""
+class GptqPrep(NamedTuple):
+    """What GPTQ needs of H, computed once for every matrix that reads the same inputs."""
+    h: np.ndarray            # (in, in) damped H, float64, original column order
+    hinv: np.ndarray         # upper Cholesky factor of the inverse of H in processing order
+    dead: np.ndarray         # (in,) bool: inputs that are always zero
+    order: np.ndarray        # (in,) processing order of the columns (act-order or 0..in-1)
+
+
+def gptq_prepare(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -> GptqPrep:
+    """Damp H, choose the column order (act-order: by decreasing diag(H), the inputs with the most
+    energy rounded first, while the most columns are left to absorb their error) and factor the
+    inverse in that order."""
     h = np.array(h, np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h += damp * np.mean(np.diag(h)) * np.eye(h.shape[0])
-    return h, np.linalg.cholesky(np.linalg.inv(h)).T, dead
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    hp = h[np.ix_(order, order)] if act_order else h
+    return GptqPrep(h, np.linalg.cholesky(np.linalg.inv(hp)).T, dead, order)
 
 
 def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 0.01, block: int = 128,
-                als_iters: int = 2, refit: bool = True, prepared=None, rounds: int = 1,
-                alpha_fixed: np.ndarray | None = None) -> bits.PlaneMatrix:
-    """GPTQ-style fitting of k sign planes: columns left to right, each one rounded to the nearest
-    of its row's 2^k levels, the rounding error fed forward through H^-1 to the columns not yet
-    rounded; every group's codebook (its k scales per row) is fitted, greedy + ALS, on the
-    error-updated weights when the group starts (or taken from alpha_fixed (k, out, ng)).
-    Optionally the scales are then refit jointly per row on the original weights (signs fixed,
-    see refit_scales); with rounds > 1, the signs are chosen again by error feedback under the
-    refit scales, and the scales refit again, that many times."""
+                als_iters: int = 2, refit: bool = True, prepared: GptqPrep | None = None, rounds: int = 1,
+                alpha_fixed: np.ndarray | None = None, act_order: bool = False) -> bits.PlaneMatrix:
+    """GPTQ-style fitting of k sign planes: columns one by one (left to right, or by decreasing
+    diag(H) with act_order), each rounded to the nearest of its row's 2^k levels, the rounding
+    error fed forward through H^-1 to the columns not yet rounded.  Groups stay the contiguous
+    runs of `group` inputs the kernels read; each group's codebook (its k scales per row) is
+    fitted, greedy + ALS, on the error-updated weights when its first column comes up (or taken
+    from alpha_fixed (k, out, ng)).  Optionally the scales are then refit jointly per row on the
+    original weights (signs fixed, see refit_scales); with rounds > 1, the signs are chosen again
+    by error feedback under the refit scales, and the scales refit again, that many times."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     bits.check_group(n_in, group)
     one_group = bits.n_groups(n_in, group) == 1
     g = n_in if one_group else group
-    h_damped, hinv, dead = prepared if prepared is not None else gptq_prepare(h, damp)
+    prep = prepared if prepared is not None else gptq_prepare(h, damp, act_order)
+    hinv, order = prep.hinv, prep.order
+    pos_of = np.empty(n_in, np.int64)
+    pos_of[order] = np.arange(n_in)
     W = w.astype(np.float64).copy()
-    W[:, dead] = 0.0
-    B = max(block, g) if not one_group else n_in
-    B = (B // g) * g if not one_group else B
+    W[:, prep.dead] = 0.0
+    W = W[:, order]                                  # columns in processing order
+    B = n_in if one_group else max(block, g) // g * g
     combos = np.array(list(itertools.product((-1.0, 1.0), repeat=k)), np.float64)  # (2^k, k)
+    ng = bits.n_groups(n_in, group)
     signs = np.zeros((k, n_out, n_in), np.int8)
-    alpha = np.zeros((k, n_out, bits.n_groups(n_in, group)), np.float32)
-    cur = None
+    alpha = np.zeros((k, n_out, ng), np.float32)
+    books: list[np.ndarray | None] = [None] * ng     # (k, out) float64 per group, once fitted
     for i1 in range(0, n_in, B):
         i2 = min(i1 + B, n_in)
         W1 = W[:, i1:i2].copy()
         E1 = np.zeros_like(W1)
         H1 = hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            col = i1 + j
-            if col % g == 0:
-                gi = col // g
+            col = int(order[i1 + j])
+            gi = col // g
+            if books[gi] is None:
                 if alpha_fixed is not None:
-                    cur = alpha_fixed[:, :, gi].astype(np.float64)
-                else:
-                    ge = min(col + g, n_in)
-                    part = W1[:, j:j + (ge - col)] if ge <= i2 else np.concatenate([W1[:, j:], W[:, i2:ge]], 1)
-                    s0, a0 = greedy_planes(part.astype(np.float32), k, part.shape[1])
+                    books[gi] = alpha_fixed[:, :, gi].astype(np.float64)
+                else:  # the group's columns as error feedback has left them (none rounded yet)
+                    ps = pos_of[gi * g:min(gi * g + g, n_in)]
+                    part = np.where(ps[None, :] < i2, W1[:, np.clip(ps - i1, 0, i2 - i1 - 1)], W[:, ps])
+                    part = part.astype(np.float32)
+                    s0, a0 = greedy_planes(part, k, part.shape[1])
                     if als_iters:
-                        s0, a0 = als_refine(part.astype(np.float32), s0, a0, part.shape[1], als_iters)
-                    cur = a0[:, :, 0].astype(np.float64)       # (k, out)
-                alpha[:, :, gi] = cur
-            q, chosen = _nearest_level(W1[:, j], cur, combos)
+                        s0, a0 = als_refine(part, s0, a0, part.shape[1], als_iters)
+                    books[gi] = a0[:, :, 0].astype(np.float64)
+                alpha[:, :, gi] = books[gi]
+            q, chosen = _nearest_level(W1[:, j], books[gi], combos)
             signs[:, :, col] = chosen.T.astype(np.int8)
             err = (W1[:, j] - q) / H1[j, j]
             W1[:, j:] -= np.outer(err, H1[j, j:])
@@ -220,10 +245,9 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     pm = bits.PlaneMatrix.from_signs(signs, alpha, group)
     if refit:
-        pm = refit_scales(w, pm, h_damped)
+        pm = refit_scales(w, pm, prep.h)
         if rounds > 1:
-            return gptq_planes(w, h, k, group, damp, block, als_iters, refit, (h_damped, hinv, dead),
-                               rounds - 1, pm.alpha())
+            return gptq_planes(w, h, k, group, damp, block, als_iters, refit, prep, rounds - 1, pm.alpha())
     return pm
 
 

@@ -94,3 +94,22 @@ def test_bad_group(bad):
     with pytest.raises(ValueError, match="group"):
         bits.check_group(300, bad)
     assert bits.check_group(300, 300) == 300
+
+
+@pytest.mark.parametrize("n_out,n_in,group", [(1, 1, 1), (17, 63, 32), (40, 127, 64), (33, 576, 256), (5, 100, 100)])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_rows_lookup_is_the_dequantized_row_summed_in_order(rng, k, n_out, n_in, group):
+    """PlaneMatrix.rows (an embedding lookup) gives W_hat's rows, summed plane by plane in float32
+    (the order every engine follows): exactly that order's float32 sums."""
+    signs = rng.choice(np.array([-1, 1], np.int8), size=(k, n_out, n_in))
+    alpha = rng.random((k, n_out, bits.n_groups(n_in, group)), dtype=np.float32) * np.float32(3.7)
+    pm = PlaneMatrix.from_signs(signs, alpha, group)
+    ids = np.array([n_out - 1, 0, n_out // 2, n_out - 1])
+    got = pm.rows(ids)
+    assert got.shape == (len(ids), n_in) and got.dtype == np.float32
+    gidx = np.minimum(np.arange(n_in) // group, alpha.shape[2] - 1)
+    want = np.zeros((len(ids), n_in), np.float32)
+    for i in range(k):
+        want = (want + (signs[i, ids] * alpha[i][ids][:, gidx]).astype(np.float32)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, pm.dequantize()[ids], rtol=1e-6, atol=1e-6)

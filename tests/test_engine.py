@@ -14,13 +14,31 @@ pytestmark = pytest.mark.skipif(_cffi.lib is None, reason="C kernels not built")
 IDS = np.array([3, 17, 99, 150, 7, 42, 200, 5, 61, 88, 13, 2], np.int32)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2", "bitnet", "mistral"])
-def binarized(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp("e_" + request.param)
-    build(request.param, d / "hf")
+# (architecture, embeddings and head formats): rows as planes too, untied (llama: the rotation
+# unties the head) and tied (gpt2: one planes table for both)
+VARIANTS = {"llama": ("llama", "int8", "int8"), "qwen2": ("qwen2", "int8", "int8"), "gpt2": ("gpt2", "int8", "int8"),
+            "bitnet": ("bitnet", "int8", "int8"), "mistral": ("mistral", "int8", "int8"),
+            "llama-rows-k2k3": ("llama", "k2", "k3"), "gpt2-rows-k2": ("gpt2", "k2", "k2")}
+
+
+def _convert(variant, tmp_path_factory):
+    arch, embed, head = VARIANTS[variant]
+    d = tmp_path_factory.mktemp("e_" + variant)
+    build(arch, d / "hf")
     add_tokenizer(d / "hf")
-    convert(d / "hf", d / "m.ep", Recipe(planes=3, group=32, calib_tokens=2048, seq_len=64))  # calibrated, rotated
+    convert(d / "hf", d / "m.ep", Recipe(planes=3, group=32, calib_tokens=2048, seq_len=64,  # calibrated, rotated
+                                         embed=embed, head=head))
     return d / "m.ep"
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def binarized(request, tmp_path_factory):
+    return _convert(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[v for v, (_, e, h) in VARIANTS.items() if e != "int8"])
+def planes_rows(request, tmp_path_factory):
+    return _convert(request.param, tmp_path_factory)
 
 
 def per_position_rel(a, b):
@@ -121,3 +139,21 @@ def test_batched_forward_rejects_bad_batches(binarized):
         m.score([IDS], masks=[np.ones(3, bool)])
     with pytest.raises(ValueError, match="token ids"):
         m.score([IDS, np.array([m.cfg.vocab_size])])
+
+
+def test_rows_as_planes_are_read_at_call_time(planes_rows):
+    """Embeddings and head stored as planes (the C engine looks rows up as PlaneMatrix.rows: the
+    other tests compare its logits with the reference's): their scales are trainable float32
+    arrays like every other plane scale, read at call time."""
+    m = Model(planes_rows, engine="c")
+    tables = list(m.weights.plane_tables())
+    assert {t.name for t in tables} == ({"embed", "head"} if m.weights.head is not None else {"embed"})
+    before = m.logits(IDS)
+    params = m.trainable_parameters()
+    for t in tables:
+        scales = params[t.name + ".scales"]
+        saved = scales.copy()
+        scales *= 0.5
+        assert not np.array_equal(m.logits(IDS), before), t.name
+        scales[...] = saved
+    np.testing.assert_array_equal(m.logits(IDS), before)

@@ -8,12 +8,16 @@ sensitivity), plus options after ':' joined by ',':
   nocal (data-free greedy+ALS), norot (no rotation), norefit (no joint scale refit),
   comp / compres (fit every / only o and down layers to the float model's outputs),
   tokensN (calibration tokens), roundsN (GPTQ + refit rounds), dampX (GPTQ damping),
-  tuneN / tunelrX (scale tuning steps, default 40; its learning rate).
+  tuneN / tunelrX (scale tuning steps, default 40; its learning rate);
+  for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
+  gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
+  formats: int8, f16, f32, kK, kKgG).
 Prints a markdown table; conversions are cached in $EDGEPANEL_HOME/quality/.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -59,9 +63,18 @@ def parse(spec: str) -> Recipe:
             r.tune_steps = int(o[4:])
         elif o.startswith("tokens"):
             r.calib_tokens = int(o[6:])
+        elif o.startswith("ks"):          # plane counts a budget may choose: ks34
+            r.bits_planes = tuple(int(c) for c in o[2:])
+        elif o.startswith("gs"):          # group sizes a budget may choose: gs64-128-256
+            r.bits_groups = tuple(int(c) for c in o[2:].split("-"))
+        elif o == "rows":                 # embeddings and head chosen by the budget too
+            r.embed = r.head = "auto"
+        elif o.startswith("embed") or o.startswith("head"):   # embedK / headKgG / headint8
+            what = "embed" if o.startswith("embed") else "head"
+            setattr(r, what, o[len(what):])
         else:
             raise SystemExit(f"unknown option {o!r} in {spec!r}")
-    return r
+    return dataclasses.replace(r)   # validated
 
 
 def main():
@@ -86,29 +99,36 @@ def main():
             secs = time.time() - t
         m = load(path)
         row = {"recipe": spec, "file_mib": path.stat().st_size / 2**20, "convert_s": secs,
-               "bits": _linear_bits(m)}
+               "bits": _linear_bits(m), "bits_all": _linear_bits(m, with_rows=True)}
         for name, text in texts.items():
             ids = m.tokenizer.encode(text)[:args.tokens]
             row[name] = m.perplexity(m.tokenizer.decode(ids), window=args.window)
         rows.append(row)
         base = rows[0]
         print(f"{spec:28} " + " ".join(f"{n} {row[n]:9.2f} ({row[n] / base[n]:.2f}x)" for n in texts)
-              + f"  {row['bits']:.2f} bits/w, {row['file_mib']:.1f} MiB"
+              + f"  {row['bits']:.2f} bits/w ({row['bits_all']:.2f} with embeddings and head), {row['file_mib']:.1f} MiB"
               + (f", converted in {secs:.0f} s" if secs else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
 
-def _linear_bits(m) -> float:
-    tot = bits = 0
-    for lin in m.weights.linears():
-        n = lin.out_features * lin.in_features
-        tot += n
-        if lin.planes is not None:
-            bits += 8 * (lin.planes.planes.nbytes + lin.planes.scales.size * 2)
-        else:
-            bits += 8 * lin.weight.nbytes
-    return bits / tot
+def _stored_bits(t) -> float:
+    """Bits a linear layer or embeddings/head table takes in the file (float16 scales)."""
+    if getattr(t, "planes", None) is not None:
+        return 8 * (t.planes.planes.nbytes + t.planes.scales.size * 2)
+    if getattr(t, "q", None) is not None:
+        return 8 * (t.q.nbytes + t.row_scale.nbytes)
+    return 8 * t.weight.nbytes
+
+
+def _linear_bits(m, with_rows: bool = False) -> float:
+    """Bits per weight over the linear layers (and embeddings and head with `with_rows`)."""
+    w = m.weights
+    tables = list(w.linears())
+    if with_rows:
+        tables += [t for t in (w.embed, w.head) if t is not None and t not in tables]
+    tot = sum(getattr(t, "out_features", 0) * getattr(t, "in_features", 0) or t.rows * t.cols for t in tables)
+    return sum(_stored_bits(t) for t in tables) / tot
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ typedef struct {
     float norm_eps;
     const float *inv_freq;      /* (head_dim/2,): RoPE; NULL: learned positions */
     const float *pos_embed;     /* (max_seq, dim) or NULL */
-    ep_matrix embed;            /* read by rows: EP_MAT_I8ROWS, EP_MAT_F32 or EP_MAT_F16 */
+    ep_matrix embed;            /* read by rows: EP_MAT_I8ROWS, EP_MAT_PLANES, EP_MAT_F32 or EP_MAT_F16 */
     ep_matrix head;             /* the output layer (a copy of embed when tied) */
     ep_norm final_norm;
     const ep_layer *layers;

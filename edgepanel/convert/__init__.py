@@ -20,7 +20,7 @@ from .. import bits, quantize
 from ..errors import FormatError
 from ..format import Metadata, ModelWriter
 from . import bitnet, gpt2, llama, qwen2  # noqa: F401  (register the architectures)
-from .base import ARCHITECTURES, Emitted, Recipe, architecture_for
+from .base import ARCHITECTURES, Emitted, Recipe, architecture_for, row_planes
 
 __all__ = ["convert", "Recipe", "ConversionReport", "supported_architectures"]
 
@@ -101,56 +101,55 @@ class _Store:
     def dense_dtype(self, e: Emitted):
         return np.float16 if e.source_dtype == "float16" else np.float32
 
+    def _planes(self, e: Emitted, pm: bits.PlaneMatrix, fit: str, err: float, calibrated: bool):
+        """Write one binarized tensor (planes, float16 scales) with its recipe and report row."""
+        scales16 = pm.scales.astype(np.float16)
+        if not np.all(np.isfinite(scales16)):
+            raise FormatError(f"{e.name}: a plane scale does not fit in float16")
+        self.w.add(e.name + ".planes", pm.planes)
+        self.w.add(e.name + ".scales", scales16)
+        self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": fit}
+        nbits = 8.0 * (pm.planes.nbytes + scales16.nbytes) / (pm.out_features * pm.in_features)
+        self.report.rows.append(TensorReport(e.name, pm.shape, "planes", pm.k, pm.group, nbits, err, calibrated))
+
     def linear(self, e: Emitted, fitted=None):
         """Store a linear layer: dense, or binarized (by `fitted` = (PlaneMatrix, calibrated
         error) when calibration fitted it, else data-free here)."""
         out, inp = e.weight.shape
         if fitted is not None and fitted[0] is not None and not (e.ternary or e.absmean):
-            pm, err = fitted
-            scales16 = pm.scales.astype(np.float16)
-            if not np.all(np.isfinite(scales16)):
-                raise FormatError(f"{e.name}: a plane scale does not fit in float16")
-            self.w.add(e.name + ".planes", pm.planes)
-            self.w.add(e.name + ".scales", scales16)
-            self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": "gptq+refit" if self.r.refit else "gptq"}
-            nbits = 8.0 * (pm.planes.nbytes + scales16.nbytes) / (out * inp)
-            self.report.rows.append(TensorReport(e.name, (out, inp), "planes", pm.k, pm.group, nbits, err, calibrated=True))
-            if e.bias is not None:
-                self.w.add(e.name + ".bias", e.bias.astype(np.float32))
-            return
-        if self.r.passthrough or self.r.keeps(e.name):
+            pm, err = fitted[:2]
+            self._planes(e, pm, "gptq+refit" if self.r.refit else "gptq", err, True)
+        elif self.r.passthrough or self.r.keeps(e.name):
             dt = self.dense_dtype(e)
             self.w.add(e.name + ".weight", e.weight.astype(dt))
             self.recipes[e.name] = {"kind": "dense", "dtype": np.dtype(dt).name}
             self.report.rows.append(TensorReport(e.name, (out, inp), "dense", bits=8.0 * np.dtype(dt).itemsize))
+        elif e.ternary or e.absmean:
+            w = e.weight if e.ternary else quantize.absmean_ternary(e.weight)[0]
+            pm = quantize.ternary_planes(w)
+            self._planes(e, pm, "ternary (exact)" if e.ternary else "bitnet absmean ternary",
+                         quantize.reconstruction_error(w, pm), False)
         else:
-            if e.ternary or e.absmean:
-                w = e.weight if e.ternary else quantize.absmean_ternary(e.weight)[0]
-                pm = quantize.ternary_planes(w)
-                fit = "ternary (exact)" if e.ternary else "bitnet absmean ternary"
-            else:
-                g = self.r.group or inp
-                pm = quantize.fit_planes(e.weight, self.r.planes, g if g in bits.GROUP_SIZES or g == inp else inp,
-                                         als_iters=self.r.als_iters)
-                w = e.weight
-                fit = f"greedy+als{self.r.als_iters}"
-            scales16 = pm.scales.astype(np.float16)
-            if not np.all(np.isfinite(scales16)):
-                raise FormatError(f"{e.name}: a plane scale does not fit in float16")
-            self.w.add(e.name + ".planes", pm.planes)
-            self.w.add(e.name + ".scales", scales16)
-            self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": fit}
-            nbits = 8.0 * (pm.planes.nbytes + scales16.nbytes) / (out * inp)
-            self.report.rows.append(TensorReport(e.name, (out, inp), "planes", pm.k, pm.group, nbits,
-                                                 quantize.reconstruction_error(w, pm)))
+            pm = quantize.fit_planes(e.weight, self.r.planes, self.r.group_for(inp), als_iters=self.r.als_iters)
+            self._planes(e, pm, f"greedy+als{self.r.als_iters}", quantize.reconstruction_error(e.weight, pm), False)
         if e.bias is not None:
             self.w.add(e.name + ".bias", e.bias.astype(np.float32))
 
-    def rows(self, e: Emitted, fmt: str):
-        """Embeddings and head: int8 rows, or dense."""
+    def rows(self, e: Emitted, fmt: str, fitted=None):
+        """Embeddings and head: int8 rows, k planes (as calibration fitted them, or data-free
+        here), or dense."""
         if self.r.passthrough:
             fmt = "f16" if e.source_dtype == "float16" else "f32"
         rows, cols = e.weight.shape
+        fmt = row_planes(fmt, self.r.group_for(cols))
+        if not isinstance(fmt, str):
+            if fitted is not None and fitted[0] is not None:
+                how, calibrated = fitted[2:] if len(fitted) > 2 else ("gptq+refit", True)
+                self._planes(e, fitted[0], how, fitted[1], calibrated)
+            else:
+                pm = quantize.fit_planes(e.weight, fmt[0], fmt[1], als_iters=self.r.als_iters)
+                self._planes(e, pm, f"greedy+als{self.r.als_iters}", quantize.reconstruction_error(e.weight, pm), False)
+            return
         if fmt == "int8":
             q, s = quantize.int8_rows(e.weight)
             self.w.add(e.name + ".q", q)
@@ -170,13 +169,13 @@ class _Store:
             self.w.add(e.name + ".bias", e.bias.astype(np.float32))
         self.recipes[e.name] = {"kind": "dense", "dtype": "float32"}
 
-    def __call__(self, e: Emitted):
+    def __call__(self, e: Emitted, fitted=None):
         if e.role == "linear":
-            self.linear(e)
+            self.linear(e, fitted)
         elif e.role == "embed":
-            self.rows(e, self.r.embed)
+            self.rows(e, self.r.embed, fitted)
         elif e.role == "head":
-            self.rows(e, self.r.head)
+            self.rows(e, self.r.head, fitted)
         elif e.role in ("norm", "pos_embed", "vector"):
             self.vector(e)
         else:
@@ -213,9 +212,26 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
         toks = cal.calibration_tokens(tok_json, text, recipe.calib_tokens, min(recipe.seq_len, cfg.max_seq_len), str(src))
         run = cal._Run(fm, recipe, log)
         if recipe.bits:
-            run.planes_of = cal.plan_planes(run, toks, recipe.bits, log)
-        run.run(toks)
+            run.format_of, chosen = cal.plan_bits(run, toks, recipe.bits, log)
+            # the file records what the budget chose
+            recipe = dataclasses.replace(recipe, **{role: ("int8" if fmt == "int8" else "k%dg%d" % fmt)
+                                                    for role, fmt in chosen.items()},
+                                         **{role: "int8" for role in ("embed", "head")
+                                            if getattr(recipe, role) == "auto" and role not in chosen})
+        final = run.run(toks)
         fitted = run.results
+        for role in ("head", "embed"):
+            if role not in fm.t:
+                continue
+            fmt = row_planes(getattr(recipe, role), recipe.group_for(fm.t[role].weight.shape[1]))
+            if isinstance(fmt, str):
+                continue
+            if role == "head":   # on the final hidden states, as every linear layer on its inputs
+                run.fit("head", final, fmt=fmt)
+            else:                # read by rows: nothing to weigh the inputs by
+                w = fm.t[role].weight
+                pm = quantize.fit_planes(w, fmt[0], fmt[1], als_iters=recipe.als_iters)
+                fitted[role] = (pm, quantize.reconstruction_error(w, pm), f"greedy+als{recipe.als_iters}", False)
         if recipe.tuned:
             from . import recover
             if recover.available():
@@ -231,10 +247,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
             from ..progress import bar
             emitted = bar(emitted, total=_count(cfg), desc="writing" if recipe.calibrated else "converting", unit="tensor")
         for e in emitted:
-            if e.role == "linear":
-                store.linear(e, fitted.get(e.name))
-            else:
-                store(e)
+            store(e, fitted.get(e.name))
         if not recipe.calibrated:
             tensors.check_all_consumed()
         if cfg.pos == "rope":

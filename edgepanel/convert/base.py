@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
+from ..bits import GROUP_SIZES
 from ..errors import FormatError
 from ..model.config import ModelConfig
 
@@ -101,6 +103,25 @@ def get(hf: dict, key: str, default=None, *, required=False, where="config.json"
     return v
 
 
+ROW_FORMATS = "int8, f16, f32, kK or kKgG (K planes, group G or the recipe's), auto"
+_ROW_PLANES = re.compile(r"k([1-4])(?:g(\d+))?")
+
+
+def valid_row_format(fmt) -> bool:
+    if fmt in ("int8", "f16", "f32", "auto"):
+        return True
+    m = isinstance(fmt, str) and _ROW_PLANES.fullmatch(fmt)
+    return bool(m) and (m[2] is None or int(m[2]) in GROUP_SIZES)
+
+
+def row_planes(fmt: str, default_group: int):
+    """An embeddings/head format: (planes, group) for "kK" / "kKgG", else the string itself."""
+    m = _ROW_PLANES.fullmatch(fmt)
+    if not m:
+        return fmt
+    return int(m[1]), int(m[2]) if m[2] else default_group
+
+
 @dataclass
 class Recipe:
     """How to store each tensor: chosen per conversion, recorded in the file."""
@@ -108,8 +129,8 @@ class Recipe:
     group: int = 64
     keep: list[str] = field(default_factory=list)   # fnmatch patterns of linear layers left dense
     passthrough: bool = False                        # every weight at its source precision
-    embed: str = "int8"                              # int8 | f16 | f32
-    head: str = "int8"                               # int8 | f16 | f32
+    embed: str = "int8"                              # int8 | f16 | f32 | kK[gG] (planes) | auto (chosen
+    head: str = "int8"                               # by the bit budget): see ROW_FORMATS
     als_iters: int = 4
     calib: str | None = "default"                    # calibration text file; "default": the shipped one; None: data-free
     calib_tokens: int = 8192
@@ -117,11 +138,14 @@ class Recipe:
     rotate: bool = True                              # rotation before calibration (RMS-norm models)
     damp: float = 0.01                               # GPTQ damping, relative to mean diag(H)
     refit: bool = True                               # joint per-row scale refit after GPTQ
+    act_order: bool = False                          # GPTQ rounds columns by decreasing diag(H)
     rounds: int = 1                                  # GPTQ + refit rounds (signs again under refit scales)
     compensate: bool | str = False                   # fit to the float model's outputs: True (every layer),
                                                      # "residual" (o and down only), False
     seed: int = 0                                    # of the random rotations
-    bits: float | None = None                        # average bits per weight: planes per layer by sensitivity
+    bits: float | None = None                        # average bits per weight: formats per tensor by sensitivity
+    bits_planes: tuple = (1, 2, 3, 4)                # the plane counts a budget may choose from
+    bits_groups: tuple = (64, 128, 256)              # the group sizes it may choose from
     tune_steps: int = 40                             # scale tuning against the float model (KL), Adam steps;
                                                      # calibrated recipes only; needs torch (skipped without)
     tune_lr: float | None = None                     # its learning rate (relative change of a scale per
@@ -135,6 +159,13 @@ class Recipe:
             raise ValueError(f"group must be one of {bits.GROUP_SIZES} (or 0: one group per row), got {self.group}")
         if self.bits is not None and not (self.bits > 0):
             raise ValueError(f"bits must be a positive number, got {self.bits}")
+        if self.bits is not None:
+            self.bits_planes = tuple(sorted(set(self.bits_planes)))
+            self.bits_groups = tuple(sorted(set(self.bits_groups)))
+            if not self.bits_planes or not all(isinstance(k, int) and 1 <= k <= bits.MAX_PLANES for k in self.bits_planes):
+                raise ValueError(f"bits_planes must be plane counts in 1..{bits.MAX_PLANES}, got {self.bits_planes!r}")
+            if not self.bits_groups or not all(g in bits.GROUP_SIZES for g in self.bits_groups):
+                raise ValueError(f"bits_groups must be among {bits.GROUP_SIZES}, got {self.bits_groups!r}")
         if self.bits is not None and not self.calib:
             raise ValueError("--bits measures sensitivity on calibration data: it needs calibration")
         if not isinstance(self.tune_steps, int) or isinstance(self.tune_steps, bool) or self.tune_steps < 0:
@@ -142,8 +173,11 @@ class Recipe:
         if self.tune_lr is not None and not (self.tune_lr > 0):
             raise ValueError(f"tune_lr must be positive, got {self.tune_lr!r}")
         for what in ("embed", "head"):
-            if getattr(self, what) not in ("int8", "f16", "f32"):
-                raise ValueError(f"{what} format must be int8, f16 or f32, got {getattr(self, what)!r}")
+            fmt = getattr(self, what)
+            if not valid_row_format(fmt):
+                raise ValueError(f"{what} format must be one of {ROW_FORMATS}, got {fmt!r}")
+            if fmt == "auto" and self.bits is None:
+                raise ValueError(f"{what} format 'auto' is chosen by a bit budget: it needs bits (--bits)")
 
     @property
     def calibrated(self) -> bool:
@@ -173,6 +207,13 @@ class Recipe:
             return self.tune_lr
         return 3e-4 if (self.bits or self.planes) >= 4 else 1e-3
 
+    def group_for(self, n_in: int) -> int:
+        """The group size used for rows of n_in inputs: the recipe's, or one group per row when
+        the recipe says 0 or its group does not apply."""
+        from .. import bits
+        group = self.group or n_in
+        return group if group in bits.GROUP_SIZES or group == n_in else n_in
+
     def keeps(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep)
 
@@ -181,5 +222,7 @@ class Recipe:
                 "passthrough": self.passthrough, "embed": self.embed, "head": self.head,
                 "als_iters": self.als_iters, "calib": self.calib, "calib_tokens": self.calib_tokens,
                 "seq_len": self.seq_len, "rotate": self.rotate, "damp": self.damp, "refit": self.refit,
+                "act_order": self.act_order,
                 "compensate": self.compensate, "bits": self.bits, "rounds": self.rounds,
+                "bits_planes": list(self.bits_planes), "bits_groups": list(self.bits_groups),
                 "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate()}

@@ -128,13 +128,9 @@ class _Run:
         self.results: dict[str, tuple] = {}     # name -> (PlaneMatrix or None, error)
         self.fit_seconds = 0.0
         self._cache_key, self._cache = None, None
-        self.planes_of: dict[str, int] = {}     # per-layer planes from a bit budget
+        self.format_of: dict[str, tuple[int, int]] = {}   # (planes, group) per tensor from a bit budget
 
-    def group_for(self, inp: int) -> int:
-        group = self.r.group or inp
-        return group if group in bits.GROUP_SIZES or group == inp else inp
-
-    def fit(self, name: str, x: np.ndarray, x_fp: np.ndarray | None = None, k: int | None = None):
+    def fit(self, name: str, x: np.ndarray, x_fp: np.ndarray | None = None, fmt: tuple[int, int] | None = None):
         """Binarize linear `name` on its inputs x (N, in) -- the inputs the binarized model
         produces -- so that its outputs match the float layer's on the float model's inputs
         x_fp: min ||x W_hat^T - x_fp W^T||, i.e. GPTQ on H = x^T x of the compensated weights
@@ -156,7 +152,7 @@ class _Run:
             xf = x.astype(np.float32)
             n = max(len(xf), 1)
             h = (xf.T @ xf).astype(np.float64) / n
-            prep = quantize.gptq_prepare(h, self.r.damp)
+            prep = quantize.gptq_prepare(h, self.r.damp, self.r.act_order)
             c = None
             if x_fp is not None and self.r.compensate:
                 c = (xf.T @ x_fp.astype(np.float32)).astype(np.float64) / n  # x^T x_fp
@@ -166,11 +162,9 @@ class _Run:
         compensate = c is not None and (self.r.compensate is True or
                                         (self.r.compensate == "residual" and name.split(".")[-1] in ("wo", "w_down")))
         if compensate:
-            # W* = W C^T H_damped^-1 (H_damped^-1 = U^T U from the prepared factor)
-            u = prep[1]
-            target = ((e.weight.astype(np.float64) @ c.T) @ u.T @ u).astype(np.float32)
-        k = k or self.planes_of.get(name, self.r.planes)
-        group = self.group_for(inp)
+            # W* = W C^T H_damped^-1
+            target = ((e.weight.astype(np.float64) @ c.T) @ np.linalg.inv(prep.h)).astype(np.float32)
+        k, group = fmt or self.format_of.get(name) or (self.r.planes, self.r.group_for(inp))
         pm = quantize.gptq_planes(target, h, k, group, damp=self.r.damp, refit=self.r.refit, prepared=prep,
                                   rounds=self.r.rounds)
         self.results[name] = (pm, quantize.weighted_error(target, pm, h))
@@ -251,41 +245,102 @@ class _Run:
         return ref.norm(cfg, Norm(t["final_norm"].weight, t["final_norm"].bias), x)
 
 
-def nominal_bits(k: int, group: int) -> float:
-    """Bits per weight of k planes with one float16 scale per plane and group."""
-    return k * (1.0 + 16.0 / group)
+def nominal_bits(k: int, group: int, n_in: int | None = None) -> float:
+    """Bits per weight of k planes with one float16 scale per plane and group (with n_in: of
+    rows of n_in inputs, where the last group may be short or the row one group)."""
+    if n_in is None:
+        return k * (1.0 + 16.0 / group)
+    return k * (1.0 + 16.0 * bits.n_groups(n_in, group) / n_in)
 
 
-def plan_planes(run: "_Run", tokens: np.ndarray, budget: float, log, sens_seqs: int = 8) -> dict[str, int]:
-    """Planes per linear layer under an average of `budget` bits per weight (scales included).
-    Each layer's loss increase at k = 1..4 planes is estimated from a data-free fit W_hat_k:
-    with torch, 1/2 sum_r f_r E_r H E_r^T (E = W - W_hat_k; f, H from recover.sensitivity on
-    `sens_seqs` calibration sequences); without it, the layer's relative output error on its
-    calibration inputs times its size.  Planes then go, one at a time, where they
-    remove the most estimated loss per bit, until the budget is spent."""
+INT8_ROWS = "int8"
+
+
+def format_bits(fmt, n_in: int) -> float:
+    """Bits per weight of a format: (planes, group), or int8 rows (a float32 scale per row)."""
+    return 8.0 + 32.0 / n_in if fmt == INT8_ROWS else nominal_bits(fmt[0], fmt[1], n_in)
+
+
+def _gptq_weights(h: np.ndarray, damp: float) -> np.ndarray:
+    """d_j = 1 / U_jj^2 (U the upper Cholesky factor of H^-1): rounding input j's weight by e
+    under GPTQ's error feedback costs about e^2 d_j of output error (OBQ's loss of one column,
+    the columns after it absorbing what they can), against e^2 H_jj without feedback."""
+    u = quantize.gptq_prepare(h, damp).hinv
+    return 1.0 / np.diag(u) ** 2
+
+
+def plan_bits(run: "_Run", tokens: np.ndarray, budget: float, log, sens_seqs: int = 8):
+    """Formats per tensor under an average of `budget` bits per weight, scales included.
+
+    Candidates: every binarized linear layer takes (planes, group) with planes in
+    recipe.bits_planes and group in recipe.bits_groups; embeddings and head, when their format
+    is "auto", take int8 rows or such planes, and the budget counts them too.  A format's cost
+    is its estimated loss increase, from a data-free (greedy) fit W_hat with E = W - W_hat:
+      linear layers and head: 1/2 sum_r f_r sum_j E_rj^2 d_j, f_r the mean squared loss
+        gradient of output r, d_j GPTQ's per-column weight (see _gptq_weights) from H = E[x x^T]
+        of the layer's inputs -- the fitting that follows feeds errors back through H;
+      embeddings (rows looked up, not multiplied): 1/2 sum_d f_d E_tok[e_tok,d^2], f_d the mean
+        squared loss gradient at the embedding output, E_tok over the calibration tokens' rows
+        (add-one smoothed);
+    f and H from the float model on `sens_seqs` calibration sequences (recover.sensitivity,
+    needs torch).  Without torch: the relative output error times the layer's size, and
+    embeddings and head stay int8 rows.  Allocation: per tensor, the lower convex hull of its
+    (bits, estimated loss) points; then hull steps, steepest loss decrease per bit first,
+    while they fit the budget.
+    Returns ({linear or head: (planes, group)}, {"embed"/"head": format} for the "auto" ones)."""
     import heapq
 
     from . import recover
 
-    fm, cfg, t = run.fm, run.fm.cfg, run.fm.t
-    names = [n for n, e in t.items() if e.role == "linear" and n != "head"
-             and not (e.ternary or e.absmean or run.r.keeps(n))]
-    sizes = {n: t[n].weight.size for n in names}
-    groups = {n: run.group_for(t[n].weight.shape[1]) for n in names}
-    fits = lambda n: [quantize.fit_planes(t[n].weight, k, groups[n], als_iters=0)  # noqa: E731
-                      for k in range(1, bits.MAX_PLANES + 1)]
-    errs: dict[str, list[float]] = {}
-    if recover.available():
+    r, fm = run.r, run.fm
+    t = fm.t
+    names = [n for n, e in t.items() if e.role == "linear" and not (e.ternary or e.absmean or r.keeps(n))]
+    torch_ok = recover.available()
+    auto_rows = [role for role in ("embed", "head") if role in t and getattr(r, role) == "auto"]
+    if auto_rows and not torch_ok:
+        log("torch is not installed: embeddings and head stay int8 rows outside the bit budget")
+        auto_rows = []
+    sizes = {n: t[n].weight.size for n in names + auto_rows}
+
+    def options(n):
+        n_in = t[n].weight.shape[1]
+        gs = sorted({g if g < n_in else n_in for g in r.bits_groups})
+        out = [(k, g) for k in r.bits_planes for g in gs]
+        return out + ([INT8_ROWS] if n in auto_rows else [])
+
+    def greedy_errors(w, n):
+        """{(k, g): E} for every planes option of n, from one greedy fit per group size."""
+        errs = {}
+        w = np.asarray(w, np.float32)
+        for g in sorted({o[1] for o in options(n) if o != INT8_ROWS}):
+            s, a = quantize.greedy_planes(w, max(r.bits_planes), g)
+            approx = np.zeros_like(w)
+            for k in range(1, max(r.bits_planes) + 1):
+                approx += quantize.expand_scales(a[k - 1], g, w.shape[1]) * s[k - 1]
+                if k in r.bits_planes:
+                    errs[(k, g)] = w - approx
+        return errs
+
+    t0 = time.time()
+    est: dict[str, dict] = {}
+    if torch_ok:
         stats = recover.sensitivity(fm, tokens[:sens_seqs], log)
-        for n in names:
+        for n in names + [x for x in auto_rows if x == "head"]:
             f, h = stats[n]
-            errs[n] = []
-            for pm in fits(n):
-                e = t[n].weight.astype(np.float64) - pm.dequantize()
-                errs[n].append(float(0.5 * (f * ((e @ h) * e).sum(1)).sum()))
+            d = _gptq_weights(h, r.damp)
+            est[n] = {o: float(0.5 * (f @ (e.astype(np.float64) ** 2) @ d)) for o, e in greedy_errors(t[n].weight, n).items()}
+        if "embed" in auto_rows:
+            f, p = stats["embed"]
+            tied = "head" not in t   # the table is the head too: its error counts there as well
+            fh, dh = (stats["head"][0], _gptq_weights(stats["head"][1], r.damp)) if tied else (None, None)
+            est["embed"] = {}
+            for o, e in greedy_errors(t["embed"].weight, "embed").items():
+                e2 = e.astype(np.float64) ** 2
+                est["embed"][o] = float(0.5 * (p @ e2 @ f)) + (float(0.5 * (fh @ e2 @ dh)) if tied else 0.0)
         how = "output-gradient-weighted error"
     else:
         S, Lq = tokens.shape
+        cfg = fm.cfg
         x = t["embed"].weight[tokens.reshape(-1)].astype(np.float32)
         if cfg.pos == "learned":
             x += np.tile(t["pos_embed"].weight[:Lq], (S, 1))
@@ -299,41 +354,81 @@ def plan_planes(run: "_Run", tokens: np.ndarray, budget: float, log, sens_seqs: 
                     continue
                 if id(xin) not in seen:
                     xf = xin.astype(np.float32)
-                    seen[id(xin)] = (xf.T @ xf).astype(np.float64) / len(xf)
-                errs[n] = [sizes[n] * quantize.weighted_error(t[n].weight, pm, seen[id(xin)]) for pm in fits(n)]
+                    h = (xf.T @ xf).astype(np.float64) / len(xf)
+                    seen[id(xin)] = (h, _gptq_weights(h, r.damp))
+                h, d = seen[id(xin)]
+                w = t[n].weight.astype(np.float64)
+                total = max(float(np.sum((w @ h) * w)), 1e-30)
+                est[n] = {o: sizes[n] * float(((e.astype(np.float64) ** 2) @ d).sum()) / total
+                          for o, e in greedy_errors(t[n].weight, n).items()}
         how = "relative output error x size (no torch)"
-    log(f"measured sensitivity of {len(errs)} layers ({how})")
+    for n in auto_rows:   # int8 rows: rounded each on its own (no error feedback)
+        q, s_ = quantize.int8_rows(t[n].weight)
+        e2 = (t[n].weight.astype(np.float64) - q.astype(np.float64) * s_[:, None]) ** 2
+        fh, hh = stats["head"]
+        head_term = float(0.5 * (fh @ e2 @ np.diag(hh)))
+        if n == "head":
+            est[n][INT8_ROWS] = head_term
+        else:
+            f, p = stats[n]
+            est[n][INT8_ROWS] = float(0.5 * (p @ e2 @ f)) + (head_term if "head" not in t else 0.0)
+    log(f"estimated the loss of {sum(len(v) for v in est.values())} formats for {len(est)} tensors "
+        f"({how}, {time.time() - t0:.0f} s)")
+
+    # per tensor: the lower convex hull of (bits, estimated loss), cheapest first
+    hulls = {}
+    for n, opts in est.items():
+        n_in = t[n].weight.shape[1]
+        pts = sorted(((format_bits(o, n_in), v, o) for o, v in opts.items()), key=lambda p: (p[0], p[1]))
+        hull = []
+        for p_ in pts:
+            if hull and p_[1] >= hull[-1][1]:
+                continue  # costs more bits for no less loss
+            while len(hull) >= 2:
+                (b1, v1, _), (b2, v2, _) = hull[-2], hull[-1]
+                if (v2 - v1) * (p_[0] - b1) >= (p_[1] - v1) * (b2 - b1):  # hull[-1] lies above the chord
+                    hull.pop()
+                else:
+                    break
+            hull.append(p_)
+        hulls[n] = hull
     total = sum(sizes.values())
     if not total:
-        return {}
-    k_of = {n: 1 for n in sizes}
-    used = sum(sizes[n] * nominal_bits(1, groups[n]) for n in sizes)
+        return {}, {}
+    at = {n: 0 for n in hulls}
+    used = sum(sizes[n] * hulls[n][0][0] for n in hulls)
     limit = budget * total
-    if used > limit:
-        raise FormatError(f"--bits {budget}: even one plane everywhere takes {used / total:.2f} bits per weight")
-
-    def gain(n):  # estimated loss removed per bit by one more plane
-        k = k_of[n]
-        cost = sizes[n] * (nominal_bits(k + 1, groups[n]) - nominal_bits(k, groups[n]))
-        return (errs[n][k - 1] - errs[n][k]) / cost, cost
-
+    if used > limit + 1e-6 * total:
+        raise FormatError(f"--bits {budget}: even the smallest formats take {used / total:.2f} bits per weight")
     heap = []
-    for n in sizes:
-        g_, c = gain(n)
-        heapq.heappush(heap, (-g_, n, c))
+
+    def push(n):
+        i = at[n]
+        if i + 1 < len(hulls[n]):
+            (b0, v0, _), (b1, v1, _) = hulls[n][i], hulls[n][i + 1]
+            cost = sizes[n] * (b1 - b0)
+            heapq.heappush(heap, ((v1 - v0) / cost, n, cost))
+
+    for n in hulls:
+        push(n)
     while heap:
         _, n, cost = heapq.heappop(heap)
         if used + cost > limit:
             continue
-        k_of[n] += 1
+        at[n] += 1
         used += cost
-        if k_of[n] < bits.MAX_PLANES:
-            g_, c = gain(n)
-            heapq.heappush(heap, (-g_, n, c))
-    counts = {k: sum(1 for v in k_of.values() if v == k) for k in range(1, bits.MAX_PLANES + 1)}
-    log(f"planes for {budget} bits/weight: {used / total:.3f} used; layers with k=1..4: {counts}")
-    log("planes per layer: " + " ".join(f"{n.replace('layers.', '')}={k}" for n, k in k_of.items()))
-    return k_of
+        push(n)
+    chosen = {n: hulls[n][at[n]][2] for n in hulls}
+    rows = {n: ("int8" if chosen[n] == INT8_ROWS else chosen[n]) for n in auto_rows}
+    formats = {n: o for n, o in chosen.items() if o != INT8_ROWS}
+    counts: dict = {}
+    for n in names:
+        counts[chosen[n]] = counts.get(chosen[n], 0) + 1
+    log(f"formats for {budget} bits/weight: {used / total:.3f} used; linear layers by (planes, group): "
+        + ", ".join(f"k{k}g{g}: {c}" for (k, g), c in sorted(counts.items()))
+        + "".join(f"; {n}: {rows[n] if rows[n] == 'int8' else 'k%dg%d' % rows[n]}" for n in auto_rows))
+    log("formats per layer: " + " ".join(f"{n.replace('layers.', '')}=k{o[0]}g{o[1]}" for n, o in formats.items()))
+    return formats, rows
 
 
 def to_weights(fm: FloatModel):

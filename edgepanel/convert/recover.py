@@ -56,12 +56,13 @@ class _TorchModel:
         self.lin: dict[str, tuple] = {}
         self.planes: dict[str, tuple] = {}   # name -> (pm, signs tensor, alpha0, multiplier)
         for name, e in t.items():
-            if e.role != "linear":
+            if e.role not in ("linear", "head", "embed"):
                 continue
             pm = None if fitted is None else (fitted.get(name) or (None,))[0]
             bias = None if e.bias is None else T(e.bias)
             if pm is None:
-                self.lin[name] = (T(e.weight), bias)
+                if e.role == "linear":
+                    self.lin[name] = (T(e.weight), bias)
                 continue
             signs = torch.from_numpy(pm.signs()).to(torch.float32)           # (k, out, in)
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
@@ -72,7 +73,10 @@ class _TorchModel:
         for name, e in t.items():
             if e.role == "norm":
                 self.norms[name] = (T(e.weight), None if e.bias is None else T(e.bias))
-        def stored(w, fmt):  # the student sees embeddings and head as the file will hold them
+        def stored(name, fmt):  # the student sees embeddings and head as the file will hold them
+            w = t[name].weight
+            if name in self.planes:
+                return None  # built from its planes (and tuned scales) at every use
             if fitted is None or fmt == "f32":
                 return T(w)
             if fmt == "f16":
@@ -80,19 +84,24 @@ class _TorchModel:
             q, s = quantize.int8_rows(w)
             return T(q.astype(np.float32) * s[:, None])
 
-        self.embed = stored(t["embed"].weight, rows[0])
-        self.head = stored(t["head"].weight, rows[1]) if "head" in t else self.embed
+        self.embed = stored("embed", rows[0])
+        self.head_name = "head" if "head" in t else "embed"
+        self.head = stored("head", rows[1]) if "head" in t else self.embed
         self.pos_embed = T(t["pos_embed"].weight) if "pos_embed" in t else None
         self.record = None
         self.rot = T(fm.rotation.matrix()) if fm.rotation is not None else None
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
 
-    def weight(self, name):
-        w, _ = self.lin[name]
-        if w is not None:
-            return w
+    def weight(self, name, rows=None):
+        """The (out, in) weight, or only its rows `rows` (a tensor of indices)."""
+        if name not in self.planes:
+            w = self.lin[name][0] if name in self.lin else (self.embed if name == "embed" else self.head)
+            return w if rows is None else w[rows]
         pm, signs, alpha0, mult = self.planes[name]
-        a = (alpha0 * mult).repeat_interleave(pm.group, dim=-1)[..., :pm.in_features]
+        alpha = alpha0 * mult
+        if rows is not None:
+            signs, alpha = signs[:, rows], alpha[:, rows]
+        a = alpha.repeat_interleave(pm.group, dim=-1)[..., :pm.in_features]
         return (signs * a).sum(0)
 
     def linear(self, name, x):
@@ -136,11 +145,12 @@ class _TorchModel:
         torch, cfg = self.torch, self.cfg
         L = tokens.shape[0]
         pos = torch.arange(L, dtype=torch.float32)
-        x = self.embed[tokens]
+        x = self.weight("embed", tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed[:L]
         if self.record is not None:   # gradients flow from here even when no weight needs them
             x = x.detach().requires_grad_(True)
+            self.record["embed"] = (tokens, x)
         G = cfg.n_heads // cfg.n_kv_heads
         for i in range(cfg.n_layers):
             P = lambda p: N.layer(i, p)  # noqa: E731
@@ -167,7 +177,12 @@ class _TorchModel:
             if self.rot is not None:
                 u = u @ self.rot.T
             x = x + self.linear(P("w_down"), u)
-        return self.norm("final_norm", x) @ self.head.T
+        h = self.norm("final_norm", x)
+        y = h @ self.weight(self.head_name).T
+        if self.record is not None:
+            y.retain_grad()
+            self.record["head"] = (h.detach(), y)
+        return y
 
 
 def _mean_kl(torch, teacher, student, tokens) -> float:
@@ -182,7 +197,8 @@ def _mean_kl(torch, teacher, student, tokens) -> float:
 
 
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
-         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None) -> dict:
+         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None,
+         schedule: str = "constant") -> dict:
     """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
     in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
     seeded order; `rows`: the formats (int8 | f16 | f32) embeddings and head are stored in.
@@ -209,6 +225,9 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(tokens)), math.ceil(steps / len(tokens))))
         kls = []
         for step in range(steps):
+            if schedule == "cosine":  # from lr down to 0 over the run
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
             seq = torch.from_numpy(tokens[order[step]].astype(np.int64))
             with torch.no_grad():
                 p_log = torch.log_softmax(teacher.logits(seq), -1)
@@ -235,11 +254,13 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
 
 
 def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For every linear layer of the float model, from next-token cross-entropy on the sequences
-    in `tokens`: f (out,), the mean square of d loss / d output per token, and H (in, in), the mean
-    of x x^T over its input vectors.  Quantizing W to W_hat (E = W - W_hat) then raises the loss
-    by about 1/2 sum_r f_r E_r H E_r^T (the output errors weighted by how much each output
-    matters), which, unlike a diagonal Fisher on the weights, sees the inputs' correlations."""
+    """For every linear layer of the float model and its head, from next-token cross-entropy on
+    the sequences in `tokens`: f (out,), the mean square of d loss / d output per token, and H
+    (in, in), the mean of x x^T over its input vectors.  Quantizing W to W_hat (E = W - W_hat)
+    then raises the loss by about 1/2 sum_r f_r E_r H E_r^T (the output errors weighted by how
+    much each output matters), which, unlike a diagonal Fisher on the weights, sees the inputs'
+    correlations.  For the embeddings ("embed"): f (dim,) at the embedding output and p (vocab,),
+    how often each row is read (add-one smoothed frequencies of `tokens`)."""
     torch = _require_torch()
     log = log or (lambda m: None)
     threads = torch.get_num_threads()
@@ -255,6 +276,8 @@ def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray,
             loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
             loss.backward()
             hs = {}
+            ids, x = model.record.pop("embed")
+            f["embed"] = f.get("embed", 0) + (x.grad * x.grad).sum(0)
             for name, (x, y) in model.record.items():
                 g2 = (y.grad * y.grad).sum(0)
                 f[name] = f.get(name, 0) + g2
@@ -265,7 +288,10 @@ def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray,
             model.record = None
         n = tokens.size
         log(f"sensitivity from {len(tokens)} sequences ({time.time() - t0:.0f} s)")
-        return {name: ((f[name] / n).numpy().astype(np.float64), (h[name] / n).numpy().astype(np.float64))
-                for name in f}
+        counts = np.bincount(tokens.reshape(-1), minlength=fm.cfg.vocab_size).astype(np.float64) + 1.0
+        out = {"embed": ((f.pop("embed") / n).numpy().astype(np.float64), counts / counts.sum())}
+        out.update({name: ((f[name] / n).numpy().astype(np.float64), (h[name] / n).numpy().astype(np.float64))
+                    for name in f})
+        return out
     finally:
         torch.set_num_threads(threads)

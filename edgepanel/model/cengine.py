@@ -49,7 +49,9 @@ class CEngine:
                 dst.weight = self._ptr("void *", np.ascontiguousarray(m.weight))
         elif isinstance(m, Rows):
             dst.rows, dst.cols = m.rows, m.cols
-            if m.q is not None:
+            if m.planes is not None:
+                self._matrix(dst, m.as_linear())
+            elif m.q is not None:
                 dst.kind = lib.EP_MAT_I8ROWS
                 dst.weight = self._ptr("void *", m.q)
                 dst.row_scale = self._ptr("float *", m.row_scale)

@@ -97,11 +97,13 @@ def attention(cfg: ModelConfig, q: np.ndarray, k_all: np.ndarray, v_all: np.ndar
     return np.einsum("hnt,thd->nhd", p.astype(np.float32), v).astype(np.float32)
 
 
-def head_logits(w: Weights, h: np.ndarray) -> np.ndarray:
+def head_logits(w: Weights, h: np.ndarray, linear=linear) -> np.ndarray:
     """Logits from the final hidden states h (n, dim)."""
     head = w.embed if w.head is None else w.head
     if isinstance(head, Linear):
         return linear(head, h)
+    if head.planes is not None:
+        return linear(head.as_linear(), h)
     if head.q is not None:   # int8 rows: int8 activations, exact integer dots, two float scales
         q, s = bits.quantize_i8(h)
         dots = q.astype(np.float64) @ head.q.T.astype(np.float64)
@@ -154,5 +156,5 @@ def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False, linear
         x = x + linear(L.w_down, u.astype(np.float32))
     cache.length = p0 + n
     h = norm(cfg, w.final_norm, x if all_logits else x[-1:])
-    logits = head_logits(w, h)
+    logits = head_logits(w, h, linear)
     return logits if all_logits else logits[0]

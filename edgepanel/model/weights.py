@@ -36,18 +36,29 @@ class Linear:
 @dataclass
 class Rows:
     """A (rows, cols) table read by rows (embeddings) or multiplied (head): int8 with one scale
-    per row, or dense."""
+    per row, k binary planes, or dense."""
     name: str
     rows: int
     cols: int
     q: np.ndarray | None = None               # int8 view
     row_scale: np.ndarray | None = None       # float32
     weight: np.ndarray | None = None          # float32/float16 view
+    planes: bits.PlaneMatrix | None = None    # binarized (planes are views, scales as Linear's)
+
+    @property
+    def kind(self) -> str:
+        return "planes" if self.planes is not None else "int8_rows" if self.q is not None else "dense"
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
+        if self.planes is not None:
+            return self.planes.rows(ids)
         if self.q is not None:
             return self.q[ids].astype(np.float32) * self.row_scale[ids, None]
         return self.weight[ids].astype(np.float32)
+
+    def as_linear(self) -> Linear:
+        """The planes table as the head's linear layer (shares the planes and scales)."""
+        return Linear(self.name, self.rows, self.cols, planes=self.planes)
 
     def dense(self) -> np.ndarray:
         return self.lookup(np.arange(self.rows))
@@ -98,17 +109,25 @@ class Weights:
         if isinstance(self.head, Linear):
             yield self.head
 
+    def plane_tables(self):
+        """Embeddings and head stored as planes (Rows), each once."""
+        for t in (self.embed, self.head):
+            if isinstance(t, Rows) and t.planes is not None:
+                yield t
+
     def continuous(self) -> dict[str, np.ndarray]:
         """The float32 parameters a fine-tuner may change in place: scales, norms, biases.
         Plane scales are read from the file as float16 views; the first call gives every matrix
         float32 copies instead (engines built before it must be rebuilt: Model.trainable_parameters
         does that)."""
-        for lin in self.linears():
+        for lin in list(self.linears()) + list(self.plane_tables()):
             pm = lin.planes
             if pm is not None and pm.scales.dtype != np.float32:
                 lin.planes = bits.PlaneMatrix(pm.planes, pm.scales.astype(np.float32), pm.out_features,
                                               pm.in_features, pm.group)
         out = {}
+        for t in self.plane_tables():
+            out[t.name + ".scales"] = t.planes.scales
         for i, layer in enumerate(self.layers):
             for n in N.NORMS:
                 norm = getattr(layer, n)
@@ -144,22 +163,24 @@ class _Reader:
     def norm(self, name: str, n: int, with_bias: bool) -> Norm:
         return Norm(self.vec(name + ".weight", n), self.vec(name + ".bias", n) if with_bias else None)
 
+    def planes(self, name: str, r: dict, out: int, inp: int) -> bits.PlaneMatrix:
+        k, group = r.get("k"), r.get("group")
+        if not isinstance(k, int) or not 1 <= k <= bits.MAX_PLANES:
+            raise FormatError(f"{self.f.path}: '{name}' recipe has invalid k={k!r}")
+        try:
+            bits.check_group(inp, group)
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"{self.f.path}: '{name}' recipe: {exc}") from None
+        tiles, ncol = bits.padded_out(out) // bits.TILE, bits.padded_in(inp) // 8
+        planes = self.f.get(name + ".planes", np.uint8, (k, tiles, ncol, bits.TILE))
+        scales = self.f.get(name + ".scales", (np.float16, np.float32), (k, tiles, bits.n_groups(inp, group), bits.TILE))
+        return bits.PlaneMatrix(planes, scales, out, inp, group)  # a view: the kernels read float16
+
     def linear(self, name: str, out: int, inp: int, bias: bool) -> Linear:
         r = self.recipe(name)
         b = self.vec(name + ".bias", out) if bias else None
         if r["kind"] == "planes":
-            k, group = r.get("k"), r.get("group")
-            if not isinstance(k, int) or not 1 <= k <= bits.MAX_PLANES:
-                raise FormatError(f"{self.f.path}: '{name}' recipe has invalid k={k!r}")
-            try:
-                bits.check_group(inp, group)
-            except (TypeError, ValueError) as exc:
-                raise FormatError(f"{self.f.path}: '{name}' recipe: {exc}") from None
-            tiles, ncol = bits.padded_out(out) // bits.TILE, bits.padded_in(inp) // 8
-            planes = self.f.get(name + ".planes", np.uint8, (k, tiles, ncol, bits.TILE))
-            scales = self.f.get(name + ".scales", (np.float16, np.float32), (k, tiles, bits.n_groups(inp, group), bits.TILE))
-            pm = bits.PlaneMatrix(planes, scales, out, inp, group)  # a view: the kernels read float16
-            return Linear(name, out, inp, planes=pm, bias=b)
+            return Linear(name, out, inp, planes=self.planes(name, r, out, inp), bias=b)
         if r["kind"] == "dense":
             w = self.f.get(name + ".weight", (np.float32, np.float16), (out, inp))
             return Linear(name, out, inp, weight=w, bias=b)
@@ -173,7 +194,7 @@ class _Reader:
         if r["kind"] == "dense":
             return Rows(name, rows, cols, weight=self.f.get(name + ".weight", (np.float32, np.float16), (rows, cols)))
         if r["kind"] == "planes":
-            raise FormatError(f"{self.f.path}: '{name}' as planes is only supported for the head")
+            return Rows(name, rows, cols, planes=self.planes(name, r, rows, cols))
         raise FormatError(f"{self.f.path}: '{name}' has unknown kind {r['kind']!r}")
 
 
