@@ -126,12 +126,21 @@ EP_INLINE void store_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB,
     }
 }
 
-/* The 16 scales of (plane i, tile t, group j), float32 or float16 (widened exactly). */
+/* The 16 scales of (plane i, tile t, group j), as ep_scale_value gives them. */
 EP_INLINE void load_scales(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, float32x4_t out[4]) {
     const int64_t idx = ep_scale_index(a, i, t, j);
+    if (a->scales_kind == EP_SCALES_U8) {
+        const uint8x16_t c = vld1q_u8((const uint8_t *)a->scales + idx);
+        const uint16x8_t c0 = vmovl_u8(vget_low_u8(c)), c1 = vmovl_u8(vget_high_u8(c));
+        const uint32x4_t w[4] = {vmovl_u16(vget_low_u16(c0)), vmovl_u16(vget_high_u16(c0)),
+                                 vmovl_u16(vget_low_u16(c1)), vmovl_u16(vget_high_u16(c1))};
+        for (int u = 0; u < 4; u++)
+            out[u] = vmulq_f32(vcvtq_f32_u32(w[u]), vld1q_f32(a->scale_rows + t * EP_TILE + 4 * u));
+        return;
+    }
     for (int u = 0; u < 4; u++)
-        out[u] = a->scales_f16 ? vcvt_f32_f16(vld1_f16((const float16_t *)a->scales + idx + 4 * u))
-                               : vld1q_f32((const float *)a->scales + idx + 4 * u);
+        out[u] = a->scales_kind == EP_SCALES_F16 ? vcvt_f32_f16(vld1_f16((const float16_t *)a->scales + idx + 4 * u))
+                                                 : vld1q_f32((const float *)a->scales + idx + 4 * u);
 }
 
 /* d = count0 - 2*m per row, then f += alpha * d (fused, as fmaf) */

@@ -128,11 +128,13 @@ static void tiles_range(void *ctx, int64_t b, int64_t e) {
 }
 
 static int gemm(const ep_kernels *kt, int xnor, const void *act, const float *ascale, int64_t n,
-                const uint8_t *planes, const void *scales, int scales_f16, int64_t k, int64_t out, int64_t in,
+                const uint8_t *planes, const void *scales, int scales_kind, const float *scale_rows, int64_t k,
+                int64_t out, int64_t in,
                 int64_t group, float *y, void *work, int64_t work_bytes, int threads) {
     kt = resolve(kt);
     if (!act || !ascale || !planes || !scales || !y || n < 0 || k < 1 || k > 8 || out <= 0 ||
-        in <= 0 || group <= 0)
+        in <= 0 || group <= 0 || scales_kind < EP_SCALES_F32 || scales_kind > EP_SCALES_U8 ||
+        (scales_kind == EP_SCALES_U8 && !scale_rows))
         return EP_EINVAL;
     if (group < in && group % 32 != 0) return EP_EINVAL;
     if (n == 0) return EP_OK;
@@ -147,7 +149,8 @@ static int gemm(const ep_kernels *kt, int xnor, const void *act, const float *as
     ep_gemm_args *a = &job.a;
     a->planes = planes;
     a->scales = scales;
-    a->scales_f16 = scales_f16 != 0;
+    a->scales_kind = scales_kind;
+    a->scale_rows = scale_rows;
     a->k = k;
     a->out = out;
     a->in = in;
@@ -172,17 +175,17 @@ static int gemm(const ep_kernels *kt, int xnor, const void *act, const float *as
 }
 
 int ep_gemm_planes_i8(const ep_kernels *kt, const int8_t *q, const float *qscale, int64_t n,
-                      const uint8_t *planes, const void *scales, int32_t scales_f16, int64_t k,
-                      int64_t out, int64_t in, int64_t group, float *y, void *work,
-                      int64_t work_bytes, int threads) {
-    return gemm(kt, 0, q, qscale, n, planes, scales, scales_f16, k, out, in, group, y, work,
+                      const uint8_t *planes, const void *scales, int32_t scales_kind,
+                      const float *scale_rows, int64_t k, int64_t out, int64_t in, int64_t group, float *y,
+                      void *work, int64_t work_bytes, int threads) {
+    return gemm(kt, 0, q, qscale, n, planes, scales, scales_kind, scale_rows, k, out, in, group, y, work,
                 work_bytes, threads);
 }
 
 int ep_gemm_xnor(const ep_kernels *kt, const uint8_t *bits, const float *ascale, int64_t n,
-                 const uint8_t *planes, const void *scales, int32_t scales_f16, int64_t k,
-                 int64_t out, int64_t in, int64_t group, float *y, void *work, int64_t work_bytes,
-                 int threads) {
-    return gemm(kt, 1, bits, ascale, n, planes, scales, scales_f16, k, out, in, group, y, work,
+                 const uint8_t *planes, const void *scales, int32_t scales_kind,
+                 const float *scale_rows, int64_t k, int64_t out, int64_t in, int64_t group, float *y,
+                 void *work, int64_t work_bytes, int threads) {
+    return gemm(kt, 1, bits, ascale, n, planes, scales, scales_kind, scale_rows, k, out, in, group, y, work,
                 work_bytes, threads);
 }

@@ -155,7 +155,8 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
             ep_gemm_args *a = &p.args[i];
             a->planes = mt->planes;
             a->scales = mt->scales;
-            a->scales_f16 = mt->scales_f16;
+            a->scales_kind = mt->scales_kind;
+            a->scale_rows = mt->scale_rows;
             a->k = mt->k;
             a->out = mt->rows;
             a->in = in;
@@ -312,8 +313,7 @@ static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int
                 const uint8_t *p = e->planes + ((i * tiles + t0) * ncol) * EP_TILE + lane;
                 for (int64_t c = 0; c < d; c++) {
                     const int64_t si = ((i * tiles + t0) * ng + c / g) * EP_TILE + lane;
-                    const float a = e->scales_f16 ? ep_half_to_float(((const uint16_t *)e->scales)[si])
-                                                  : ((const float *)e->scales)[si];
+                    const float a = ep_scale_value(e->scales, e->scales_kind, e->scale_rows, si, t0 * EP_TILE + lane);
                     const float v = (p[(c / 8) * EP_TILE] >> (c % 8)) & 1 ? -a : a;
                     xt[c] = i == 0 ? v : xt[c] + v;
                 }

@@ -197,7 +197,7 @@ static inline int plane_bit(const ep_gemm_args *a, int64_t i, int64_t r, int64_t
 
 static inline float plane_scale(const ep_gemm_args *a, int64_t i, int64_t r, int64_t j) {
     int64_t idx = ep_scale_index(a, i, r / EP_TILE, j) + r % EP_TILE;
-    return a->scales_f16 ? ep_half_to_float(((const uint16_t *)a->scales)[idx]) : ((const float *)a->scales)[idx];
+    return ep_scale_value(a->scales, a->scales_kind, a->scale_rows, idx, r);
 }
 
 static inline int64_t group_end(const ep_gemm_args *a, int64_t j) {

@@ -234,10 +234,15 @@ EP_INLINE void i8_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const in
 #define EP_CHUNK_GROUPS 8
 #define EP_TB EP_TOKEN_BLOCK
 
-/* The 16 scales of (plane i, tile t, group j), float32 or float16 (widened exactly by F16C). */
+/* The 16 scales of (plane i, tile t, group j), as ep_scale_value gives them. */
 EP_INLINE void load_scales(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, __m256 *lo, __m256 *hi) {
     const int64_t idx = ep_scale_index(a, i, t, j);
-    if (a->scales_f16) {
+    if (a->scales_kind == EP_SCALES_U8) {
+        const __m128i c = _mm_loadu_si128((const __m128i *)((const uint8_t *)a->scales + idx));
+        const float *m = a->scale_rows + t * EP_TILE;
+        *lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), _mm256_loadu_ps(m));
+        *hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), _mm256_loadu_ps(m + 8));
+    } else if (a->scales_kind == EP_SCALES_F16) {
         const uint16_t *p = (const uint16_t *)a->scales + idx;
         *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
         *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));

@@ -17,7 +17,11 @@ A weight matrix W (out x in) is stored as k binary planes: W ~ sum_i alpha_i * B
   Padding bits and padding rows hold 0 when packed here, and every kernel ignores them whatever
   they hold.  The layout is defined on bytes, so it is the same on every machine.
 * Scales: ``scales[k, out_pad // 16, n_groups, 16]``, float16 or float32: alpha of plane i,
-  row 16t+r, group j is ``scales[i, t, j, r]``; padding rows hold 0.  Group j covers inputs
+  row 16t+r, group j is ``scales[i, t, j, r]``; padding rows hold 0.  Or 8-bit: ``scales`` uint8
+  codes and ``scale_rows[out_pad // 16, 16]`` float32, one multiplier per row, with
+  ``alpha = float32(code) * scale_rows[t, r]`` (one float32 product, the same in every kernel).
+  8-bit scales are non-negative: a negative scale is stored as its magnitude with that plane's
+  signs flipped over the group (exact).  Group j covers inputs
   ``[j*g, min((j+1)*g, in))`` for g in GROUP_SIZES, or g = in (one group per row).
 
 Activations (per token)
@@ -44,6 +48,7 @@ import numpy as np
 
 TILE = 16
 IN_ALIGN = 64
+SCALES_F32, SCALES_F16, SCALES_U8 = 0, 1, 2    # how scales are stored (csrc: EP_SCALES_*)
 GROUP_SIZES = (32, 64, 128, 256)
 MAX_PLANES = 4
 
@@ -126,6 +131,14 @@ def tile_scales(alpha: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(full.reshape(k, -1, TILE, ng).transpose(0, 1, 3, 2))
 
 
+def tile_rows(v: np.ndarray) -> np.ndarray:
+    """Per-row values (out,) -> (out_pad/16, 16), padding rows 0."""
+    v = np.asarray(v)
+    full = np.zeros(padded_out(v.shape[0]), v.dtype)
+    full[:v.shape[0]] = v
+    return full.reshape(-1, TILE)
+
+
 def untile_scales(scales: np.ndarray, n_out: int) -> np.ndarray:
     """(k, tiles, n_groups, 16) -> alpha (k, n_out, n_groups)."""
     k, tiles, ng, _ = scales.shape
@@ -159,10 +172,11 @@ class PlaneMatrix:
     """k bit planes and their scales for a weight matrix of shape (out_features, in_features)."""
 
     planes: np.ndarray          # (k, out_pad/16, in_pad/8, 16) uint8
-    scales: np.ndarray          # (k, out_pad/16, n_groups, 16) float32 or float16
+    scales: np.ndarray          # (k, out_pad/16, n_groups, 16) float32, float16 or uint8 codes
     out_features: int
     in_features: int
     group: int
+    scale_rows: np.ndarray | None = None   # (out_pad/16, 16) float32: the multipliers of uint8 codes
 
     def __post_init__(self):
         for name in ("out_features", "in_features"):
@@ -173,8 +187,16 @@ class PlaneMatrix:
         p, s = self.planes, self.scales
         if not isinstance(p, np.ndarray) or p.dtype != np.uint8:
             raise TypeError(f"planes must be a uint8 ndarray, got {getattr(p, 'dtype', type(p))}")
-        if not isinstance(s, np.ndarray) or s.dtype not in (np.float32, np.float16):
-            raise TypeError(f"scales must be a float32 or float16 ndarray, got {getattr(s, 'dtype', type(s))}")
+        if not isinstance(s, np.ndarray) or s.dtype not in (np.float32, np.float16, np.uint8):
+            raise TypeError(f"scales must be a float32, float16 or uint8 ndarray, got {getattr(s, 'dtype', type(s))}")
+        m = self.scale_rows
+        if (s.dtype == np.uint8) != (m is not None):
+            raise ValueError("uint8 scales need scale_rows (and only they take them)")
+        if m is not None:
+            if not isinstance(m, np.ndarray) or m.dtype != np.float32:
+                raise TypeError(f"scale_rows must be a float32 ndarray, got {getattr(m, 'dtype', type(m))}")
+            if m.shape != (s.shape[1], TILE) or not m.flags.c_contiguous:
+                raise ValueError(f"scale_rows must be C-contiguous of shape {(s.shape[1], TILE)}, got {m.shape}")
         tiles, ncol = padded_out(self.out_features) // TILE, padded_in(self.in_features) // 8
         if p.ndim != 4 or p.shape[1:] != (tiles, ncol, TILE) or not 1 <= p.shape[0] <= MAX_PLANES:
             raise ValueError(
@@ -192,6 +214,36 @@ class PlaneMatrix:
     @property
     def k(self) -> int:
         return self.planes.shape[0]
+
+    @property
+    def scales_kind(self) -> int:
+        """How the scales are stored, as the C kernels number it (SCALES_F32/F16/U8)."""
+        return {np.dtype(np.float32): SCALES_F32, np.dtype(np.float16): SCALES_F16}.get(self.scales.dtype, SCALES_U8)
+
+    def float_scales(self) -> np.ndarray:
+        """The scales as float32 (k, out_pad/16, n_groups, 16): widened, or codes times rows."""
+        if self.scale_rows is None:
+            return self.scales.astype(np.float32)
+        return (self.scales.astype(np.float32) * self.scale_rows[None, :, None, :]).astype(np.float32)
+
+    def with_u8_scales(self) -> "PlaneMatrix":
+        """The same planes with 8-bit scales: each row's largest scale is code 255; codes round
+        to nearest.  Negative scales first become positive with that plane's signs flipped over
+        their group, which changes nothing."""
+        alpha = self.alpha()
+        signs = self.signs()
+        if (alpha < 0).any():
+            gidx = np.minimum(np.arange(self.in_features) // self.group, self.n_groups - 1)
+            flip = alpha < 0                                              # (k, out, ng)
+            signs = np.where(flip[:, :, gidx], -signs, signs).astype(np.int8)
+            alpha = np.abs(alpha)
+        top = alpha.max(axis=(0, 2))                                      # (out,)
+        mult = (top / np.float32(255)).astype(np.float32)
+        safe = np.where(mult > 0, mult, np.float32(1))
+        codes = np.clip(np.rint(alpha / safe[None, :, None]), 0, 255).astype(np.uint8)
+        tiled = tile_scales(codes.astype(np.float32)).astype(np.uint8)
+        return PlaneMatrix(pack_planes(signs), tiled, self.out_features, self.in_features, self.group,
+                           tile_rows(mult))
 
     @property
     def n_groups(self) -> int:
@@ -220,7 +272,7 @@ class PlaneMatrix:
 
     def alpha(self) -> np.ndarray:
         """(k, out, n_groups) float32."""
-        return untile_scales(self.scales, self.out_features).astype(np.float32)
+        return untile_scales(self.float_scales(), self.out_features).astype(np.float32)
 
     def rows(self, ids) -> np.ndarray:
         """Rows `ids` of W_hat as float32 (len(ids), in), the way an embedding lookup reads them:
@@ -231,7 +283,10 @@ class PlaneMatrix:
         sub = self.planes[:, tiles, :, lanes]                        # (n, k, ncol)
         neg = _unpack_bits_rows(sub, self.in_features)               # (n, k, in)
         gidx = np.minimum(np.arange(self.in_features) // self.group, self.n_groups - 1)
-        a = self.scales[:, tiles, :, lanes].astype(np.float32)[:, :, gidx]   # (n, k, in)
+        a = self.scales[:, tiles, :, lanes].astype(np.float32)               # (n, k, ng)
+        if self.scale_rows is not None:
+            a = (a * self.scale_rows[tiles, lanes][:, None, None]).astype(np.float32)
+        a = a[:, :, gidx]                                                    # (n, k, in)
         term = np.where(neg, -a, a)
         x = term[:, 0].copy()
         for i in range(1, self.k):

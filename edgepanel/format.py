@@ -14,7 +14,8 @@ Loading maps the file read-only: tensors are NumPy views into the mapping, never
 
 Tensor names and kinds (per linear layer NAME, see model/weights.py for the names):
   NAME.planes  uint8 (k, out_pad/16, in_pad/8, 16)   binary planes, layout in edgepanel/bits.py
-  NAME.scales  float16 (k, out_pad/16, n_groups, 16)
+  NAME.scales  float16 (k, out_pad/16, n_groups, 16), or uint8 codes with
+  NAME.scale_rows float32 (out_pad/16, 16)           (8-bit scales, see edgepanel/bits.py)
   NAME.weight  float32 or float16 (out, in)          a dense (unbinarized) linear layer
   NAME.q       int8 (rows, cols) + NAME.row_scale float32 (rows,)   int8 rows (embeddings, head)
   NAME.bias    float32 (out,)

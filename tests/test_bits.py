@@ -113,3 +113,24 @@ def test_rows_lookup_is_the_dequantized_row_summed_in_order(rng, k, n_out, n_in,
         want = (want + (signs[i, ids] * alpha[i][ids][:, gidx]).astype(np.float32)).astype(np.float32)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got, pm.dequantize()[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_u8_scales_round_to_nearest_and_flip_negative_scales_exactly(rng):
+    k, n_out, n_in, group = 3, 37, 200, 64
+    signs = rng.choice(np.array([-1, 1], np.int8), size=(k, n_out, n_in))
+    alpha = rng.standard_normal((k, n_out, bits.n_groups(n_in, group))).astype(np.float32)
+    alpha[:, 5] = 0                                     # an all-zero row stays zero
+    pm = PlaneMatrix.from_signs(signs, alpha, group)
+    p8 = pm.with_u8_scales()
+    assert p8.scales.dtype == np.uint8 and p8.scale_rows.shape == (3, 16)
+    assert (p8.scale_rows[2, 5:] == 0).all(), "padding rows"       # rows 37..47
+    a8 = p8.alpha()
+    assert (a8 >= 0).all()
+    step = np.abs(alpha).max(axis=(0, 2)) / 255          # per row
+    # the same matrix up to rounding each |scale| to its row's code step
+    assert (np.abs(np.abs(alpha) - a8) <= step[None, :, None] / 2 + 1e-7).all()
+    err = np.abs(p8.dequantize() - pm.dequantize())
+    assert (err <= k * step[:, None] / 2 + 1e-6).all()
+    assert (p8.dequantize()[5] == 0).all()
+    with pytest.raises(ValueError, match="scale_rows"):
+        PlaneMatrix(p8.planes, p8.scales, n_out, n_in, group)

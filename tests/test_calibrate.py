@@ -133,7 +133,7 @@ def test_ternary_checkpoints_convert_exactly(tmp_path):
             np.testing.assert_allclose(lin.planes.dequantize(), want, rtol=1e-3, atol=1e-7)
 
 
-def _budget_used(path, names=None):
+def _budget_used(path, names=None, scales="f16"):
     """(bits per weight over the tensors stored as planes or int8 rows -- or over `names` --,
     and their formats), from the file's own records."""
     from edgepanel.convert.calibrate import format_bits
@@ -153,7 +153,7 @@ def _budget_used(path, names=None):
         formats[name] = fmt = "int8" if rec["kind"] == "int8_rows" else (rec["k"], rec["group"])
         n_out, n_in = dims[name.split(".")[-1]]
         total += n_out * n_in
-        used += n_out * n_in * format_bits(fmt, n_in)
+        used += n_out * n_in * format_bits(fmt, n_in, scales)
     return used / total, formats
 
 

@@ -14,20 +14,20 @@ pytestmark = pytest.mark.skipif(_cffi.lib is None, reason="C kernels not built")
 IDS = np.array([3, 17, 99, 150, 7, 42, 200, 5, 61, 88, 13, 2], np.int32)
 
 
-# (architecture, embeddings and head formats): rows as planes too, untied (llama: the rotation
-# unties the head) and tied (gpt2: one planes table for both)
-VARIANTS = {"llama": ("llama", "int8", "int8"), "qwen2": ("qwen2", "int8", "int8"), "gpt2": ("gpt2", "int8", "int8"),
-            "bitnet": ("bitnet", "int8", "int8"), "mistral": ("mistral", "int8", "int8"),
-            "llama-rows-k2k3": ("llama", "k2", "k3"), "gpt2-rows-k2": ("gpt2", "k2", "k2")}
+# architecture and recipe options: rows as planes too, untied (llama: the rotation unties the
+# head) and tied (gpt2: one planes table for both); 8-bit scales
+VARIANTS = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "gpt2": ("gpt2", {}), "bitnet": ("bitnet", {}),
+            "mistral": ("mistral", {}), "llama-rows-k2k3": ("llama", dict(embed="k2", head="k3")),
+            "gpt2-rows-k2": ("gpt2", dict(embed="k2", head="k2")),
+            "qwen2-s8-rows-k4g64": ("qwen2", dict(scales="u8", embed="k4g64", head="k4g64"))}
 
 
 def _convert(variant, tmp_path_factory):
-    arch, embed, head = VARIANTS[variant]
+    arch, opts = VARIANTS[variant]
     d = tmp_path_factory.mktemp("e_" + variant)
     build(arch, d / "hf")
     add_tokenizer(d / "hf")
-    convert(d / "hf", d / "m.ep", Recipe(planes=3, group=32, calib_tokens=2048, seq_len=64,  # calibrated, rotated
-                                         embed=embed, head=head))
+    convert(d / "hf", d / "m.ep", Recipe(planes=3, group=32, calib_tokens=2048, seq_len=64, **opts))  # calibrated, rotated
     return d / "m.ep"
 
 
@@ -36,7 +36,7 @@ def binarized(request, tmp_path_factory):
     return _convert(request.param, tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=[v for v, (_, e, h) in VARIANTS.items() if e != "int8"])
+@pytest.fixture(scope="module", params=[v for v, (_, opts) in VARIANTS.items() if "embed" in opts])
 def planes_rows(request, tmp_path_factory):
     return _convert(request.param, tmp_path_factory)
 

@@ -75,7 +75,7 @@ def test_plane_matrix_checks(rng):
         PlaneMatrix(np.zeros((5,) + p.shape[1:], np.uint8), s, 20, 100, 32)
     with pytest.raises(ValueError, match="scales must have shape"):
         PlaneMatrix(p, s[:, :, :3], 20, 100, 32)
-    with pytest.raises(TypeError, match="scales must be a float32 or float16"):
+    with pytest.raises(TypeError, match="scales must be a float32, float16 or uint8"):
         PlaneMatrix(p, s.astype(np.float64), 20, 100, 32)
     with pytest.raises(TypeError, match="planes must be a uint8"):
         PlaneMatrix(p.view(np.int8), s, 20, 100, 32)

@@ -201,3 +201,21 @@ def test_c_variants_are_bit_identical(rng):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=case_id)
+def test_u8_scales_give_the_bits_of_their_float_products(backend, rng, case):
+    """8-bit scales (codes times a float32 multiplier per row) give exactly the outputs of the
+    float32 scales they stand for, code * multiplier, in every kernel."""
+    n, k, n_out, n_in, group = case
+    w = random_matrix(rng, k, n_out, n_in, group)
+    codes = rng.integers(0, 256, w.scales.shape, dtype=np.uint8)
+    rows = bits.tile_rows(rng.uniform(1e-3, 2e-2, n_out).astype(np.float32))
+    w8 = PlaneMatrix(w.planes, codes, n_out, n_in, group, rows)
+    wf = PlaneMatrix(w.planes, w8.float_scales(), n_out, n_in, group)
+    assert w8.scales_kind == bits.SCALES_U8 and wf.scales_kind == bits.SCALES_F32
+    x = (rng.standard_normal((n, n_in)) * 3).astype(np.float32)
+    q, qs = backend.quantize_i8(x)
+    np.testing.assert_array_equal(backend.gemm_planes_i8(q, qs, w8), backend.gemm_planes_i8(q, qs, wf))
+    b, bs = backend.binarize(x)
+    np.testing.assert_array_equal(backend.gemm_xnor(b, bs, w8), backend.gemm_xnor(b, bs, wf))

@@ -11,7 +11,7 @@ sensitivity), plus options after ':' joined by ',':
   tuneN / tunelrX (scale tuning steps, default 40; its learning rate);
   for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
   gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
-  formats: int8, f16, f32, kK, kKgG).
+  formats: int8, f16, f32, kK, kKgG); s8 (8-bit scales).
 Prints a markdown table; conversions are cached in $EDGEPANEL_HOME/quality/.
 """
 from __future__ import annotations
@@ -67,6 +67,8 @@ def parse(spec: str) -> Recipe:
             r.bits_planes = tuple(int(c) for c in o[2:])
         elif o.startswith("gs"):          # group sizes a budget may choose: gs64-128-256
             r.bits_groups = tuple(int(c) for c in o[2:].split("-"))
+        elif o == "s8":                   # 8-bit scales
+            r.scales = "u8"
         elif o == "rows":                 # embeddings and head chosen by the budget too
             r.embed = r.head = "auto"
         elif o.startswith("embed") or o.startswith("head"):   # embedK / headKgG / headint8
@@ -113,9 +115,10 @@ def main():
 
 
 def _stored_bits(t) -> float:
-    """Bits a linear layer or embeddings/head table takes in the file (float16 scales)."""
-    if getattr(t, "planes", None) is not None:
-        return 8 * (t.planes.planes.nbytes + t.planes.scales.size * 2)
+    """Bits a linear layer or embeddings/head table takes in the file."""
+    pm = getattr(t, "planes", None)
+    if pm is not None:   # (trainable_parameters() would have widened the scales: not called here)
+        return 8 * (pm.planes.nbytes + pm.scales.nbytes + (0 if pm.scale_rows is None else pm.scale_rows.nbytes))
     if getattr(t, "q", None) is not None:
         return 8 * (t.q.nbytes + t.row_scale.nbytes)
     return 8 * t.weight.nbytes

@@ -52,19 +52,26 @@ int ep_quantize_i8(const ep_kernels *kt, const float *x, int64_t n, int64_t in, 
 int ep_binarize(const ep_kernels *kt, const float *x, int64_t n, int64_t in, uint8_t *bits,
                 float *scale);
 
+/* How plane scales are stored: (k, out_pad/16, n_groups, 16) float32, float16 (widened exactly:
+ * the same results for the same values), or uint8 codes with a float32 multiplier per row,
+ * scale_rows (out_pad/16, 16): alpha = (float)code * scale_rows[row], one float32 product. */
+enum { EP_SCALES_F32 = 0, EP_SCALES_F16 = 1, EP_SCALES_U8 = 2 };
+
 /* y (n, out) float32 = activations (n, in) times the k-plane matrix transposed.
- * planes: (k, out_pad/16, in_pad/8, 16) uint8; scales: (k, out_pad/16, n_groups, 16) float32,
- * or float16 when scales_f16 is nonzero (widened exactly: the same results for the same values).
+ * planes: (k, out_pad/16, in_pad/8, 16) uint8; scales as scales_kind says (scale_rows: for
+ * EP_SCALES_U8, else ignored).
  * gemm_planes_i8 reads int8 activations q with per-token scales qscale;
  * gemm_xnor reads packed sign activations bits with per-token scales ascale.
  * work: at least ep_workspace_bytes(n, out, in, group) bytes, 64-byte aligned.
  * threads <= 0 means all processors; the result does not depend on it. */
 int ep_gemm_planes_i8(const ep_kernels *kt, const int8_t *q, const float *qscale, int64_t n,
-                      const uint8_t *planes, const void *scales, int32_t scales_f16, int64_t k,
+                      const uint8_t *planes, const void *scales, int32_t scales_kind,
+                      const float *scale_rows, int64_t k,
                       int64_t out, int64_t in, int64_t group, float *y, void *work,
                       int64_t work_bytes, int threads);
 int ep_gemm_xnor(const ep_kernels *kt, const uint8_t *bits, const float *ascale, int64_t n,
-                 const uint8_t *planes, const void *scales, int32_t scales_f16, int64_t k,
+                 const uint8_t *planes, const void *scales, int32_t scales_kind,
+                 const float *scale_rows, int64_t k,
                  int64_t out, int64_t in, int64_t group, float *y, void *work, int64_t work_bytes,
                  int threads);
 
@@ -86,8 +93,9 @@ typedef struct {
     int32_t k;
     int64_t rows, cols, group; /* rows = outputs, cols = inputs */
     const uint8_t *planes;
-    const void *scales;         /* float32, or float16 when scales_f16 */
-    int32_t scales_f16;
+    const void *scales;         /* as scales_kind says (EP_SCALES_*) */
+    int32_t scales_kind;
+    const float *scale_rows;    /* EP_SCALES_U8: (rows_pad/16, 16) */
     const void *weight;
     const float *row_scale;
     const float *bias;          /* (out,) or NULL */

@@ -16,8 +16,9 @@ static inline int64_t ep_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 /* One GEMM call, as seen by an ISA's tile kernel. */
 typedef struct {
     const uint8_t *planes;  /* (k, tiles, ncol, 16) */
-    const void *scales;     /* (k, tiles, ng, 16) float32, or float16 when scales_f16 */
-    int scales_f16;
+    const void *scales;     /* (k, tiles, ng, 16) as scales_kind says (EP_SCALES_*) */
+    int scales_kind;
+    const float *scale_rows; /* EP_SCALES_U8: (tiles, 16) multipliers of the codes */
     int64_t k, out, in, group;
     int64_t in_pad;         /* in rounded up to 64 */
     int64_t tiles;          /* out_pad / 16 */
@@ -44,6 +45,16 @@ static inline int64_t ep_scale_index(const ep_gemm_args *a, int64_t i, int64_t t
     return ((i * a->tiles + t) * a->ng + j) * EP_TILE;
 }
 
+float ep_half_to_float(uint16_t h);
+
+/* One plane scale: element idx of `scales` (kind EP_SCALES_*), for row `row` (its multiplier
+ * when the scales are codes).  The specification every vectorized load reproduces. */
+static inline float ep_scale_value(const void *scales, int kind, const float *scale_rows, int64_t idx, int64_t row) {
+    if (kind == EP_SCALES_U8) return (float)((const uint8_t *)scales)[idx] * scale_rows[row];
+    if (kind == EP_SCALES_F16) return ep_half_to_float(((const uint16_t *)scales)[idx]);
+    return ((const float *)scales)[idx];
+}
+
 /* One element of int8 quantization (the rule of ep_ref_quantize_i8), for the SIMD files' tails. */
 static inline int8_t ep_quantize_one(float x, float inv) {
     float v = nearbyintf(x * inv);
@@ -68,16 +79,25 @@ static inline int64_t ep_groups_per_chunk(const ep_gemm_args *a, int64_t tb, int
 
 #define EP_TOKEN_BLOCK 4  /* tokens sharing one pass over a tile's weights */
 
-/* The loop every ISA's *_tiles function runs over this thread's tiles [t0, t1).  One block of
- * tokens (decode): whole rows tile by tile, the weights streamed once in order.  More tokens:
- * chunks of groups outer, so a token block's tables stay in L1 while the tiles pass under them
- * (partial sums kept in a->acc between chunks).  CALL(tb) handles one tile for tokens
- * tok0 .. tok0+tb-1 and groups [j0, j1); the ISA file instantiates it per constant tb. */
+/* Groups per chunk of the tile loop: whole rows when a token block's tables fit half of L1 (every
+ * decode step of models up to ~2k inputs: the weights stream once, in order), else chunks of
+ * groups whose tables do. */
+static inline int64_t ep_chunk_groups(const ep_gemm_args *a, int64_t bytes_per_input) {
+    const int64_t tb = a->n < EP_TOKEN_BLOCK ? a->n : EP_TOKEN_BLOCK;
+    if (tb * bytes_per_input * a->in_pad <= 16384) return a->ng;
+    const int64_t gpc = ep_groups_per_chunk(a, tb, bytes_per_input);
+    return gpc < a->ng ? gpc : a->ng;
+}
+
+/* The loop every ISA's *_tiles function runs over this thread's tiles [t0, t1): chunks of groups
+ * outer (ep_chunk_groups: one chunk of whole rows unless the tables would not stay in L1), token
+ * blocks, then tiles, so a token block's tables stay in L1 while the tiles pass under them
+ * (partial sums kept in a->acc between chunks; every row still sums its groups in order).
+ * CALL(tb) handles one tile for tokens tok0 .. tok0+tb-1 and groups [j0, j1); the ISA file
+ * instantiates it per constant tb. */
 #define EP_TILE_LOOP(a, t0, t1, bytes_per_input, CALL)                                            \
     do {                                                                                         \
-        const int64_t ep_gpc_ = (a)->n <= EP_TOKEN_BLOCK                                          \
-                                    ? (a)->ng                                                     \
-                                    : ep_groups_per_chunk((a), EP_TOKEN_BLOCK, (bytes_per_input)); \
+        const int64_t ep_gpc_ = ep_chunk_groups((a), (bytes_per_input));                         \
         for (int64_t j0 = 0; j0 < (a)->ng; j0 += ep_gpc_) {                                      \
             const int64_t j1 = ep_min64(j0 + ep_gpc_, (a)->ng);                                  \
             for (int64_t tok0 = 0; tok0 < (a)->n; tok0 += EP_TOKEN_BLOCK) {                      \
@@ -179,7 +199,6 @@ void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
 float ep_ref_abs_mean(const float *x, int64_t in);
 void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum);
 void ep_ref_group_valid(int64_t in, int64_t group, int32_t *nvalid);
-float ep_half_to_float(uint16_t h);
 void ep_ref_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
                        int64_t ldy, int64_t r0, int64_t r1);
 void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,

@@ -36,6 +36,12 @@ static inline __m512 ep_simde_cvtepi32_ps(__m512i v) {
     for (int i = 0; i < 16; i++) r[i] = (float)a[i];
     return _mm512_loadu_ps(r);
 }
+static inline __m512i ep_simde_cvtepu8_epi32(__m128i v) {
+    uint8_t a[16]; int32_t r[16];
+    _mm_storeu_si128((__m128i *)a, v);
+    for (int i = 0; i < 16; i++) r[i] = a[i];
+    return _mm512_loadu_si512((const void *)r);
+}
 static inline __m512 ep_simde_cvtph_ps(__m256i v) {
     float r[16];
     _mm256_storeu_ps(r, _mm256_cvtph_ps(_mm256_castsi256_si128(v)));
@@ -48,6 +54,7 @@ static inline __m512 ep_simde_cvtph_ps(__m256i v) {
 #define _MM_FROUND_TO_NEAREST_INT SIMDE_MM_FROUND_TO_NEAREST_INT
 #endif
 #define _mm512_cvtepi16_epi32 ep_simde_cvtepi16_epi32
+#define _mm512_cvtepu8_epi32 ep_simde_cvtepu8_epi32
 #define _mm512_cvtepi32_ps ep_simde_cvtepi32_ps
 #define EP_TARGET_PUSH(t)
 #define EP_TARGET_POP()

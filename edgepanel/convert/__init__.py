@@ -102,14 +102,23 @@ class _Store:
         return np.float16 if e.source_dtype == "float16" else np.float32
 
     def _planes(self, e: Emitted, pm: bits.PlaneMatrix, fit: str, err: float, calibrated: bool):
-        """Write one binarized tensor (planes, float16 scales) with its recipe and report row."""
-        scales16 = pm.scales.astype(np.float16)
-        if not np.all(np.isfinite(scales16)):
-            raise FormatError(f"{e.name}: a plane scale does not fit in float16")
+        """Write one binarized tensor (planes, scales as the recipe says) with its recipe and
+        report row."""
+        if not np.all(np.isfinite(pm.float_scales())):
+            raise FormatError(f"{e.name}: a plane scale is not finite")
+        if self.r.scales == "u8":
+            pm = pm.with_u8_scales()
+            self.w.add(e.name + ".scale_rows", pm.scale_rows)
+            scales = pm.scales
+        else:
+            scales = pm.float_scales().astype(np.float16)
+            if not np.all(np.isfinite(scales)):
+                raise FormatError(f"{e.name}: a plane scale does not fit in float16")
         self.w.add(e.name + ".planes", pm.planes)
-        self.w.add(e.name + ".scales", scales16)
+        self.w.add(e.name + ".scales", scales)
         self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": fit}
-        nbits = 8.0 * (pm.planes.nbytes + scales16.nbytes) / (pm.out_features * pm.in_features)
+        extra = 0 if pm.scale_rows is None else pm.scale_rows.nbytes
+        nbits = 8.0 * (pm.planes.nbytes + scales.nbytes + extra) / (pm.out_features * pm.in_features)
         self.report.rows.append(TensorReport(e.name, pm.shape, "planes", pm.k, pm.group, nbits, err, calibrated))
 
     def linear(self, e: Emitted, fitted=None):

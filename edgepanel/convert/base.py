@@ -144,6 +144,8 @@ class Recipe:
                                                      # "residual" (o and down only), False
     seed: int = 0                                    # of the random rotations
     bits: float | None = None                        # average bits per weight: formats per tensor by sensitivity
+    scales: str = "f16"                              # plane scales in the file: f16 | u8 (8-bit codes
+                                                     # under a float32 multiplier per row)
     bits_planes: tuple = (1, 2, 3, 4)                # the plane counts a budget may choose from
     bits_groups: tuple = (64, 128, 256)              # the group sizes it may choose from
     tune_steps: int = 40                             # scale tuning against the float model (KL), Adam steps;
@@ -172,6 +174,8 @@ class Recipe:
             raise ValueError(f"tune_steps must be a non-negative int, got {self.tune_steps!r}")
         if self.tune_lr is not None and not (self.tune_lr > 0):
             raise ValueError(f"tune_lr must be positive, got {self.tune_lr!r}")
+        if self.scales not in ("f16", "u8"):
+            raise ValueError(f"scales must be f16 or u8, got {self.scales!r}")
         for what in ("embed", "head"):
             fmt = getattr(self, what)
             if not valid_row_format(fmt):
@@ -191,7 +195,8 @@ class Recipe:
         """A short name for the recipe (cache file names)."""
         if self.passthrough:
             return "passthrough"
-        t = (f"b{self.bits:g}" if self.bits else f"k{self.planes}") + f"g{self.group or 'row'}-e{self.embed}-h{self.head}"
+        t = ((f"b{self.bits:g}" if self.bits else f"k{self.planes}") + f"g{self.group or 'row'}-e{self.embed}-h{self.head}"
+             + ("-s8" if self.scales == "u8" else ""))
         if self.calibrated:
             t += (f"-cal{self.calib_tokens}" + ("-rot" if self.rotate else "") + ({True: "-comp", "residual": "-compres"}.get(self.compensate, ""))
                   + ("" if self.calib == "default" else "-own"))
@@ -224,5 +229,5 @@ class Recipe:
                 "seq_len": self.seq_len, "rotate": self.rotate, "damp": self.damp, "refit": self.refit,
                 "act_order": self.act_order,
                 "compensate": self.compensate, "bits": self.bits, "rounds": self.rounds,
-                "bits_planes": list(self.bits_planes), "bits_groups": list(self.bits_groups),
+                "scales": self.scales, "bits_planes": list(self.bits_planes), "bits_groups": list(self.bits_groups),
                 "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate()}

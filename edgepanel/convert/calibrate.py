@@ -245,20 +245,22 @@ class _Run:
         return ref.norm(cfg, Norm(t["final_norm"].weight, t["final_norm"].bias), x)
 
 
-def nominal_bits(k: int, group: int, n_in: int | None = None) -> float:
-    """Bits per weight of k planes with one float16 scale per plane and group (with n_in: of
-    rows of n_in inputs, where the last group may be short or the row one group)."""
+def nominal_bits(k: int, group: int, n_in: int | None = None, scales: str = "f16") -> float:
+    """Bits per weight of k planes with one scale per plane and group, float16 or 8-bit (plus a
+    float32 multiplier per row); with n_in: of rows of n_in inputs, where the last group may be
+    short or the row one group."""
+    per = 16.0 if scales == "f16" else 8.0
     if n_in is None:
-        return k * (1.0 + 16.0 / group)
-    return k * (1.0 + 16.0 * bits.n_groups(n_in, group) / n_in)
+        return k * (1.0 + per / group)
+    return k * (1.0 + per * bits.n_groups(n_in, group) / n_in) + (32.0 / n_in if scales == "u8" else 0.0)
 
 
 INT8_ROWS = "int8"
 
 
-def format_bits(fmt, n_in: int) -> float:
+def format_bits(fmt, n_in: int, scales: str = "f16") -> float:
     """Bits per weight of a format: (planes, group), or int8 rows (a float32 scale per row)."""
-    return 8.0 + 32.0 / n_in if fmt == INT8_ROWS else nominal_bits(fmt[0], fmt[1], n_in)
+    return 8.0 + 32.0 / n_in if fmt == INT8_ROWS else nominal_bits(fmt[0], fmt[1], n_in, scales)
 
 
 def _gptq_weights(h: np.ndarray, damp: float) -> np.ndarray:
@@ -379,7 +381,7 @@ def plan_bits(run: "_Run", tokens: np.ndarray, budget: float, log, sens_seqs: in
     hulls = {}
     for n, opts in est.items():
         n_in = t[n].weight.shape[1]
-        pts = sorted(((format_bits(o, n_in), v, o) for o, v in opts.items()), key=lambda p: (p[0], p[1]))
+        pts = sorted(((format_bits(o, n_in, r.scales), v, o) for o, v in opts.items()), key=lambda p: (p[0], p[1]))
         hull = []
         for p_ in pts:
             if hull and p_[1] >= hull[-1][1]:

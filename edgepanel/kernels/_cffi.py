@@ -90,8 +90,8 @@ class CBackend(Backend):
         need = lib.ep_workspace_bytes(n, w.out_features, w.in_features, w.group)
         work, nbytes = self._workspace(need)
         rc = fn(self._kt, _ptr(act_ctype, act), _ptr("float *", scale), n,
-                _ptr("uint8_t *", w.planes), _ptr("void *", w.scales), int(w.scales.dtype == np.float16),
-                w.k, w.out_features, w.in_features, w.group, _ptr("float *", y), work, nbytes, threads)
+                _ptr("uint8_t *", w.planes), _ptr("void *", w.scales), w.scales_kind,
+                ffi.NULL if w.scale_rows is None else _ptr("float *", w.scale_rows), w.k, w.out_features, w.in_features, w.group, _ptr("float *", y), work, nbytes, threads)
         self._check(rc, what)
         return y
 

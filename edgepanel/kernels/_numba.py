@@ -160,7 +160,7 @@ class NumbaBackend(Backend):
         if threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
-            _gemm_tables(tab, base, scale, w.planes, w.scales.astype(np.float32, copy=False), w.out_features, group, y)
+            _gemm_tables(tab, base, scale, w.planes, w.float_scales(), w.out_features, group, y)
         finally:
             numba.set_num_threads(before)
         return y

@@ -43,7 +43,8 @@ class CEngine:
                 dst.k, dst.group = m.planes.k, m.planes.group
                 dst.planes = self._ptr("uint8_t *", m.planes.planes)
                 dst.scales = self._ptr("void *", m.planes.scales)
-                dst.scales_f16 = int(m.planes.scales.dtype == np.float16)
+                dst.scales_kind = m.planes.scales_kind
+                dst.scale_rows = self._ptr("float *", m.planes.scale_rows)
             else:
                 dst.kind = lib.EP_MAT_F16 if m.weight.dtype == np.float16 else lib.EP_MAT_F32
                 dst.weight = self._ptr("void *", np.ascontiguousarray(m.weight))

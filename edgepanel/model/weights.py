@@ -123,7 +123,7 @@ class Weights:
         for lin in list(self.linears()) + list(self.plane_tables()):
             pm = lin.planes
             if pm is not None and pm.scales.dtype != np.float32:
-                lin.planes = bits.PlaneMatrix(pm.planes, pm.scales.astype(np.float32), pm.out_features,
+                lin.planes = bits.PlaneMatrix(pm.planes, pm.float_scales(), pm.out_features,
                                               pm.in_features, pm.group)
         out = {}
         for t in self.plane_tables():
@@ -173,8 +173,9 @@ class _Reader:
             raise FormatError(f"{self.f.path}: '{name}' recipe: {exc}") from None
         tiles, ncol = bits.padded_out(out) // bits.TILE, bits.padded_in(inp) // 8
         planes = self.f.get(name + ".planes", np.uint8, (k, tiles, ncol, bits.TILE))
-        scales = self.f.get(name + ".scales", (np.float16, np.float32), (k, tiles, bits.n_groups(inp, group), bits.TILE))
-        return bits.PlaneMatrix(planes, scales, out, inp, group)  # a view: the kernels read float16
+        scales = self.f.get(name + ".scales", (np.float16, np.float32, np.uint8), (k, tiles, bits.n_groups(inp, group), bits.TILE))
+        rows = self.f.get(name + ".scale_rows", np.float32, (tiles, bits.TILE)) if scales.dtype == np.uint8 else None
+        return bits.PlaneMatrix(planes, scales, out, inp, group, rows)  # views: the kernels read them as stored
 
     def linear(self, name: str, out: int, inp: int, bias: bool) -> Linear:
         r = self.recipe(name)

@@ -29,6 +29,9 @@ static int failures = 0;
 
 typedef struct { int64_t n, k, out, in, group; } shape;
 static uint16_t *g_scales16 = NULL;  /* float16 copy of the current scales, when they are halves */
+/* 8-bit scales: codes, row multipliers, and the float32 scales they stand for (code * row) */
+static uint8_t *g_codes = NULL;
+static float *g_rows = NULL, *g_from_codes = NULL;
 
 /* Run one variant on one shape; returns y (n, out) for i8 and xnor in y8 / yx. */
 static void run(const ep_kernels *kt, const shape *s, const float *x, const uint8_t *planes,
@@ -38,15 +41,31 @@ static void run(const ep_kernels *kt, const shape *s, const float *x, const uint
     void *work = xalloc((size_t)wb);
     int rc = ep_quantize_i8(kt, x, s->n, s->in, q, qs);
     rc |= ep_binarize(kt, x, s->n, s->in, bits, bs);
-    rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, scales, 0, s->k, s->out, s->in, s->group, y8, work, wb, threads);
-    rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, scales, 0, s->k, s->out, s->in, s->group, yx, work, wb, threads);
+    rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, scales, EP_SCALES_F32, NULL, s->k, s->out, s->in, s->group, y8, work, wb, threads);
+    rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, scales, EP_SCALES_F32, NULL, s->k, s->out, s->in, s->group, yx, work, wb, threads);
+    const size_t ybytes = (size_t)(s->n * s->out * 4);
     if (g_scales16) {  /* the same scales as float16: the same bits out */
-        float *y2 = xalloc((size_t)(s->n * s->out * 4));
-        rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, g_scales16, 1, s->k, s->out, s->in, s->group, y2, work, wb, threads);
-        CHECK(memcmp(y2, y8, (size_t)(s->n * s->out * 4)) == 0, "%s: float16 scales give other i8 results", ep_kernels_name(kt));
-        rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, g_scales16, 1, s->k, s->out, s->in, s->group, y2, work, wb, threads);
-        CHECK(memcmp(y2, yx, (size_t)(s->n * s->out * 4)) == 0, "%s: float16 scales give other xnor results", ep_kernels_name(kt));
+        float *y2 = xalloc(ybytes);
+        rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, g_scales16, EP_SCALES_F16, NULL, s->k, s->out, s->in, s->group, y2, work, wb, threads);
+        CHECK(memcmp(y2, y8, ybytes) == 0, "%s: float16 scales give other i8 results", ep_kernels_name(kt));
+        rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, g_scales16, EP_SCALES_F16, NULL, s->k, s->out, s->in, s->group, y2, work, wb, threads);
+        CHECK(memcmp(y2, yx, ybytes) == 0, "%s: float16 scales give other xnor results", ep_kernels_name(kt));
         free(y2);
+    }
+    if (g_codes) {  /* 8-bit codes times row multipliers: the same bits out as their float32 products */
+        float *y2 = xalloc(ybytes), *y3 = xalloc(ybytes);
+        for (int xn = 0; xn < 2; xn++) {
+            if (xn) {
+                rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, g_from_codes, EP_SCALES_F32, NULL, s->k, s->out, s->in, s->group, y2, work, wb, threads);
+                rc |= ep_gemm_xnor(kt, bits, bs, s->n, planes, g_codes, EP_SCALES_U8, g_rows, s->k, s->out, s->in, s->group, y3, work, wb, threads);
+            } else {
+                rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, g_from_codes, EP_SCALES_F32, NULL, s->k, s->out, s->in, s->group, y2, work, wb, threads);
+                rc |= ep_gemm_planes_i8(kt, q, qs, s->n, planes, g_codes, EP_SCALES_U8, g_rows, s->k, s->out, s->in, s->group, y3, work, wb, threads);
+            }
+            CHECK(memcmp(y2, y3, ybytes) == 0, "%s: 8-bit scales give other %s results", ep_kernels_name(kt), xn ? "xnor" : "i8");
+        }
+        free(y2);
+        free(y3);
     }
     CHECK(rc == 0, "%s: rc=%d", ep_kernels_name(kt), rc);
     free(work);
@@ -69,6 +88,14 @@ static void check_shape(const shape *s, int special) {
         scales[u] = ep_half_to_float(s16[u]);
     }
     g_scales16 = s16;
+    uint8_t *codes = xalloc(ns);
+    float *rows = xalloc((size_t)(tiles * EP_TILE * 4)), *from_codes = xalloc(ns * 4);
+    for (int64_t r = 0; r < tiles * EP_TILE; r++) rows[r] = 1e-3f * (1.0f + rndf() * rndf());
+    for (size_t u = 0; u < ns; u++) {
+        codes[u] = (uint8_t)rnd();
+        from_codes[u] = (float)codes[u] * rows[((u / (size_t)(ng * EP_TILE)) % (size_t)tiles) * EP_TILE + u % EP_TILE];
+    }
+    g_codes = codes, g_rows = rows, g_from_codes = from_codes;
     const ep_kernels *ref = ep_kernels_get("scalar");
     int8_t *q0 = xalloc(nx), *q1 = xalloc(nx);
     uint8_t *b0 = xalloc(nb), *b1 = xalloc(nb);
@@ -117,6 +144,8 @@ static void check_shape(const shape *s, int special) {
     }
     g_scales16 = NULL;
     free(s16);
+    g_codes = NULL, g_rows = g_from_codes = NULL;
+    free(codes); free(rows); free(from_codes);
     free(x); free(scales); free(planes); free(q0); free(q1); free(b0); free(b1);
     free(qs0); free(qs1); free(bs0); free(bs1); free(y80); free(y81); free(yx0); free(yx1);
 }
