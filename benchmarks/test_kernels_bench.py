@@ -46,7 +46,7 @@ class Prepared:
         p = lambda t, a: ffi.cast(t, a.ctypes.data)  # noqa: E731
         kt = lib.ep_kernels_get(isa.encode() if isa else ffi.NULL)
         assert kt != ffi.NULL, f"ISA variant {isa} does not run here"
-        args = (p("uint8_t *", self.planes), p("void *", self.scales), 1, k, n_out, n_in, group,
+        args = (p("uint8_t *", self.planes), p("void *", self.scales), lib.EP_SCALES_F16, ffi.NULL, k, n_out, n_in, group,
                 p("float *", self.y), ffi.cast("void *", wp), nbytes, threads)
         xp, qp, bp, sp = p("float *", self.x), p("int8_t *", self.q), p("uint8_t *", self.bits), p("float *", self.s)
 

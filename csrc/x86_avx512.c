@@ -297,26 +297,16 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
     }
 }
 
-#define EP_PREFETCH_BYTES 16384  /* how far ahead of its reads a decode step asks for weights */
-
-/* The byte offset from the weights being read to those a decode step prefetches: 16 KB ahead in
- * the plane when whole rows stream in order; in chunks of columns (wide rows: ep_chunk_groups),
- * the same columns of the tile that many bytes of chunks ahead. */
-static int64_t prefetch_offset(const ep_gemm_args *a, int64_t bytes_per_input) {
-    const int64_t gpc = ep_chunk_groups(a, bytes_per_input);
-    if (gpc >= a->ng) return EP_PREFETCH_BYTES;
-    const int64_t chunk_bytes = gpc * a->group * 2;   /* 16 rows x group / 8 bytes per group */
-    return ep_ceil_div(EP_PREFETCH_BYTES, chunk_bytes) * a->ncol * EP_TILE;
-}
+#define EP_PREFETCH_BYTES 16384  /* how far ahead in a plane a decode step asks for weights */
 
 /* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
  * for TB tokens: m[b] += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
 EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB, int two,
-                            __m512i perm, int64_t pf, __m512i *m) {
+                            __m512i perm, __m512i *m) {
     const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
     if (TB == 1) {  /* decode: the weights stream from DRAM, the hardware prefetcher alone lags */
-        _mm_prefetch((const char *)(w + cc * EP_TILE + pf), _MM_HINT_T1);
-        _mm_prefetch((const char *)(w + cc * EP_TILE + pf + 64), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES + 64), _MM_HINT_T1);
     }
     __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
     __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
@@ -337,7 +327,7 @@ EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, in
 /* GB > 0: every group but the last is GB blocks (unrolled, pointers stepped); the last group
  * and GB == 0 take the general path.  K > 0: the plane count, known at compile time. */
 EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
-                            int64_t pf, const int GB, const int K) {
+                            const int GB, const int K) {
     const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride, k = K ? K : a->k;
@@ -353,7 +343,7 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
         for (int64_t i = 0; i < k; i++) {
             __m512i m[4];
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
-            for (int u = 0; u < GB; u += 2) vnni_i8_pair(w0 + i * pstride, tab, ts, cc + 4 * u, TB, GB > 1, perm, pf, m);
+            for (int u = 0; u < GB; u += 2) vnni_i8_pair(w0 + i * pstride, tab, ts, cc + 4 * u, TB, GB > 1, perm, m);
             const __m512 alpha = scales_at512(a, sidx + i * sstride, t);
             for (int b = 0; b < TB; b++) {
                 __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_add_epi32(m[b], m[b]));
@@ -367,20 +357,20 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
         for (int64_t i = 0; i < k; i++) {
             __m512i m[4];
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
-            for (int64_t cc = c0; cc < c1; cc += 8) vnni_i8_pair(w0 + i * pstride, tab, ts, cc, TB, cc + 4 < c1, perm, pf, m);
+            for (int64_t cc = c0; cc < c1; cc += 8) vnni_i8_pair(w0 + i * pstride, tab, ts, cc, TB, cc + 4 < c1, perm, m);
             fma_group(a, i, t, j, tok0, TB, m, f);
         }
     }
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-#define VNNI_I8_K(a, t, tok0, TB, j0, j1, pf, GB)                         \
-    switch (kk) {                                                         \
-    case 1: vnni_i8_tile(a, t, tok0, TB, j0, j1, pf, GB, 1); break;       \
-    case 2: vnni_i8_tile(a, t, tok0, TB, j0, j1, pf, GB, 2); break;       \
-    case 3: vnni_i8_tile(a, t, tok0, TB, j0, j1, pf, GB, 3); break;       \
-    case 4: vnni_i8_tile(a, t, tok0, TB, j0, j1, pf, GB, 4); break;       \
-    default: vnni_i8_tile(a, t, tok0, TB, j0, j1, pf, GB, 0); break;      \
+#define VNNI_I8_K(a, t, tok0, TB, j0, j1, GB)                          \
+    switch (kk) {                                                     \
+    case 1: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 1); break;       \
+    case 2: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 2); break;       \
+    case 3: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 3); break;       \
+    case 4: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 4); break;       \
+    default: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 0); break;      \
     }
 
 static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
@@ -389,8 +379,7 @@ static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 #else
     const int gb = ep_blocks_per_group(a), kk = a->k <= 4 ? (int)a->k : 0;
 #endif
-    const int64_t pf = prefetch_offset(a, 8);
-#define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1, pf)
+#define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
 }
@@ -430,7 +419,7 @@ EP_INLINE void vnni_xnor_run(const ep_gemm_args *a, const uint8_t *w, const uint
  * sums come out of one vpdpbusd as S - 2m directly (the popcount bytes times -2 added onto the
  * valid count: exact integers); the last group and GB == 0 take the general path. */
 EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
-                              int64_t pf, const int GB) {
+                              const int GB) {
     const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword), minus2 = _mm512_set1_epi8(-2);
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride;
@@ -448,7 +437,7 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
             const uint8_t *w = w0 + i * pstride + cc * EP_TILE;
             __m512i s[4];
             if (TB == 1)  /* decode: ask L2 for the weights ahead, the hardware prefetcher alone lags */
-                for (int u = 0; u < GB; u++) _mm_prefetch((const char *)(w + pf + u * 64), _MM_HINT_T1);
+                for (int u = 0; u < GB; u++) _mm_prefetch((const char *)(w + EP_PREFETCH_BYTES + u * 64), _MM_HINT_T1);
             const __m512i v0 = _mm512_loadu_si512((const void *)w);
             for (int b = 0; b < TB; b++)
                 s[b] = _mm512_popcnt_epi8(_mm512_xor_si512(v0, _mm512_load_si512((const void *)(tab + b * ts + cc * 16))));
@@ -482,8 +471,7 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
 
 static void avx512vnni_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
     const int gb = ep_blocks_per_group(a);
-    const int64_t pf = prefetch_offset(a, 2);
-#define CALL(TB) EP_SWITCH_GB(vnni_xnor_tile, a, t, tok0, TB, j0, j1, pf)
+#define CALL(TB) EP_SWITCH_GB(vnni_xnor_tile, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 2, CALL);
 #undef CALL
 }

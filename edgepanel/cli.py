@@ -157,7 +157,7 @@ def cmd_convert(a) -> int:
             budget["bits_groups"] = (a.group,)
     rows = "auto" if a.bits is not None else "int8"
     recipe = Recipe(planes=a.planes or 2, group=64 if a.group is None else a.group, keep=a.keep,
-                    passthrough=a.passthrough, embed=a.embed or rows, head=a.head or rows, als_iters=a.als_iters,
+                    passthrough=a.passthrough, scales=a.scales, embed=a.embed or rows, head=a.head or rows, als_iters=a.als_iters,
                     calib=None if a.no_calib else a.calib, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
                     rotate=not a.no_rotate, act_order=a.act_order, seed=a.seed, bits=a.bits,
                     tune_steps=a.tune_steps, tune_lr=a.tune_lr, **budget)
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embeddings: int8 (rows, the default), f16, f32, kK or kKgG (K planes, group G), "
                         "auto (chosen by --bits, its default there)")
     s.add_argument("--head", default=None, metavar="FORMAT", help="the output layer: as --embed")
+    s.add_argument("--scales", choices=["f16", "u8"], default="f16",
+                   help="plane scales: float16, or 8-bit codes under a float32 multiplier per row (half the "
+                        "scale bytes; the same quality on SmolLM2)")
     s.add_argument("--als-iters", type=int, default=4, help="alternating least-squares rounds (default 4)")
     c = s.add_argument_group("calibration (on by default, with the shipped text)")
     c.add_argument("--calib", metavar="TEXT_FILE", default="default",

@@ -79,20 +79,20 @@ static inline int64_t ep_groups_per_chunk(const ep_gemm_args *a, int64_t tb, int
 
 #define EP_TOKEN_BLOCK 4  /* tokens sharing one pass over a tile's weights */
 
-/* Groups per chunk of the tile loop: whole rows when a token block's tables fit half of L1 (every
- * decode step of models up to ~2k inputs: the weights stream once, in order), else chunks of
- * groups whose tables do. */
+/* Groups per chunk of the tile loop: one block of tokens (decode) reads whole rows, the weights
+ * streamed once in order (chunks of columns, so that wide rows' tables stay in L1, measured 1.5-2x
+ * slower from DRAM: the strided reads cost more than the tables' L2 traffic); more tokens take
+ * chunks of groups whose tables stay in L1. */
 static inline int64_t ep_chunk_groups(const ep_gemm_args *a, int64_t bytes_per_input) {
-    const int64_t tb = a->n < EP_TOKEN_BLOCK ? a->n : EP_TOKEN_BLOCK;
-    if (tb * bytes_per_input * a->in_pad <= 16384) return a->ng;
-    const int64_t gpc = ep_groups_per_chunk(a, tb, bytes_per_input);
+    if (a->n <= EP_TOKEN_BLOCK) return a->ng;
+    const int64_t gpc = ep_groups_per_chunk(a, EP_TOKEN_BLOCK, bytes_per_input);
     return gpc < a->ng ? gpc : a->ng;
 }
 
 /* The loop every ISA's *_tiles function runs over this thread's tiles [t0, t1): chunks of groups
- * outer (ep_chunk_groups: one chunk of whole rows unless the tables would not stay in L1), token
- * blocks, then tiles, so a token block's tables stay in L1 while the tiles pass under them
- * (partial sums kept in a->acc between chunks; every row still sums its groups in order).
+ * outer (ep_chunk_groups), token blocks, then tiles, so a token block's tables stay in L1 while
+ * the tiles pass under them (partial sums kept in a->acc between chunks; every row still sums
+ * its groups in order).
  * CALL(tb) handles one tile for tokens tok0 .. tok0+tb-1 and groups [j0, j1); the ISA file
  * instantiates it per constant tb. */
 #define EP_TILE_LOOP(a, t0, t1, bytes_per_input, CALL)                                            \
