@@ -2,7 +2,9 @@
 
   verse: the "songs-poems" file of Debian's `fortunes` package (poems and song lyrics),
          fetched with `apt-get download fortunes` and cached; fortune separators removed;
-  prose: the GNU GPL version 3, /usr/share/common-licenses/GPL-3 on Debian systems.
+  prose: the GNU GPL version 3, /usr/share/common-licenses/GPL-3 on Debian systems;
+  technical: the Python language reference's help topics (pydoc_data.topics, shipped with
+         CPython; these figures: Python 3.11), in sorted order.
 
     python tools/eval_texts.py          # prints where they are and how long
 """
@@ -35,7 +37,12 @@ def prose() -> str:
     return Path("/usr/share/common-licenses/GPL-3").read_text(encoding="utf-8")
 
 
-TEXTS = {"verse": verse, "prose": prose}
+def technical() -> str:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+TEXTS = {"verse": verse, "prose": prose, "technical": technical}
 
 if __name__ == "__main__":
     for name, fn in TEXTS.items():

@@ -53,9 +53,17 @@ class ConversionReport:
     @property
     def linear_bits(self) -> float:
         """Average bits per weight over the linear layers."""
-        lin = [r for r in self.rows if r.kind in ("planes", "dense")]
-        n = sum(int(np.prod(r.shape)) for r in lin)
-        return sum(r.bits * int(np.prod(r.shape)) for r in lin) / max(n, 1)
+        return self._bits(lambda r: r.name not in ("embed", "head"))
+
+    @property
+    def all_bits(self) -> float:
+        """Average bits per weight over every matrix: linear layers, embeddings and head."""
+        return self._bits(lambda r: True)
+
+    def _bits(self, keep) -> float:
+        rows = [r for r in self.rows if r.kind in ("planes", "dense", "int8_rows") and keep(r)]
+        n = sum(int(np.prod(r.shape)) for r in rows)
+        return sum(r.bits * int(np.prod(r.shape)) for r in rows) / max(n, 1)
 
     def table(self) -> str:
         lines = [f"{'tensor':28} {'shape':>13} {'kind':>7} {'k':>2} {'group':>5} {'bits/w':>7} {'rel.err':>8}"
@@ -66,8 +74,8 @@ class ConversionReport:
             g = str(r.group) if r.group else "-"
             err = (f"{r.error:.4f}" + ("*" if r.calibrated else " ")) if r.kind == "planes" else "-"
             lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>9}")
-        lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; file {self.file_bytes / 2**20:.1f} MiB; "
-                     f"{self.seconds:.1f} s")
+        lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; with embeddings and head: "
+                     f"{self.all_bits:.3f}; file {self.file_bytes / 2**20:.1f} MiB; {self.seconds:.1f} s")
         if self.tuning:
             t = self.tuning
             lines.append(f"scale tuning: {t['steps']} steps in {t['seconds']:.0f} s; KL to the float model on "
@@ -218,6 +226,8 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise FormatError(f"{path}: cannot read the calibration text ({exc})") from None
+        if recipe.calib == "default" and text.startswith("# edgepanel calibration text"):
+            text = text.split("\n", 1)[-1]   # the recipe line that made it
         toks = cal.calibration_tokens(tok_json, text, recipe.calib_tokens, min(recipe.seq_len, cfg.max_seq_len), str(src))
         run = cal._Run(fm, recipe, log)
         if recipe.bits:

@@ -105,7 +105,8 @@ def rotate(fm: FloatModel, seed: int = 0):
 
 
 def calibration_tokens(tokenizer_json: str | None, text: str, n_tokens: int, seq_len: int, where: str) -> np.ndarray:
-    """(S, seq_len) token ids from the start of `text`."""
+    """(S, seq_len) token ids: S = n_tokens // seq_len windows spread evenly over `text` (all of
+    it is sampled however long it is), or as many as it holds."""
     if not tokenizer_json:
         raise FormatError(f"{where}: calibration needs the model's tokenizer; this source has none "
                           "(convert with --no-calib)")
@@ -115,7 +116,9 @@ def calibration_tokens(tokenizer_json: str | None, text: str, n_tokens: int, seq
     S = min(n_tokens // seq_len, len(ids) // seq_len)
     if S < 1:
         raise FormatError(f"calibration text has {len(ids)} tokens; at least {seq_len} are needed")
-    return np.asarray(ids[:S * seq_len], np.int32).reshape(S, seq_len)
+    starts = np.linspace(0, len(ids) - seq_len, S).astype(np.int64)
+    ids = np.asarray(ids, np.int32)
+    return np.stack([ids[s0:s0 + seq_len] for s0 in starts])
 
 
 class _Run:
