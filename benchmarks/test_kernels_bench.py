@@ -100,7 +100,8 @@ def test_xnor(benchmark, shape, n_tokens):
 
 
 # --- from DRAM: 64 MiB of bits, twice the last-level cache here -----------------------------
-DRAM_SHAPE = (32768, 16384)
+# wide rows (16384 inputs: the int8 tables, 128 KB, live in L2) and narrow ones (2048: in L1)
+DRAM_SHAPES = [(32768, 16384), (262144, 2048)]
 
 
 def test_dram_numpy_sum(benchmark):
@@ -111,9 +112,10 @@ def test_dram_numpy_sum(benchmark):
 
 
 @pytest.mark.parametrize("kind", ["planes_i8", "xnor"])
-def test_dram_gemv_one_plane(benchmark, kind):
-    prep = Prepared(*DRAM_SHAPE, 1, 1, group=128)
+@pytest.mark.parametrize("shape", DRAM_SHAPES, ids=sid)
+def test_dram_gemv_one_plane(benchmark, shape, kind):
+    prep = Prepared(*shape, 1, 1, group=128)
     benchmark.group = "DRAM"
-    info(benchmark, kind + "_dram", *DRAM_SHAPE, 1, 1, prep.weight_bytes, prep.isa)
+    info(benchmark, kind + "_dram", *shape, 1, 1, prep.weight_bytes, prep.isa)
     benchmark.pedantic(getattr(prep, "i8" if kind == "planes_i8" else "xnor"), rounds=10, iterations=1,
                        warmup_rounds=1)

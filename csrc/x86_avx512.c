@@ -364,88 +364,6 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
 }
 
-/* Decode (one token) over two adjacent tiles: each table vector, loaded once, serves 32 rows
- * (wide rows' tables live in L2, and the loads were the cost).  m[r] += L . 1 + 16 . H for tile
- * t + r, the same integers as vnni_i8_pair gives each tile. */
-EP_INLINE void vnni_i8_pair_2t(const uint8_t *w, int64_t tstride, const uint8_t *T, int64_t cc, int two, __m512i perm,
-                               __m512i *m) {
-    const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
-    const __m512i t0 = _mm512_load_si512((const void *)T), t1 = _mm512_load_si512((const void *)(T + 64));
-    const __m512i t2 = _mm512_load_si512((const void *)(T + 128)), t3 = _mm512_load_si512((const void *)(T + 192));
-    __m512i t4 = t0, t5 = t1, t6 = t2, t7 = t3;
-    if (two) {
-        t4 = _mm512_load_si512((const void *)(T + 256)), t5 = _mm512_load_si512((const void *)(T + 320));
-        t6 = _mm512_load_si512((const void *)(T + 384)), t7 = _mm512_load_si512((const void *)(T + 448));
-    }
-    for (int r = 0; r < 2; r++) {
-        const uint8_t *wr = w + r * tstride + cc * EP_TILE;
-        _mm_prefetch((const char *)(wr + EP_PREFETCH_BYTES), _MM_HINT_T1);
-        _mm_prefetch((const char *)(wr + EP_PREFETCH_BYTES + 64), _MM_HINT_T1);
-        const __m512i v0 = _mm512_loadu_si512((const void *)wr);
-        const __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
-        __m512i l = _mm512_add_epi8(_mm512_shuffle_epi8(t0, lo0), _mm512_shuffle_epi8(t1, hi0));
-        __m512i h = _mm512_add_epi8(_mm512_shuffle_epi8(t2, lo0), _mm512_shuffle_epi8(t3, hi0));
-        if (two) {
-            const __m512i v1 = _mm512_loadu_si512((const void *)(wr + 4 * EP_TILE));
-            const __m512i lo1 = _mm512_and_si512(v1, m0f), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
-            l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_shuffle_epi8(t4, lo1), _mm512_shuffle_epi8(t5, hi1)));
-            h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_shuffle_epi8(t6, lo1), _mm512_shuffle_epi8(t7, hi1)));
-        }
-        m[r] = _mm512_dpbusd_epi32(m[r], _mm512_permutexvar_epi8(perm, l), ones);
-        m[r] = _mm512_dpbusd_epi32(m[r], sixteen, _mm512_permutexvar_epi8(perm, h));
-    }
-}
-
-/* vnni_i8_tile for one token over tiles t and t+1 together (whole rows). */
-EP_INLINE void vnni_i8_tile_2t(const ep_gemm_args *a, int64_t t, const int GB, const int K) {
-    const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
-    const uint8_t *tab = a->tab;
-    const int64_t k = K ? K : a->k, tstride = a->ncol * EP_TILE;
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE, sstride = a->tiles * a->ng * EP_TILE;
-    const uint8_t *w0 = a->planes + t * tstride;
-    __m512 f[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    const int64_t jfast = GB > 0 ? a->ng - 1 : 0;
-    int64_t j = 0;
-    for (; j < jfast; j++) {
-        const int64_t cc = j * 4 * GB, sidx = ep_scale_index(a, 0, t, j);
-        const __m512i gs = _mm512_set1_epi32(a->gsum[j]);
-        for (int64_t i = 0; i < k; i++) {
-            __m512i m[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-            for (int u = 0; u < GB; u += 2)
-                vnni_i8_pair_2t(w0 + i * pstride, tstride, tab + (cc + 4 * u) * 64, cc + 4 * u, GB > 1, perm, m);
-            for (int r = 0; r < 2; r++) {
-                const __m512 alpha = scales_at512(a, sidx + i * sstride + r * a->ng * EP_TILE, t + r);
-                f[r] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(_mm512_sub_epi32(gs, _mm512_add_epi32(m[r], m[r]))), f[r]);
-            }
-        }
-    }
-    for (; j < a->ng; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        const __m512i gs = _mm512_set1_epi32(a->gsum[j]);
-        for (int64_t i = 0; i < k; i++) {
-            __m512i m[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-            for (int64_t cc = c0; cc < c1; cc += 8)
-                vnni_i8_pair_2t(w0 + i * pstride, tstride, tab + cc * 64, cc, cc + 4 < c1, perm, m);
-            for (int r = 0; r < 2; r++) {
-                const __m512 alpha = load_scales512(a, i, t + r, j);
-                f[r] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(_mm512_sub_epi32(gs, _mm512_add_epi32(m[r], m[r]))), f[r]);
-            }
-        }
-    }
-    store_acc512(a, t, 0, 1, &f[0], 1);
-    store_acc512(a, t + 1, 0, 1, &f[1], 1);
-}
-
-#define VNNI_I8_2T_K(a, t, GB)                               \
-    switch (kk) {                                           \
-    case 1: vnni_i8_tile_2t(a, t, GB, 1); break;            \
-    case 2: vnni_i8_tile_2t(a, t, GB, 2); break;            \
-    case 3: vnni_i8_tile_2t(a, t, GB, 3); break;            \
-    case 4: vnni_i8_tile_2t(a, t, GB, 4); break;            \
-    default: vnni_i8_tile_2t(a, t, GB, 0); break;           \
-    }
-
 #define VNNI_I8_K(a, t, tok0, TB, j0, j1, GB)                          \
     switch (kk) {                                                     \
     case 1: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 1); break;       \
@@ -461,21 +379,11 @@ static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 #else
     const int gb = ep_blocks_per_group(a), kk = a->k <= 4 ? (int)a->k : 0;
 #endif
-    if (a->n == 1) {  /* decode: tiles two at a time, then the odd one */
-        int64_t t = t0;
-        for (; t + 1 < t1; t += 2) EP_SWITCH_GB(VNNI_I8_2T_K, a, t);
-        for (; t < t1; t++) {
-            const int64_t tok0 = 0, j0 = 0, j1 = a->ng;
-            EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, 1, j0, j1);
-        }
-        return;
-    }
 #define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
 }
 #undef VNNI_I8_K
-#undef VNNI_I8_2T_K
 
 /* xnor tables: per 32 inputs (byte columns c..c+3) one vector, lane q = byte c+q of the
  * activation signs (padding cleared), 16 times. */

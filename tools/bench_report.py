@@ -37,16 +37,15 @@ def main() -> None:
         ratio = f"{ref / t:.1f}x" if ref else "-"
         print(f"| {e['out']}x{e['inp']} | {e['tokens']} | {e['kind']} ({e.get('isa')}) | {e['planes']} | "
               f"{t * 1e6:.1f} us | {e['macs'] / t / 1e9:.1f} | {e['weight_bytes'] / t / 1e9:.2f} | {ratio} |")
-    dram = {e["kind"]: (e, t) for e, t in rows if e["kind"] in ("numpy_sum", "planes_i8_dram", "xnor_dram")}
-    if "numpy_sum" in dram:
-        e0, t0 = dram["numpy_sum"]
+    sums = [(e, t) for e, t in rows if e["kind"] == "numpy_sum"]
+    if sums:
+        e0, t0 = sums[0]
         bw = e0["weight_bytes"] / t0 / 1e9
         print(f"\nDRAM: NumPy a.sum() over 512 MiB reads {bw:.1f} GB/s.")
-        for kind in ("planes_i8_dram", "xnor_dram"):
-            if kind in dram:
-                e, t = dram[kind]
+        for e, t in rows:
+            if e["kind"] in ("planes_i8_dram", "xnor_dram"):
                 gbs = e["weight_bytes"] / t / 1e9
-                print(f"- {kind[:-5]} GEMV, 1 plane, {e['out']}x{e['inp']} ({e['weight_bytes'] / 2**20:.0f} MiB "
+                print(f"- {e['kind'][:-5]} GEMV, 1 plane, {e['out']}x{e['inp']} ({e['weight_bytes'] / 2**20:.0f} MiB "
                       f"with scales): {t * 1e3:.2f} ms, {gbs:.1f} GB/s = {gbs / bw:.0%} of a.sum()")
 
 
