@@ -36,7 +36,7 @@ def default_recipe():
 
 
 # The recipe a newcomer's first `edgepanel generate` uses (README, "The default model"): the best measured quality.
-DEFAULT_RECIPE = dict(planes=4, group=64)
+DEFAULT_RECIPE = dict(planes=4, group=64, scales="u8")
 
 
 def resolve_model(spec: str | None, quiet: bool = False) -> Path:
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="TEXT_FILE", default="default",
                    help="UTF-8 text the layers are fitted on (default: edgepanel/data/calib.txt)")
     c.add_argument("--no-calib", action="store_true", help="data-free fitting (greedy + ALS) instead")
-    c.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    c.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     c.add_argument("--no-rotate", action="store_true", help="no rotation before calibration")
     c.add_argument("--act-order", action="store_true",

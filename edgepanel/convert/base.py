@@ -133,7 +133,7 @@ class Recipe:
     head: str = "int8"                               # by the bit budget): see ROW_FORMATS
     als_iters: int = 4
     calib: str | None = "default"                    # calibration text file; "default": the shipped one; None: data-free
-    calib_tokens: int = 8192
+    calib_tokens: int = 16384
     seq_len: int = 256
     rotate: bool = True                              # rotation before calibration (RMS-norm models)
     damp: float = 0.01                               # GPTQ damping, relative to mean diag(H)
@@ -198,8 +198,9 @@ class Recipe:
         t = ((f"b{self.bits:g}" if self.bits else f"k{self.planes}") + f"g{self.group or 'row'}-e{self.embed}-h{self.head}"
              + ("-s8" if self.scales == "u8" else ""))
         if self.calibrated:
+            from .calibrate import default_calib_edition
             t += (f"-cal{self.calib_tokens}" + ("-rot" if self.rotate else "") + ({True: "-comp", "residual": "-compres"}.get(self.compensate, ""))
-                  + ("" if self.calib == "default" else "-own"))
+                  + (f"e{default_calib_edition()}" if self.calib == "default" else "-own"))
             if self.tuned:
                 t += f"-tune{self.tune_steps}lr{self.learning_rate():g}"
         return t + ("-keep" + str(len(self.keep)) if self.keep else "")

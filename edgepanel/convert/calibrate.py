@@ -33,6 +33,16 @@ from .base import Emitted
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "data" / "calib.txt"
 
 
+def default_calib_edition() -> int:
+    """The shipped calibration text's edition, from the recipe line tools/make_calib.py wrote."""
+    import json
+    try:
+        head = DEFAULT_CALIB.open(encoding="utf-8").readline()
+        return int(json.loads(head.split("recipe:", 1)[1]).get("edition", 1))
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 
 
 class FloatModel:
