@@ -206,3 +206,15 @@ def test_bit_budget_recipes_are_checked():
         Recipe(head="k5")
     with pytest.raises(ValueError, match="bits_groups"):
         Recipe(bits=3, bits_groups=(48,))
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 96, 576, 1536])
+def test_rotation_as_matrix_products_matches_the_butterflies(n):
+    """Calibration rotates many rows at once with the Hadamard blocks as one matrix product: the
+    same transform as the butterflies (the specification) to float32 rounding."""
+    from edgepanel.rotation import Rotation
+    r = Rotation.random(n, 5)
+    x = np.random.default_rng(n).standard_normal((300, n)).astype(np.float32)
+    a, b = r.apply(x), r.apply_blas(x)
+    assert b.dtype == np.float32 and b.shape == x.shape
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

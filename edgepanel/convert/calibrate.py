@@ -233,7 +233,7 @@ class _Run:
         if cfg.sub_norms:
             u = ref.rms_sub_norm(cfg, norm("mlp_sub_norm"), u)
         if self.fm.rotation is not None:
-            u = self.fm.rotation.apply(u)
+            u = self.fm.rotation.apply_blas(u)
         u = u.astype(np.float32)
         down = lin("w_down", u, x_fp)
         return x + self.linear(down, u), acts
