@@ -87,14 +87,14 @@ def attention(cfg: ModelConfig, q: np.ndarray, k_all: np.ndarray, v_all: np.ndar
     group = cfg.n_heads // cfg.n_kv_heads
     k = np.repeat(k_all, group, axis=1)                    # (T, H, hd)
     v = np.repeat(v_all, group, axis=1)
-    scores = np.einsum("nhd,thd->hnt", q, k) / np.float32(math.sqrt(cfg.head_dim))
+    scores = np.matmul(q.transpose(1, 0, 2), k.transpose(1, 2, 0)) / np.float32(math.sqrt(cfg.head_dim))  # (H, n, T)
     T = k_all.shape[0]
     mask = np.arange(T)[None, :] > np.asarray(positions)[:, None]   # (n, T)
     scores = np.where(mask[None], np.float32(-np.inf), scores)
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("hnt,thd->nhd", p.astype(np.float32), v).astype(np.float32)
+    return np.matmul(p.astype(np.float32), v.transpose(1, 0, 2)).transpose(1, 0, 2).astype(np.float32)   # (n, H, hd)
 
 
 def head_logits(w: Weights, h: np.ndarray, linear=linear) -> np.ndarray:
