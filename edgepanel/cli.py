@@ -273,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ rounds columns by decreasing input energy (helps layers with outlier inputs; "
                         "measured worse on SmolLM2 after rotation)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random rotations and of the tuning order")
-    c.add_argument("--tune-steps", type=int, default=40,
+    c.add_argument("--tune-steps", type=int, default=80,
                    help="after fitting, tune the plane scales against the float model's outputs for this "
-                        "many steps, one calibration sequence each (default 40; 0: off; needs torch)")
+                        "many steps, one calibration sequence each (default 80; 0: off; needs torch)")
     c.add_argument("--tune-lr", type=float, default=None,
                    help="learning rate of the scale tuning (default: 1e-3 below 4 planes, 3e-4 from 4)")
     s.add_argument("--eval", metavar="TEXT_FILE", help="report perplexity before and after on this text")

@@ -41,7 +41,7 @@ def main() -> None:
     if sums:
         e0, t0 = sums[0]
         bw = e0["weight_bytes"] / t0 / 1e9
-        print(f"\nDRAM: NumPy a.sum() over 512 MiB reads {bw:.1f} GB/s.")
+        print(f"\nDRAM: NumPy a.sum() over {e0['weight_bytes'] / 2**20:.0f} MiB reads {bw:.1f} GB/s.")
         for e, t in rows:
             if e["kind"] in ("planes_i8_dram", "xnor_dram"):
                 gbs = e["weight_bytes"] / t / 1e9

@@ -8,7 +8,7 @@ sensitivity), plus options after ':' joined by ',':
   nocal (data-free greedy+ALS), norot (no rotation), norefit (no joint scale refit),
   comp / compres (fit every / only o and down layers to the float model's outputs),
   tokensN (calibration tokens), roundsN (GPTQ + refit rounds), dampX (GPTQ damping),
-  tuneN / tunelrX (scale tuning steps, default 40; its learning rate);
+  tuneN / tunelrX (scale tuning steps, default 80; its learning rate);
   for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
   gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
   formats: int8, f16, f32, kK, kKgG); s8 (8-bit scales).

@@ -148,7 +148,7 @@ class Recipe:
                                                      # under a float32 multiplier per row)
     bits_planes: tuple = (1, 2, 3, 4)                # the plane counts a budget may choose from
     bits_groups: tuple = (64, 128, 256)              # the group sizes it may choose from
-    tune_steps: int = 40                             # scale tuning against the float model (KL), Adam steps;
+    tune_steps: int = 80                             # scale tuning against the float model (KL), Adam steps;
                                                      # calibrated recipes only; needs torch (skipped without)
     tune_lr: float | None = None                     # its learning rate (relative change of a scale per
                                                      # step); None: learning_rate() chooses by planes
