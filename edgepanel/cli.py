@@ -219,6 +219,8 @@ def cmd_perplexity(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .convert.base import Recipe   # the defaults below are the recipe's
+
     p = argparse.ArgumentParser(prog="edgepanel", description="Binarized language models on CPU-only edge devices.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -266,16 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="TEXT_FILE", default="default",
                    help="UTF-8 text the layers are fitted on (default: edgepanel/data/calib.txt)")
     c.add_argument("--no-calib", action="store_true", help="data-free fitting (greedy + ALS) instead")
-    c.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    c.add_argument("--calib-tokens", type=int, default=Recipe.calib_tokens,
+                   help="calibration tokens (default %(default)s)")
+    c.add_argument("--seq-len", type=int, default=Recipe.seq_len,
+                   help="tokens per calibration sequence (default %(default)s)")
     c.add_argument("--no-rotate", action="store_true", help="no rotation before calibration")
     c.add_argument("--act-order", action="store_true",
                    help="GPTQ rounds columns by decreasing input energy (helps layers with outlier inputs; "
                         "measured worse on SmolLM2 after rotation)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random rotations and of the tuning order")
-    c.add_argument("--tune-steps", type=int, default=80,
+    c.add_argument("--tune-steps", type=int, default=Recipe.tune_steps,
                    help="after fitting, tune the plane scales against the float model's outputs for this "
-                        "many steps, one calibration sequence each (default 80; 0: off; needs torch)")
+                        "many steps, one calibration sequence each (default %(default)s; 0: off; needs torch)")
     c.add_argument("--tune-lr", type=float, default=None,
                    help="learning rate of the scale tuning (default: 1e-3 below 4 planes, 3e-4 from 4)")
     s.add_argument("--eval", metavar="TEXT_FILE", help="report perplexity before and after on this text")
