@@ -11,6 +11,7 @@ output unchanged while spreading outliers over many inputs, which quantization t
 Cost O(n log n + n m).  The C engine applies the same T (csrc/forward.c, ep_rotate)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +23,16 @@ def split_pow2(n: int) -> tuple[int, int]:
     return p, n // p
 
 
+@functools.lru_cache(maxsize=8)
 def _hadamard(p: int) -> np.ndarray:
-    """The orthonormal p x p Walsh-Hadamard matrix (Sylvester order, symmetric), float32."""
+    """The orthonormal p x p Walsh-Hadamard matrix (Sylvester order, symmetric), float32; built
+    once per size (a calibration pass rotates every layer's inputs with it), read-only."""
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < p:
         h = np.block([[h, h], [h, -h]])
-    return (h / np.float32(np.sqrt(p))).astype(np.float32)
+    h = (h / np.float32(np.sqrt(p))).astype(np.float32)
+    h.flags.writeable = False
+    return h
 
 
 @dataclass

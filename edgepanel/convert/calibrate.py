@@ -43,8 +43,6 @@ def default_calib_edition() -> int:
         return 0
 
 
-
-
 class FloatModel:
     """Every tensor of the source, in edgepanel's names, float32."""
 
