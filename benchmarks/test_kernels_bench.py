@@ -7,6 +7,7 @@ Each kernel is timed from float32 activations to float32 outputs (quantize or bi
 product) through direct cffi calls with buffers prepared beforehand, one thread, float16 scales
 (as model files hold them); NumPy computes x @ W.T.  extra_info records the work so the report can give G binary-MAC/s and GB/s of weights.
 """
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,18 +124,47 @@ DRAM_BYTES = min(4 * 2**30, max(64 * 2**20, 2 * last_level_cache_bytes()))   # o
 DRAM_SHAPES = [(-(-DRAM_BYTES * 8 // n_in) // 16 * 16, n_in) for n_in in (16384, 2048)]
 
 
-def test_dram_numpy_sum(benchmark):
-    a = np.ones(max(512 * 2**20, DRAM_BYTES) // 8)
+@pytest.fixture(scope="module")
+def sum_array():
+    return np.ones(max(512 * 2**20, DRAM_BYTES) // 8)
+
+
+def test_dram_numpy_sum(benchmark, sum_array):
     benchmark.group = "DRAM"
-    info(benchmark, "numpy_sum", 0, 0, 0, weight_bytes=a.nbytes)
-    benchmark.pedantic(a.sum, rounds=5, iterations=1, warmup_rounds=1)
+    info(benchmark, "numpy_sum", 0, 0, 0, weight_bytes=sum_array.nbytes)
+    benchmark.pedantic(sum_array.sum, rounds=5, iterations=1, warmup_rounds=1)
+
+
+PAIRED_ROUNDS = 30
+
+
+def paired_ratio(fn, nbytes, sum_array, rounds=PAIRED_ROUNDS):
+    """GB/s of fn over GB/s of a.sum(), the two timed alternately (a.sum(), then fn three times,
+    per round): the host's memory bandwidth drifts between tests on a shared machine, so the
+    ratio is taken within each round; returns (median ratio, median a.sum() GB/s)."""
+    ratios, sums = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        sum_array.sum()
+        bw = sum_array.nbytes / (time.perf_counter() - t)
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        ratios.append(nbytes / float(np.median(ts)) / bw)
+        sums.append(bw / 1e9)
+    return float(np.median(ratios)), float(np.median(sums))
 
 
 @pytest.mark.parametrize("kind", ["planes_i8", "xnor"])
 @pytest.mark.parametrize("shape", DRAM_SHAPES, ids=sid)
-def test_dram_gemv_one_plane(benchmark, shape, kind):
+def test_dram_gemv_one_plane(benchmark, shape, kind, sum_array):
     prep = Prepared(*shape, 1, 1, group=128)
     benchmark.group = "DRAM"
     info(benchmark, kind + "_dram", *shape, 1, 1, prep.weight_bytes, prep.isa)
-    benchmark.pedantic(getattr(prep, "i8" if kind == "planes_i8" else "xnor"), rounds=10, iterations=1,
-                       warmup_rounds=1)
+    fn = getattr(prep, "i8" if kind == "planes_i8" else "xnor")
+    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
+    if not benchmark.disabled:
+        ratio, bw = paired_ratio(fn, prep.weight_bytes, sum_array)
+        benchmark.extra_info.update(paired_ratio=ratio, paired_sum_gbps=bw, paired_rounds=PAIRED_ROUNDS)

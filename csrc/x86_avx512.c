@@ -298,6 +298,9 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
 }
 
 #define EP_PREFETCH_BYTES 16384  /* how far ahead in a plane a decode step asks for weights */
+#define EP_DECODE_L1_TABLES 16384  /* up to here a token's tables stay in L1 beside the weights */
+#define EP_DECODE_TILES 2        /* tiles a one-token product walks side by side, sharing table loads */
+#define EP_DECODE_AHEAD 8192     /* how far ahead in each of those tiles it asks for weights */
 
 /* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
  * for TB tokens: m[b] += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
@@ -364,6 +367,82 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
 }
 
+/* Decode (one token): R adjacent tiles share each table load.  One tile reads 4 bytes of tables
+ * per byte of weights; with wide rows the tables (8 bytes an input) live in L2, and that traffic,
+ * not the lookups, bounded the kernel.  Same integers and float order per row as vnni_i8_tile. */
+EP_INLINE void vnni_i8_pair_rows(const uint8_t *w, int64_t tstride, const uint8_t *T, int64_t cc, const int R,
+                                 int two, __m512i perm, __m512i *m) {
+    const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
+    const __m512i tl0 = _mm512_load_si512((const void *)T), th0 = _mm512_load_si512((const void *)(T + 64));
+    const __m512i ul0 = _mm512_load_si512((const void *)(T + 128)), uh0 = _mm512_load_si512((const void *)(T + 192));
+    __m512i tl1 = tl0, th1 = th0, ul1 = ul0, uh1 = uh0;
+    if (two) {
+        tl1 = _mm512_load_si512((const void *)(T + 256));
+        th1 = _mm512_load_si512((const void *)(T + 320));
+        ul1 = _mm512_load_si512((const void *)(T + 384));
+        uh1 = _mm512_load_si512((const void *)(T + 448));
+    }
+    /* ask L2 for each tile's weights EP_DECODE_AHEAD bytes ahead; past its end, the same place in
+     * the tile R on (the next pass) */
+    const int64_t ahead = cc * EP_TILE + EP_DECODE_AHEAD < tstride ? EP_DECODE_AHEAD : EP_DECODE_AHEAD + (R - 1) * tstride;
+    for (int r = 0; r < R; r++) {
+        const uint8_t *wr = w + r * tstride + cc * EP_TILE;
+        _mm_prefetch((const char *)(wr + ahead), _MM_HINT_T1);
+        _mm_prefetch((const char *)(wr + ahead + 64), _MM_HINT_T1);
+        const __m512i v0 = _mm512_loadu_si512((const void *)wr);
+        const __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
+        __m512i l = _mm512_add_epi8(_mm512_shuffle_epi8(tl0, lo0), _mm512_shuffle_epi8(th0, hi0));
+        __m512i h = _mm512_add_epi8(_mm512_shuffle_epi8(ul0, lo0), _mm512_shuffle_epi8(uh0, hi0));
+        if (two) {
+            const __m512i v1 = _mm512_loadu_si512((const void *)(wr + 64));
+            const __m512i lo1 = _mm512_and_si512(v1, m0f), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
+            l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_shuffle_epi8(tl1, lo1), _mm512_shuffle_epi8(th1, hi1)));
+            h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_shuffle_epi8(ul1, lo1), _mm512_shuffle_epi8(uh1, hi1)));
+        }
+        m[r] = _mm512_dpbusd_epi32(m[r], _mm512_permutexvar_epi8(perm, l), ones);
+        m[r] = _mm512_dpbusd_epi32(m[r], sixteen, _mm512_permutexvar_epi8(perm, h));
+    }
+}
+
+EP_INLINE void vnni_i8_rows(const ep_gemm_args *a, int64_t t, const int R, const int GB, const int K) {
+    const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
+    const int64_t k = K ? K : a->k, tstride = a->ncol * EP_TILE;
+    const int64_t pstride = a->tiles * tstride;  /* bytes between planes */
+    const uint8_t *w0 = a->planes + t * tstride;
+    __m512 f[4];
+    for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+    const int64_t jfast = GB > 0 ? a->ng - 1 : 0;
+    for (int64_t j = 0; j < a->ng; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        for (int64_t i = 0; i < k; i++) {
+            __m512i m[4];
+            for (int r = 0; r < R; r++) m[r] = _mm512_setzero_si512();
+            if (j < jfast)
+                for (int u = 0; u < GB; u += 2)
+                    vnni_i8_pair_rows(w0 + i * pstride, tstride, a->tab + (c0 + 4 * u) * 64, c0 + 4 * u, R, GB > 1, perm, m);
+            else
+                for (int64_t cc = c0; cc < c1; cc += 8)
+                    vnni_i8_pair_rows(w0 + i * pstride, tstride, a->tab + cc * 64, cc, R, cc + 4 < c1, perm, m);
+            for (int r = 0; r < R; r++) {
+                const __m512 alpha = load_scales512(a, i, t + r, j);
+                const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[j]), _mm512_add_epi32(m[r], m[r]));
+                f[r] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) store_acc512(a, t + r, 0, 1, &f[r], 1);
+}
+
+#define VNNI_I8_ROWS_K(a, t, R, GB)                      \
+    switch (kk) {                                        \
+    case 1: vnni_i8_rows(a, t, R, GB, 1); break;         \
+    case 2: vnni_i8_rows(a, t, R, GB, 2); break;         \
+    case 3: vnni_i8_rows(a, t, R, GB, 3); break;         \
+    case 4: vnni_i8_rows(a, t, R, GB, 4); break;         \
+    default: vnni_i8_rows(a, t, R, GB, 0); break;        \
+    }
+
 #define VNNI_I8_K(a, t, tok0, TB, j0, j1, GB)                          \
     switch (kk) {                                                     \
     case 1: vnni_i8_tile(a, t, tok0, TB, j0, j1, GB, 1); break;       \
@@ -379,6 +458,14 @@ static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 #else
     const int gb = ep_blocks_per_group(a), kk = a->k <= 4 ? (int)a->k : 0;
 #endif
+    /* decode, one plane, wide rows: the tables live in L2 and are read 4x the weights' bytes (with
+     * more planes each group's tables are reread from L1), so tiles side by side share each load */
+    if (a->n == 1 && a->k == 1 && a->tab_stride > EP_DECODE_L1_TABLES) {
+        int64_t t = t0;
+        for (; t + EP_DECODE_TILES <= t1; t += EP_DECODE_TILES) EP_SWITCH_GB(VNNI_I8_ROWS_K, a, t, EP_DECODE_TILES);
+        for (; t < t1; t++) EP_SWITCH_GB(VNNI_I8_ROWS_K, a, t, 1);
+        return;
+    }
 #define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
@@ -460,6 +547,8 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
         for (int64_t i = 0; i < a->k; i++) {
             const uint8_t *w = w0 + i * pstride;
             __m512i m[4];
+            if (TB == 1)  /* decode: this group's weights ahead too (with narrow rows the last group is 1/16 of them) */
+                for (int64_t c = c0; c < c1; c += 4) _mm_prefetch((const char *)(w + c * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T1);
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
             for (int64_t c = c0; c < c1; c += 120)  /* runs of 30 blocks */
                 vnni_xnor_run(a, w, tab, ts, c, ep_min64(c + 120, c1), TB, 1, perm, m);

@@ -175,6 +175,27 @@ def test_results_do_not_depend_on_threads(backend, rng):
         np.testing.assert_array_equal(y, xs[0])
 
 
+@pytest.mark.parametrize("group", GROUPS, ids=str)
+def test_one_token_one_plane_wide_rows(backend, rng, group):
+    """The decode product with rows whose tables outgrow L1 (C: tiles walked side by side):
+    exact integers, floats within the stated error, odd tile counts, any thread count."""
+    n_in = 4097
+    for n_out in (16, 32, 83):  # 1, 2 and 6 tiles (the last partly padding)
+        w = random_matrix(rng, 1, n_out, n_in, group or n_in, integer_scales=True)
+        q = rng.integers(-128, 128, (1, n_in)).astype(np.int8)
+        ones = np.ones(1, np.float32)
+        ref = bits.gemm_planes_i8(q, ones, w)
+        for t in (1, 2, 3):
+            np.testing.assert_array_equal(backend.gemm_planes_i8(q, ones, w, threads=t), ref)
+        w = random_matrix(rng, 1, n_out, n_in, group or n_in)
+        q, qs = backend.quantize_i8((rng.standard_normal((1, n_in)) * 3).astype(np.float32))
+        ys = [backend.gemm_planes_i8(q, qs, w, threads=t) for t in (1, 2, 3)]
+        tol = RTOL * (w.n_groups + 8) * magnitude(q, qs, w)
+        assert np.all(np.abs(ys[0] - bits.gemm_planes_i8(q, qs, w)) <= tol)
+        for y in ys[1:]:
+            np.testing.assert_array_equal(y, ys[0])
+
+
 def test_single_token_vectors(backend, rng):
     w = random_matrix(rng, 2, 30, 100, 32)
     x = rng.standard_normal(100).astype(np.float32)

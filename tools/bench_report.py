@@ -45,8 +45,12 @@ def main() -> None:
         for e, t in rows:
             if e["kind"] in ("planes_i8_dram", "xnor_dram"):
                 gbs = e["weight_bytes"] / t / 1e9
+                paired = ""
+                if "paired_ratio" in e:
+                    paired = (f"; paired with a.sum() ({e['paired_rounds']} alternating rounds, a.sum() "
+                              f"{e['paired_sum_gbps']:.1f} GB/s): {e['paired_ratio']:.0%}")
                 print(f"- {e['kind'][:-5]} GEMV, 1 plane, {e['out']}x{e['inp']} ({e['weight_bytes'] / 2**20:.0f} MiB "
-                      f"with scales): {t * 1e3:.2f} ms, {gbs:.1f} GB/s = {gbs / bw:.0%} of a.sum()")
+                      f"with scales): {t * 1e3:.2f} ms, {gbs:.1f} GB/s = {gbs / bw:.0%} of a.sum(){paired}")
 
 
 if __name__ == "__main__":
