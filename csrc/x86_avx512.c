@@ -114,28 +114,51 @@ EP_INLINE void store_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int 
     }
 }
 
-/* The i8 tables of one token at one pair of 32-input blocks (T: the first block's 256 bytes;
- * the second's follow, read only when `two`) looked up by the weights' nibbles: al = the sums of
- * the low activation nibbles, ah = of the signed high nibbles, per byte. */
-EP_INLINE void lookup_pair(const uint8_t *T, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1, int two,
-                           __m512i *al, __m512i *ah) {
-    __m512i l = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T), lo0),
-                                _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 64)), hi0));
-    __m512i h = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 128)), lo0),
-                                _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T + 192)), hi0));
+/* A weight vector's low and high nibbles, each in the low half of its byte. */
+EP_INLINE void nibbles512(__m512i v, __m512i *lo, __m512i *hi) {
+    const __m512i m0f = _mm512_set1_epi8(0x0f);
+    *lo = _mm512_and_si512(v, m0f);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+}
+
+/* The i8 tables of one token at one pair of 32-input blocks into registers: t[0..3] the first
+ * block's 256 bytes at T, t[4..7] the second's after them (loaded only when `two`). */
+EP_INLINE void load_tables_pair(const uint8_t *T, int two, __m512i *t) {
+    t[0] = _mm512_load_si512((const void *)T);
+    t[1] = _mm512_load_si512((const void *)(T + 64));
+    t[2] = _mm512_load_si512((const void *)(T + 128));
+    t[3] = _mm512_load_si512((const void *)(T + 192));
     if (two) {
-        const uint8_t *T2 = T + 256;
-        l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)T2), lo1),
-                                               _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 64)), hi1)));
-        h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 128)), lo1),
-                                               _mm512_shuffle_epi8(_mm512_load_si512((const void *)(T2 + 192)), hi1)));
+        t[4] = _mm512_load_si512((const void *)(T + 256));
+        t[5] = _mm512_load_si512((const void *)(T + 320));
+        t[6] = _mm512_load_si512((const void *)(T + 384));
+        t[7] = _mm512_load_si512((const void *)(T + 448));
+    }
+}
+
+/* Those tables looked up by the weights' nibbles: al = the sums of the low activation nibbles,
+ * ah = of the signed high nibbles, per byte. */
+EP_INLINE void lookup_pair_regs(const __m512i *t, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1, int two,
+                                __m512i *al, __m512i *ah) {
+    __m512i l = _mm512_add_epi8(_mm512_shuffle_epi8(t[0], lo0), _mm512_shuffle_epi8(t[1], hi0));
+    __m512i h = _mm512_add_epi8(_mm512_shuffle_epi8(t[2], lo0), _mm512_shuffle_epi8(t[3], hi0));
+    if (two) {
+        l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_shuffle_epi8(t[4], lo1), _mm512_shuffle_epi8(t[5], hi1)));
+        h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_shuffle_epi8(t[6], lo1), _mm512_shuffle_epi8(t[7], hi1)));
     }
     *al = l;
     *ah = h;
 }
 
+EP_INLINE void lookup_pair(const uint8_t *T, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1, int two,
+                           __m512i *al, __m512i *ah) {
+    __m512i t[8];
+    load_tables_pair(T, two, t);
+    lookup_pair_regs(t, lo0, hi0, lo1, hi1, two, al, ah);
+}
+
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
-    const __m512i m0f = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i mul = _mm512_set1_epi16(0x1001);
     __m512 f[4];
     load_acc512(a, t, tok0, TB, f, j0 == 0);
@@ -155,8 +178,9 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
                     const int two = cc + 4 < ce;  /* a pair of 32-input blocks, or the last single one */
                     __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
                     __m512i v1 = two ? _mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE)) : _mm512_setzero_si512();
-                    __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
-                    __m512i lo1 = _mm512_and_si512(v1, m0f), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
+                    __m512i lo0, hi0, lo1, hi1;
+                    nibbles512(v0, &lo0, &hi0);
+                    nibbles512(v1, &lo1, &hi1);
                     for (int b = 0; b < TB; b++) {
                         __m512i al, ah;
                         lookup_pair(a->tab + (tok0 + b) * a->tab_stride + cc * 64, lo0, hi0, lo1, hi1, two, &al, &ah);
@@ -302,28 +326,31 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
 #define EP_DECODE_TILES 2        /* tiles a one-token product walks side by side, sharing table loads */
 #define EP_DECODE_AHEAD 8192     /* how far ahead in each of those tiles it asks for weights */
 
+/* One tile's nibbles of a pair of blocks looked up in one token's tables t (load_tables_pair):
+ * m += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
+EP_INLINE void vnni_i8_lookup_add(const __m512i *t, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1, int two,
+                                  __m512i perm, __m512i *m) {
+    __m512i al, ah;
+    lookup_pair_regs(t, lo0, hi0, lo1, hi1, two, &al, &ah);
+    *m = _mm512_dpbusd_epi32(*m, _mm512_permutexvar_epi8(perm, al), _mm512_set1_epi8(1));
+    *m = _mm512_dpbusd_epi32(*m, _mm512_set1_epi8(16), _mm512_permutexvar_epi8(perm, ah));
+}
+
 /* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
- * for TB tokens: m[b] += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
+ * for TB tokens: the weights loaded once, each token's tables looked up. */
 EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB, int two,
                             __m512i perm, __m512i *m) {
-    const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
     if (TB == 1) {  /* decode: the weights stream from DRAM, the hardware prefetcher alone lags */
         _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES), _MM_HINT_T1);
         _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES + 64), _MM_HINT_T1);
     }
-    __m512i v0 = _mm512_loadu_si512((const void *)(w + cc * EP_TILE));
-    __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
-    __m512i lo1 = lo0, hi1 = hi0;
-    if (two) {
-        __m512i v1 = _mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE));
-        lo1 = _mm512_and_si512(v1, m0f);
-        hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
-    }
+    __m512i lo0, hi0, lo1, hi1, t[8];
+    nibbles512(_mm512_loadu_si512((const void *)(w + cc * EP_TILE)), &lo0, &hi0);
+    lo1 = lo0, hi1 = hi0;
+    if (two) nibbles512(_mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE)), &lo1, &hi1);
     for (int b = 0; b < TB; b++) {
-        __m512i al, ah;
-        lookup_pair(tab + b * ts + cc * 64, lo0, hi0, lo1, hi1, two, &al, &ah);
-        m[b] = _mm512_dpbusd_epi32(m[b], _mm512_permutexvar_epi8(perm, al), ones);
-        m[b] = _mm512_dpbusd_epi32(m[b], sixteen, _mm512_permutexvar_epi8(perm, ah));
+        load_tables_pair(tab + b * ts + cc * 64, two, t);
+        vnni_i8_lookup_add(t, lo0, hi0, lo1, hi1, two, perm, &m[b]);
     }
 }
 
@@ -372,16 +399,8 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
  * not the lookups, bounded the kernel.  Same integers and float order per row as vnni_i8_tile. */
 EP_INLINE void vnni_i8_pair_rows(const uint8_t *w, int64_t tstride, const uint8_t *T, int64_t cc, const int R,
                                  int two, __m512i perm, __m512i *m) {
-    const __m512i m0f = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
-    const __m512i tl0 = _mm512_load_si512((const void *)T), th0 = _mm512_load_si512((const void *)(T + 64));
-    const __m512i ul0 = _mm512_load_si512((const void *)(T + 128)), uh0 = _mm512_load_si512((const void *)(T + 192));
-    __m512i tl1 = tl0, th1 = th0, ul1 = ul0, uh1 = uh0;
-    if (two) {
-        tl1 = _mm512_load_si512((const void *)(T + 256));
-        th1 = _mm512_load_si512((const void *)(T + 320));
-        ul1 = _mm512_load_si512((const void *)(T + 384));
-        uh1 = _mm512_load_si512((const void *)(T + 448));
-    }
+    __m512i t[8];
+    load_tables_pair(T, two, t);
     /* ask L2 for each tile's weights EP_DECODE_AHEAD bytes ahead; past its end, the same place in
      * the tile R on (the next pass) */
     const int64_t ahead = cc * EP_TILE + EP_DECODE_AHEAD < tstride ? EP_DECODE_AHEAD : EP_DECODE_AHEAD + (R - 1) * tstride;
@@ -389,18 +408,11 @@ EP_INLINE void vnni_i8_pair_rows(const uint8_t *w, int64_t tstride, const uint8_
         const uint8_t *wr = w + r * tstride + cc * EP_TILE;
         _mm_prefetch((const char *)(wr + ahead), _MM_HINT_T1);
         _mm_prefetch((const char *)(wr + ahead + 64), _MM_HINT_T1);
-        const __m512i v0 = _mm512_loadu_si512((const void *)wr);
-        const __m512i lo0 = _mm512_and_si512(v0, m0f), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
-        __m512i l = _mm512_add_epi8(_mm512_shuffle_epi8(tl0, lo0), _mm512_shuffle_epi8(th0, hi0));
-        __m512i h = _mm512_add_epi8(_mm512_shuffle_epi8(ul0, lo0), _mm512_shuffle_epi8(uh0, hi0));
-        if (two) {
-            const __m512i v1 = _mm512_loadu_si512((const void *)(wr + 64));
-            const __m512i lo1 = _mm512_and_si512(v1, m0f), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
-            l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_shuffle_epi8(tl1, lo1), _mm512_shuffle_epi8(th1, hi1)));
-            h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_shuffle_epi8(ul1, lo1), _mm512_shuffle_epi8(uh1, hi1)));
-        }
-        m[r] = _mm512_dpbusd_epi32(m[r], _mm512_permutexvar_epi8(perm, l), ones);
-        m[r] = _mm512_dpbusd_epi32(m[r], sixteen, _mm512_permutexvar_epi8(perm, h));
+        __m512i lo0, hi0, lo1, hi1;
+        nibbles512(_mm512_loadu_si512((const void *)wr), &lo0, &hi0);
+        lo1 = lo0, hi1 = hi0;
+        if (two) nibbles512(_mm512_loadu_si512((const void *)(wr + 64)), &lo1, &hi1);
+        vnni_i8_lookup_add(t, lo0, hi0, lo1, hi1, two, perm, &m[r]);
     }
 }
 
