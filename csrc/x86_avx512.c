@@ -416,10 +416,10 @@ EP_INLINE void vnni_i8_pair_rows(const uint8_t *w, int64_t tstride, const uint8_
     }
 }
 
-EP_INLINE void vnni_i8_rows(const ep_gemm_args *a, int64_t t, const int R, const int GB, const int K) {
+/* One plane (the only case that takes this path), R tiles from tile t, one token. */
+EP_INLINE void vnni_i8_rows(const ep_gemm_args *a, int64_t t, const int R, const int GB) {
     const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
-    const int64_t k = K ? K : a->k, tstride = a->ncol * EP_TILE;
-    const int64_t pstride = a->tiles * tstride;  /* bytes between planes */
+    const int64_t tstride = a->ncol * EP_TILE;
     const uint8_t *w0 = a->planes + t * tstride;
     __m512 f[4];
     for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
@@ -427,33 +427,22 @@ EP_INLINE void vnni_i8_rows(const ep_gemm_args *a, int64_t t, const int R, const
     for (int64_t j = 0; j < a->ng; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
-        for (int64_t i = 0; i < k; i++) {
-            __m512i m[4];
-            for (int r = 0; r < R; r++) m[r] = _mm512_setzero_si512();
-            if (j < jfast)
-                for (int u = 0; u < GB; u += 2)
-                    vnni_i8_pair_rows(w0 + i * pstride, tstride, a->tab + (c0 + 4 * u) * 64, c0 + 4 * u, R, GB > 1, perm, m);
-            else
-                for (int64_t cc = c0; cc < c1; cc += 8)
-                    vnni_i8_pair_rows(w0 + i * pstride, tstride, a->tab + cc * 64, cc, R, cc + 4 < c1, perm, m);
-            for (int r = 0; r < R; r++) {
-                const __m512 alpha = load_scales512(a, i, t + r, j);
-                const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[j]), _mm512_add_epi32(m[r], m[r]));
-                f[r] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[r]);
-            }
+        __m512i m[4];
+        for (int r = 0; r < R; r++) m[r] = _mm512_setzero_si512();
+        if (j < jfast)
+            for (int u = 0; u < GB; u += 2)
+                vnni_i8_pair_rows(w0, tstride, a->tab + (c0 + 4 * u) * 64, c0 + 4 * u, R, GB > 1, perm, m);
+        else
+            for (int64_t cc = c0; cc < c1; cc += 8)
+                vnni_i8_pair_rows(w0, tstride, a->tab + cc * 64, cc, R, cc + 4 < c1, perm, m);
+        for (int r = 0; r < R; r++) {
+            const __m512 alpha = load_scales512(a, 0, t + r, j);
+            const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[j]), _mm512_add_epi32(m[r], m[r]));
+            f[r] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[r]);
         }
     }
     for (int r = 0; r < R; r++) store_acc512(a, t + r, 0, 1, &f[r], 1);
 }
-
-#define VNNI_I8_ROWS_K(a, t, R, GB)                      \
-    switch (kk) {                                        \
-    case 1: vnni_i8_rows(a, t, R, GB, 1); break;         \
-    case 2: vnni_i8_rows(a, t, R, GB, 2); break;         \
-    case 3: vnni_i8_rows(a, t, R, GB, 3); break;         \
-    case 4: vnni_i8_rows(a, t, R, GB, 4); break;         \
-    default: vnni_i8_rows(a, t, R, GB, 0); break;        \
-    }
 
 #define VNNI_I8_K(a, t, tok0, TB, j0, j1, GB)                          \
     switch (kk) {                                                     \
@@ -474,8 +463,8 @@ static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
      * more planes each group's tables are reread from L1), so tiles side by side share each load */
     if (a->n == 1 && a->k == 1 && a->tab_stride > EP_DECODE_L1_TABLES) {
         int64_t t = t0;
-        for (; t + EP_DECODE_TILES <= t1; t += EP_DECODE_TILES) EP_SWITCH_GB(VNNI_I8_ROWS_K, a, t, EP_DECODE_TILES);
-        for (; t < t1; t++) EP_SWITCH_GB(VNNI_I8_ROWS_K, a, t, 1);
+        for (; t + EP_DECODE_TILES <= t1; t += EP_DECODE_TILES) EP_SWITCH_GB(vnni_i8_rows, a, t, EP_DECODE_TILES);
+        for (; t < t1; t++) EP_SWITCH_GB(vnni_i8_rows, a, t, 1);
         return;
     }
 #define CALL(TB) EP_SWITCH_GB(VNNI_I8_K, a, t, tok0, TB, j0, j1)

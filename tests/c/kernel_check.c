@@ -308,7 +308,7 @@ int main(int argc, char **argv) {
             check_shape(&s, 0);
             cases++;
         }
-    /* one token, one plane, rows wider than L1's tables: tiles walked side by side (odd counts too) */
+    /* one token, one plane, rows wider than L1's tables: tiles walked side by side (1 and 6 tiles) */
     for (size_t gi = 0; gi < 5; gi++)
         for (int64_t out = 16; out <= 83; out += 67) {
             shape s = {1, 1, out, 4097, groups[gi] ? groups[gi] : 4097};
