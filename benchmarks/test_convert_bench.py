@@ -14,7 +14,7 @@ import sys
 
 def test_convert_smollm2_default_recipe(benchmark, tmp_path):
     from edgepanel import hub
-    from edgepanel.cli import DEFAULT_RECIPE
+    from edgepanel.hub import DEFAULT_RECIPE
 
     src = hub.fetch("smollm2")
     out = tmp_path / "smollm2.ep"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from edgepanel import bits
-from edgepanel.kernels import _cffi
+from edgepanel.kernels import native
 
-pytestmark = pytest.mark.skipif(_cffi.lib is None, reason="C kernels not built")
+pytestmark = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096)]
 TOKENS = [1, 64]
@@ -32,7 +32,7 @@ class Prepared:
     """Everything a GEMM needs, allocated once: the timed call is two cffi calls."""
 
     def __init__(self, n_out, n_in, k, n_tokens, group=GROUP, seed=0, threads=1, isa=None):
-        ffi, lib = _cffi.ffi, _cffi.lib
+        ffi, lib = native.ffi, native.lib
         rng = np.random.default_rng(seed)
         tiles, ncol = bits.padded_out(n_out) // 16, bits.padded_in(n_in) // 8
         self.planes = rng.integers(0, 256, (k, tiles, ncol, 16), dtype=np.uint8)
@@ -63,7 +63,7 @@ class Prepared:
 
         self.i8, self.xnor = i8, xnor
         self.weight_bytes = self.planes.nbytes + self.scales.nbytes
-        self.isa = _cffi.ffi.string(lib.ep_kernels_name(kt)).decode()
+        self.isa = native.ffi.string(lib.ep_kernels_name(kt)).decode()
 
 
 def info(benchmark, kind, n_out, n_in, n_tokens, k=None, weight_bytes=None, isa=None):

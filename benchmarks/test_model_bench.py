@@ -11,17 +11,17 @@ import os
 import numpy as np
 import pytest
 
-from edgepanel.kernels import _cffi
+from edgepanel.kernels import native
 
-pytestmark = pytest.mark.skipif(_cffi.lib is None, reason="C kernels not built")
+pytestmark = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
 THREADS = [int(t) for t in os.environ.get("EDGEPANEL_BENCH_THREADS", "1,2").split(",")]
 PROMPT = "Once upon a time, in a small village between two hills, there lived an old clockmaker. " * 12
 
 
 @pytest.fixture(scope="module")
 def default_model():
-    from edgepanel.cli import resolve_model
-    return resolve_model(None, quiet=True)
+    from edgepanel.hub import resolve_model
+    return resolve_model(None, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ static void neon_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale
 static void neon_binarize(const float *x, int64_t in, uint8_t *bits, float *scale) {
     static const uint8_t weights[8] = {1, 2, 4, 8, 16, 32, 64, 128};
     const uint8x8_t wv = vld1_u8(weights);
-    int64_t nbytes = ep_padded_in(in) / 8;
+    int64_t nbytes = ep_in_pad(in) / 8;
     memset(bits, 0, (size_t)nbytes);
     float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);  /* lanes 0-3 and 4-7 */
     int64_t j = 0;
@@ -76,7 +76,7 @@ static void neon_binarize(const float *x, int64_t in, uint8_t *bits, float *scal
 }
 
 static void neon_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
-    const int64_t ncol = ep_padded_in(in) / 8;
+    const int64_t ncol = ep_in_pad(in) / 8;
     uint8x16_t mask[4];
     for (int b = 0; b < 4; b++) {
         uint8_t m[16];
@@ -206,7 +206,7 @@ static void neon_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 }
 
 static void neon_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
-    const int64_t ncol = ep_padded_in(in) / 8;
+    const int64_t ncol = ep_in_pad(in) / 8;
     for (int64_t c = 0; c < ncol; c++) {
         vst1q_u8(tab + c * 32, vdupq_n_u8(bits[c]));
         vst1q_u8(tab + c * 32 + 16, vdupq_n_u8(ep_valid_bits(in, c)));
@@ -351,7 +351,16 @@ static void neon_attend(const float *q, int64_t G, const float *k, const float *
 }
 
 const ep_kernels ep_kernels_neon = {
-    "neon",           neon_supported,    neon_quantize_i8, neon_binarize,
-    neon_i8_tables,   neon_xnor_tables,  neon_i8_tiles,    neon_xnor_tiles,
-    neon_dense_rows,  neon_i8_rows,      neon_dot,         neon_attend,
+    .name = "neon",
+    .supported = neon_supported,
+    .quantize_i8 = neon_quantize_i8,
+    .binarize = neon_binarize,
+    .i8_tables = neon_i8_tables,
+    .xnor_tables = neon_xnor_tables,
+    .i8_tiles = neon_i8_tiles,
+    .xnor_tiles = neon_xnor_tiles,
+    .dense_rows = neon_dense_rows,
+    .i8_rows = neon_i8_rows,
+    .dot = neon_dot,
+    .attend = neon_attend,
 };

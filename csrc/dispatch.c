@@ -50,24 +50,22 @@ const char *ep_kernels_compiled(void) {
     return buf;
 }
 
-int64_t ep_padded_in(int64_t in) { return ep_ceil_div(in, EP_IN_ALIGN) * EP_IN_ALIGN; }
-int64_t ep_padded_out(int64_t out) { return ep_ceil_div(out, EP_TILE) * EP_TILE; }
-int64_t ep_n_groups(int64_t in, int64_t group) {
-    if (in <= 0 || group <= 0) return 0;
-    return group >= in ? 1 : ep_ceil_div(in, group);
-}
+/* the ABI's names for the shapes (ep_internal.h) */
+int64_t ep_padded_in(int64_t in) { return ep_in_pad(in); }
+int64_t ep_padded_out(int64_t out) { return ep_out_pad(out); }
+int64_t ep_n_groups(int64_t in, int64_t group) { return ep_groups(in, group); }
 
 static int64_t align_up(int64_t v) { return ep_ceil_div(v, EP_WORK_ALIGN) * EP_WORK_ALIGN; }
 
 int64_t ep_workspace_bytes(int64_t n, int64_t out, int64_t in, int64_t group) {
     if (n < 0 || out <= 0 || in <= 0 || group <= 0) return 0;
-    return align_up(n * ep_tab_stride(in)) + align_up(n * ep_n_groups(in, group) * 4) +
-           align_up(n * ep_padded_out(out) * 4);
+    return align_up(n * ep_tab_stride(in)) + align_up(n * ep_groups(in, group) * 4) +
+           align_up(n * ep_out_pad(out) * 4);
 }
 
 int ep_pack_planes(const float *w, int64_t k, int64_t out, int64_t in, uint8_t *planes) {
-    if (!w || !planes || k <= 0 || out <= 0 || in <= 0) return EP_EINVAL;
-    int64_t tiles = ep_padded_out(out) / EP_TILE, ncol = ep_padded_in(in) / 8;
+    if (!w || !planes || k < 1 || k > EP_MAX_PLANES || out <= 0 || in <= 0) return EP_EINVAL;
+    int64_t tiles = ep_out_pad(out) / EP_TILE, ncol = ep_in_pad(in) / 8;
     memset(planes, 0, (size_t)(k * tiles * ncol * EP_TILE));
     for (int64_t i = 0; i < k; i++)
         for (int64_t r = 0; r < out; r++) {
@@ -93,7 +91,7 @@ int ep_binarize(const ep_kernels *kt, const float *x, int64_t n, int64_t in, uin
                 float *scale) {
     kt = resolve(kt);
     if (!x || !bits || !scale || n < 0 || in <= 0) return EP_EINVAL;
-    int64_t nb = ep_padded_in(in) / 8;
+    int64_t nb = ep_in_pad(in) / 8;
     for (int64_t t = 0; t < n; t++) kt->binarize(x + t * in, in, bits + t * nb, scale + t);
     return EP_OK;
 }
@@ -132,34 +130,19 @@ static int gemm(const ep_kernels *kt, int xnor, const void *act, const float *as
                 int64_t out, int64_t in,
                 int64_t group, float *y, void *work, int64_t work_bytes, int threads) {
     kt = resolve(kt);
-    if (!act || !ascale || !planes || !scales || !y || n < 0 || k < 1 || k > 8 || out <= 0 ||
-        in <= 0 || group <= 0 || scales_kind < EP_SCALES_F32 || scales_kind > EP_SCALES_U8 ||
-        (scales_kind == EP_SCALES_U8 && !scale_rows))
+    gemm_job job;
+    memset(&job, 0, sizeof(job));
+    ep_gemm_args *a = &job.a;
+    if (!act || !ascale || !y ||
+        ep_gemm_args_init(a, planes, scales, scales_kind, scale_rows, k, out, in, group, n) != EP_OK)
         return EP_EINVAL;
-    if (group < in && group % 32 != 0) return EP_EINVAL;
     if (n == 0) return EP_OK;
     if (!work || ((uintptr_t)work % EP_WORK_ALIGN) != 0 ||
         work_bytes < ep_workspace_bytes(n, out, in, group))
         return EP_ENOMEM;
-    gemm_job job;
-    memset(&job, 0, sizeof(job));
     job.kt = kt;
     job.act = act;
     job.xnor = xnor;
-    ep_gemm_args *a = &job.a;
-    a->planes = planes;
-    a->scales = scales;
-    a->scales_kind = scales_kind;
-    a->scale_rows = scale_rows;
-    a->k = k;
-    a->out = out;
-    a->in = in;
-    a->ng = ep_n_groups(in, group);
-    a->group = a->ng == 1 ? ep_padded_in(in) : group;  /* one group: it spans the padded row */
-    a->in_pad = ep_padded_in(in);
-    a->tiles = ep_padded_out(out) / EP_TILE;
-    a->ncol = a->in_pad / 8;
-    a->n = n;
     a->tab_stride = ep_tab_stride(in);
     uint8_t *w = (uint8_t *)work;
     a->tab = w;

@@ -40,7 +40,7 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
     int64_t dmax = max64(max64(m->dim, q_dim), m->hidden_dim);
     int64_t omax = max64(q_dim, max64(m->hidden_dim, m->dim));  /* the head runs in chunks */
     int64_t ng_max = dmax / 32 + 2;
-    int64_t acc_per_mat = max64(n * ep_padded_out(omax), HEAD_ROWS * ep_padded_out(m->vocab));
+    int64_t acc_per_mat = max64(n * ep_out_pad(omax), HEAD_ROWS * ep_out_pad(m->vocab));
     int64_t off = 0;
 #define TAKE(field, type, count)                                   \
     do {                                                           \
@@ -152,20 +152,9 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     for (int i = 0; i < count; i++) {
         const ep_matrix *mt = mats[i];
         if (mt->kind == EP_MAT_PLANES) {
-            ep_gemm_args *a = &p.args[i];
-            a->planes = mt->planes;
-            a->scales = mt->scales;
-            a->scales_kind = mt->scales_kind;
-            a->scale_rows = mt->scale_rows;
-            a->k = mt->k;
-            a->out = mt->rows;
-            a->in = in;
-            a->ng = ep_n_groups(in, mt->group);
-            a->group = a->ng == 1 ? ep_padded_in(in) : mt->group;
-            a->in_pad = ep_padded_in(in);
-            a->tiles = ep_padded_out(mt->rows) / EP_TILE;
-            a->ncol = a->in_pad / 8;
-            a->n = n;
+            ep_gemm_args *a = &p.args[i];  /* the arguments were checked on entry (planes_ok) */
+            ep_gemm_args_init(a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows, mt->k, mt->rows, in,
+                              mt->group, n);
             a->tab = f->tab;
             a->tab_stride = f->tab_stride;
             int32_t *gs = f->gsum + (int64_t)i * n * f->ng_max;
@@ -306,8 +295,8 @@ static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int
         int64_t id = tokens[t];
         float *xt = x + t * d;
         if (e->kind == EP_MAT_PLANES) {  /* x = a_0 B_0, then += a_i B_i (as bits.PlaneMatrix.rows) */
-            const int64_t tiles = ep_padded_out(e->rows) / EP_TILE, ncol = ep_padded_in(d) / 8;
-            const int64_t ng = ep_n_groups(d, e->group), g = ng == 1 ? d : e->group;
+            const int64_t tiles = ep_out_pad(e->rows) / EP_TILE, ncol = ep_in_pad(d) / 8;
+            const int64_t ng = ep_groups(d, e->group), g = ng == 1 ? d : e->group;
             const int64_t t0 = id / EP_TILE, lane = id % EP_TILE;
             for (int64_t i = 0; i < e->k; i++) {
                 const uint8_t *p = e->planes + ((i * tiles + t0) * ncol) * EP_TILE + lane;
@@ -332,23 +321,45 @@ static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int
 
 /* log-softmax of one row of logits at `target`, in double (the order is fixed: any ISA, any
  * thread count gives the same value) */
-static float row_logprob(const float *row, int64_t vocab, int32_t target) {
+/* log-softmax of one row of logits at each of its n_targets ids (< 0: 0), one normalizer for all */
+static void row_logprobs(const float *row, int64_t vocab, const int32_t *targets, int64_t n_targets, float *out) {
     float mx = row[0];
     for (int64_t i = 1; i < vocab; i++) mx = row[i] > mx ? row[i] : mx;
     double sum = 0.0;
     for (int64_t i = 0; i < vocab; i++) sum += exp((double)row[i] - (double)mx);
-    return (float)((double)row[target] - (double)mx - log(sum));
+    const double lse = log(sum);
+    for (int64_t j = 0; j < n_targets; j++)
+        out[j] = targets[j] < 0 ? 0.0f : (float)((double)row[targets[j]] - (double)mx - lse);
+}
+
+/* A planes matrix's arguments, checked by the GEMMs' rule (ep_gemm_args_init); other kinds pass. */
+static int planes_ok(const ep_matrix *mt) {
+    ep_gemm_args a;
+    return mt->kind != EP_MAT_PLANES || ep_gemm_args_init(&a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows,
+                                                          mt->k, mt->rows, mt->cols, mt->group, 0) == EP_OK;
+}
+
+static int all_planes_ok(const ep_model *m) {
+    if (!planes_ok(&m->embed) || !planes_ok(&m->head)) return 0;
+    for (int32_t li = 0; li < m->n_layers; li++) {
+        const ep_layer *L = &m->layers[li];
+        const ep_matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]); i++)
+            if (!planes_ok(mats[i])) return 0;
+    }
+    return 1;
 }
 
 int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
                      const int32_t *tokens, int64_t n, const int64_t *seq_len, const int64_t *seq_pos,
-                     int64_t n_seqs, int32_t out_kind, const int32_t *targets, float *out, void *work,
-                     int64_t work_bytes, int threads) {
+                     int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
+                     float *out, void *work, int64_t work_bytes, int threads) {
     if (!kt) kt = ep_kernels_get(NULL);
     if (!m || !k_cache || !v_cache || !tokens || !out || !seq_len || !seq_pos || n <= 0 || n_seqs <= 0 ||
-        n_seqs > n || out_kind < EP_OUT_LAST || out_kind > EP_OUT_LOGPROB || (out_kind == EP_OUT_LOGPROB && !targets))
+        n_seqs > n || out_kind < EP_OUT_LAST || out_kind > EP_OUT_LOGPROB || (out_kind == EP_OUT_LOGPROB && (!targets || n_targets < 1)) ||
+        !all_planes_ok(m))
         return EP_EINVAL;
-    if (!work || ((uintptr_t)work % 64) || work_bytes < ep_forward_workspace(m, n, threads)) return EP_ENOMEM;
+    if (!work || ((uintptr_t)work % EP_WORK_ALIGN) || work_bytes < ep_forward_workspace(m, n, threads)) return EP_ENOMEM;
     int64_t total = 0, max_t = 0;
     for (int64_t s = 0; s < n_seqs; s++) {
         if (seq_len[s] <= 0 || seq_pos[s] < 0 || seq_pos[s] + seq_len[s] > cap || seq_pos[s] + seq_len[s] > m->max_seq)
@@ -358,8 +369,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
     }
     if (total != n) return EP_EINVAL;
     for (int64_t t = 0; t < n; t++)
-        if (tokens[t] < 0 || tokens[t] >= m->vocab || (out_kind == EP_OUT_LOGPROB && targets[t] >= m->vocab))
-            return EP_EINVAL;
+        if (tokens[t] < 0 || tokens[t] >= m->vocab) return EP_EINVAL;
+    if (out_kind == EP_OUT_LOGPROB)
+        for (int64_t i = 0; i < n * n_targets; i++)
+            if (targets[i] >= m->vocab) return EP_EINVAL;
     fwd f;
     memset(&f, 0, sizeof(f));
     f.kt = kt;
@@ -452,10 +465,9 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
         float *dst = out_kind == EP_OUT_LOGPROB ? f.hb : out + r0 * m->vocab;
         run_one(&f, f.h, D, &m->head, dst);
         if (out_kind == EP_OUT_LOGPROB)
-            for (int64_t r = 0; r < nr; r++) {
-                const int32_t y = targets[r0 + r];
-                out[r0 + r] = y < 0 ? 0.0f : row_logprob(f.hb + r * m->vocab, m->vocab, y);
-            }
+            for (int64_t r = 0; r < nr; r++)
+                row_logprobs(f.hb + r * m->vocab, m->vocab, targets + (r0 + r) * n_targets, n_targets,
+                             out + (r0 + r) * n_targets);
     }
     return EP_OK;
 }
@@ -465,5 +477,5 @@ int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v
                void *work, int64_t work_bytes, int threads) {
     const int64_t len = n, at = pos;
     return ep_forward_batch(kt, m, k_cache, v_cache, cap, tokens, n, &len, &at, 1,
-                            all_logits ? EP_OUT_ALL : EP_OUT_LAST, NULL, logits, work, work_bytes, threads);
+                            all_logits ? EP_OUT_ALL : EP_OUT_LAST, NULL, 0, logits, work, work_bytes, threads);
 }

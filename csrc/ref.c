@@ -5,7 +5,8 @@
  *     acc = 0; for each group j: for each plane i: acc = fmaf(alpha[i][row][j], (float)D, acc);
  *     y = acc * activation_scale
  * where D is the exact integer dot product of the plane's signs with the activations of group j.
- * Written for clarity, not speed. */
+ * Written for clarity, not speed; it calls nothing outside this file but ep_internal.h's inline
+ * helpers. */
 #include <math.h>
 #include <string.h>
 
@@ -37,7 +38,7 @@ float ep_ref_abs_mean(const float *x, int64_t in) {
 }
 
 void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale) {
-    int64_t nbytes = ep_ceil_div(in, EP_IN_ALIGN) * (EP_IN_ALIGN / 8);
+    int64_t nbytes = ep_in_pad(in) / 8;
     memset(bits, 0, (size_t)nbytes);
     for (int64_t j = 0; j < in; j++)
         if (x[j] < 0.0f) bits[j >> 3] |= (uint8_t)(1u << (j & 7));
@@ -45,7 +46,7 @@ void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale) {
 }
 
 void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum) {
-    int64_t ng = ep_n_groups(in, group);
+    int64_t ng = ep_groups(in, group);
     for (int64_t j = 0; j < ng; j++) {
         int64_t e = ep_min64(ng == 1 ? in : (j + 1) * group, in);
         int32_t s = 0;
@@ -55,7 +56,7 @@ void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum
 }
 
 void ep_ref_group_valid(int64_t in, int64_t group, int32_t *nvalid) {
-    int64_t ng = ep_n_groups(in, group);
+    int64_t ng = ep_groups(in, group);
     for (int64_t j = 0; j < ng; j++) {
         int64_t e = ep_min64(ng == 1 ? in : (j + 1) * group, in);
         nvalid[j] = (int32_t)(e - j * group);
@@ -124,7 +125,8 @@ void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, con
 
 /* exp(x) as every ISA computes it: x = n ln2 + r (n = round-half-even(x log2 e), ln2 in two
  * parts), e^r by a degree-6 Taylor polynomial in Horner form with fused multiply-adds, times
- * 2^n built from its exponent bits.  Within about 2 ulp of expf; 0 below -87, inf above 88. */
+ * 2^n built from its exponent bits.  Within EP_EXP_MAX_ULP of exp (ep_internal.h); 0 below
+ * EP_EXP_LO, inf above EP_EXP_HI. */
 float ep_expf(float x) {
     if (x != x) return x;
     if (!(x > EP_EXP_LO)) return 0.0f;
@@ -173,7 +175,7 @@ static int ref_supported(void) { return 1; }
 
 /* The scalar "tables" are the activations themselves, zero-padded to in_pad. */
 static void ref_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
-    int64_t in_pad = ep_padded_in(in);
+    int64_t in_pad = ep_in_pad(in);
     memcpy(tab, q, (size_t)in);
     memset(tab + in, 0, (size_t)(in_pad - in));
     ep_ref_group_sums(q, in, group, gsum);
@@ -181,10 +183,11 @@ static void ref_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *t
 
 static void ref_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab,
                             int32_t *nvalid) {
-    int64_t nbytes = ep_padded_in(in) / 8;
+    int64_t nbytes = ep_in_pad(in) / 8;
     memcpy(tab, bits, (size_t)nbytes);
-    /* padding bits are cleared here so that weights' padding bits meet zeros; the kernel below
-     * also stops at `in`, so neither side's padding can count */
+    /* padding bits are copied as they are: the kernel below stops at `in`, so neither the
+     * activations' nor the weights' padding counts, whatever it holds (bits.py: packing writes 0
+     * there, kernels ignore it) */
     ep_ref_group_valid(in, group, nvalid);
 }
 
@@ -256,7 +259,16 @@ static void ref_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 }
 
 const ep_kernels ep_kernels_scalar = {
-    "scalar",          ref_supported,   ep_ref_quantize_i8, ep_ref_binarize,
-    ref_i8_tables,     ref_xnor_tables, ref_i8_tiles,       ref_xnor_tiles,
-    ep_ref_dense_rows, ep_ref_i8_rows,  ep_ref_dot,         ep_ref_attend,
+    .name = "scalar",
+    .supported = ref_supported,
+    .quantize_i8 = ep_ref_quantize_i8,
+    .binarize = ep_ref_binarize,
+    .i8_tables = ref_i8_tables,
+    .xnor_tables = ref_xnor_tables,
+    .i8_tiles = ref_i8_tiles,
+    .xnor_tiles = ref_xnor_tiles,
+    .dense_rows = ep_ref_dense_rows,
+    .i8_rows = ep_ref_i8_rows,
+    .dot = ep_ref_dot,
+    .attend = ep_ref_attend,
 };

@@ -61,7 +61,7 @@ void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
 
 void ep_avx2_binarize(const float *x, int64_t in, uint8_t *bits, float *scale) {
     const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-    int64_t nbytes = ep_padded_in(in) / 8;
+    int64_t nbytes = ep_in_pad(in) / 8;
     memset(bits, 0, (size_t)nbytes);
     __m256 acc = _mm256_setzero_ps();
     int64_t j = 0;
@@ -88,7 +88,7 @@ EP_INLINE __m256i nibble_bit_mask(int b) {
 }
 
 static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
-    const int64_t in_pad = ep_padded_in(in);
+    const int64_t in_pad = ep_in_pad(in);
     const __m128i m0f = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
     __m256i mask[4], pick[4];
     for (int b = 0; b < 4; b++) {
@@ -230,7 +230,8 @@ EP_INLINE void i8_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const in
     }
 }
 
-/* D (the integer results of a tile) holds EP_CHUNK_GROUPS groups at a time. */
+/* D (the integer results of a tile) holds EP_CHUNK_GROUPS groups of every plane at a time (k is at
+ * most EP_MAX_PLANES: ep_gemm_args_init checks it). */
 #define EP_CHUNK_GROUPS 8
 #define EP_TB EP_TOKEN_BLOCK
 
@@ -282,7 +283,7 @@ EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const 
  * first, then floats; the running sums stay in registers across the chunks. */
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
                        int64_t j1, const int GB) {
-    int32_t D[EP_TB * 8 * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
+    int32_t D[EP_TB * EP_MAX_PLANES * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
     __m256 f[4][2];
     load_acc(a, t, tok0, TB, f, j0 == 0);
     for (int64_t c0 = j0; c0 < j1; c0 += EP_CHUNK_GROUPS) {
@@ -304,7 +305,7 @@ static const uint8_t popcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 
 
 
 static void avx2_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
-    const int64_t ncol = ep_padded_in(in) / 8;
+    const int64_t ncol = ep_in_pad(in) / 8;
     const __m256i pop = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)popcount4));
     const __m256i idx = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                                          0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -379,7 +380,7 @@ EP_INLINE void xnor_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const 
 
 EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
                          int64_t j1, const int GB) {
-    int32_t D[EP_TB * 8 * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
+    int32_t D[EP_TB * EP_MAX_PLANES * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
     __m256 f[4][2];
     load_acc(a, t, tok0, TB, f, j0 == 0);
     for (int64_t c0 = j0; c0 < j1; c0 += EP_CHUNK_GROUPS) {
@@ -585,7 +586,16 @@ void ep_avx2_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, co
 EP_TARGET_POP()
 
 const ep_kernels ep_kernels_avx2 = {
-    "avx2",             avx2_supported,    ep_avx2_quantize_i8, ep_avx2_binarize,
-    avx2_i8_tables,     avx2_xnor_tables,  avx2_i8_tiles,       avx2_xnor_tiles,
-    ep_avx2_dense_rows, ep_avx2_i8_rows,   ep_avx2_dot,         ep_avx2_attend,
+    .name = "avx2",
+    .supported = avx2_supported,
+    .quantize_i8 = ep_avx2_quantize_i8,
+    .binarize = ep_avx2_binarize,
+    .i8_tables = avx2_i8_tables,
+    .xnor_tables = avx2_xnor_tables,
+    .i8_tiles = avx2_i8_tiles,
+    .xnor_tiles = avx2_xnor_tiles,
+    .dense_rows = ep_avx2_dense_rows,
+    .i8_rows = ep_avx2_i8_rows,
+    .dot = ep_avx2_dot,
+    .attend = ep_avx2_attend,
 };

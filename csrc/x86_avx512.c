@@ -32,7 +32,7 @@ EP_INLINE __m512i nibble_bit_mask512(int b) {
 }
 
 static void avx512_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *tab, int32_t *gsum) {
-    const int64_t in_pad = ep_padded_in(in);
+    const int64_t in_pad = ep_in_pad(in);
     const __m256i m0f = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
     __m512i mask[4], pick[4];
     for (int b = 0; b < 4; b++) {
@@ -225,7 +225,7 @@ EP_INLINE __m512i bytes_per_lane(uint8_t b0, uint8_t b1, uint8_t b2, uint8_t b3)
 }
 
 static void avx512_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
-    const int64_t ncol = ep_padded_in(in) / 8;
+    const int64_t ncol = ep_in_pad(in) / 8;
     const __m512i pop = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)popcount4));
     const __m512i idx = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const __m512i m0f = _mm512_set1_epi8(0x0f);
@@ -476,7 +476,7 @@ static void avx512vnni_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 /* xnor tables: per 32 inputs (byte columns c..c+3) one vector, lane q = byte c+q of the
  * activation signs (padding cleared), 16 times. */
 static void avx512vnni_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uint8_t *tab, int32_t *nvalid) {
-    const int64_t ncol = ep_padded_in(in) / 8;
+    const int64_t ncol = ep_in_pad(in) / 8;
     for (int64_t c = 0; c < ncol; c += 4) {
         __m512i A = bytes_per_lane(bits[c] & ep_valid_bits(in, c), bits[c + 1] & ep_valid_bits(in, c + 1),
                                    bits[c + 2] & ep_valid_bits(in, c + 2), bits[c + 3] & ep_valid_bits(in, c + 3));
@@ -568,15 +568,33 @@ static void avx512vnni_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1)
 
 EP_TARGET_POP()
 
+/* activations and the dense helpers are the AVX2 versions: memory-bound, or too small to gain */
 const ep_kernels ep_kernels_avx512bw = {
-    "avx512bw",         avx512_supported,    ep_avx2_quantize_i8, ep_avx2_binarize,
-    avx512_i8_tables,   avx512_xnor_tables,  avx512_i8_tiles,     avx512_xnor_tiles,
-    ep_avx2_dense_rows, ep_avx2_i8_rows,     ep_avx2_dot,  /* memory-bound: the AVX2 versions */
-    ep_avx2_attend,
+    .name = "avx512bw",
+    .supported = avx512_supported,
+    .quantize_i8 = ep_avx2_quantize_i8,
+    .binarize = ep_avx2_binarize,
+    .i8_tables = avx512_i8_tables,
+    .xnor_tables = avx512_xnor_tables,
+    .i8_tiles = avx512_i8_tiles,
+    .xnor_tiles = avx512_xnor_tiles,
+    .dense_rows = ep_avx2_dense_rows,
+    .i8_rows = ep_avx2_i8_rows,
+    .dot = ep_avx2_dot,
+    .attend = ep_avx2_attend,
 };
 
 const ep_kernels ep_kernels_avx512vnni = {
-    "avx512vnni",           avx512vnni_supported,   ep_avx2_quantize_i8,   ep_avx2_binarize,
-    avx512_i8_tables,       avx512vnni_xnor_tables, avx512vnni_i8_tiles,   avx512vnni_xnor_tiles,
-    ep_avx2_dense_rows,     ep_avx2_i8_rows,        ep_avx2_dot,           ep_avx2_attend,  /* memory-bound */
+    .name = "avx512vnni",
+    .supported = avx512vnni_supported,
+    .quantize_i8 = ep_avx2_quantize_i8,
+    .binarize = ep_avx2_binarize,
+    .i8_tables = avx512_i8_tables,
+    .xnor_tables = avx512vnni_xnor_tables,
+    .i8_tiles = avx512vnni_i8_tiles,
+    .xnor_tiles = avx512vnni_xnor_tiles,
+    .dense_rows = ep_avx2_dense_rows,
+    .i8_rows = ep_avx2_i8_rows,
+    .dot = ep_avx2_dot,
+    .attend = ep_avx2_attend,
 };

@@ -46,11 +46,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The layout's constants, defined here for the pure-Python kernels (NumPy, Numba: they run without
+# the C extension); the C ABI defines them once more in csrc/include/edgepanel.h (EP_TILE,
+# EP_IN_ALIGN, EP_MAX_PLANES, EP_SCALES_*) and tests/test_c_binding.py checks each pair agrees.
 TILE = 16
 IN_ALIGN = 64
-SCALES_F32, SCALES_F16, SCALES_U8 = 0, 1, 2    # how scales are stored (csrc: EP_SCALES_*)
+SCALES_F32, SCALES_F16, SCALES_U8 = 0, 1, 2    # how scales are stored
 GROUP_SIZES = (32, 64, 128, 256)
-MAX_PLANES = 4
+MAX_PLANES = 4                                 # planes per matrix: the counts kernel_check tests
 
 
 def padded_in(n_in: int) -> int:
@@ -244,6 +247,22 @@ class PlaneMatrix:
         tiled = tile_scales(codes.astype(np.float32)).astype(np.uint8)
         return PlaneMatrix(pack_planes(signs), tiled, self.out_features, self.in_features, self.group,
                            tile_rows(mult))
+
+    def stored(self, scales: str) -> "PlaneMatrix":
+        """The matrix with its scales as a model file stores them: "u8" (with_u8_scales) or "f16"
+        (rounded to float16; a scale that does not fit is a ValueError).  The converter and
+        Model.save both write through this."""
+        if scales == "u8":
+            return self if self.scale_rows is not None else self.with_u8_scales()
+        if scales != "f16":
+            raise ValueError(f"scales must be stored as f16 or u8, got {scales!r}")
+        f = self.float_scales()
+        if not np.all(np.isfinite(f)):
+            raise ValueError("a plane scale is not finite")
+        h = f.astype(np.float16)
+        if not np.all(np.isfinite(h)):
+            raise ValueError("a plane scale does not fit in float16")
+        return PlaneMatrix(self.planes, h, self.out_features, self.in_features, self.group)
 
     @property
     def n_groups(self) -> int:

@@ -5,8 +5,8 @@ A model file is a standard safetensors file (readable by the `safetensors` libra
   N bytes   JSON header: {tensor name: {"dtype", "shape", "data_offsets": [begin, end]}, ...,
             "__metadata__": {"edgepanel": <JSON text>, "tokenizer.json": <JSON text>}}
             padded with spaces so the data starts on an 8-byte boundary
-  data      the tensors back to back, ordered by element size (4-byte types first, then 2, then 1)
-            so every tensor is aligned to its element size
+  data      the tensors back to back, ordered by element size, largest first (8-byte types, then
+            4, 2, 1: ModelWriter), so every tensor is aligned to its element size
 
 The "edgepanel" metadata (see `Metadata`) carries the format version, the architecture and its
 hyper-parameters, the recipe of every tensor, the tokenizer's special tokens and chat template.
@@ -14,7 +14,7 @@ Loading maps the file read-only: tensors are NumPy views into the mapping, never
 
 Tensor names and kinds (per linear layer NAME, see model/weights.py for the names):
   NAME.planes  uint8 (k, out_pad/16, in_pad/8, 16)   binary planes, layout in edgepanel/bits.py
-  NAME.scales  float16 (k, out_pad/16, n_groups, 16), or uint8 codes with
+  NAME.scales  float16 (k, out_pad/16, n_groups, 16) (float32 also read), or uint8 codes with
   NAME.scale_rows float32 (out_pad/16, 16)           (8-bit scales, see edgepanel/bits.py)
   NAME.weight  float32 or float16 (out, in)          a dense (unbinarized) linear layer
   NAME.q       int8 (rows, cols) + NAME.row_scale float32 (rows,)   int8 rows (embeddings, head)
@@ -60,13 +60,15 @@ class Metadata:
     tokenizer: dict = field(default_factory=dict)   # special tokens, chat template, ...
     source: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)      # the conversion options, for the record
+    history: list = field(default_factory=list)     # what changed the file since (fine-tuning runs, ...)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT_NAME, "format_version": self.format_version,
                            "architecture": self.architecture, "config": self.config,
                            "tensors": self.tensors, "tokenizer": self.tokenizer,
-                           "source": self.source, "recipe": self.recipe}, sort_keys=True)
+                           "source": self.source, "recipe": self.recipe,
+                           **({"history": self.history} if self.history else {})}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Metadata":
@@ -89,7 +91,7 @@ class Metadata:
                 raise FormatError(f"{where}: metadata field '{key}' is missing or not a {typ.__name__}")
         return cls(architecture=d["architecture"], config=d["config"], tensors=d["tensors"],
                    tokenizer=d.get("tokenizer") or {}, source=d.get("source") or {},
-                   recipe=d.get("recipe") or {}, format_version=version)
+                   recipe=d.get("recipe") or {}, history=d.get("history") or [], format_version=version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,18 +208,25 @@ class ModelFile(SafetensorsFile):
             raise FormatError(f"{self.path}: tensor '{name}' has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         return arr
 
-def read_metadata(path) -> Metadata:
-    return ModelFile(path).meta
-
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
 
+def write_tensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+    """A plain safetensors file (e.g. a training checkpoint), written atomically."""
+    with ModelWriter(path) as w:
+        for name, a in tensors.items():
+            w.add(name, a)
+        w.close_with(metadata)
+    return Path(path)
+
+
 class ModelWriter:
     """Write a model file atomically with bounded memory: tensors are spooled to temporary files
-    as they come (one per element size), then header and data are written to `path + .tmp` and
-    renamed over `path`.  Nothing at `path` changes unless `close()` succeeds."""
+    as they come (one per element size), then header and data are written to a temporary file of
+    a unique name beside `path` and renamed over it.  Nothing at `path` changes unless `close()`
+    succeeds, and two writers of one path never mix their files."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -242,20 +251,28 @@ class ModelWriter:
         self._names.add(name)
 
     def close(self, meta: Metadata, tokenizer_json: str | None = None):
+        md = {META_KEY: meta.to_json()}
+        if tokenizer_json:
+            md[TOKENIZER_KEY] = tokenizer_json
+        self.close_with(md)
+
+    def close_with(self, metadata: dict[str, str]):
+        """Finish the file with `metadata` (str -> str) as its __metadata__."""
         header, base = {}, 0
         for s in (8, 4, 2, 1):
             for name, dtn, shape, off, nbytes in self._entries[s]:
                 header[name] = {"dtype": dtn, "shape": shape, "data_offsets": [base + off, base + off + nbytes]}
             base += self._sizes[s]
-        md = {META_KEY: meta.to_json()}
-        if tokenizer_json:
-            md[TOKENIZER_KEY] = tokenizer_json
-        header["__metadata__"] = md
+        header["__metadata__"] = dict(metadata)
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-(8 + len(text)) % 8)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        tmp = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)   # as open() would have made it (mkstemp makes 0600)
         try:
-            with open(tmp, "wb") as out:
+            with os.fdopen(fd, "wb") as out:
                 out.write(struct.pack("<Q", len(text)))
                 out.write(text)
                 for s in (8, 4, 2, 1):

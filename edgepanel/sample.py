@@ -1,5 +1,11 @@
 """Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition penalty,
-reproducible with a seed.  Order: repetition penalty, temperature, top-k, top-p, min-p, draw."""
+reproducible with a seed.  Order: repetition penalty, temperature, top-k, top-p, min-p, draw.
+
+`Sampling` is the one home of the generation defaults: `Model.generate`, `edgepanel generate`
+and `edgepanel chat` all read them from here (the command line builds its options from the
+fields' `help` metadata, so nothing is restated).  The defaults suit a small model: a 135M model
+at temperature 0.7 with no cut-offs wanders into rare-token gibberish, which min-p 0.05 and
+top-p 0.95 remove, and it loops on a phrase, which a repetition penalty of 1.1 breaks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,16 +13,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class Sampling:
-    temperature: float = 0.7       # 0: greedy
-    top_k: int = 0                 # 0: off
-    top_p: float = 1.0             # 1: off
-    min_p: float = 0.0             # 0: off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
+    temperature: float = _opt(0.7, "softmax temperature; 0 = greedy")
+    top_k: int = _opt(0, "keep the k most likely tokens; 0 = off")
+    top_p: float = _opt(0.95, "nucleus sampling: the smallest set of tokens holding this mass; 1 = off")
+    min_p: float = _opt(0.05, "drop tokens below min_p times the best one's probability; 0 = off")
+    repetition_penalty: float = _opt(1.1, "divide positive logits (multiply negative ones) of tokens "
+                                          "already in the context by this; 1 = off")
+    seed: int | None = _opt(None, "random seed: the same seed gives the same text")
+    max_tokens: int = _opt(256, "tokens to generate at most")
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop at this string (repeatable)"})
 
     def __post_init__(self):
         def bad(name, why):
@@ -40,6 +51,13 @@ class Sampling:
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
+
+
+    @classmethod
+    def default(cls, name: str):
+        """The default value of field `name` (one place for the API and the command line)."""
+        f = cls.__dataclass_fields__[name]
+        return f.default_factory() if callable(f.default_factory) else f.default
 
 
 class Sampler:

@@ -136,7 +136,7 @@ def test_ternary_checkpoints_convert_exactly(tmp_path):
 def _budget_used(path, names=None, scales="f16"):
     """(bits per weight over the tensors stored as planes or int8 rows -- or over `names` --,
     and their formats), from the file's own records."""
-    from edgepanel.convert.calibrate import format_bits
+    from edgepanel.convert.budget import format_bits
     from edgepanel.format import ModelFile
     f = ModelFile(path)
     c = f.meta.config
@@ -167,8 +167,8 @@ def test_bit_budget_is_respected(tmp_path, with_torch, monkeypatch):
     build("llama", tmp_path / "hf", seed=2)
     add_tokenizer(tmp_path / "hf")
     logs = []
-    convert(tmp_path / "hf", tmp_path / "b.ep", Recipe(bits=2.6, bits_groups=(32, 64), calib_tokens=1024, seq_len=64),
-            log=logs.append)
+    recipe = Recipe(bits=2.6, bits_groups=(32, 64), calib_tokens=1024, seq_len=64, embed="int8", head="int8")
+    convert(tmp_path / "hf", tmp_path / "b.ep", recipe, log=logs.append)
     assert any(("gradient" in m) == with_torch for m in logs if m.startswith("estimated the loss"))
     used, formats = _budget_used(tmp_path / "b.ep")
     assert formats.pop("embed") == formats.pop("head") == "int8"   # fixed formats: outside the budget

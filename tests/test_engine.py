@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from edgepanel.convert import Recipe, convert
-from edgepanel.kernels import _cffi
+from edgepanel.kernels import native
 from edgepanel.model.model import Model
 
 from hf_models import add_tokenizer, build
 
-pytestmark = pytest.mark.skipif(_cffi.lib is None, reason="C kernels not built")
+pytestmark = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
 IDS = np.array([3, 17, 99, 150, 7, 42, 200, 5, 61, 88, 13, 2], np.int32)
 
 
@@ -68,7 +68,7 @@ def test_prefill_equals_decode_steps_and_threads(binarized):
 
 
 def test_isa_variants_give_identical_logits(binarized):
-    isas = _cffi.runnable_isas()
+    isas = native.runnable_isas()
     outs = []
     for isa in isas:
         m = Model(binarized, engine="c")
@@ -82,7 +82,7 @@ def test_isa_variants_give_identical_logits(binarized):
 def test_parameters_are_read_at_call_time(binarized):
     m = Model(binarized, engine="c")
     before = m.logits(IDS)
-    params = m.trainable_parameters()
+    params = m.parameters()
     np.testing.assert_array_equal(m.logits(IDS), before)  # float16 scales widened exactly
     assert all(p.dtype == np.float32 and p.flags.writeable for p in params.values())
     scales = params["layers.0.wq.scales"]
@@ -149,7 +149,7 @@ def test_rows_as_planes_are_read_at_call_time(planes_rows):
     tables = list(m.weights.plane_tables())
     assert {t.name for t in tables} == ({"embed", "head"} if m.weights.head is not None else {"embed"})
     before = m.logits(IDS)
-    params = m.trainable_parameters()
+    params = m.parameters()
     for t in tables:
         scales = params[t.name + ".scales"]
         saved = scales.copy()

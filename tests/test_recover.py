@@ -63,6 +63,28 @@ def test_student_is_the_dequantized_model(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_the_three_forward_passes_run_the_one_block(tmp_path, monkeypatch):
+    """The reference forward, calibration and the torch forward (tuning, sensitivity) each run
+    model.reference.block on their own arithmetic, every layer of it."""
+    build("llama", tmp_path / "hf", seed=4)
+    fm = float_model(tmp_path / "hf")
+    calls, block = [], ref.block
+
+    def counting(ops, cfg, i, x, positions):
+        calls.append((type(ops).__name__, i))
+        return block(ops, cfg, i, x, positions)
+
+    monkeypatch.setattr(ref, "block", counting)
+    ids = np.array([5, 77, 3, 140, 9, 9, 250, 31], np.int32)
+    w = cal.to_weights(fm)
+    ref.forward(w, ids, ref.KVCache(w.cfg, len(ids)))
+    with torch.no_grad():
+        recover._TorchModel(torch, fm.cfg, fm, None).logits(torch.from_numpy(ids.astype(np.int64)))
+    cal._Run(fm, Recipe(planes=2, group=32), lambda m: None).run(ids.reshape(2, 4))
+    layers = range(fm.cfg.n_layers)
+    assert calls == [(ops, i) for ops in ("CacheOps", "_TorchModel", "_CalibOps") for i in layers]
+
+
 def kl_to(fp: Model, m: Model, ids) -> float:
     def lp(z):
         z = z.astype(np.float64)

@@ -1,4 +1,4 @@
-"""Write edgepanel/data/calib.txt: the default calibration text for `edgepanel convert`.
+"""Write edgepanel/assets/calib.txt: the default calibration text for `edgepanel convert`.
 
 The text is written by SmolLM2-135M-Instruct itself, converted in pass-through mode (its own
 dequantized weights, no binarization), from the varied prompts below: it exercises the model on
@@ -156,7 +156,7 @@ PLAIN_MORE = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "edgepanel/data/calib.txt")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "edgepanel/assets/calib.txt")
     ap.add_argument("--model", type=Path, default=None, help="a pass-through SmolLM2 model file (made if absent)")
     args = ap.parse_args()
     from edgepanel import hub

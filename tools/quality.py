@@ -6,8 +6,7 @@ the held-out texts of tools/eval_texts.py (first --tokens tokens of each, window
 A recipe is kK gG (planes, group) or bB gG (a budget of B bits per weight, planes per layer by
 sensitivity), plus options after ':' joined by ',':
   nocal (data-free greedy+ALS), norot (no rotation), norefit (no joint scale refit),
-  comp / compres (fit every / only o and down layers to the float model's outputs),
-  tokensN (calibration tokens), roundsN (GPTQ + refit rounds), dampX (GPTQ damping),
+  tokensN (calibration tokens), dampX (GPTQ damping),
   tuneN / tunelrX (scale tuning steps, default 80; its learning rate);
   for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
   gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
@@ -49,12 +48,6 @@ def parse(spec: str) -> Recipe:
             r.rotate = False
         elif o == "norefit":
             r.refit = False
-        elif o == "comp":
-            r.compensate = True
-        elif o == "compres":
-            r.compensate = "residual"
-        elif o.startswith("rounds"):
-            r.rounds = int(o[6:])
         elif o.startswith("damp"):
             r.damp = float(o[4:])
         elif o.startswith("tunelr"):
@@ -117,7 +110,7 @@ def main():
 def _stored_bits(t) -> float:
     """Bits a linear layer or embeddings/head table takes in the file."""
     pm = getattr(t, "planes", None)
-    if pm is not None:   # (trainable_parameters() would have widened the scales: not called here)
+    if pm is not None:   # (parameters() would have widened the scales: not called here)
         return 8 * (pm.planes.nbytes + pm.scales.nbytes + (0 if pm.scale_rows is None else pm.scale_rows.nbytes))
     if getattr(t, "q", None) is not None:
         return 8 * (t.q.nbytes + t.row_scale.nbytes)

@@ -1,8 +1,9 @@
 /* edgepanel's C ABI.
  *
  * This header is the only text cffi's cdef reads (the build strips the preprocessor lines), so it
- * holds plain declarations only.  The bit layout the kernels read is defined in edgepanel/bits.py;
- * ep_internal.h restates the constants for C.
+ * holds plain declarations only, and every constant is an enum (Python reads them from lib).
+ * The bit layout the kernels read is specified in edgepanel/bits.py, whose constants are the
+ * pure-Python copy of the ones below (tests/test_c_binding.py checks that they agree).
  *
  * Every function returns EP_OK (0) or a negative EP_E* code; the Python binding checks arguments
  * before calling, the C checks are a second line of defence.
@@ -15,14 +16,26 @@
 extern "C" {
 #endif
 
-enum {
+/* Return codes; named so that the binding can list them (ffi.typeof("ep_status").elements). */
+typedef enum {
     EP_OK = 0,
     EP_EINVAL = -1,       /* an argument is out of range */
     EP_ENOMEM = -2,       /* the workspace is too small */
     EP_EUNSUPPORTED = -3  /* the ISA variant is not compiled in or not supported by this CPU */
+} ep_status;
+
+/* The layout (edgepanel/bits.py): rows in tiles of EP_TILE, inputs padded to EP_IN_ALIGN,
+ * 1..EP_MAX_PLANES planes per matrix (the plane counts kernel_check tests); workspaces aligned
+ * to EP_WORK_ALIGN bytes. */
+enum {
+    EP_TILE = 16,        /* rows per tile: the 16 bytes of one (tile, byte column) hold one byte per row */
+    EP_IN_ALIGN = 64,    /* inputs per padded row: whole 64-bit words */
+    EP_MAX_PLANES = 4,
+    EP_WORK_ALIGN = 64
 };
 
-/* One table of kernels per ISA variant ("scalar", "avx2", "avx512bw", "neon"). */
+/* One table of kernels per ISA variant: "scalar" everywhere, "avx2", "avx512bw" and "avx512vnni"
+ * on x86-64, "neon" on aarch64 (ep_kernels_compiled() lists what a build holds). */
 typedef struct ep_kernels ep_kernels;
 
 /* The variant called `name`, or the best one this CPU runs when name is NULL or "";
@@ -34,14 +47,16 @@ const char *ep_kernels_compiled(void);
 /* Processors this process may run on. */
 int ep_cpu_count(void);
 
-/* Shapes (see bits.py): inputs padded to 64, rows to tiles of 16; groups of `group` inputs. */
+/* Shapes (see bits.py): inputs padded to EP_IN_ALIGN, rows to tiles of EP_TILE; groups of `group`
+ * inputs (one group when group >= in). */
 int64_t ep_padded_in(int64_t in);
 int64_t ep_padded_out(int64_t out);
 int64_t ep_n_groups(int64_t in, int64_t group);
 /* Bytes of workspace the GEMM calls need for n tokens. */
 int64_t ep_workspace_bytes(int64_t n, int64_t out, int64_t in, int64_t group);
 
-/* Pack the signs of w (k, out, in) float32 into planes (k, out_pad/16, in_pad/8, 16) uint8. */
+/* Pack the signs of w (k, out, in) float32, k in 1..EP_MAX_PLANES, into planes
+ * (k, out_pad/16, in_pad/8, 16) uint8. */
 int ep_pack_planes(const float *w, int64_t k, int64_t out, int64_t in, uint8_t *planes);
 
 /* Per-token activations.  x: (n, in) float32.
@@ -57,12 +72,13 @@ int ep_binarize(const ep_kernels *kt, const float *x, int64_t n, int64_t in, uin
  * scale_rows (out_pad/16, 16): alpha = (float)code * scale_rows[row], one float32 product. */
 enum { EP_SCALES_F32 = 0, EP_SCALES_F16 = 1, EP_SCALES_U8 = 2 };
 
-/* y (n, out) float32 = activations (n, in) times the k-plane matrix transposed.
+/* y (n, out) float32 = activations (n, in) times the k-plane matrix transposed, k in
+ * 1..EP_MAX_PLANES; group in bits.GROUP_SIZES or >= in.
  * planes: (k, out_pad/16, in_pad/8, 16) uint8; scales as scales_kind says (scale_rows: for
  * EP_SCALES_U8, else ignored).
  * gemm_planes_i8 reads int8 activations q with per-token scales qscale;
  * gemm_xnor reads packed sign activations bits with per-token scales ascale.
- * work: at least ep_workspace_bytes(n, out, in, group) bytes, 64-byte aligned.
+ * work: at least ep_workspace_bytes(n, out, in, group) bytes, EP_WORK_ALIGN-byte aligned.
  * threads <= 0 means all processors; the result does not depend on it. */
 int ep_gemm_planes_i8(const ep_kernels *kt, const int8_t *q, const float *qscale, int64_t n,
                       const uint8_t *planes, const void *scales, int32_t scales_kind,
@@ -80,11 +96,13 @@ int ep_gemm_xnor(const ep_kernels *kt, const uint8_t *bits, const float *ascale,
  * arrays of scales, norms and biases, which the caller may change between calls). */
 
 enum {
-    EP_MAT_PLANES = 1,   /* planes (k, out_pad/16, in_pad/8, 16) + scales float32 */
+    EP_MAT_PLANES = 1,   /* planes (k, out_pad/16, in_pad/8, 16) + scales as scales_kind says */
     EP_MAT_F32 = 2,      /* dense float32 (out, in) */
     EP_MAT_F16 = 3,      /* dense float16 (out, in) */
     EP_MAT_I8ROWS = 4    /* int8 (out, in) + row_scale float32 (out) */
 };
+/* Norms and activations: EP_NORM_<NAME> and EP_ACT_<NAME> for the names of edgepanel/model/config.py's
+ * NORMS and ACTS (upper-cased), numbered in their order; the binding looks them up by name. */
 enum { EP_NORM_RMS = 0, EP_NORM_LAYER = 1 };
 enum { EP_ACT_SILU = 0, EP_ACT_GELU_TANH = 1, EP_ACT_GELU = 2, EP_ACT_RELU2 = 3, EP_ACT_RELU = 4 };
 
@@ -128,7 +146,7 @@ typedef struct {
     int32_t rot_p, rot_m;
 } ep_model;
 
-/* Bytes of workspace a forward pass over n tokens needs (64-byte aligned buffer). */
+/* Bytes of workspace a forward pass over n tokens needs (EP_WORK_ALIGN-byte aligned buffer). */
 int64_t ep_forward_workspace(const ep_model *m, int64_t n, int threads);
 
 /* Run tokens[0..n) at positions pos..pos+n-1.  k_cache, v_cache: (n_layers, cap, n_kv_heads,
@@ -142,7 +160,8 @@ int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v
 enum {
     EP_OUT_LAST = 0,    /* (n_seqs, vocab): logits of each sequence's last token */
     EP_OUT_ALL = 1,     /* (n, vocab): logits of every token */
-    EP_OUT_LOGPROB = 2  /* (n,): log-softmax of token t's logits at targets[t]; 0 where targets[t] < 0 */
+    EP_OUT_LOGPROB = 2  /* (n, n_targets): log-softmax of token t's logits at targets[t, j]; 0 where
+                         * targets[t, j] < 0 (knowledge distillation reads a teacher's top-k ids) */
 };
 
 /* Several sequences in one pass: sequence s is seq_len[s] consecutive tokens of tokens[0..n),
@@ -151,8 +170,8 @@ enum {
  * attention stays within a sequence.  The same results as one ep_forward per sequence. */
 int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
                      const int32_t *tokens, int64_t n, const int64_t *seq_len, const int64_t *seq_pos,
-                     int64_t n_seqs, int32_t out_kind, const int32_t *targets, float *out, void *work,
-                     int64_t work_bytes, int threads);
+                     int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
+                     float *out, void *work, int64_t work_bytes, int threads);
 
 #ifdef __cplusplus
 }

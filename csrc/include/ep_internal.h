@@ -1,17 +1,29 @@
-/* Internal to the C kernels: the layout constants, the argument block every ISA file reads, and
- * the table of kernels an ISA file provides.  The layout itself is specified in edgepanel/bits.py. */
+/* Internal to the C kernels: the shapes, the argument block every ISA file reads, and the table
+ * of kernels an ISA file provides.  The layout constants are edgepanel.h's (EP_TILE, EP_IN_ALIGN,
+ * EP_MAX_PLANES); the layout itself is specified in edgepanel/bits.py. */
 #ifndef EP_INTERNAL_H
 #define EP_INTERNAL_H
 #include <math.h>
+#include <string.h>
 
 #include "edgepanel.h"
 
-#define EP_TILE 16      /* rows per tile: the 16 bytes of one (tile, byte column) hold one byte per row */
-#define EP_IN_ALIGN 64  /* inputs are padded to a multiple of 64 (whole 64-bit words per row) */
-#define EP_WORK_ALIGN 64
-
 static inline int64_t ep_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t ep_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* The shapes (bits.padded_in, padded_out, n_groups), inline so that every file, the specification
+ * ref.c first, computes them alike without calling another file; ep_padded_in etc. in the ABI
+ * wrap these. */
+static inline int64_t ep_in_pad(int64_t in) { return ep_ceil_div(in, EP_IN_ALIGN) * EP_IN_ALIGN; }
+static inline int64_t ep_out_pad(int64_t out) { return ep_ceil_div(out, EP_TILE) * EP_TILE; }
+static inline int64_t ep_groups(int64_t in, int64_t group) {
+    if (in <= 0 || group <= 0) return 0;
+    return group >= in ? 1 : ep_ceil_div(in, group);
+}
+
+/* Bytes per token of the table area: the i8 tables take 8 bytes per padded input (four 16-entry
+ * tables per 8 inputs), the xnor tables 4; every ISA fits in this. */
+static inline int64_t ep_tab_stride(int64_t in) { return ep_in_pad(in) * 8; }
 
 /* One GEMM call, as seen by an ISA's tile kernel. */
 typedef struct {
@@ -32,6 +44,33 @@ typedef struct {
     float *acc;             /* (n, tiles*16): partial sums between group chunks */
     float *y;               /* (n, out) */
 } ep_gemm_args;
+
+/* Check one planes matrix's arguments and fill the matrix part of *a (the rest zeroed; the caller
+ * points tab, tab_stride, gsum, ascale, acc and y at its buffers): EP_OK or EP_EINVAL.
+ * dispatch.c's GEMMs and forward.c's products both fill their blocks here. */
+static inline int ep_gemm_args_init(ep_gemm_args *a, const uint8_t *planes, const void *scales,
+                                    int scales_kind, const float *scale_rows, int64_t k, int64_t out,
+                                    int64_t in, int64_t group, int64_t n) {
+    if (!planes || !scales || k < 1 || k > EP_MAX_PLANES || out <= 0 || in <= 0 || group <= 0 ||
+        n < 0 || scales_kind < EP_SCALES_F32 || scales_kind > EP_SCALES_U8 ||
+        (scales_kind == EP_SCALES_U8 && !scale_rows) || (group < in && group % 32 != 0))
+        return EP_EINVAL;
+    memset(a, 0, sizeof(*a));
+    a->planes = planes;
+    a->scales = scales;
+    a->scales_kind = scales_kind;
+    a->scale_rows = scale_rows;
+    a->k = k;
+    a->out = out;
+    a->in = in;
+    a->ng = ep_groups(in, group);
+    a->in_pad = ep_in_pad(in);
+    a->group = a->ng == 1 ? a->in_pad : group;  /* one group: it spans the padded row */
+    a->tiles = ep_out_pad(out) / EP_TILE;
+    a->ncol = a->in_pad / 8;
+    a->n = n;
+    return EP_OK;
+}
 
 /* Byte columns [c0, c1) of group j: groups are whole multiples of 32 inputs, the last one runs to
  * in_pad (its inputs past `in` are padding whose activations are zero or masked). */
@@ -137,12 +176,6 @@ static inline int ep_blocks_per_group(const ep_gemm_args *a) {
     default: call(__VA_ARGS__, 0); break;                                                \
     }
 
-/* Bytes per token of the table area: the i8 tables take 8 bytes per padded input (four 16-entry
- * tables per 8 inputs), the xnor tables 4; every ISA fits in this. */
-static inline int64_t ep_tab_stride(int64_t in) {
-    return ep_ceil_div(in, EP_IN_ALIGN) * EP_IN_ALIGN * 8;
-}
-
 struct ep_kernels {
     const char *name;
     int (*supported)(void);
@@ -210,6 +243,7 @@ void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, in
 void ep_softmax_weights(float *scores, int64_t T);
 /* exp as the softmax computes it (ref.c); the constants, for the SIMD versions */
 float ep_expf(float x);
+#define EP_EXP_MAX_ULP 3.0f  /* ep_expf's distance from exp over (EP_EXP_LO, EP_EXP_HI), as kernel_check bounds it */
 #define EP_EXP_LO (-87.0f)
 #define EP_EXP_HI 88.0f
 #define EP_LOG2E 1.44269504088896341f

@@ -114,14 +114,13 @@ class _Store:
         report row."""
         if not np.all(np.isfinite(pm.float_scales())):
             raise FormatError(f"{e.name}: a plane scale is not finite")
-        if self.r.scales == "u8":
-            pm = pm.with_u8_scales()
+        try:
+            pm = pm.stored(self.r.scales)
+        except ValueError as exc:
+            raise FormatError(f"{e.name}: {exc}") from None
+        scales = pm.scales
+        if pm.scale_rows is not None:
             self.w.add(e.name + ".scale_rows", pm.scale_rows)
-            scales = pm.scales
-        else:
-            scales = pm.float_scales().astype(np.float16)
-            if not np.all(np.isfinite(scales)):
-                raise FormatError(f"{e.name}: a plane scale does not fit in float16")
         self.w.add(e.name + ".planes", pm.planes)
         self.w.add(e.name + ".scales", scales)
         self.recipes[e.name] = {"kind": "planes", "k": pm.k, "group": pm.group, "fit": fit}
@@ -231,7 +230,8 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
         toks = cal.calibration_tokens(tok_json, text, recipe.calib_tokens, min(recipe.seq_len, cfg.max_seq_len), str(src))
         run = cal._Run(fm, recipe, log)
         if recipe.bits:
-            run.format_of, chosen = cal.plan_bits(run, toks, recipe.bits, log)
+            from .budget import plan_bits
+            run.format_of, chosen = plan_bits(run, toks, recipe.bits, log)
             # the file records what the budget chose
             recipe = dataclasses.replace(recipe, **{role: ("int8" if fmt == "int8" else "k%dg%d" % fmt)
                                                     for role, fmt in chosen.items()},

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..bits import GROUP_SIZES
+from ..bits import GROUP_SIZES, MAX_PLANES
 from ..errors import FormatError
 from ..model.config import ModelConfig
 
@@ -104,14 +104,14 @@ def get(hf: dict, key: str, default=None, *, required=False, where="config.json"
 
 
 ROW_FORMATS = "int8, f16, f32, kK or kKgG (K planes, group G or the recipe's), auto"
-_ROW_PLANES = re.compile(r"k([1-4])(?:g(\d+))?")
+_ROW_PLANES = re.compile(r"k(\d+)(?:g(\d+))?")
 
 
 def valid_row_format(fmt) -> bool:
     if fmt in ("int8", "f16", "f32", "auto"):
         return True
     m = isinstance(fmt, str) and _ROW_PLANES.fullmatch(fmt)
-    return bool(m) and (m[2] is None or int(m[2]) in GROUP_SIZES)
+    return bool(m) and 1 <= int(m[1]) <= MAX_PLANES and (m[2] is None or int(m[2]) in GROUP_SIZES)
 
 
 def row_planes(fmt: str, default_group: int):
@@ -122,39 +122,52 @@ def row_planes(fmt: str, default_group: int):
     return int(m[1]), int(m[2]) if m[2] else default_group
 
 
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class Recipe:
-    """How to store each tensor: chosen per conversion, recorded in the file."""
-    planes: int = 2
-    group: int = 64
-    keep: list[str] = field(default_factory=list)   # fnmatch patterns of linear layers left dense
-    passthrough: bool = False                        # every weight at its source precision
-    embed: str = "int8"                              # int8 | f16 | f32 | kK[gG] (planes) | auto (chosen
-    head: str = "int8"                               # by the bit budget): see ROW_FORMATS
-    als_iters: int = 4
-    calib: str | None = "default"                    # calibration text file; "default": the shipped one; None: data-free
-    calib_tokens: int = 16384
-    seq_len: int = 256
-    rotate: bool = True                              # rotation before calibration (RMS-norm models)
-    damp: float = 0.01                               # GPTQ damping, relative to mean diag(H)
-    refit: bool = True                               # joint per-row scale refit after GPTQ
-    act_order: bool = False                          # GPTQ rounds columns by decreasing diag(H)
-    rounds: int = 1                                  # GPTQ + refit rounds (signs again under refit scales)
-    compensate: bool | str = False                   # fit to the float model's outputs: True (every layer),
-                                                     # "residual" (o and down only), False
-    seed: int = 0                                    # of the random rotations
-    bits: float | None = None                        # average bits per weight: formats per tensor by sensitivity
-    scales: str = "f16"                              # plane scales in the file: f16 | u8 (8-bit codes
-                                                     # under a float32 multiplier per row)
-    bits_planes: tuple = (1, 2, 3, 4)                # the plane counts a budget may choose from
-    bits_groups: tuple = (64, 128, 256)              # the group sizes it may choose from
-    tune_steps: int = 80                             # scale tuning against the float model (KL), Adam steps;
-                                                     # calibrated recipes only; needs torch (skipped without)
-    tune_lr: float | None = None                     # its learning rate (relative change of a scale per
-                                                     # step); None: learning_rate() chooses by planes
+    """How to store each tensor: chosen per conversion, recorded in the file.  The one home of
+    conversion's defaults: `edgepanel convert` builds its options' help from the `help` metadata."""
+    planes: int = _opt(2, f"binary planes per weight, 1..{MAX_PLANES}")
+    group: int = _opt(64, "inputs per scale: 32, 64, 128, 256, or 0 = one group per row")
+    keep: list[str] = field(default_factory=list, metadata={
+        "help": "leave linear layers matching this fnmatch pattern (e.g. 'layers.0.*') dense"})
+    passthrough: bool = _opt(False, "keep every weight at its source precision")
+    embed: str | None = _opt(None, f"embeddings: {{int8, f16, f32, kK, kKgG, auto}} (K planes, group G); "
+                                   "default int8 rows, or auto (chosen) under a bit budget")
+    head: str | None = _opt(None, "the output layer: as embed")
+    als_iters: int = _opt(4, "alternating least-squares rounds of the data-free fit")
+    calib: str | None = _opt("default", "UTF-8 text the layers are fitted on ('default': "
+                                        "edgepanel/assets/calib.txt; None: data-free fitting)")
+    calib_tokens: int = _opt(16384, "calibration tokens")
+    seq_len: int = _opt(256, "tokens per calibration sequence")
+    rotate: bool = _opt(True, "rotate the residual stream before calibration (RMS-norm models)")
+    damp: float = _opt(0.01, "GPTQ damping, relative to mean diag(H)")
+    refit: bool = _opt(True, "refit each row's scales jointly after GPTQ")
+    act_order: bool = _opt(False, "GPTQ rounds columns by decreasing input energy (helps layers with "
+                                  "outlier inputs; measured worse on SmolLM2 after rotation)")
+    seed: int = _opt(0, "seed of the random rotations and of the tuning order")
+    bits: float | None = _opt(None, "average bits per weight, scales included: planes and group per tensor "
+                                    "by measured sensitivity")
+    scales: str = _opt("f16", "plane scales: f16, or u8 (8-bit codes under a float32 multiplier per row: "
+                              "half the scale bytes, the same quality on SmolLM2)")
+    bits_planes: tuple = _opt((1, 2, 3, 4), "the plane counts a bit budget may choose from")
+    bits_groups: tuple = _opt((64, 128, 256), "the group sizes a bit budget may choose from")
+    tune_steps: int = _opt(80, "after fitting, tune the plane scales against the float model's outputs "
+                               "(KL, Adam) for this many steps of one calibration sequence; 0 = off; "
+                               "calibrated recipes only; needs torch")
+    tune_lr: float | None = _opt(None, "learning rate of the scale tuning (a relative change per step); "
+                                       "None: 1e-3 below 4 planes, 3e-4 from 4")
 
     def __post_init__(self):
         from .. import bits
+        for what in ("embed", "head"):   # unset: int8 rows, or chosen by the bit budget
+            if getattr(self, what) is None:
+                setattr(self, what, "auto" if self.bits is not None else "int8")
+        if not isinstance(self.planes, int) or isinstance(self.planes, bool):
+            raise ValueError(f"planes must be an integer, got {self.planes!r}")
         if not 1 <= self.planes <= bits.MAX_PLANES:
             raise ValueError(f"planes must be in 1..{bits.MAX_PLANES}, got {self.planes}")
         if self.group not in bits.GROUP_SIZES and self.group != 0:
@@ -199,7 +212,7 @@ class Recipe:
              + ("-s8" if self.scales == "u8" else ""))
         if self.calibrated:
             from .calibrate import default_calib_edition
-            t += (f"-cal{self.calib_tokens}" + ("-rot" if self.rotate else "") + ({True: "-comp", "residual": "-compres"}.get(self.compensate, ""))
+            t += (f"-cal{self.calib_tokens}" + ("-rot" if self.rotate else "")
                   + (f"e{default_calib_edition()}" if self.calib == "default" else "-own"))
             if self.tuned:
                 t += f"-tune{self.tune_steps}lr{self.learning_rate():g}"
@@ -228,7 +241,6 @@ class Recipe:
                 "passthrough": self.passthrough, "embed": self.embed, "head": self.head,
                 "als_iters": self.als_iters, "calib": self.calib, "calib_tokens": self.calib_tokens,
                 "seq_len": self.seq_len, "rotate": self.rotate, "damp": self.damp, "refit": self.refit,
-                "act_order": self.act_order,
-                "compensate": self.compensate, "bits": self.bits, "rounds": self.rounds,
+                "act_order": self.act_order, "bits": self.bits,
                 "scales": self.scales, "bits_planes": list(self.bits_planes), "bits_groups": list(self.bits_groups),
                 "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate()}

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import bits, quantize
 from ..errors import FormatError
-from ..model import names as N
+from ..model import reference as ref
 
 
 def available() -> bool:
@@ -42,8 +42,8 @@ def _require_torch():
 
 
 class _TorchModel:
-    """The float model (teacher) or the binarized one (student) as a torch forward pass that
-    mirrors edgepanel.model.reference.forward over whole sequences."""
+    """The float model (teacher) or the binarized one (student) as a torch forward pass over
+    whole sequences: model.reference.block with torch arithmetic (it is the `ops`)."""
 
     def __init__(self, torch, cfg, fm, fitted: dict | None, rows: tuple[str, str] = ("int8", "int8")):
         self.torch, self.cfg = torch, cfg
@@ -84,10 +84,10 @@ class _TorchModel:
             q, s = quantize.int8_rows(w)
             return T(q.astype(np.float32) * s[:, None])
 
-        self.embed = stored("embed", rows[0])
+        self.embed_w = stored("embed", rows[0])
         self.head_name = "head" if "head" in t else "embed"
-        self.head = stored("head", rows[1]) if "head" in t else self.embed
-        self.pos_embed = T(t["pos_embed"].weight) if "pos_embed" in t else None
+        self.head_w = stored("head", rows[1]) if "head" in t else self.embed_w
+        self.pos_embed_w = T(t["pos_embed"].weight) if "pos_embed" in t else None
         self.record = None
         self.rot = T(fm.rotation.matrix()) if fm.rotation is not None else None
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
@@ -95,7 +95,7 @@ class _TorchModel:
     def weight(self, name, rows=None):
         """The (out, in) weight, or only its rows `rows` (a tensor of indices)."""
         if name not in self.planes:
-            w = self.lin[name][0] if name in self.lin else (self.embed if name == "embed" else self.head)
+            w = self.lin[name][0] if name in self.lin else (self.embed_w if name == "embed" else self.head_w)
             return w if rows is None else w[rows]
         pm, signs, alpha0, mult = self.planes[name]
         alpha = alpha0 * mult
@@ -140,43 +140,32 @@ class _TorchModel:
         x1, x2 = x[..., :h], x[..., h:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
+    def attend(self, i, q, k, v, pos):
+        G = self.cfg.n_heads // self.cfg.n_kv_heads
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)    # (L, H, hd)
+        a = self.torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        return a.transpose(0, 1)                                              # (L, H, hd)
+
+    def mlp_rotation(self, u):
+        return u if self.rot is None else u @ self.rot.T
+
+    def embed(self, tokens):
+        return self.weight("embed", tokens)
+
+    def pos_embed(self, pos):
+        return self.pos_embed_w[:len(pos)]   # whole sequences: positions 0..L-1
+
     def logits(self, tokens):
         """tokens (L,) int64 tensor -> logits (L, vocab)."""
         torch, cfg = self.torch, self.cfg
-        L = tokens.shape[0]
-        pos = torch.arange(L, dtype=torch.float32)
-        x = self.weight("embed", tokens)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[:L]
+        pos = torch.arange(tokens.shape[0], dtype=torch.float32)
+        x = ref.embed(self, cfg, tokens, pos)                                # (L, dim)
         if self.record is not None:   # gradients flow from here even when no weight needs them
             x = x.detach().requires_grad_(True)
             self.record["embed"] = (tokens, x)
-        G = cfg.n_heads // cfg.n_kv_heads
         for i in range(cfg.n_layers):
-            P = lambda p: N.layer(i, p)  # noqa: E731
-            h = self.norm(P("attn_norm"), x)
-            q = self.linear(P("wq"), h).view(L, cfg.n_heads, cfg.head_dim)
-            k = self.linear(P("wk"), h).view(L, cfg.n_kv_heads, cfg.head_dim)
-            v = self.linear(P("wv"), h).view(L, cfg.n_kv_heads, cfg.head_dim)
-            if self.inv_freq is not None:
-                q, k = self.rope(q, pos), self.rope(k, pos)
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-            a = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
-            a = a.transpose(0, 1).reshape(L, cfg.q_dim)
-            if cfg.sub_norms:
-                a = self.norm(P("attn_sub_norm"), a, rms=True)
-            x = x + self.linear(P("wo"), a)
-            h = self.norm(P("mlp_norm"), x)
-            if cfg.gated_mlp:
-                u = self.act(self.linear(P("w_gate"), h)) * self.linear(P("w_up"), h)
-            else:
-                u = self.act(self.linear(P("w_up"), h))
-            if cfg.sub_norms:
-                u = self.norm(P("mlp_sub_norm"), u, rms=True)
-            if self.rot is not None:
-                u = u @ self.rot.T
-            x = x + self.linear(P("w_down"), u)
+            x = ref.block(self, cfg, i, x, pos)
         h = self.norm("final_norm", x)
         y = h @ self.weight(self.head_name).T
         if self.record is not None:
@@ -197,8 +186,7 @@ def _mean_kl(torch, teacher, student, tokens) -> float:
 
 
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
-         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None,
-         schedule: str = "constant") -> dict:
+         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None) -> dict:
     """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
     in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
     seeded order; `rows`: the formats (int8 | f16 | f32) embeddings and head are stored in.
@@ -225,9 +213,6 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(tokens)), math.ceil(steps / len(tokens))))
         kls = []
         for step in range(steps):
-            if schedule == "cosine":  # from lr down to 0 over the run
-                for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
             seq = torch.from_numpy(tokens[order[step]].astype(np.int64))
             with torch.no_grad():
                 p_log = torch.log_softmax(teacher.logits(seq), -1)

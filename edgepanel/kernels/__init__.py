@@ -13,7 +13,7 @@ import importlib.util
 
 from ..errors import BackendUnavailable, EdgepanelWarning
 from ._backend import Backend, NumpyBackend
-from . import _cffi  # numba (slow to import) loads only when its backend is asked for
+from . import native  # numba (slow to import) loads only when its backend is asked for
 
 BACKENDS = ("c", "numba", "numpy")
 _instances: dict[tuple[str, str | None], Backend] = {}
@@ -24,7 +24,7 @@ def _make(name: str, isa: str | None) -> Backend:
     key = (name, isa or None)
     if key not in _instances:
         if name == "c":
-            _instances[key] = _cffi.CBackend(isa)
+            _instances[key] = native.CBackend(isa)
         elif name == "numba":
             from . import _numba
             _instances[key] = _numba.NumbaBackend()
@@ -43,7 +43,7 @@ def get(name: str | None = None, isa: str | None = None) -> Backend:
         if isa and name != "c":
             raise ValueError(f"an ISA variant ({isa}) only applies to the c backend, not {name!r}")
         return _make(name, isa)
-    if _cffi.lib is not None:
+    if native.lib is not None:
         return _make("c", isa)
     global _warned
     for fallback in ("numba", "numpy"):
@@ -54,7 +54,7 @@ def get(name: str | None = None, isa: str | None = None) -> Backend:
         if not _warned:
             _warned = True
             warnings.warn(
-                f"edgepanel: the C kernels are not built ({_cffi.IMPORT_ERROR}); using the "
+                f"edgepanel: the C kernels are not built ({native.IMPORT_ERROR}); using the "
                 f"{fallback} kernels, which are slower. Reinstall with a C compiler to build them.",
                 EdgepanelWarning, stacklevel=2)
         return backend
@@ -68,7 +68,7 @@ def info() -> str:
 
 def available() -> list[tuple[str, str | None]]:
     """Every (backend, isa) this machine can run."""
-    out: list[tuple[str, str | None]] = [("c", isa) for isa in _cffi.runnable_isas()]
+    out: list[tuple[str, str | None]] = [("c", isa) for isa in native.runnable_isas()]
     if importlib.util.find_spec("numba") is not None:
         out.append(("numba", None))
     out.append(("numpy", None))

@@ -5,26 +5,32 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendUnavailable
-from ..kernels import _cffi
+from ..kernels import native
 from .reference import KVCache
 from .weights import Linear, Norm, Rows, Weights
-
-ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu2": 3, "relu": 4}
 
 
 class CEngine:
     name = "c"
 
     def __init__(self, weights: Weights, threads: int | None = None, isa: str | None = None):
-        if _cffi.lib is None:
-            raise BackendUnavailable(f"the C kernels are not built ({_cffi.IMPORT_ERROR})")
-        self.ffi, self.lib = _cffi.ffi, _cffi.lib
-        self.kt = _cffi.CBackend(isa)._kt
+        if native.lib is None:
+            raise BackendUnavailable(f"the C kernels are not built ({native.IMPORT_ERROR})")
+        self.ffi, self.lib = native.ffi, native.lib
+        self.kt = native.CBackend(isa).table
         self.w = weights
         self.threads = threads or 0
         self._keep = []   # everything the structs point to stays alive with the engine
-        self.model = self._build()
+        self.model, self._version = self._build(), weights.version
         self._work = None
+
+    def _model(self):
+        """The structs, rebuilt when a parameter's storage was replaced since they were built
+        (Weights.parameters widening stored scales to float32): no stale pointers."""
+        if self._version != self.w.version:
+            self._keep = []
+            self.model, self._version = self._build(), self.w.version
+        return self.model
 
     # -- building the structs ---------------------------------------------------------------
     def _ptr(self, ctype, a):
@@ -71,8 +77,8 @@ class CEngine:
         m.vocab, m.dim, m.n_layers = c.vocab_size, c.dim, c.n_layers
         m.n_heads, m.n_kv_heads, m.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         m.hidden_dim, m.max_seq = c.hidden_dim, c.max_seq_len
-        m.norm = self.lib.EP_NORM_RMS if c.norm == "rms" else self.lib.EP_NORM_LAYER
-        m.act, m.gated, m.norm_eps = ACTS[c.act], int(c.gated_mlp), c.norm_eps
+        m.norm = getattr(self.lib, "EP_NORM_" + c.norm.upper())  # config.NORMS / ACTS by name (edgepanel.h)
+        m.act, m.gated, m.norm_eps = getattr(self.lib, "EP_ACT_" + c.act.upper()), int(c.gated_mlp), c.norm_eps
         m.inv_freq = self._ptr("float *", w.inv_freq)
         m.pos_embed = self._ptr("float *", None if w.pos_embed is None else np.ascontiguousarray(w.pos_embed, np.float32))
         self._matrix(m.embed, w.embed)
@@ -101,7 +107,7 @@ class CEngine:
         return KVCache(self.w.cfg, capacity)
 
     def _workspace(self, n: int):
-        need = self.lib.ep_forward_workspace(self.model, n, self.threads)
+        need = self.lib.ep_forward_workspace(self._model(), n, self.threads)
         if self._work is None or self._work.nbytes < need + 64:
             self._work = np.empty(need + 64, np.uint8)
         off = -self._work.ctypes.data % 64
@@ -115,36 +121,46 @@ class CEngine:
         logits = np.empty((n if all_logits else 1, self.w.cfg.vocab_size), np.float32)
         work, nbytes = self._workspace(n)
         ffi = self.ffi
-        rc = self.lib.ep_forward(self.kt, self.model, ffi.cast("float *", cache.k.ctypes.data),
+        rc = self.lib.ep_forward(self.kt, self._model(), ffi.cast("float *", cache.k.ctypes.data),
                                  ffi.cast("float *", cache.v.ctypes.data), cache.capacity,
                                  ffi.cast("int32_t *", tokens.ctypes.data), n, cache.length, int(all_logits),
                                  ffi.cast("float *", logits.ctypes.data), work, nbytes, self.threads)
         if rc != 0:
-            raise ValueError(f"forward pass failed in C ({_cffi._ERRORS.get(rc, rc)}): tokens out of range "
+            raise ValueError(f"forward pass failed in C ({native.error_name(rc)}): tokens out of range "
                              f"or context full?")
         cache.length += n
         return logits if all_logits else logits[0]
 
-    def logprobs(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, from empty contexts, in
-        one batched pass (ep_forward_batch: all products over all tokens at once)."""
+    def logprobs(self, sequences: list[np.ndarray], targets=None) -> list[np.ndarray]:
+        """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence (float64 (len-1,)), or with
+        `targets` (one int32 (len-1, K) array per sequence) log p(targets[t-1, j] | seq[:t])
+        (float32 (len-1, K)); from empty contexts, in one batched pass (ep_forward_batch: all
+        products over all tokens at once, the log-softmax in C: no logits come out)."""
         seqs = [np.ascontiguousarray(s, np.int32) for s in sequences]
         lens = np.array([len(s) for s in seqs], np.int64)
         n, cap = int(lens.sum()), int(lens.max())
         tokens = np.concatenate(seqs)
-        targets = np.concatenate([np.append(s[1:], -1).astype(np.int32) for s in seqs])
+        if targets is None:
+            kt = 1
+            tg = np.concatenate([np.append(s[1:], -1).astype(np.int32) for s in seqs])
+        else:
+            kt = int(targets[0].shape[1])
+            pad = np.full((1, kt), -1, np.int32)
+            tg = np.ascontiguousarray(np.concatenate([np.concatenate([np.asarray(t, np.int32), pad]) for t in targets]))
         c = self.w.cfg
         shape = (len(seqs), c.n_layers, cap, c.n_kv_heads, c.head_dim)
         k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
         pos = np.zeros(len(seqs), np.int64)
-        out = np.empty(n, np.float32)
+        out = np.empty((n, kt), np.float32)
         work, nbytes = self._workspace(n)
         p = lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
-        rc = self.lib.ep_forward_batch(self.kt, self.model, p("float *", k), p("float *", v), cap,
+        rc = self.lib.ep_forward_batch(self.kt, self._model(), p("float *", k), p("float *", v), cap,
                                        p("int32_t *", tokens), n, p("int64_t *", lens), p("int64_t *", pos),
-                                       len(seqs), self.lib.EP_OUT_LOGPROB, p("int32_t *", targets),
+                                       len(seqs), self.lib.EP_OUT_LOGPROB, p("int32_t *", tg), kt,
                                        p("float *", out), work, nbytes, self.threads)
         if rc != 0:
-            raise ValueError(f"batched forward pass failed in C ({_cffi._ERRORS.get(rc, rc)})")
+            raise ValueError(f"batched forward pass failed in C ({native.error_name(rc)})")
         ends = np.cumsum(lens)
-        return [out[e - ln:e - 1].astype(np.float64) for e, ln in zip(ends, lens)]
+        if targets is None:
+            return [out[e - ln:e - 1, 0].astype(np.float64) for e, ln in zip(ends, lens)]
+        return [out[e - ln:e - 1] for e, ln in zip(ends, lens)]

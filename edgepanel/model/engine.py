@@ -31,13 +31,19 @@ class ReferenceEngine:
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         return reference.forward(self.w, tokens, cache, all_logits, linear=self._linear)
 
-    def logprobs(self, sequences) -> list[np.ndarray]:
-        """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, one pass each."""
+    def logprobs(self, sequences, targets=None) -> list[np.ndarray]:
+        """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, one pass each; with
+        `targets` ((len-1, K) ids per sequence) the log-probabilities at those ids, float32."""
         out = []
-        for seq in sequences:
+        for i, seq in enumerate(sequences):
             seq = np.asarray(seq, np.int64)
             lg = self.forward(seq, self.new_cache(len(seq)), all_logits=True)[:-1]
-            out.append(reference.log_softmax_at(lg, seq[1:]))
+            if targets is None:
+                out.append(reference.log_softmax_at(lg, seq[1:]))
+            else:
+                ids = np.asarray(targets[i], np.int64)
+                lp = np.stack([reference.log_softmax_at(lg, ids[:, j]) for j in range(ids.shape[1])], axis=1)
+                out.append(np.where(ids < 0, 0.0, lp).astype(np.float32))
         return out
 
 

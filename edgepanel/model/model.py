@@ -14,8 +14,9 @@ import numpy as np
 
 from ..errors import EdgepanelError
 from ..format import ModelFile
-from ..sample import Sampler, Sampling
-from ..tokenizer import StreamDecoder, Tokenizer
+from ..sample import Sampling
+from ..tokenizer import Tokenizer
+from .generate import text_stream, token_stream
 from .weights import load_weights
 
 
@@ -47,12 +48,53 @@ class Model:
     def threads(self):
         return self.engine.threads
 
-    def trainable_parameters(self) -> dict[str, np.ndarray]:
-        """The continuous parameters (plane scales, norms, biases) as float32 arrays that the
-        engine reads at every call: change them in place and the next forward pass sees it."""
-        params = self.weights.continuous()
-        self.engine = _engine(self.weights, self.engine.threads, self.engine.name)
-        return params
+    def parameters(self, kinds=None, layers=None) -> dict[str, np.ndarray]:
+        """The continuous parameters (plane scales, norms, biases, embeddings' and head's scales)
+        by kind ("scales", "norms", "biases", "embeddings", "head"; None: all) and layer range
+        (e.g. range(20, 30); None: all layers and the model-level parameters), as float32 arrays
+        the engine reads at every call: change them in place and the next call sees it.  Nothing
+        else changes: the outputs stay bit for bit the same until a parameter does."""
+        return self.weights.parameters(kinds, layers)
+
+    def save(self, path, history: dict | None = None) -> Path:
+        """Write a complete model file with the current parameters, atomically (`path` may be
+        this model's own file: it stays mapped until the model is dropped).  Scales are stored as
+        the file stored them (8-bit codes re-quantized as the converter does, float16 rounded);
+        tensors that did not change are written bit for bit as they were.  `history`: a record
+        of what changed them (e.g. a fine-tuning run's options), appended to the metadata."""
+        from dataclasses import replace
+
+        from ..format import ModelWriter
+        w = self.weights
+        changed: dict[str, np.ndarray] = {}
+        for name, _, _, owner, attr in w.named_parameters():
+            if attr != "planes":
+                changed[name] = getattr(owner, attr)
+                continue
+            orig = w.stored_planes.get(name)
+            pm = owner.planes
+            if orig is None or np.array_equal(pm.scales, orig.float_scales()):
+                continue          # never widened, or widened and unchanged: the stored codes stand
+            base = name[:-len(".scales")]
+            if orig.scales.dtype == np.float32:
+                new = pm
+            else:
+                try:
+                    new = pm.stored("u8" if orig.scale_rows is not None else "f16")
+                except ValueError as exc:
+                    raise EdgepanelError(f"{base}: cannot save its scales ({exc})") from None
+            changed[name] = new.scales
+            if new.scale_rows is not None:
+                changed[base + ".scale_rows"] = new.scale_rows
+            if new.planes is not pm.planes:   # negative scales stored as signs flipped
+                changed[base + ".planes"] = new.planes
+        meta = self.meta if history is None else replace(self.meta, history=self.meta.history + [history])
+        path = Path(path)
+        with ModelWriter(path) as out:
+            for name, arr in self.file.tensors.items():
+                out.add(name, changed.get(name, arr))
+            out.close(meta, self.file.tokenizer_json)
+        return path
 
     # -- scoring ----------------------------------------------------------------------------
     def _check_ids(self, ids, check_length: bool = True) -> np.ndarray:
@@ -88,18 +130,37 @@ class Model:
             for i, (m, s) in enumerate(zip(masks, seqs)):
                 if m.shape != (len(s),):
                     raise ValueError(f"masks[{i}] must have one entry per token ({len(s)}), got {m.shape}")
+        out = self._batched(seqs, None, batch_tokens)
+        if masks is not None:
+            out = [lp[m[1:]] for lp, m in zip(out, masks)]
+        return out
+
+    def score_at(self, sequences, ids, batch_tokens: int = 2048) -> list[np.ndarray]:
+        """log p(ids[i][t-1, j] | seq_i[:t]) for t = 1..len-1: the log-probabilities of several
+        candidate next tokens per position (e.g. a teacher's top-k), float32 (len-1, K) per
+        sequence, computed in C like score (no logits leave the engine)."""
+        seqs = [self._check_ids(s) for s in sequences]
+        if len(ids) != len(seqs):
+            raise ValueError(f"ids must have one entry per sequence ({len(seqs)}), got {len(ids)}")
+        ids = [np.asarray(a) for a in ids]
+        k = ids[0].shape[1] if ids and ids[0].ndim == 2 else None
+        for i, (a, s) in enumerate(zip(ids, seqs)):
+            if a.ndim != 2 or a.shape != (len(s) - 1, k) or not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"ids[{i}] must be integers of shape ({len(s) - 1}, K) with one K for all, got {a.shape}")
+            if a.size and a.max() >= self.cfg.vocab_size:
+                raise ValueError(f"ids[{i}] holds {a.max()}, outside the vocabulary of {self.cfg.vocab_size}")
+        return self._batched(seqs, ids, batch_tokens)
+
+    def _batched(self, seqs, targets, batch_tokens: int) -> list[np.ndarray]:
+        """engine.logprobs over batches of about batch_tokens tokens, in order."""
         if batch_tokens < 1:
             raise ValueError("batch_tokens must be at least 1")
         out: list[np.ndarray] = []
-        batch: list[np.ndarray] = []
-        for s in seqs + [None]:
-            if batch and (s is None or sum(map(len, batch)) + len(s) > batch_tokens):
-                out.extend(self.engine.logprobs(batch))
-                batch = []
-            if s is not None:
-                batch.append(s)
-        if masks is not None:
-            out = [lp[m[1:]] for lp, m in zip(out, masks)]
+        start = 0
+        for i in range(1, len(seqs) + 1):
+            if i == len(seqs) or sum(map(len, seqs[start:i + 1])) > batch_tokens:
+                out.extend(self.engine.logprobs(seqs[start:i], None if targets is None else targets[start:i]))
+                start = i
         return out
 
     def perplexity(self, text: str, window: int | None = None) -> float:
@@ -142,13 +203,13 @@ class Model:
                                  f"{self.cfg.vocab_size}: tokenizer and weights do not belong together")
         return ids
 
-    def generate(self, prompt, max_tokens: int = 256, stream: bool = False, *, chat: bool | None = None,
+    def generate(self, prompt, max_tokens: int | None = None, stream: bool = False, *, chat: bool | None = None,
                  truncate: bool = False, **sampling):
-        """Continue `prompt` (text, chat messages, or token ids).  Sampling options: temperature,
-        top_k, top_p, min_p, repetition_penalty, seed, stop.  stream=True yields text pieces as
+        """Continue `prompt` (text, chat messages, or token ids).  Sampling options (defaults in
+        edgepanel.sample.Sampling): temperature, top_k, top_p, min_p, repetition_penalty, seed, stop.  stream=True yields text pieces as
         they come; otherwise returns the whole text.  A prompt longer than the context raises
         ContextOverflow, unless truncate=True keeps its last tokens."""
-        params = Sampling(max_tokens=max_tokens, **sampling)
+        params = _sampling(max_tokens, sampling)
         ids = self.prompt_ids(prompt, chat)
         limit = self.cfg.max_seq_len - 1
         if len(ids) > limit:
@@ -159,59 +220,23 @@ class Model:
         it = self._generate(ids, params)
         return it if stream else "".join(it)
 
-    def generate_ids(self, prompt, max_tokens: int = 256, **sampling) -> list[int]:
+    def generate_ids(self, prompt, max_tokens: int | None = None, **sampling) -> list[int]:
         """Like generate, but returns the new token ids (no tokenizer needed for id prompts)."""
-        params = Sampling(max_tokens=max_tokens, **sampling)
+        params = _sampling(max_tokens, sampling)
         if params.stop:
             raise ValueError("stop strings need text: use generate()")
         return list(self._token_stream(self.prompt_ids(prompt), params))
 
     def _token_stream(self, ids: list[int], params: Sampling) -> Iterator[int]:
-        """Sampled token ids until EOS, max_tokens or a full context."""
-        if params.max_tokens == 0:
-            return
-        eos = set(self.tokenizer.eos_ids)
-        sampler = Sampler(params)
-        capacity = min(self.cfg.max_seq_len, len(ids) + params.max_tokens)
-        cache = self.engine.new_cache(capacity)
-        history = list(ids)
-        logits = self.engine.forward(np.asarray(ids, np.int32), cache)
-        for step in range(params.max_tokens):
-            tok = sampler(logits, history)
-            if tok in eos:
-                return
-            history.append(tok)
-            yield tok
-            if step + 1 == params.max_tokens or len(history) >= capacity:
-                return
-            logits = self.engine.forward(np.asarray([tok], np.int32), cache)
+        return token_stream(self.engine, self.cfg, ids, params, self.tokenizer.eos_ids)
 
     def _generate(self, ids: list[int], params: Sampling) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer)
-        held = ""  # generated text not yet given out: it may still turn into a stop string
-        for tok in self._token_stream(ids, params):
-            held += decoder.push(tok)
-            if not params.stop:
-                if held:
-                    yield held
-                    held = ""
-                continue
-            cuts = [held.find(s) for s in params.stop if s in held]
-            if cuts:
-                if held[:min(cuts)]:
-                    yield held[:min(cuts)]
-                return
-            safe = len(held)  # keep back the longest tail that begins some stop string
-            for s in params.stop:
-                for j in range(min(len(s) - 1, len(held)), 0, -1):
-                    if held.endswith(s[:j]):
-                        safe = min(safe, len(held) - j)
-                        break
-            if safe:
-                yield held[:safe]
-                held = held[safe:]
-        if held:
-            yield held
+        return text_stream(self._token_stream(ids, params), self.tokenizer, params.stop)
+
+
+def _sampling(max_tokens, options: dict) -> Sampling:
+    """Sampling from generate's options; what is not given keeps Sampling's default."""
+    return Sampling(**options) if max_tokens is None else Sampling(max_tokens=max_tokens, **options)
 
 
 def load(path, threads: int | None = None, engine: str | None = None) -> Model:

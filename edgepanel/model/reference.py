@@ -4,6 +4,19 @@ RoPE, attention over the cache, o, residual, norm, MLP, residual; final norm; he
 
 Binarized linear layers compute exactly what the kernels do: int8 activations per token, integer
 sums per group, float scales (edgepanel.bits).  Dense layers are float32 matmuls.
+
+`block` is the one statement of a layer's order of operations; three passes run it, each with its
+own arithmetic (an `ops` object): this forward (CacheOps: attention over a KV cache), calibration
+(convert/calibrate.py: NumPy over S sequences at once, each linear layer fitted as it is reached)
+and scale tuning (convert/recover.py: torch, with autograd).  `ops` provides, by tensor name
+(edgepanel.model.names):
+  norm(name, x, rms=False)         rms: an RMS norm whatever cfg.norm is (BitNet's sub-norms)
+  linear(name, x)                  (n, in) -> (n, out)
+  rope(x, positions)               x (n, heads, head_dim), rotated at each token's position
+  attend(i, q, k, v, positions)    q (n, H, hd), k and v (n, Hkv, hd) -> (n, H, hd), causal
+  act(x)                           the MLP activation
+  mlp_rotation(u)                  the MLP's inner rotation before down (identity without)
+  embed(tokens), pos_embed(positions)   rows of the embeddings and learned positions (`embed`)
 """
 from __future__ import annotations
 
@@ -12,6 +25,7 @@ import math
 import numpy as np
 
 from .. import bits
+from . import names as N
 from .config import ModelConfig
 from .weights import Linear, Norm, Rows, Weights
 
@@ -119,6 +133,82 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lg[np.arange(len(targets)), targets] - lse
 
 
+def embed(ops, cfg: ModelConfig, tokens, positions):
+    """The residual stream's start for tokens (n,) at positions (n,): (n, dim)."""
+    x = ops.embed(tokens)
+    if cfg.pos == "learned":
+        x = x + ops.pos_embed(positions)
+    return x
+
+
+def block(ops, cfg: ModelConfig, i: int, x, positions):
+    """Layer i on the residual stream x (n, dim) of the tokens at positions (n,); NumPy or torch
+    arrays, `ops` doing the arithmetic (see the module docstring)."""
+    L = lambda p: N.layer(i, p)  # noqa: E731
+    n = x.shape[0]
+    h = ops.norm(L("attn_norm"), x)
+    q = ops.linear(L("wq"), h).reshape(n, cfg.n_heads, cfg.head_dim)      # (n, H, hd)
+    k = ops.linear(L("wk"), h).reshape(n, cfg.n_kv_heads, cfg.head_dim)   # (n, Hkv, hd)
+    v = ops.linear(L("wv"), h).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.pos == "rope":
+        q, k = ops.rope(q, positions), ops.rope(k, positions)
+    a = ops.attend(i, q, k, v, positions).reshape(n, cfg.q_dim)           # (n, q_dim)
+    if cfg.sub_norms:
+        a = ops.norm(L("attn_sub_norm"), a, rms=True)
+    x = x + ops.linear(L("wo"), a)
+    h = ops.norm(L("mlp_norm"), x)
+    if cfg.gated_mlp:
+        u = ops.act(ops.linear(L("w_gate"), h)) * ops.linear(L("w_up"), h)
+    else:
+        u = ops.act(ops.linear(L("w_up"), h))
+    if cfg.sub_norms:
+        u = ops.norm(L("mlp_sub_norm"), u, rms=True)
+    return x + ops.linear(L("w_down"), ops.mlp_rotation(u))
+
+
+class CacheOps:
+    """`block`'s arithmetic for the reference forward: NumPy on engine Weights, keys and values
+    written to the cache at cache.length.. and attended over there; `linear` computes the
+    linear layers."""
+
+    def __init__(self, w: Weights, cache: KVCache, linear=linear):
+        self.w, self.cfg, self.cache, self._linear = w, w.cfg, cache, linear
+
+    def _get(self, name: str):
+        if name.startswith("layers."):
+            _, i, part = name.split(".")
+            return getattr(self.w.layers[int(i)], part)
+        return getattr(self.w, name)
+
+    def norm(self, name, x, rms=False):
+        return (rms_sub_norm if rms else norm)(self.cfg, self._get(name), x)
+
+    def linear(self, name, x):
+        return self._linear(self._get(name), x)
+
+    def rope(self, x, positions):
+        return rope(x, positions, self.w.inv_freq)
+
+    def attend(self, i, q, k, v, positions):
+        c, p0 = self.cache, self.cache.length
+        c.k[i, p0:p0 + len(q)] = k
+        c.v[i, p0:p0 + len(q)] = v
+        return attention(self.cfg, q, c.k[i, :p0 + len(q)], c.v[i, :p0 + len(q)], positions)
+
+    def act(self, x):
+        return activation(self.cfg, x)
+
+    def mlp_rotation(self, u):
+        rot = self.w.mlp_rotation
+        return (u if rot is None else rot.apply(u)).astype(np.float32)
+
+    def embed(self, tokens):
+        return self.w.embed.lookup(tokens)
+
+    def pos_embed(self, positions):
+        return self.w.pos_embed[positions]
+
+
 def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False, linear=linear) -> np.ndarray:
     """Run `tokens` (n,) at positions cache.length.. ; returns logits (n, vocab) or (vocab,).
     `linear` computes the linear layers (the kernels' backends plug in here)."""
@@ -128,33 +218,11 @@ def forward(w: Weights, tokens, cache: KVCache, all_logits: bool = False, linear
     positions = np.arange(p0, p0 + n)
     if p0 + n > cache.capacity:
         raise ValueError(f"{p0 + n} positions do not fit the cache ({cache.capacity})")
-    x = w.embed.lookup(tokens)
-    if w.pos_embed is not None:
-        x = x + w.pos_embed[positions]
-    for li, L in enumerate(w.layers):
-        h = norm(cfg, L.attn_norm, x)
-        q = linear(L.wq, h).reshape(n, cfg.n_heads, cfg.head_dim)
-        k = linear(L.wk, h).reshape(n, cfg.n_kv_heads, cfg.head_dim)
-        v = linear(L.wv, h).reshape(n, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.pos == "rope":
-            q, k = rope(q, positions, w.inv_freq), rope(k, positions, w.inv_freq)
-        cache.k[li, p0:p0 + n] = k
-        cache.v[li, p0:p0 + n] = v
-        a = attention(cfg, q, cache.k[li, :p0 + n], cache.v[li, :p0 + n], positions).reshape(n, cfg.q_dim)
-        if L.attn_sub_norm is not None:
-            a = rms_sub_norm(cfg, L.attn_sub_norm, a)
-        x = x + linear(L.wo, a)
-        h = norm(cfg, L.mlp_norm, x)
-        if cfg.gated_mlp:
-            u = activation(cfg, linear(L.w_gate, h)) * linear(L.w_up, h)
-        else:
-            u = activation(cfg, linear(L.w_up, h))
-        if L.mlp_sub_norm is not None:
-            u = rms_sub_norm(cfg, L.mlp_sub_norm, u)
-        if w.mlp_rotation is not None:
-            u = w.mlp_rotation.apply(u)
-        x = x + linear(L.w_down, u.astype(np.float32))
+    ops = CacheOps(w, cache, linear)
+    x = embed(ops, cfg, tokens, positions)                  # (n, dim)
+    for i in range(cfg.n_layers):
+        x = block(ops, cfg, i, x, positions)
     cache.length = p0 + n
-    h = norm(cfg, w.final_norm, x if all_logits else x[-1:])
+    h = ops.norm("final_norm", x if all_logits else x[-1:])
     logits = head_logits(w, h, linear)
     return logits if all_logits else logits[0]

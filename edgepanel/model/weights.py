@@ -102,6 +102,8 @@ class Weights:
     inv_freq: np.ndarray | None = None        # float32 (head_dim/2,)
     mlp_rotation: "Rotation | None" = None    # applied to the MLP's inner activations before down
     file: ModelFile | None = field(default=None, repr=False)
+    version: int = 0                          # bumped when a parameter's storage is replaced
+    stored_planes: dict = field(default_factory=dict, repr=False)  # scales' name -> PlaneMatrix as the file holds it
 
     def linears(self):
         for layer in self.layers:
@@ -115,35 +117,74 @@ class Weights:
             if isinstance(t, Rows) and t.planes is not None:
                 yield t
 
-    def continuous(self) -> dict[str, np.ndarray]:
-        """The float32 parameters a fine-tuner may change in place: scales, norms, biases.
-        Plane scales are read from the file as float16 views; the first call gives every matrix
-        float32 copies instead (engines built before it must be rebuilt: Model.trainable_parameters
-        does that)."""
-        for lin in list(self.linears()) + list(self.plane_tables()):
-            pm = lin.planes
-            if pm is not None and pm.scales.dtype != np.float32:
-                lin.planes = bits.PlaneMatrix(pm.planes, pm.float_scales(), pm.out_features,
-                                              pm.in_features, pm.group)
-        out = {}
-        for t in self.plane_tables():
-            out[t.name + ".scales"] = t.planes.scales
+    def named_parameters(self):
+        """Every continuous parameter as (name, kind, layer or None, owner, attribute): plane
+        scales, norm weights and biases, linear biases, and the scales of embeddings and head
+        (plane scales, or int8 rows' row scales).  Dense weights are views of the mapped file and
+        the sign planes are bits: neither is a parameter."""
         for i, layer in enumerate(self.layers):
             for n in N.NORMS:
                 norm = getattr(layer, n)
                 if norm is not None:
-                    out[N.layer(i, n) + ".weight"] = norm.weight
+                    yield N.layer(i, n) + ".weight", "norms", i, norm, "weight"
                     if norm.bias is not None:
-                        out[N.layer(i, n) + ".bias"] = norm.bias
+                        yield N.layer(i, n) + ".bias", "norms", i, norm, "bias"
             for lin in layer.linears():
                 if lin.planes is not None:
-                    out[lin.name + ".scales"] = lin.planes.scales
+                    yield lin.name + ".scales", "scales", i, lin, "planes"
                 if lin.bias is not None:
-                    out[lin.name + ".bias"] = lin.bias
-        out["final_norm.weight"] = self.final_norm.weight
+                    yield lin.name + ".bias", "biases", i, lin, "bias"
+        yield "final_norm.weight", "norms", None, self.final_norm, "weight"
         if self.final_norm.bias is not None:
-            out["final_norm.bias"] = self.final_norm.bias
+            yield "final_norm.bias", "norms", None, self.final_norm, "bias"
+        tables = [("embed", self.embed, "embeddings")]
+        if self.head is not None:
+            tables.append(("head", self.head, "head"))
+        for name, t, kind in tables:
+            if t.planes is not None:
+                yield name + ".scales", kind, None, t, "planes"
+            elif isinstance(t, Rows) and t.q is not None:
+                yield name + ".row_scale", kind, None, t, "row_scale"
+            if isinstance(t, Linear) and t.bias is not None:
+                yield name + ".bias", kind, None, t, "bias"
+
+    def parameters(self, kinds=None, layers=None) -> dict[str, np.ndarray]:
+        """The continuous parameters of `kinds` (a subset of PARAMETER_KINDS; None: all) in the
+        layers `layers` (None: every layer and the model-level ones; else a range or a set of layer
+        indices, and the model-level parameters are left out), as float32 arrays the engines read
+        at every call: change them in place and the next forward pass sees it.  Plane scales stored
+        as float16 or 8-bit codes are widened to float32 copies the first time they are asked for
+        (exactly: the same results); `version` counts such changes of storage, so an engine holding
+        pointers knows to rebuild (see CEngine)."""
+        kinds = set(PARAMETER_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
+        unknown = kinds - set(PARAMETER_KINDS)
+        if unknown:
+            raise ValueError(f"unknown parameter kinds {sorted(unknown)}; choose from {', '.join(PARAMETER_KINDS)}")
+        if layers is not None:
+            layers = set(layers)
+            bad = sorted(i for i in layers if not (isinstance(i, (int, np.integer)) and 0 <= i < self.cfg.n_layers))
+            if bad:
+                raise ValueError(f"layers must be in 0..{self.cfg.n_layers - 1}, got {bad[:5]}")
+        out = {}
+        for name, kind, layer, owner, attr in self.named_parameters():
+            if kind not in kinds or (layers is not None and (layer is None or layer not in layers)):
+                continue
+            if attr == "planes":
+                pm = owner.planes
+                if pm.scales.dtype != np.float32 or not pm.scales.flags.writeable:
+                    self.stored_planes.setdefault(name, pm)   # what the file holds, for Model.save
+                    owner.planes = bits.PlaneMatrix(pm.planes, pm.float_scales(), pm.out_features,
+                                                    pm.in_features, pm.group)
+                    self.version += 1
+                out[name] = owner.planes.scales
+            else:
+                out[name] = getattr(owner, attr)
         return out
+
+
+# What Weights.parameters selects by: plane scales of the layers' linear maps, norm weights (and
+# layer norms' biases), the linear maps' biases, and embeddings' and head's scales (and bias).
+PARAMETER_KINDS = ("scales", "norms", "biases", "embeddings", "head")
 
 
 class _Reader:

@@ -212,7 +212,7 @@ static void check_dense_helpers(void) {
             }
 }
 
-/* The softmax's exp: within 3 ulp of libm's expf over its range, exact at the edges. */
+/* The softmax's exp: within EP_EXP_MAX_ULP of exp over its range, exact at the edges. */
 static void check_expf(void) {
     float worst = 0.0f;
     for (float x = -86.9f; x < 87.9f; x += 0.0137f) {
@@ -221,10 +221,33 @@ static void check_expf(void) {
         float err = (float)(fabs(got - want) / ulp);
         if (err > worst) worst = err;
     }
-    CHECK(worst <= 3.0f, "ep_expf is %g ulp from exp", worst);
+    CHECK(worst <= EP_EXP_MAX_ULP, "ep_expf is %g ulp from exp", worst);
     CHECK(ep_expf(0.0f) == 1.0f && ep_expf(-0.0f) == 1.0f, "ep_expf(0) != 1");
     CHECK(ep_expf(-INFINITY) == 0.0f && ep_expf(-100.0f) == 0.0f, "ep_expf underflow");
     CHECK(isinf(ep_expf(INFINITY)) && isinf(ep_expf(100.0f)) && isnan(ep_expf(NAN)), "ep_expf edges");
+}
+
+/* The plane counts the ABI accepts are the ones checked above: 1..EP_MAX_PLANES. */
+static void check_limits(void) {
+    const ep_kernels *ref = ep_kernels_get("scalar");
+    const int64_t out = 16, in = 64, n = 1, wb = ep_workspace_bytes(n, out, in, in);
+    uint8_t *planes = xalloc((EP_MAX_PLANES + 1) * out * in / 8);
+    float *scales = xalloc((EP_MAX_PLANES + 1) * out * 4), *w = xalloc((EP_MAX_PLANES + 1) * out * in * 4);
+    float *y = xalloc(n * out * 4), qs = 1.0f;
+    int8_t *q = xalloc(n * in);
+    void *work = xalloc((size_t)wb);
+    memset(planes, 0, (EP_MAX_PLANES + 1) * out * in / 8);
+    memset(scales, 0, (EP_MAX_PLANES + 1) * out * 4);
+    memset(w, 0, (EP_MAX_PLANES + 1) * out * in * 4);
+    memset(q, 0, n * in);
+    for (int64_t k = 0; k <= EP_MAX_PLANES + 1; k++) {
+        const int want = k >= 1 && k <= EP_MAX_PLANES ? EP_OK : EP_EINVAL;
+        int rc = ep_gemm_planes_i8(ref, q, &qs, n, planes, scales, EP_SCALES_F32, NULL, k, out, in, in, y, work, wb, 1);
+        CHECK(rc == want, "gemm with k=%lld planes: rc %d, expected %d", (long long)k, rc, want);
+        rc = ep_pack_planes(w, k, out, in, planes);
+        CHECK(rc == want, "pack_planes with k=%lld planes: rc %d, expected %d", (long long)k, rc, want);
+    }
+    free(planes); free(scales); free(w); free(y); free(q); free(work);
 }
 
 /* Known answers from the NumPy reference: see tools/make_kat.py for the layout. */
@@ -297,13 +320,13 @@ int main(int argc, char **argv) {
     for (size_t a = 0; a < sizeof ins / sizeof *ins; a++)
         for (size_t b = 0; b < sizeof outs / sizeof *outs; b++) {
             int64_t g = groups[(a + b) % 5];
-            shape s = {toks[(a + 2 * b) % 4], (int64_t)((a + b) % 4) + 1, outs[b], ins[a], g ? g : ins[a]};
+            shape s = {toks[(a + 2 * b) % 4], (int64_t)((a + b) % EP_MAX_PLANES) + 1, outs[b], ins[a], g ? g : ins[a]};
             if (s.n * s.out * s.in > 4000000) s.n = 2;  /* keep the scalar reference quick */
             check_shape(&s, 0);
             cases++;
         }
-    for (size_t gi = 0; gi < 5; gi++)
-        for (int64_t k = 1; k <= 4; k++) {
+    for (size_t gi = 0; gi < 5; gi++)  /* every plane count the ABI accepts */
+        for (int64_t k = 1; k <= EP_MAX_PLANES; k++) {
             shape s = {3, k, 40, 333, groups[gi] ? groups[gi] : 333};
             check_shape(&s, 0);
             cases++;
@@ -322,6 +345,7 @@ int main(int argc, char **argv) {
     cases += 2;
     check_dense_helpers();
     check_expf();
+    check_limits();
     printf("random cases: %d\n", cases);
     if (argc > 1) check_kat(argv[1]);
     printf(failures ? "FAILED: %d\n" : "ok\n", failures);

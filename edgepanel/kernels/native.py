@@ -1,5 +1,12 @@
-"""Thin binding to the compiled C kernels (edgepanel.kernels._ep): pointers and workspace only;
-arguments arrive already checked by _backend.Backend."""
+"""The binding to the compiled C kernels, edgepanel.kernels._ep (built by _build.py from
+csrc/include/edgepanel.h, the whole ABI).
+
+`lib` and `ffi` are the extension's (None when it is not built; IMPORT_ERROR says why).  Every
+constant of the ABI is read from lib (lib.EP_TILE, lib.EP_ACT_SILU, ...), never restated;
+edgepanel.bits keeps the pure-Python copy of the layout's, which tests/test_c_binding.py checks
+against lib.  ERRORS names the return codes.  CBackend is the C kernels behind the Backend
+interface: pointers and workspace only, arguments arrive already checked by _backend.Backend.
+"""
 from __future__ import annotations
 
 import threading
@@ -17,7 +24,13 @@ except ImportError as exc:  # not built: no compiler at install time, or a faile
 else:
     IMPORT_ERROR = None
 
-_ERRORS = {-1: "invalid argument", -2: "workspace too small", -3: "unsupported ISA"}
+# return code -> its name in edgepanel.h (0: "EP_OK", -1: "EP_EINVAL", ...); empty when not built
+ERRORS: dict[int, str] = {} if ffi is None else dict(ffi.typeof("ep_status").elements)
+
+
+def error_name(rc: int) -> str:
+    """The name of a C return code, e.g. "EP_EINVAL" (edgepanel.h says what each means)."""
+    return ERRORS.get(rc, f"unknown return code {rc}")
 
 
 def compiled_isas() -> list[str]:
@@ -35,6 +48,9 @@ def _ptr(ctype: str, a: np.ndarray):
 
 
 class CBackend(Backend):
+    """The C kernels of one ISA variant; `table` is its kernel table (const ep_kernels *), the
+    first argument of every C entry point."""
+
     name = "c"
 
     def __init__(self, isa: str | None = None):
@@ -45,28 +61,28 @@ class CBackend(Backend):
             raise BackendUnavailable(
                 f"ISA variant {isa!r} is not available: compiled {compiled_isas()}, "
                 f"runnable on this CPU {runnable_isas()}")
-        self._kt = kt
+        self.table = kt
         self.isa = ffi.string(lib.ep_kernels_name(kt)).decode()
         self._local = threading.local()
 
     def _workspace(self, nbytes: int):
         buf = getattr(self._local, "buf", None)
-        if buf is None or buf.nbytes < nbytes + 64:
-            buf = np.empty(max(nbytes, 1 << 16) + 64, np.uint8)
+        if buf is None or buf.nbytes < nbytes + lib.EP_WORK_ALIGN:
+            buf = np.empty(max(nbytes, 1 << 16) + lib.EP_WORK_ALIGN, np.uint8)
             self._local.buf = buf
-        off = -buf.ctypes.data % 64
+        off = -buf.ctypes.data % lib.EP_WORK_ALIGN
         return ffi.cast("void *", buf.ctypes.data + off), buf.nbytes - off
 
     @staticmethod
     def _check(rc: int, what: str):
         if rc != 0:
-            raise RuntimeError(f"{what} failed in C: {_ERRORS.get(rc, rc)}")
+            raise RuntimeError(f"{what} failed in C: {error_name(rc)}")
 
     def _quantize_i8(self, x):
         n, k = x.shape
         q = np.empty((n, k), np.int8)
         s = np.empty(n, np.float32)
-        self._check(lib.ep_quantize_i8(self._kt, _ptr("float *", x), n, k, _ptr("int8_t *", q),
+        self._check(lib.ep_quantize_i8(self.table, _ptr("float *", x), n, k, _ptr("int8_t *", q),
                                        _ptr("float *", s)), "quantize_i8")
         return q, s
 
@@ -74,13 +90,13 @@ class CBackend(Backend):
         n, k = x.shape
         b = np.empty((n, lib.ep_padded_in(k) // 8), np.uint8)
         s = np.empty(n, np.float32)
-        self._check(lib.ep_binarize(self._kt, _ptr("float *", x), n, k, _ptr("uint8_t *", b),
+        self._check(lib.ep_binarize(self.table, _ptr("float *", x), n, k, _ptr("uint8_t *", b),
                                     _ptr("float *", s)), "binarize")
         return b, s
 
     def _pack_planes(self, w):
         k, o, i = w.shape
-        p = np.empty((k, lib.ep_padded_out(o) // 16, lib.ep_padded_in(i) // 8, 16), np.uint8)
+        p = np.empty((k, lib.ep_padded_out(o) // lib.EP_TILE, lib.ep_padded_in(i) // 8, lib.EP_TILE), np.uint8)
         self._check(lib.ep_pack_planes(_ptr("float *", w), k, o, i, _ptr("uint8_t *", p)), "pack_planes")
         return p
 
@@ -89,7 +105,7 @@ class CBackend(Backend):
         y = np.empty((n, w.out_features), np.float32)
         need = lib.ep_workspace_bytes(n, w.out_features, w.in_features, w.group)
         work, nbytes = self._workspace(need)
-        rc = fn(self._kt, _ptr(act_ctype, act), _ptr("float *", scale), n,
+        rc = fn(self.table, _ptr(act_ctype, act), _ptr("float *", scale), n,
                 _ptr("uint8_t *", w.planes), _ptr("void *", w.scales), w.scales_kind,
                 ffi.NULL if w.scale_rows is None else _ptr("float *", w.scale_rows), w.k, w.out_features, w.in_features, w.group, _ptr("float *", y), work, nbytes, threads)
         self._check(rc, what)

@@ -1,0 +1,49 @@
+"""The command line: `edgepanel COMMAND ...` (also `python -m edgepanel`).  One module per command
+group; each has `register(subparsers)`.  This package imports the rest of edgepanel and nothing
+imports it.
+
+    edgepanel generate -p "Once upon a time"      # the default model, fetched and converted once
+    edgepanel generate model.ep -p "Hi" --chat
+    edgepanel chat [MODEL]
+    edgepanel perplexity MODEL FILE
+    edgepanel convert SRC OUT.ep --planes 2 --group 64
+    edgepanel fetch smollm2
+    edgepanel info [MODEL]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import EdgepanelError
+from . import convert, info, run
+from .options import err
+
+GROUPS = (run, convert, info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepanel", description="Binarized language models on CPU-only edge devices.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (EdgepanelError, ValueError, TypeError, OSError) as exc:
+        err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+
+
+__all__ = ["build_parser", "main"]
