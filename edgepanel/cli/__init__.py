@@ -7,6 +7,7 @@ imports it.
     edgepanel chat [MODEL]
     edgepanel perplexity MODEL FILE
     edgepanel convert SRC OUT.ep --planes 2 --group 64
+    edgepanel finetune MODEL --data train.txt --out tuned.ep
     edgepanel fetch smollm2
     edgepanel info [MODEL]
 """
@@ -16,10 +17,10 @@ import argparse
 import sys
 
 from ..errors import EdgepanelError
-from . import convert, info, run
+from . import convert, info, run, tune
 from .options import err
 
-GROUPS = (run, convert, info)
+GROUPS = (run, convert, tune, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

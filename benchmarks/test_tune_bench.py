@@ -1,0 +1,96 @@
+"""Zeroth-order fine-tuning cost on the default model, as ratios measured in one run:
+
+- time: one ZO step (two scorings of the batch, perturbation, restore, update) against one scoring
+  of the same batch, alternating the two for several rounds and taking the median of the per-round
+  ratios (the issue's target: at most 2.1x);
+- memory: peak RSS of a process that trains against one that only scores the same batch (target:
+  at most 1.1x), each in a fresh process.
+
+    python -m pytest benchmarks/test_tune_bench.py --benchmark-json=tune.json
+
+Untimed runs (--benchmark-disable, as CI runs the benchmarks) take one round and one step.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edgepanel.kernels import native
+
+pytestmark = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
+BATCH, SEQ = 4, 256
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from edgepanel.hub import resolve_model
+    return resolve_model(None, progress=False)
+
+
+def _batch(model):
+    from edgepanel.convert.calibrate import DEFAULT_CALIB
+    from edgepanel.tune import data
+    return data.from_text(model.tokenizer, DEFAULT_CALIB.read_text(encoding="utf-8"), SEQ)[:BATCH]
+
+
+def test_zo_step_against_scoring(benchmark, default_model):
+    import edgepanel
+    from edgepanel.tune import TuneConfig, ZOTrainer
+    from edgepanel.tune.objectives import nll
+    m = edgepanel.load(default_model, threads=2)
+    batch = _batch(m)
+    trainer = ZOTrainer(m, batch, TuneConfig(batch=BATCH, seq_len=SEQ, steps=10**6, granularity="row"))
+    rounds = 1 if benchmark.disabled else 7
+    ratios, steps, scores = [], [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        nll(m, batch)
+        scores.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        trainer.do_step()
+        steps.append(time.perf_counter() - t)
+        ratios.append(steps[-1] / scores[-1])
+    benchmark.group = "zeroth-order step"
+    benchmark.extra_info.update(model=default_model.name, batch=BATCH, seq_len=SEQ, rounds=rounds,
+                                score_s=float(np.median(scores)), step_s=float(np.median(steps)),
+                                step_over_score=float(np.median(ratios)), trained=trainer.params.size)
+    benchmark.pedantic(trainer.do_step, rounds=1, iterations=1)
+    assert np.isfinite(trainer.history[-1].loss if trainer.history else 0.0)
+
+
+PEAK = """
+import resource, sys, edgepanel
+from edgepanel.tune import TuneConfig, ZOTrainer
+sys.path.insert(0, {bench!r})
+from test_tune_bench import _batch
+m = edgepanel.load({path!r}, threads=2)
+batch = _batch(m)
+if {train}:
+    t = ZOTrainer(m, batch, TuneConfig(batch={batch}, seq_len={seq}, steps=10**6, granularity="row"))
+    for _ in range(2):
+        t.do_step()
+else:
+    from edgepanel.tune.objectives import nll
+    for _ in range(4):
+        nll(m, batch)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_zo_training_peak_memory_against_scoring(benchmark, default_model):
+    def peak(train):
+        code = PEAK.format(bench=os.path.dirname(__file__), path=str(default_model), train=train, batch=BATCH, seq=SEQ)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return int(r.stdout.strip().splitlines()[-1])
+
+    score, train = peak(False), peak(True)
+    benchmark.group = "zeroth-order memory"
+    benchmark.extra_info.update(model=default_model.name, score_peak_rss=score, train_peak_rss=train,
+                                train_over_score=train / score)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert train > 0 and score > 0
+    print(json.dumps({"score_peak_rss": score, "train_peak_rss": train, "ratio": train / score}))

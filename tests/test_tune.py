@@ -1,0 +1,274 @@
+"""The zeroth-order trainer: the step's algebra on a quadratic, noise regenerated from its key,
+exact restore after +eps/-eps, the loss mask, resume and thread-count determinism, a tiny model
+that learns, and bad data files named by line."""
+import json
+
+import numpy as np
+import pytest
+
+import edgepanel
+from edgepanel.convert import Recipe, convert
+from edgepanel.kernels import native
+from edgepanel.tune import TuneConfig, ZOTrainer, data, finetune, zo
+from edgepanel.tune.objectives import nll
+from edgepanel.tune.params import Trainable, parse_layers
+
+from hf_models import add_tokenizer, build
+
+TEXT = ("the cat sat on the mat. the dog sat on the log. the cat saw the dog and the dog saw the cat. "
+        "once upon a time there was a cat who sat on a mat, and a dog who sat on a log. ") * 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    build("llama", d / "hf")
+    add_tokenizer(d / "hf")
+    convert(d / "hf", d / "m.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=0))
+    (d / "train.txt").write_text(TEXT)
+    return d
+
+
+def examples(model, seq_len=32):
+    return data.from_text(model.tokenizer, TEXT, seq_len)
+
+
+# -- the step's algebra ---------------------------------------------------------------------------
+
+def test_spsa_on_a_quadratic_converges_at_the_expected_rate():
+    """L = |theta|^2 / 2, Rademacher z in d dimensions: the two-point estimate is exact along z,
+    so E|theta'|^2 = (1 - 2 lr + lr^2 d) |theta|^2 per step."""
+    d, lr, steps, runs = 10, 0.05, 60, 64
+    ratios = []
+    for seed in range(runs):
+        theta = {"w": np.random.default_rng(seed).standard_normal(d).astype(np.float32)}
+        start = float(theta["w"] @ theta["w"])
+        for t in range(steps):
+            saved = theta["w"].copy()
+            zo.perturb(theta, seed, t, 0, 1e-3)
+            lp = 0.5 * float(np.float64(theta["w"]) @ np.float64(theta["w"]))
+            zo.perturb(theta, seed, t, 0, -2e-3)
+            lm = 0.5 * float(np.float64(theta["w"]) @ np.float64(theta["w"]))
+            theta["w"][...] = saved
+            g = zo.projected_gradient(lp, lm, 1e-3)
+            theta["w"] -= np.float32(lr) * zo.gradient("w", (d,), seed, t, [g])
+        ratios.append(float(theta["w"] @ theta["w"]) / start)
+    expected = (1 - 2 * lr + lr * lr * d) ** steps
+    assert 0.5 < np.mean(ratios) / expected < 2.0, (np.mean(ratios), expected)
+
+
+def test_noise_is_regenerated_exactly_from_its_key():
+    a = zo.noise(3, 17, 1, "layers.0.wq.scales", (4, 5))
+    np.testing.assert_array_equal(a, zo.noise(3, 17, 1, "layers.0.wq.scales", (4, 5)))
+    assert set(np.unique(a)) <= {-1.0, 1.0} and a.dtype == np.float32
+    for other in [(4, 17, 1, "layers.0.wq.scales"), (3, 18, 1, "layers.0.wq.scales"),
+                  (3, 17, 0, "layers.0.wq.scales"), (3, 17, 1, "layers.0.wk.scales")]:
+        assert not np.array_equal(a, zo.noise(*other, (4, 5)))
+    g = zo.noise(0, 0, 0, "x", (200000,), "gaussian")
+    assert abs(g.mean()) < 0.01 and abs(g.std() - 1) < 0.01
+    with pytest.raises(ValueError, match="distribution"):
+        zo.noise(0, 0, 0, "x", (2,), "uniform")
+
+
+def test_projected_gradient_is_clipped_and_refuses_nan():
+    assert zo.projected_gradient(2.0, 1.0, 0.01) == pytest.approx(50.0)
+    assert zo.projected_gradient(2.0, 1.0, 0.01, clip=5) == 5
+    with pytest.raises(FloatingPointError):
+        zo.projected_gradient(float("nan"), 1.0, 0.01)
+
+
+# -- on a model -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["group", "row", "tensor"])
+def test_perturb_and_restore_is_exact(tiny, granularity):
+    m = edgepanel.load(tiny / "m.ep")
+    before = m.logits([3, 17, 99, 150, 7])
+    p = Trainable(m, ("scales", "norms", "biases"), None, granularity)
+    params = {n: a.copy() for n, a in m.parameters().items()}
+    saved = p.copy()
+    zo.perturb(p.theta, 0, 0, 0, 1e-2)
+    p.apply()
+    assert not np.array_equal(m.logits([3, 17, 99, 150, 7]), before)
+    zo.perturb(p.theta, 0, 0, 0, -2e-2)
+    p.apply()
+    p.restore(saved)
+    for n, a in m.parameters().items():
+        np.testing.assert_array_equal(a, params[n], err_msg=n)
+    np.testing.assert_array_equal(m.logits([3, 17, 99, 150, 7]), before)
+
+
+def test_granularity_sizes(tiny):
+    m = edgepanel.load(tiny / "m.ep")
+    sizes = {g: Trainable(m, ("scales",), None, g).size for g in ("group", "row", "tensor")}
+    n_tensors = len(m.parameters("scales"))
+    assert sizes["tensor"] == 2 * n_tensors and sizes["tensor"] < sizes["row"] < sizes["group"]
+
+
+def test_nll_counts_the_target_tokens_only_and_equals_float64(tiny):
+    m = edgepanel.load(tiny / "m.ep")
+    ex = data.from_pair(m.tokenizer, "the dog sat on", " the log.", 64)
+    assert ex.mask.sum() == len(m.tokenizer.encode(" the log.", add_special_tokens=False))
+    lg = m.logits(ex.ids).astype(np.float64)
+    lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+    t = np.nonzero(ex.mask)[0]
+    want = -np.mean(lg[t - 1, ex.ids[t]] - lse[t - 1])
+    assert nll(m, [ex]) == pytest.approx(want, rel=1e-5)
+    # the context's own next-token predictions never count: counting them changes the loss
+    widened = data.Example(ex.ids, np.ones_like(ex.mask))
+    assert nll(m, [widened]) != nll(m, [ex])
+
+
+def _train(path, steps, threads=None, **kw):
+    m = edgepanel.load(path, threads=threads)
+    cfg = TuneConfig(steps=steps, batch=2, seq_len=32, eval_every=0, granularity="row",
+                     params="scales,norms", lr=5e-3, **kw)
+    return m, ZOTrainer(m, examples(m), cfg)
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+    m1, straight = _train(tiny / "m.ep", 6, optimizer="adam")
+    straight.run()
+    m2, first = _train(tiny / "m.ep", 3, optimizer="adam")
+    first.run(checkpoint=tmp_path / "ck.safetensors")
+    m3, second = _train(tiny / "m.ep", 6, optimizer="adam")
+    second.load_checkpoint(tmp_path / "ck.safetensors")
+    assert second.step == 3
+    second.run()
+    for n, a in straight.params.theta.items():
+        np.testing.assert_array_equal(second.params.theta[n], a, err_msg=n)
+    for n, a in m1.parameters().items():
+        np.testing.assert_array_equal(m3.parameters()[n], a, err_msg=n)
+
+
+def test_checkpoint_of_other_options_is_refused(tiny, tmp_path):
+    _, t = _train(tiny / "m.ep", 1)
+    t.run(checkpoint=tmp_path / "ck.safetensors")
+    _, other = _train(tiny / "m.ep", 2, seed=9)
+    with pytest.raises(edgepanel.EdgepanelError, match="seed"):
+        other.load_checkpoint(tmp_path / "ck.safetensors")
+
+
+@pytest.mark.skipif(native.lib is None, reason="the C engine's thread pool")
+def test_same_seed_same_parameters_on_one_and_two_threads(tiny):
+    _, a = _train(tiny / "m.ep", 4, threads=1)
+    _, b = _train(tiny / "m.ep", 4, threads=2)
+    a.run()
+    b.run()
+    for n, t in a.params.theta.items():
+        np.testing.assert_array_equal(b.params.theta[n], t, err_msg=n)
+
+
+def test_a_tiny_model_learns_and_the_result_is_saved(tiny, tmp_path):
+    m = edgepanel.load(tiny / "m.ep")
+    train = examples(m)
+    before = nll(m, train)
+    cfg = TuneConfig(steps=60, batch=4, seq_len=32, eval_every=20, granularity="row", params="scales,norms",
+                     lr=2e-2, optimizer="adam", n_perturb=2)
+    seen = []
+    t = finetune(m, train, cfg, eval_data=train, out=tmp_path / "tuned.ep", callback=seen.append)
+    after = nll(m, train)
+    assert len(seen) == 60 and seen[19].eval_loss is not None
+    assert after < before - 0.05, (before, after)
+    back = edgepanel.load(tmp_path / "tuned.ep")
+    assert back.meta.history[-1]["steps"] == 60 and back.meta.history[-1]["zo_finetune"]["lr"] == 2e-2
+    assert nll(back, train) == pytest.approx(after, abs=2e-3)    # float16 rounding of the scales
+    assert t.history[-1].eval_loss is not None
+
+
+def test_parse_layers():
+    assert parse_layers("2-4,7", 10) == [2, 3, 4, 7] and parse_layers(None, 10) is None
+    with pytest.raises(ValueError, match="outside"):
+        parse_layers("8-12", 10)
+    with pytest.raises(ValueError, match="look like"):
+        parse_layers("a-b", 10)
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "not a JSON object"),
+    ('["a"]', "expected a JSON object"),
+    ('{"prompt": "a", "target": 3}', "'target' must be a string"),
+    ('{"prompt": "a"}', "holds"),
+    ('{"prompt": "a", "target": ""}', "'target' is empty"),
+])
+def test_a_bad_data_line_is_named(tiny, tmp_path, line, msg):
+    m = edgepanel.load(tiny / "m.ep")
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "the cat sat"}) + "\n\n" + line + "\n")
+    with pytest.raises(data.DataError, match=f"d.jsonl:3: .*{msg}"):
+        data.load(f, m.tokenizer)
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (dict(steps=0), "steps must be"), (dict(lr=-1), "lr must be"), (dict(granularity="x"), "granularity"),
+    (dict(optimizer="lion"), "optimizer"), (dict(clip=0), "clip"), (dict(objective="kl"), "objective"),
+])
+def test_bad_options_are_named(opts, msg):
+    with pytest.raises(ValueError, match=msg):
+        TuneConfig(**opts)
+
+
+def test_cli_finetune_resumes_to_the_same_file(tiny, tmp_path, capsys):
+    from edgepanel import cli
+    base = ["finetune", str(tiny / "m.ep"), "--data", str(tiny / "train.txt"), "--batch", "2", "--seq-len", "32",
+            "--granularity", "row", "--params", "scales,norms", "-q"]
+    assert cli.main(base + ["--steps", "6", "--out", str(tmp_path / "a.ep")]) == 0
+    assert cli.main(base + ["--steps", "4", "--out", str(tmp_path / "b.ep")]) == 0
+    assert (tmp_path / "b.ep.ckpt").exists()
+    assert cli.main(base + ["--steps", "6", "--out", str(tmp_path / "b.ep"),
+                            "--resume", str(tmp_path / "b.ep.ckpt")]) == 0
+    assert (tmp_path / "a.ep").read_bytes() == (tmp_path / "b.ep").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"prompt": 1, "target": "x"}\n')
+    assert cli.main(base + ["--steps", "1", "--data", str(bad), "--out", str(tmp_path / "c.ep")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: 'prompt' must be a string" in err and "Traceback" not in err
+    assert not (tmp_path / "c.ep").exists()
+
+
+@pytest.mark.parametrize("engine", ["c", "reference"])
+def test_score_at_equals_float64_log_softmax(tiny, engine):
+    if engine == "c" and native.lib is None:
+        pytest.skip("C kernels not built")
+    m = edgepanel.load(tiny / "m.ep", engine=engine)
+    seqs = [np.array([3, 17, 99, 150, 7, 42], np.int32), np.array([5, 61, 88, 13], np.int32)]
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(0, m.cfg.vocab_size, (len(s) - 1, 5)).astype(np.int32) for s in seqs]
+    ids[1][0, 2] = -1                     # skipped: 0
+    got = m.score_at(seqs, ids, batch_tokens=7)     # two batches
+    for s, a, g in zip(seqs, ids, got):
+        lg = m.logits(s)[:-1].astype(np.float64)
+        lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1, keepdims=True)) + lg.max(1, keepdims=True)
+        want = np.where(a < 0, 0.0, np.take_along_axis(lg - lse, np.maximum(a, 0), axis=1))
+        np.testing.assert_allclose(g, want, atol=2e-5)
+    # the one-target path is the score path
+    nxt = [s[1:, None] for s in seqs]
+    np.testing.assert_allclose(np.concatenate([g[:, 0] for g in m.score_at(seqs, nxt)]),
+                               np.concatenate(m.score(seqs)), atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        m.score_at(seqs, [ids[0], ids[0]])
+
+
+def test_kd_equals_a_float64_kl(tiny):
+    from edgepanel.tune import teacher
+    from edgepanel.tune.objectives import kd
+    build("llama", tiny / "sharp", std=0.15)      # peaked distributions: a KL far from 0
+    add_tokenizer(tiny / "sharp")
+    convert(tiny / "sharp", tiny / "teacher.ep", Recipe(passthrough=True))
+    convert(tiny / "sharp", tiny / "student.ep", Recipe(planes=1, group=64, calib=None))
+    t, student = edgepanel.load(tiny / "teacher.ep"), edgepanel.load(tiny / "student.ep")
+    ex = teacher.build(t, t.tokenizer, TEXT, seq_len=24, count=3, k=16, path=tiny / "kd.cache")
+    again = teacher.build(None, t.tokenizer, TEXT, seq_len=24, count=3, k=16, path=tiny / "kd.cache")  # cached
+    np.testing.assert_array_equal(again[1].teacher[1], ex[1].teacher[1])
+    want = []
+    for e in ex:
+        p = t.logits(e.ids)[:-1].astype(np.float64)
+        q = student.logits(e.ids)[:-1].astype(np.float64)
+        lp = p - (np.log(np.exp(p - p.max(1, keepdims=True)).sum(1, keepdims=True)) + p.max(1, keepdims=True))
+        lq = q - (np.log(np.exp(q - q.max(1, keepdims=True)).sum(1, keepdims=True)) + q.max(1, keepdims=True))
+        top = np.argsort(-lp, axis=1, kind="stable")[:, :16]
+        pt, qt = np.take_along_axis(lp, top, 1), np.take_along_axis(lq, top, 1)
+        pr, qr = 1 - np.exp(pt).sum(1), 1 - np.exp(qt).sum(1)
+        want.append((np.exp(pt) * (pt - qt)).sum(1) + pr * (np.log(pr) - np.log(qr)))
+    want = float(np.concatenate(want).mean())
+    assert want > 0.05 and kd(student, ex) == pytest.approx(want, rel=1e-4)
+    assert kd(t, ex) == pytest.approx(0.0, abs=1e-5)      # the teacher against itself
