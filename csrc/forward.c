@@ -2,7 +2,8 @@
  * ISA kernels (ep_kernels) for every product.  Mirrors edgepanel/model/reference.py step by step:
  * embed; per layer: norm, q/k/v, RoPE, attention over the cache, (sub-norm), o, residual, norm,
  * MLP, (sub-norm), residual; final norm; head.  Products that read the same input (q/k/v,
- * gate/up) share one activation quantization and one set of tables and run in one parallel pass. */
+ * gate/up) share one activation quantization and one set of tables and run in one parallel pass.
+ * Longer than 400 lines on purpose: one pass read top to bottom, as the reference it mirrors. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

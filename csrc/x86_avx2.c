@@ -9,7 +9,10 @@
  * Accumulation widths: a 32-input block sums 4 lookups per byte lane (l <= 240, h in [-128,112]),
  * then l + 16*(h+128) <= 4080 goes into int16 for at most 8 blocks, then int32.
  *
- * xnor: per 16 inputs two 32-byte tables of popcount((nibble ^ activation nibble) & valid). */
+ * xnor: per 16 inputs two 32-byte tables of popcount((nibble ^ activation nibble) & valid).
+ *
+ * Longer than 400 lines on purpose: one file per ISA (its table builders and tile kernels share
+ * private helpers that no other file may see), as dispatch.c expects. */
 #include <math.h>
 #include <string.h>
 

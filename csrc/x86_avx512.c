@@ -6,7 +6,9 @@
  *   i8:   [L lo-nibble] [L hi-nibble] [H lo-nibble] [H hi-nibble]     (256 bytes)
  *   xnor: [P lo-nibble] [P hi-nibble]                                 (128 bytes)
  * Accumulation widths: two 32-input blocks (4 lookups per byte lane) per widening into int16,
- * at most 8 widenings (512 inputs) per int16 run. */
+ * at most 8 widenings (512 inputs) per int16 run.
+ * Longer than 400 lines on purpose: one file per ISA (its table builders and tile kernels share
+ * private helpers that no other file may see), as dispatch.c expects. */
 #include <math.h>
 #include <string.h>
 

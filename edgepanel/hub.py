@@ -107,13 +107,10 @@ DEFAULT_RECIPE = dict(planes=4, group=64, scales="u8")
 
 
 def default_recipe():
-    """The default model's Recipe; without torch its tuning is skipped, and the cache name says so
-    (it names what convert really does)."""
-    from .convert import Recipe, recover
-    recipe = Recipe(**DEFAULT_RECIPE)
-    if not recover.available():
-        recipe.tune_steps = 0
-    return recipe
+    """The default model's Recipe (its tuning is first-order with torch installed, else zeroth-order;
+    the cache name says which)."""
+    from .convert import Recipe
+    return Recipe(**DEFAULT_RECIPE)
 
 
 def resolve_model(spec: str | None, log=None, progress: bool = True) -> Path:

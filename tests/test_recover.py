@@ -1,6 +1,8 @@
 """Scale tuning after binarization (convert/recover.py): its torch forward is the reference
 forward, it lowers the KL to the float model on text it did not see, only scales change, and
-without torch the conversion goes on untuned and says so."""
+without torch the conversion tunes by zeroth-order steps instead."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from edgepanel.convert import calibrate as cal
 from edgepanel.convert import recover
 from edgepanel.convert.base import architecture_for
 from edgepanel.convert.hf import open_hf
+from edgepanel.errors import FormatError
 from edgepanel.format import ModelFile
 from edgepanel.model import reference as ref
 from edgepanel.model.model import Model
@@ -115,16 +118,30 @@ def test_tuning_lowers_the_kl_on_unseen_text_and_changes_only_scales(tmp_path):
     assert ModelFile(tmp_path / "tuned.ep").meta.recipe["tune_steps"] == 40
 
 
-def test_without_torch_conversion_goes_on_untuned(tmp_path, monkeypatch):
-    build("llama", tmp_path / "hf", seed=5)
+def test_without_torch_conversion_tunes_by_zeroth_order_steps(tmp_path, monkeypatch):
+    """No torch: --tune auto tunes the scales by zeroth-order kd on the C engine (edgepanel.tune);
+    --tune fo is a clear error."""
+    build("llama", tmp_path / "hf", seed=5, std=0.15)     # peaked outputs: a KL worth lowering
     add_tokenizer(tmp_path / "hf")
     monkeypatch.setattr(recover, "available", lambda: False)
     logs = []
-    rep = convert(tmp_path / "hf", tmp_path / "t.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64),
-                  log=logs.append)
-    assert rep.tuning is None
-    assert any("torch is not installed" in m for m in logs)
-    assert ModelFile(tmp_path / "t.ep").meta.recipe["tune_steps"] == 0
+    recipe = Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=30)
+    assert recipe.tune_method() == "zo" and recipe.tag().endswith("-tune30zo")
+    rep = convert(tmp_path / "hf", tmp_path / "t.ep", recipe, log=logs.append)
+    assert rep.tuning["method"] == "zo" and rep.tuning["steps"] == 30
+    assert rep.tuning["kl_after"] < rep.tuning["kl_before"], rep.tuning
+    assert any("zeroth-order tuning" in m for m in logs)
+    f = ModelFile(tmp_path / "t.ep")
+    assert f.meta.recipe["tune"] == "zo" and f.meta.history[-1]["zo_tune"]["steps"] == 30
+    plain = convert(tmp_path / "hf", tmp_path / "p.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64,
+                                                                  tune_steps=0))
+    assert plain.tuning is None
+    a, b = load_weights(ModelFile(tmp_path / "p.ep")), load_weights(f)
+    for la, lb in zip(a.linears(), b.linears()):
+        np.testing.assert_array_equal(la.planes.planes, lb.planes.planes)   # signs kept
+    assert any(not np.array_equal(la.planes.scales, lb.planes.scales) for la, lb in zip(a.linears(), b.linears()))
+    with pytest.raises(FormatError, match="needs torch"):
+        convert(tmp_path / "hf", tmp_path / "x.ep", dataclasses.replace(recipe, tune="fo"))
 
 
 @pytest.mark.parametrize("bad", [dict(tune_steps=-1), dict(tune_steps=2.5), dict(tune_lr=0.0)])

@@ -78,7 +78,8 @@ class ConversionReport:
                      f"{self.all_bits:.3f}; file {self.file_bytes / 2**20:.1f} MiB; {self.seconds:.1f} s")
         if self.tuning:
             t = self.tuning
-            lines.append(f"scale tuning: {t['steps']} steps in {t['seconds']:.0f} s; KL to the float model on "
+            how = " (zeroth-order)" if t.get("method") == "zo" else ""
+            lines.append(f"scale tuning{how}: {t['steps']} steps in {t['seconds']:.0f} s; KL to the float model on "
                          f"{t['eval_tokens']} calibration tokens {t['kl_before']:.4f} -> {t['kl_after']:.4f}")
         if self.perplexity:
             p = self.perplexity
@@ -251,14 +252,15 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
                 w = fm.t[role].weight
                 pm = quantize.fit_planes(w, fmt[0], fmt[1], als_iters=recipe.als_iters)
                 fitted[role] = (pm, quantize.reconstruction_error(w, pm), f"greedy+als{recipe.als_iters}", False)
-        if recipe.tuned:
+        if recipe.tuned and recipe.tune_method() == "fo":
             from . import recover
-            if recover.available():
-                report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
-                                             seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log)
-            else:
-                log("torch is not installed: the scales are not tuned (pip install 'edgepanel[tune]')")
-                recipe = dataclasses.replace(recipe, tune_steps=0)
+            if not recover.available():
+                raise FormatError("first-order scale tuning (--tune fo) needs torch: pip install 'edgepanel[tune]' "
+                                  "(or --tune zo, torch-free)")
+            report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
+                                         seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log)
+        elif recipe.tuned:
+            zo_teacher = _zo_teacher(fm, toks, log)   # before the float weights are replaced below
         emitted = list(fm.t.values())
     with ModelWriter(out) as writer:
         store = _Store(writer, recipe, report)
@@ -278,9 +280,47 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
                         source={"path": str(src), "architecture": hf_arch},
                         recipe=recipe.to_dict())
         writer.close(meta, tok_json)
+    if recipe.calibrated and recipe.tuned and recipe.tune_method() == "zo":
+        report.tuning = _zo_tune(out, zo_teacher, recipe, progress, log)
     report.file_bytes = out.stat().st_size
     report.seconds = time.time() - t0
     return report
+
+
+ZO_TEACHER_WINDOWS, ZO_TEACHER_K = 32, 64
+
+
+def _zo_teacher(fm, toks: np.ndarray, log):
+    """The float model's top-k next-token log-probabilities on calibration windows, run in the C
+    engine over the float weights in memory (the student's rotation leaves its logits as they are)."""
+    from ..model import engine
+    from ..tune import teacher
+    from .calibrate import to_weights
+    eng = engine.make(to_weights(fm))
+    ids = toks[np.linspace(0, len(toks) - 1, min(ZO_TEACHER_WINDOWS, len(toks))).round().astype(int)]
+    log(f"zeroth-order tuning: the float model's top-{ZO_TEACHER_K} on {len(ids)} calibration windows")
+    return teacher.examples(ids, *teacher.teacher_targets(
+        lambda w: eng.forward(w, eng.new_cache(len(w)), all_logits=True), ids, ZO_TEACHER_K))
+
+
+def _zo_tune(out: Path, train, recipe: Recipe, progress: bool, log) -> dict:
+    """Tune the written model's plane scales by zeroth-order kd steps (edgepanel.tune) and write it
+    again; torch-free."""
+    from ..model import load
+    from ..tune import TuneConfig, ZOTrainer
+    cfg = TuneConfig(objective="kd", steps=recipe.tune_steps, seed=recipe.seed, eval_every=0,
+                     seq_len=train[0].ids.shape[0], **({"lr": recipe.tune_lr} if recipe.tune_lr else {}))
+    t0 = time.time()
+    m = load(out)
+    trainer = ZOTrainer(m, train, cfg)
+    held = train[:2]
+    before = trainer.loss(held)
+    trainer.run(progress=progress)
+    after = trainer.loss(held)
+    log(f"zeroth-order tuning: {cfg.steps} steps, KL {before:.4f} -> {after:.4f} ({time.time() - t0:.0f} s)")
+    m.save(out, history={"zo_tune": {"steps": cfg.steps, "lr": cfg.lr, "granularity": cfg.granularity}})
+    return {"steps": cfg.steps, "seconds": time.time() - t0, "kl_before": before, "kl_after": after,
+            "eval_tokens": int(sum(e.targets for e in held)), "method": "zo"}
 
 
 def evaluate(src, out, eval_file, tokens: int = 2048, window: int = 512) -> dict:

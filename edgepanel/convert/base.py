@@ -159,7 +159,10 @@ class Recipe:
                                "(KL, Adam) for this many steps of one calibration sequence; 0 = off; "
                                "calibrated recipes only; needs torch")
     tune_lr: float | None = _opt(None, "learning rate of the scale tuning (a relative change per step); "
-                                       "None: 1e-3 below 4 planes, 3e-4 from 4")
+                                       "None: 1e-3 below 4 planes, 3e-4 from 4 (fo), TuneConfig's (zo)")
+    tune: str = _opt("auto", "how the scales are tuned: fo (first-order, backpropagation in torch), zo "
+                             "(zeroth-order kd on the C engine, torch-free), auto (fo when torch is installed, "
+                             "else zo)")
 
     def __post_init__(self):
         from .. import bits
@@ -187,6 +190,8 @@ class Recipe:
             raise ValueError(f"tune_steps must be a non-negative int, got {self.tune_steps!r}")
         if self.tune_lr is not None and not (self.tune_lr > 0):
             raise ValueError(f"tune_lr must be positive, got {self.tune_lr!r}")
+        if self.tune not in ("auto", "fo", "zo"):
+            raise ValueError(f"tune must be auto, fo or zo, got {self.tune!r}")
         if self.scales not in ("f16", "u8"):
             raise ValueError(f"scales must be f16 or u8, got {self.scales!r}")
         for what in ("embed", "head"):
@@ -214,9 +219,18 @@ class Recipe:
             from .calibrate import default_calib_edition
             t += (f"-cal{self.calib_tokens}" + ("-rot" if self.rotate else "")
                   + (f"e{default_calib_edition()}" if self.calib == "default" else "-own"))
-            if self.tuned:
+            if self.tuned and self.tune_method() == "zo":
+                t += f"-tune{self.tune_steps}zo" + (f"lr{self.tune_lr:g}" if self.tune_lr else "")
+            elif self.tuned:
                 t += f"-tune{self.tune_steps}lr{self.learning_rate():g}"
         return t + ("-keep" + str(len(self.keep)) if self.keep else "")
+
+    def tune_method(self) -> str:
+        """"fo" or "zo": what tuning will run ("auto": first-order when torch can be imported)."""
+        if self.tune != "auto":
+            return self.tune
+        from . import recover
+        return "fo" if recover.available() else "zo"
 
     def learning_rate(self) -> float:
         """The tuning's learning rate: as given, else 1e-3 below 4 planes (or a budget below 4
@@ -243,4 +257,5 @@ class Recipe:
                 "seq_len": self.seq_len, "rotate": self.rotate, "damp": self.damp, "refit": self.refit,
                 "act_order": self.act_order, "bits": self.bits,
                 "scales": self.scales, "bits_planes": list(self.bits_planes), "bits_groups": list(self.bits_groups),
-                "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate()}
+                "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate(),
+                **({"tune": self.tune_method()} if self.tuned else {})}

@@ -52,11 +52,16 @@ class Trainable:
         self.target = model.parameters(kinds, layers)      # the arrays the engine reads
         if not self.target:
             raise ValueError(f"the model has no parameters of kinds {list(kinds)} in those layers")
-        self.base: dict[str, np.ndarray] = {}              # scales before training (multiplied)
+        # the scales before training, which the multipliers multiply: read again from the file's
+        # stored form (8-bit codes or float16) at every apply when they are still the file's, so
+        # training holds no second float32 copy of every scale
+        self.base: dict[str, object] = {}
         self.theta: dict[str, np.ndarray] = {}
+        stored = model.weights.stored_planes
         for name, arr in self.target.items():
             if name.endswith(".scales"):
-                self.base[name] = arr.copy()
+                pm = stored.get(name)
+                self.base[name] = pm if pm is not None and np.array_equal(pm.float_scales(), arr) else arr.copy()
                 self.theta[name] = np.ones(self._mult_shape(arr.shape), np.float32)
             else:
                 self.theta[name] = arr.copy()
@@ -73,7 +78,8 @@ class Trainable:
         """Write theta into the model's parameters (in place: the engine sees it next call)."""
         for name, t in self.theta.items():
             if name in self.base:
-                np.multiply(self.base[name], t, out=self.target[name])
+                b = self.base[name]
+                np.multiply(b if isinstance(b, np.ndarray) else b.float_scales(), t, out=self.target[name])
             else:
                 self.target[name][...] = t
 

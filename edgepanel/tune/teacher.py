@@ -44,13 +44,15 @@ def windows(tokenizer, text: str, seq_len: int, count: int | None = None) -> np.
 
 
 def teacher_targets(teacher, ids: np.ndarray, k: int = 64):
-    """The teacher's top-k next-token log-probabilities for every position of every window."""
+    """The teacher's top-k next-token log-probabilities for every position of every window;
+    `teacher`: a Model, or a function from a window's ids to its logits (L, vocab)."""
+    logits = teacher if callable(teacher) else teacher.logits
     W, L = ids.shape
     top_ids = np.empty((W, L, k), np.int32)
     top_logp = np.empty((W, L, k), np.float32)
     rest = np.empty((W, L), np.float32)
     for w in range(W):
-        lg = teacher.logits(ids[w]).astype(np.float64)           # (L, vocab)
+        lg = np.asarray(logits(ids[w]), np.float64)               # (L, vocab)
         lg -= lg.max(axis=1, keepdims=True)
         logp = lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))
         idx = np.argpartition(-logp, k - 1, axis=1)[:, :k]        # (L, k), unordered

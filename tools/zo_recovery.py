@@ -1,0 +1,100 @@
+"""Recovery of a binarized SmolLM2 by zeroth-order fine-tuning, torch-free: the student (a
+calibrated, untuned conversion) is tuned against the pass-through source's next-token
+distributions (kd, top-k cached once) on the shipped calibration text, within a wall-time
+budget; the held-out perplexity of tools/eval_texts.py's three texts (first 2048 tokens,
+windows of 512, as tools/quality.py) is measured along the way.
+
+    python tools/quality.py k2g64:tune0                      # makes pass.ep and k2g64_tune0.ep
+    python tools/zo_recovery.py --minutes 30 --json docs/data/zo_k2_row.json [training options]
+
+Training options are edgepanel finetune's (TuneConfig), e.g. --granularity row --lr 2e-3.
+The JSON holds the run's options, the machine, and a list of points (seconds of training, step,
+train loss, perplexity per text).  tools/plot_recovery.py draws them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_texts import TEXTS  # noqa: E402
+
+from edgepanel import hub  # noqa: E402
+from edgepanel.cli.options import given, option  # noqa: E402
+from edgepanel.convert.calibrate import DEFAULT_CALIB  # noqa: E402
+from edgepanel.model import load  # noqa: E402
+from edgepanel.tune import TuneConfig, ZOTrainer, teacher  # noqa: E402
+
+
+def held_out(m, texts, tokens=2048, window=512) -> dict:
+    out = {}
+    for name, text in texts.items():
+        ids = m.tokenizer.encode(text)[:tokens]
+        out[name] = m.perplexity(m.tokenizer.decode(ids), window=window)
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", type=Path, default=hub.cache_dir() / "quality" / "k2g64_tune0.ep")
+    ap.add_argument("--teacher", type=Path, default=hub.cache_dir() / "quality" / "pass.ep")
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--eval-minutes", type=float, default=5.0, help="held-out perplexity every this many minutes")
+    ap.add_argument("--windows", type=int, default=32, help="calibration windows the teacher scores")
+    ap.add_argument("--k", type=int, default=64, help="teacher's top-k kept")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, required=True)
+    g = ap.add_argument_group("training (TuneConfig)")
+    for name, typ in (("params", str), ("layers", str), ("granularity", str), ("lr", float), ("eps", float),
+                      ("n_perturb", int), ("noise", str), ("optimizer", str), ("weight_decay", float),
+                      ("clip", float), ("batch", int), ("seq_len", int), ("seed", int)):
+        option(g, TuneConfig, name, "--" + name.replace("_", "-"), type=typ)
+    a = ap.parse_args()
+    cfg = TuneConfig(**{**given(a, TuneConfig), "objective": "kd", "steps": 10**9, "eval_every": 0})
+    texts = {n: fn() for n, fn in TEXTS.items()}
+    student = load(a.student, threads=a.threads)
+    cache = hub.cache_dir() / "quality" / f"teacher-top{a.k}-w{a.windows}-s{cfg.seq_len}.cache"
+    t0 = time.time()
+    train = teacher.build(load(a.teacher, threads=a.threads), student.tokenizer,
+                          DEFAULT_CALIB.read_text(encoding="utf-8"), cfg.seq_len, a.windows, a.k, cache,
+                          log=lambda m: print(m, file=sys.stderr))
+    teacher_s = time.time() - t0
+    trainer = ZOTrainer(student, train, cfg)
+    points = [{"seconds": 0.0, "step": 0, "train_loss": None, **held_out(student, texts)}]
+    print(json.dumps(points[-1]), flush=True)
+    spent, next_eval, losses = 0.0, a.eval_minutes * 60, []
+    while spent < a.minutes * 60:
+        t = time.time()
+        info = trainer.do_step()
+        spent += time.time() - t
+        losses.append(info.loss)
+        if spent >= next_eval or spent >= a.minutes * 60:
+            next_eval += a.eval_minutes * 60
+            points.append({"seconds": spent, "step": info.step, "train_loss": sum(losses[-20:]) / len(losses[-20:]),
+                           **held_out(student, texts)})
+            print(json.dumps(points[-1]), flush=True)
+    result = {"config": {**vars(cfg)}, "student": str(a.student), "teacher": str(a.teacher),
+              "teacher_seconds": teacher_s, "trained_values": trainer.params.size, "cpu": cpu_name(),
+              "threads": student.threads or "all", "points": points}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(result, indent=1))
+    first, last = points[0], points[-1]
+    print(" ".join(f"{n} {first[n]:.2f} -> {last[n]:.2f} ({100 * (1 - last[n] / first[n]):+.1f}%)" for n in texts))
+
+
+if __name__ == "__main__":
+    main()
