@@ -1,6 +1,12 @@
 """The C forward engine: the model described to csrc/forward.c as plain structs pointing into
-the mapped weights and the float32 parameter arrays (which stay changeable between calls)."""
+the mapped weights and the float32 parameter arrays (which stay changeable between calls).
+
+One engine may be called from several Python threads at once (the C call releases the GIL): each
+thread has its own workspace, and a call holds the structs it started with (with everything they
+point to) until it returns, even if another thread rebuilds them meanwhile."""
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -20,17 +26,28 @@ class CEngine:
         self.kt = native.CBackend(isa).table
         self.w = weights
         self.threads = threads or 0
-        self._keep = []   # everything the structs point to stays alive with the engine
-        self.model, self._version = self._build(), weights.version
-        self._work = None
+        self._lock = threading.Lock()
+        self._local = threading.local()     # per-thread workspace
+        self._keep: list = []               # what the structs being built point to
+        self._built = (self._build(), self._keep, weights.version)
 
-    def _model(self):
-        """The structs, rebuilt when a parameter's storage was replaced since they were built
-        (Weights.parameters widening stored scales to float32): no stale pointers."""
-        if self._version != self.w.version:
-            self._keep = []
-            self.model, self._version = self._build(), self.w.version
-        return self.model
+    @property
+    def model(self):
+        return self._structs()[0]
+
+    def _structs(self):
+        """(structs, what they point to, version), rebuilt when a parameter's storage was replaced
+        since they were built (Weights.parameters widening stored scales to float32): no stale
+        pointers.  A caller keeps the tuple for the length of its C call."""
+        built = self._built
+        if built[2] != self.w.version:
+            with self._lock:
+                if self._built[2] != self.w.version:
+                    version = self.w.version
+                    self._keep = []
+                    self._built = (self._build(), self._keep, version)
+                built = self._built
+        return built
 
     # -- building the structs ---------------------------------------------------------------
     def _ptr(self, ctype, a):
@@ -106,12 +123,13 @@ class CEngine:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.w.cfg, capacity)
 
-    def _workspace(self, n: int):
-        need = self.lib.ep_forward_workspace(self._model(), n, self.threads)
-        if self._work is None or self._work.nbytes < need + 64:
-            self._work = np.empty(need + 64, np.uint8)
-        off = -self._work.ctypes.data % 64
-        return self.ffi.cast("void *", self._work.ctypes.data + off), self._work.nbytes - off
+    def _workspace(self, model, n: int):
+        need = self.lib.ep_forward_workspace(model, n, self.threads)
+        buf = getattr(self._local, "work", None)
+        if buf is None or buf.nbytes < need + 64:
+            buf = self._local.work = np.empty(need + 64, np.uint8)
+        off = -buf.ctypes.data % 64
+        return self.ffi.cast("void *", buf.ctypes.data + off), buf.nbytes - off
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, np.int32)
@@ -119,9 +137,10 @@ class CEngine:
         if cache.length + n > cache.capacity:
             raise ValueError(f"{cache.length + n} positions do not fit the cache ({cache.capacity})")
         logits = np.empty((n if all_logits else 1, self.w.cfg.vocab_size), np.float32)
-        work, nbytes = self._workspace(n)
+        built = self._structs()
+        work, nbytes = self._workspace(built[0], n)
         ffi = self.ffi
-        rc = self.lib.ep_forward(self.kt, self._model(), ffi.cast("float *", cache.k.ctypes.data),
+        rc = self.lib.ep_forward(self.kt, built[0], ffi.cast("float *", cache.k.ctypes.data),
                                  ffi.cast("float *", cache.v.ctypes.data), cache.capacity,
                                  ffi.cast("int32_t *", tokens.ctypes.data), n, cache.length, int(all_logits),
                                  ffi.cast("float *", logits.ctypes.data), work, nbytes, self.threads)
@@ -152,9 +171,10 @@ class CEngine:
         k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
         pos = np.zeros(len(seqs), np.int64)
         out = np.empty((n, kt), np.float32)
-        work, nbytes = self._workspace(n)
+        built = self._structs()
+        work, nbytes = self._workspace(built[0], n)
         p = lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
-        rc = self.lib.ep_forward_batch(self.kt, self._model(), p("float *", k), p("float *", v), cap,
+        rc = self.lib.ep_forward_batch(self.kt, built[0], p("float *", k), p("float *", v), cap,
                                        p("int32_t *", tokens), n, p("int64_t *", lens), p("int64_t *", pos),
                                        len(seqs), self.lib.EP_OUT_LOGPROB, p("int32_t *", tg), kt,
                                        p("float *", out), work, nbytes, self.threads)
