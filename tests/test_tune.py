@@ -159,16 +159,19 @@ def test_same_seed_same_parameters_on_one_and_two_threads(tiny):
 
 
 def test_a_tiny_model_learns_and_the_result_is_saved(tiny, tmp_path):
+    """nll on plain text lowers the loss on held-out text of the same kind."""
     m = edgepanel.load(tiny / "m.ep")
-    train = examples(m)
-    before = nll(m, train)
+    every = examples(m)
+    train, held = every[::2], every[1::2]
+    before, held_before = nll(m, train), nll(m, held)
     cfg = TuneConfig(steps=60, batch=4, seq_len=32, eval_every=20, granularity="row", params="scales,norms",
                      lr=2e-2, optimizer="adam", n_perturb=2)
     seen = []
-    t = finetune(m, train, cfg, eval_data=train, out=tmp_path / "tuned.ep", callback=seen.append)
+    t = finetune(m, train, cfg, eval_data=held, out=tmp_path / "tuned.ep", callback=seen.append)
     after = nll(m, train)
     assert len(seen) == 60 and seen[19].eval_loss is not None
     assert after < before - 0.05, (before, after)
+    assert seen[-1].eval_loss == pytest.approx(nll(m, held)) and nll(m, held) < held_before - 0.03
     back = edgepanel.load(tmp_path / "tuned.ep")
     assert back.meta.history[-1]["steps"] == 60 and back.meta.history[-1]["zo_finetune"]["lr"] == 2e-2
     assert nll(back, train) == pytest.approx(after, abs=2e-3)    # float16 rounding of the scales
@@ -272,3 +275,17 @@ def test_kd_equals_a_float64_kl(tiny):
     want = float(np.concatenate(want).mean())
     assert want > 0.05 and kd(student, ex) == pytest.approx(want, rel=1e-4)
     assert kd(t, ex) == pytest.approx(0.0, abs=1e-5)      # the teacher against itself
+
+
+def test_cli_finetune_kd_against_a_teacher(tiny, tmp_path):
+    from edgepanel import cli
+    from edgepanel.format import ModelFile
+    convert(tiny / "hf", tiny / "teacher_cli.ep", Recipe(passthrough=True))
+    out = tmp_path / "kd.ep"
+    args = ["finetune", str(tiny / "m.ep"), "--objective", "kd", "--teacher", str(tiny / "teacher_cli.ep"),
+            "--data", str(tiny / "train.txt"), "--out", str(out), "--steps", "3", "--batch", "2",
+            "--seq-len", "32", "--teacher-k", "8", "-q"]
+    assert cli.main(args) == 0
+    assert (tmp_path / "kd.ep.teacher-top8").exists()
+    assert ModelFile(out).meta.history[-1]["zo_finetune"]["objective"] == "kd"
+    assert cli.main(args[:4] + args[6:]) == 1     # kd without a teacher

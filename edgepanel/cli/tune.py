@@ -15,9 +15,14 @@ def cmd_finetune(a) -> int:
     if a.no_clip:
         options["clip"] = None
     cfg = TuneConfig(**options)
+    if (cfg.objective == "kd") != bool(a.teacher):
+        raise ValueError("--objective kd needs --teacher MODEL (and --teacher needs --objective kd)")
     m = load_model(a)
-    train = data.load(a.data, m.tokenizer, cfg.seq_len)
-    held = data.load(a.eval, m.tokenizer, cfg.seq_len) if a.eval else None
+    if cfg.objective == "kd":
+        train, held = kd_examples(a, m, cfg), None
+    else:
+        train = data.load(a.data, m.tokenizer, cfg.seq_len)
+        held = data.load(a.eval, m.tokenizer, cfg.seq_len) if a.eval else None
     checkpoint = Path(a.checkpoint or str(a.out) + ".ckpt")
     if not a.quiet:
         log(f"fine-tuning {m.path.name}: {len(train)} examples ({sum(e.targets for e in train)} target tokens)"
@@ -35,14 +40,36 @@ def cmd_finetune(a) -> int:
     return 0
 
 
+def kd_examples(a, m, cfg):
+    """Windows of the --data text with the teacher's top-k targets, cached beside the output."""
+    from .. import hub
+    from ..model import load
+    from ..tune import teacher
+    try:
+        text = Path(a.data).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{a.data}: cannot read as UTF-8 text ({exc}); kd reads a plain text") from None
+    t = load(hub.resolve_model(a.teacher, log=None if a.quiet else log), threads=a.threads)
+    if t.cfg.vocab_size != m.cfg.vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({t.cfg.vocab_size}) is not the student's ({m.cfg.vocab_size})")
+    return teacher.build(t, m.tokenizer, text, cfg.seq_len, a.teacher_windows, a.teacher_k,
+                         path=str(a.out) + f".teacher-top{a.teacher_k}", log=None if a.quiet else log)
+
+
 def register(sub):
     s = model_command(sub, "finetune", "fine-tune a model on the device by zeroth-order steps", cmd_finetune)
     s.add_argument("--data", required=True, metavar="FILE", help="training data: a UTF-8 text, or JSONL lines "
-                   '{"text": ...} or {"prompt": ..., "target": ...} (the loss counts the target only)')
+                   '{"text": ...} or {"prompt": ..., "target": ...} (the loss counts the target only); '
+                   "kd: a UTF-8 text")
     s.add_argument("--eval", metavar="FILE", help="held-out data of the same kind, evaluated every --eval-every steps")
     s.add_argument("--out", required=True, metavar="OUT.ep", help="the tuned model file")
     s.add_argument("--checkpoint", metavar="FILE", help="checkpoint path (default: OUT.ep.ckpt)")
     s.add_argument("--resume", metavar="FILE", help="continue from this checkpoint (bit for bit as if never stopped)")
+    s.add_argument("--teacher", metavar="MODEL", help="kd: the model whose next-token distributions are matched "
+                   "(e.g. the source converted with --passthrough); its top-k are computed once and cached")
+    s.add_argument("--teacher-k", type=int, default=64, help="kd: teacher log-probabilities kept per position (default 64)")
+    s.add_argument("--teacher-windows", type=int, default=None,
+                   help="kd: windows of --data the teacher scores (default: all)")
     g = s.add_argument_group("training (defaults: edgepanel.tune.TuneConfig)")
     for name, typ in (("objective", str), ("params", str), ("layers", str), ("granularity", str), ("steps", int),
                       ("lr", float), ("eps", float), ("n_perturb", int), ("noise", str), ("optimizer", str),

@@ -33,7 +33,8 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TuneConfig:
     """Zeroth-order fine-tuning options: the one home of their defaults (the CLI reads them)."""
-    objective: str = _opt("nll", "loss: nll (mean cross-entropy of the target tokens)")
+    objective: str = _opt("nll", "loss: nll (mean cross-entropy of the target tokens) or kd (KL to a teacher's "
+                                 "cached top-k next-token distributions)")
     params: str = _opt("scales", f"parameter kinds to train, comma-separated: {', '.join(KINDS)}")
     layers: str | None = _opt(None, "layers to train, e.g. '20-29' or '0-3,7' (default: all, and the model-level ones)")
     granularity: str = _opt("tensor", f"plane-scale multipliers: {', '.join(GRANULARITIES)}")
