@@ -320,9 +320,8 @@ static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int
     }
 }
 
-/* log-softmax of one row of logits at `target`, in double (the order is fixed: any ISA, any
- * thread count gives the same value) */
-/* log-softmax of one row of logits at each of its n_targets ids (< 0: 0), one normalizer for all */
+/* log-softmax of one row of logits at each of its n_targets ids (< 0: 0), one normalizer for all,
+ * in double (the order is fixed: any ISA, any thread count gives the same value) */
 static void row_logprobs(const float *row, int64_t vocab, const int32_t *targets, int64_t n_targets, float *out) {
     float mx = row[0];
     for (int64_t i = 1; i < vocab; i++) mx = row[i] > mx ? row[i] : mx;
@@ -331,6 +330,21 @@ static void row_logprobs(const float *row, int64_t vocab, const int32_t *targets
     const double lse = log(sum);
     for (int64_t j = 0; j < n_targets; j++)
         out[j] = targets[j] < 0 ? 0.0f : (float)((double)row[targets[j]] - (double)mx - lse);
+}
+
+typedef struct {
+    const float *logits;     /* (rows, vocab) */
+    int64_t vocab;
+    const int32_t *targets;  /* (rows, n_targets) */
+    int64_t n_targets;
+    float *out;              /* (rows, n_targets) */
+} logprob_job;
+
+static void logprob_range(void *ctx, int64_t b, int64_t e) {
+    const logprob_job *j = (const logprob_job *)ctx;
+    for (int64_t r = b; r < e; r++)
+        row_logprobs(j->logits + r * j->vocab, j->vocab, j->targets + r * j->n_targets, j->n_targets,
+                     j->out + r * j->n_targets);
 }
 
 /* A planes matrix's arguments, checked by the GEMMs' rule (ep_gemm_args_init); other kinds pass. */
@@ -465,10 +479,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
         f.n = nr;
         float *dst = out_kind == EP_OUT_LOGPROB ? f.hb : out + r0 * m->vocab;
         run_one(&f, f.h, D, &m->head, dst);
-        if (out_kind == EP_OUT_LOGPROB)
-            for (int64_t r = 0; r < nr; r++)
-                row_logprobs(f.hb + r * m->vocab, m->vocab, targets + (r0 + r) * n_targets, n_targets,
-                             out + (r0 + r) * n_targets);
+        if (out_kind == EP_OUT_LOGPROB) {
+            logprob_job lj = {f.hb, m->vocab, targets + r0 * n_targets, n_targets, out + r0 * n_targets};
+            ep_parallel_for(threads, nr, logprob_range, &lj);   /* rows apart: the same values */
+        }
     }
     return EP_OK;
 }
