@@ -86,3 +86,10 @@ def hf_logits(model, ids) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def checkpoint_with_tokenizer(dest, arch: str = "llama", **build_kw):
+    """A tiny random checkpoint of `arch` with a tokenizer, in the directory `dest` (returned)."""
+    build(arch, dest, **build_kw)
+    add_tokenizer(dest)
+    return dest

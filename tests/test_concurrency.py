@@ -10,7 +10,7 @@ import edgepanel
 from edgepanel.convert import Recipe, convert
 from edgepanel.kernels import native
 
-from hf_models import add_tokenizer, build
+from hf_models import checkpoint_with_tokenizer
 
 pytestmark = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
 
@@ -18,9 +18,7 @@ pytestmark = pytest.mark.skipif(native.lib is None, reason="C kernels not built"
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     d = tmp_path_factory.mktemp("conc")
-    build("llama", d / "hf")
-    add_tokenizer(d / "hf")
-    convert(d / "hf", d / "m.ep", Recipe(planes=2, group=32, calib=None, scales="u8"))
+    convert(checkpoint_with_tokenizer(d / "hf"), d / "m.ep", Recipe(planes=2, group=32, calib=None, scales="u8"))
     return d / "m.ep"
 
 

@@ -12,7 +12,7 @@ from edgepanel.convert import Recipe, convert
 from edgepanel.kernels import native
 from edgepanel.sample import Sampling
 
-from hf_models import add_tokenizer, build
+from hf_models import checkpoint_with_tokenizer
 
 IDS = np.array([3, 17, 99, 150, 7, 42, 200, 5, 61, 88, 13, 2], np.int32)
 needs_c = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
@@ -21,9 +21,7 @@ needs_c = pytest.mark.skipif(native.lib is None, reason="C kernels not built")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("params")
-    build("llama", d / "hf")
-    add_tokenizer(d / "hf")
-    convert(d / "hf", d / "f16.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=0))
+    convert(checkpoint_with_tokenizer(d / "hf"), d / "f16.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=0))
     convert(d / "hf", d / "u8.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=0,
                                           scales="u8", embed="k2", head="k2"))
     return d

@@ -13,7 +13,7 @@ from edgepanel.tune import TuneConfig, ZOTrainer, data, finetune, zo
 from edgepanel.tune.objectives import nll
 from edgepanel.tune.params import Trainable, parse_layers
 
-from hf_models import add_tokenizer, build
+from hf_models import checkpoint_with_tokenizer
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. the cat saw the dog and the dog saw the cat. "
         "once upon a time there was a cat who sat on a mat, and a dog who sat on a log. ") * 6
@@ -22,9 +22,7 @@ TEXT = ("the cat sat on the mat. the dog sat on the log. the cat saw the dog and
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune")
-    build("llama", d / "hf")
-    add_tokenizer(d / "hf")
-    convert(d / "hf", d / "m.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=0))
+    convert(checkpoint_with_tokenizer(d / "hf"), d / "m.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=0))
     (d / "train.txt").write_text(TEXT)
     return d
 
@@ -254,8 +252,7 @@ def test_score_at_equals_float64_log_softmax(tiny, engine):
 def test_kd_equals_a_float64_kl(tiny):
     from edgepanel.tune import teacher
     from edgepanel.tune.objectives import kd
-    build("llama", tiny / "sharp", std=0.15)      # peaked distributions: a KL far from 0
-    add_tokenizer(tiny / "sharp")
+    checkpoint_with_tokenizer(tiny / "sharp", std=0.15)      # peaked distributions: a KL far from 0
     convert(tiny / "sharp", tiny / "teacher.ep", Recipe(passthrough=True))
     convert(tiny / "sharp", tiny / "student.ep", Recipe(planes=1, group=64, calib=None))
     t, student = edgepanel.load(tiny / "teacher.ep"), edgepanel.load(tiny / "student.ep")
