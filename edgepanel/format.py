@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = Path(path)
         where = str(self.path)
-        try:
+        try:   # before open(): opening a FIFO would block until a writer comes
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                raise FormatError(f"{where}: not a regular file")
             f = open(self.path, "rb")
         except OSError as exc:
             raise FormatError(f"{where}: cannot open ({exc.strerror})") from None
@@ -213,6 +216,31 @@ class ModelFile(SafetensorsFile):
 # writing
 
 
+def _remove_stale_temporaries(path: Path):
+    """Temporaries of `path` left by writers that no longer run (killed mid-write): NAME.PID.*.tmp."""
+    for tmp in path.parent.glob(glob_escape(path.name) + ".*.tmp"):
+        pid = tmp.name[len(path.name) + 1:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def write_tensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
     """A plain safetensors file (e.g. a training checkpoint), written atomically."""
     with ModelWriter(path) as w:
@@ -266,7 +294,8 @@ class ModelWriter:
         header["__metadata__"] = dict(metadata)
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-(8 + len(text)) % 8)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        _remove_stale_temporaries(self.path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.{os.getpid()}.", suffix=".tmp")
         tmp = Path(tmp)
         umask = os.umask(0)
         os.umask(umask)

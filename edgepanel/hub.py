@@ -132,8 +132,30 @@ def resolve_model(spec: str | None, log=None, progress: bool = True) -> Path:
     if out.exists():
         return out
     src = fetch(name, log=log)
-    from .convert import convert
-    log(f"converting {src.name} -> {out.name} (once; cached in {out.parent})")
-    report = convert(src, out, recipe, progress=progress, log=lambda m: log("  " + m))
-    log(f"done in {report.seconds:.0f} s: {report.linear_bits:.2f} bits/weight, {report.file_bytes / 2**20:.1f} MiB")
+    with _locked(out):        # a second first run waits for the first one's conversion, then reads it
+        if out.exists():
+            return out
+        from .convert import convert
+        log(f"converting {src.name} -> {out.name} (once; cached in {out.parent})")
+        report = convert(src, out, recipe, progress=progress, log=lambda m: log("  " + m))
+        log(f"done in {report.seconds:.0f} s: {report.linear_bits:.2f} bits/weight, {report.file_bytes / 2**20:.1f} MiB")
     return out
+
+
+class _locked:
+    """An exclusive advisory lock on PATH.lock for the duration of a with-block (released by the
+    kernel if the process dies)."""
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+
+    def __enter__(self):
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+        return False

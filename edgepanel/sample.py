@@ -49,8 +49,9 @@ class Sampling:
             bad("seed", "must be None or an integer >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
 
 
     @classmethod
@@ -68,6 +69,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history) -> int:
         p = self.p
         x = np.asarray(logits, np.float64).copy()
+        if not np.all(np.isfinite(x)):   # never a token picked from garbage (e.g. NaN parameters)
+            raise FloatingPointError(f"the model produced {np.count_nonzero(~np.isfinite(x))} non-finite "
+                                     "logits: its parameters are not finite or out of range")
         if p.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, np.int64))
             seen = seen[(seen >= 0) & (seen < x.size)]

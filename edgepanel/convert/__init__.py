@@ -205,6 +205,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
     src, out = Path(src), Path(out)
     recipe = recipe or Recipe()
     log = log or (lambda msg: None)
+    _check_destination(src, out)
     hf_arch, hf_cfg, tensors, tok_json, tok_info = open_source(src)
     arch = architecture_for(hf_arch)
     cfg = arch.config(hf_cfg)
@@ -285,6 +286,17 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
     report.file_bytes = out.stat().st_size
     report.seconds = time.time() - t0
     return report
+
+
+def _check_destination(src: Path, out: Path):
+    """Refuse an output that would destroy the source (the same file, or a file of the source
+    directory) or replace something that is not a regular file (a device, a FIFO, a directory)."""
+    if not out.exists():
+        return
+    if not out.is_file():
+        raise FormatError(f"{out}: the output exists and is not a regular file; choose another path")
+    if src.exists() and (out.samefile(src) or (src.is_dir() and out.resolve().parent == src.resolve())):
+        raise FormatError(f"{out}: the output would overwrite the source {src}; choose another path")
 
 
 ZO_TEACHER_WINDOWS, ZO_TEACHER_K = 32, 64

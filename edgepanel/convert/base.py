@@ -190,6 +190,10 @@ class Recipe:
             raise ValueError(f"tune_steps must be a non-negative int, got {self.tune_steps!r}")
         if self.tune_lr is not None and not (self.tune_lr > 0):
             raise ValueError(f"tune_lr must be positive, got {self.tune_lr!r}")
+        for name, hi in (("als_iters", 1000), ("calib_tokens", 2**24), ("seq_len", 2**16), ("tune_steps", 10**6)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not (0 if name in ("als_iters", "tune_steps") else 1) <= v <= hi:
+                raise ValueError(f"{name} must be an integer in {0 if name in ('als_iters', 'tune_steps') else 1}..{hi}, got {v!r}")
         if self.tune not in ("auto", "fo", "zo"):
             raise ValueError(f"tune must be auto, fo or zo, got {self.tune!r}")
         if self.scales not in ("f16", "u8"):

@@ -49,6 +49,12 @@ class ModelConfig:
             v = getattr(self, f)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise FormatError(f"config: {f} must be a positive integer, got {v!r}")
+        for f in ("norm_eps", "rope_theta"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                raise FormatError(f"config: {f} must be a finite positive number, got {v!r}")
+        if self.max_seq_len > 2**24:
+            raise FormatError(f"config: max_seq_len {self.max_seq_len} is beyond what the engine supports (2^24)")
         if self.n_heads % self.n_kv_heads:
             raise FormatError(f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.norm not in NORMS:

@@ -20,6 +20,9 @@ from .generate import text_stream, token_stream
 from .weights import load_weights
 
 
+MAX_THREADS = 256   # the C thread pool's size (csrc/threads.c)
+
+
 class ContextOverflow(EdgepanelError, ValueError):
     """The prompt does not fit the model's context."""
 
@@ -31,6 +34,9 @@ def _engine(weights, threads, name):
 
 class Model:
     def __init__(self, path, threads: int | None = None, engine: str | None = None):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or not 0 <= threads <= MAX_THREADS):
+            raise ValueError(f"threads must be an integer in 0..{MAX_THREADS} (0 or None: all cores), got {threads!r}")
         self.path = Path(path)
         self.file = ModelFile(self.path)
         self.weights = load_weights(self.file)
@@ -191,7 +197,11 @@ class Model:
         if isinstance(prompt, str):
             if chat:
                 return self.prompt_ids([{"role": "user", "content": prompt}])
-            return self._checked(self.tokenizer.encode(prompt))
+            ids = self._checked(self.tokenizer.encode(prompt))
+            if not ids:
+                raise ValueError("the prompt is empty (and the tokenizer adds no beginning-of-text token): "
+                                 "give at least one token")
+            return ids
         if isinstance(prompt, (list, tuple, np.ndarray)):
             return [int(t) for t in self._check_ids(prompt, check_length=False)]
         raise TypeError("prompt must be a string, a list of chat messages, or a list of token ids")

@@ -39,7 +39,7 @@ class TuneConfig:
     layers: str | None = _opt(None, "layers to train, e.g. '20-29' or '0-3,7' (default: all, and the model-level ones)")
     granularity: str = _opt("tensor", f"plane-scale multipliers: {', '.join(GRANULARITIES)}")
     steps: int = _opt(100, "optimizer steps")
-    lr: float = _opt(2e-3, "learning rate (peak, for the schedule)")
+    lr: float = _opt(6e-3, "learning rate (peak, for the schedule); measured best of 2e-3, 6e-3, 1.5e-2 (docs/finetune.md)")
     eps: float = _opt(1e-2, "perturbation size (a relative change of a scale multiplier)")
     n_perturb: int = _opt(1, "perturbations averaged per step (each costs two forward passes)")
     noise: str = _opt("rademacher", f"perturbation distribution: {', '.join(zo.DISTRIBUTIONS)}")
