@@ -81,3 +81,25 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     (fake / "kernels" / "x.py").write_text("def f():\n    from ..model import load\n")
     monkeypatch.setattr(__import__(__name__), "PKG", fake)
     assert list(imports(fake / "kernels" / "x.py")) == [(2, "model")]
+
+
+def test_the_readme_module_map_names_every_module():
+    """README's module map matches the tree: every module and package of edgepanel/ and every
+    C file is named in it."""
+    readme = (PKG.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("**Module map.**")
+    section = readme[start:readme.index("**Import rule.**", start)]
+    missing = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        stem = path.stem
+        if stem not in section:
+            missing.append(str(path.relative_to(PKG.parent)))
+    for pkg in sorted(p for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        if f"edgepanel/{pkg.name}/" not in section:
+            missing.append(f"edgepanel/{pkg.name}/")
+    for c in sorted((PKG.parent / "csrc").rglob("*.[ch]")):
+        if c.name not in section:
+            missing.append(str(c.relative_to(PKG.parent)))
+    assert not missing, f"modules the README's module map does not name: {missing}"
