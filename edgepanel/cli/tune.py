@@ -28,6 +28,10 @@ def cmd_finetune(a) -> int:
         log(f"fine-tuning {m.path.name}: {len(train)} examples ({sum(e.targets for e in train)} target tokens)"
             f"{f', {len(held)} held out' if held else ''}; checkpoints to {checkpoint}")
 
+    if held and not a.quiet and not a.resume:
+        from ..tune import ZOTrainer
+        log(f"held-out loss before: {ZOTrainer(m, train, cfg, held).evaluate():.4f}")
+
     def report(info):
         if not a.quiet and info.eval_loss is not None:
             log(f"step {info.step}: train loss {info.loss:.4f}, held-out loss {info.eval_loss:.4f} "
