@@ -218,7 +218,7 @@ class ModelFile(SafetensorsFile):
 
 def _remove_stale_temporaries(path: Path):
     """Temporaries of `path` left by writers that no longer run (killed mid-write): NAME.PID.*.tmp."""
-    for tmp in path.parent.glob(glob_escape(path.name) + ".*.tmp"):
+    for tmp in path.parent.glob(_glob_escape(path.name) + ".*.tmp"):
         pid = tmp.name[len(path.name) + 1:].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             try:
@@ -237,7 +237,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 

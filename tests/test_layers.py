@@ -103,3 +103,9 @@ def test_the_readme_module_map_names_every_module():
         if c.name not in section:
             missing.append(str(c.relative_to(PKG.parent)))
     assert not missing, f"modules the README's module map does not name: {missing}"
+
+
+def test_the_readme_stays_short():
+    """The README keeps the summary; measurements live in docs/ (each with its command)."""
+    lines = (PKG.parent / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) < 250, f"README.md has {len(lines)} lines: move details to docs/"
