@@ -29,8 +29,8 @@ def cmd_finetune(a) -> int:
             f"{f', {len(held)} held out' if held else ''}; checkpoints to {checkpoint}")
 
     if held and not a.quiet and not a.resume:
-        from ..tune import ZOTrainer
-        log(f"held-out loss before: {ZOTrainer(m, train, cfg, held).evaluate():.4f}")
+        from ..tune.trainer import held_out_loss
+        log(f"held-out loss before: {held_out_loss(m, cfg, held):.4f}")
 
     def report(info):
         if not a.quiet and info.eval_loss is not None:

@@ -173,16 +173,7 @@ class ZOTrainer:
 
     def evaluate(self) -> float | None:
         """Mean target loss over the held-out examples (the first eval_batches x batch)."""
-        if not self.eval_data:
-            return None
-        ex = self.eval_data[:self.cfg.eval_batches * self.cfg.batch]
-        total, count = 0.0, 0
-        for i in range(0, len(ex), self.cfg.batch):
-            b = ex[i:i + self.cfg.batch]
-            n = sum(e.targets for e in b)
-            total += self.loss(b) * n
-            count += n
-        return total / count
+        return held_out_loss(self.model, self.cfg, self.eval_data) if self.eval_data else None
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, path) -> Path:
@@ -243,6 +234,19 @@ class ZOTrainer:
             if pb is not None and hasattr(pb, "close"):
                 pb.close()
         return self.history
+
+
+def held_out_loss(model, cfg: TuneConfig, examples) -> float:
+    """cfg.objective's mean loss per target token over the first eval_batches x batch examples,
+    scored batch by batch; nothing is trained or widened."""
+    ex = examples[:cfg.eval_batches * cfg.batch]
+    loss, total, count = OBJECTIVES[cfg.objective], 0.0, 0
+    for i in range(0, len(ex), cfg.batch):
+        b = ex[i:i + cfg.batch]
+        n = sum(e.targets for e in b)
+        total += loss(model, b) * n
+        count += n
+    return total / count
 
 
 def finetune(model, train, config: TuneConfig | None = None, eval_data=None, out=None, checkpoint=None,
