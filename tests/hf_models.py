@@ -7,15 +7,16 @@ import numpy as np
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "gpt2", "bitnet"]
 
 
-def build(arch: str, path, seed: int = 0, ternary: bool = False, std: float = 0.02):
+def build(arch: str, path, seed: int = 0, ternary: bool = False, std: float = 0.02, context: int = 96):
     """Save a tiny random model of `arch` in `path` (safetensors); return the torch model.
-    `std`: the weights' initial spread (larger: sharper next-token distributions)."""
+    `std`: the weights' initial spread (larger: sharper next-token distributions); `context`: the
+    longest sequence."""
     import torch
     import transformers as T
 
     torch.manual_seed(seed)
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                   initializer_range=std)
     if arch == "llama":
         cfg = T.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True)
@@ -32,7 +33,7 @@ def build(arch: str, path, seed: int = 0, ternary: bool = False, std: float = 0.
         cfg = T.Qwen2Config(**common, tie_word_embeddings=True)
         model = T.Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = T.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=96,
+        cfg = T.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=context,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = T.GPT2LMHeadModel(cfg)
     elif arch == "bitnet":

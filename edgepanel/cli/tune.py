@@ -21,8 +21,8 @@ def cmd_finetune(a) -> int:
     if cfg.objective == "kd":
         train, held = kd_examples(a, m, cfg), None
     else:
-        train = data.load(a.data, m.tokenizer, cfg.seq_len)
-        held = data.load(a.eval, m.tokenizer, cfg.seq_len) if a.eval else None
+        train = data.load(a.data, m.tokenizer, cfg.seq_len, a.condition)
+        held = data.load(a.eval, m.tokenizer, cfg.seq_len, a.condition) if a.eval else None
     checkpoint = Path(a.checkpoint or str(a.out) + ".ckpt")
     if not a.quiet:
         log(f"fine-tuning {m.path.name}: {len(train)} examples ({sum(e.targets for e in train)} target tokens)"
@@ -65,6 +65,9 @@ def register(sub):
     s.add_argument("--data", required=True, metavar="FILE", help="training data: a UTF-8 text, or JSONL lines "
                    '{"text": ...} or {"prompt": ..., "target": ...} (the loss counts the target only); '
                    "kd: a UTF-8 text")
+    s.add_argument("--condition", default="full", help="panel datasets: what the model is given before each "
+                   "target: full (the panel), none (the bare instruction: plain-text training on the same targets) "
+                   "or -FIELD (default full)")
     s.add_argument("--eval", metavar="FILE", help="held-out data of the same kind, evaluated every --eval-every steps")
     s.add_argument("--out", required=True, metavar="OUT.ep", help="the tuned model file")
     s.add_argument("--checkpoint", metavar="FILE", help="checkpoint path (default: OUT.ep.ckpt)")

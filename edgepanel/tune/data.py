@@ -1,9 +1,11 @@
 """Training examples: token ids and a loss mask (True where a token is a target).
 
     a UTF-8 text file      windows of seq_len tokens; every token after the first is a target
-    a JSONL file           one object a line: {"text": ...} (every token a target), or
-                           {"prompt": ..., "target": ...} (only the target's tokens count: the
-                           prompt is conditioning)
+    a JSONL file           one object a line: {"text": ...} (every token a target),
+    (.jsonl.gz too)        {"prompt": ..., "target": ...} (only the target's tokens count: the
+                           prompt is conditioning), or {"panel": {...}, "target": ...} (a panel,
+                           rendered as edgepanel.panels does, is the prompt; `condition` "none"
+                           gives the bare instruction instead: the same targets without panels)
 
 A line that does not parse or has the wrong fields is an error naming the file and the line.
 """
@@ -58,17 +60,18 @@ def from_pair(tokenizer, prompt: str, target: str, seq_len: int) -> Example:
     return Example(ids, mask)
 
 
-def load(path, tokenizer, seq_len: int = 256) -> list[Example]:
+def load(path, tokenizer, seq_len: int = 256, condition: str = "full") -> list[Example]:
     """Examples from a text or JSONL file (by content: a file whose every non-empty line is a JSON
     object is JSONL)."""
+    from ..panels.dataset import read_text
     path = Path(path)
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
-    if path.suffix == ".jsonl" or (text.lstrip().startswith("{") and path.suffix != ".txt"):
+        text = read_text(path)
+    except EdgepanelError as exc:
+        raise DataError(str(exc)) from None
+    if path.suffix in (".jsonl", ".gz") or (text.lstrip().startswith("{") and path.suffix != ".txt"):
         out = []
         for no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -77,7 +80,7 @@ def load(path, tokenizer, seq_len: int = 256) -> list[Example]:
                 obj = json.loads(line)
             except ValueError as exc:
                 raise DataError(f"{path}:{no}: not a JSON object ({exc})") from None
-            out.append(_example(obj, tokenizer, seq_len, f"{path}:{no}"))
+            out.append(_example(obj, tokenizer, seq_len, f"{path}:{no}", condition))
     else:
         out = from_text(tokenizer, text, seq_len)
     if not out:
@@ -85,9 +88,13 @@ def load(path, tokenizer, seq_len: int = 256) -> list[Example]:
     return out
 
 
-def _example(obj, tokenizer, seq_len: int, where: str) -> Example:
+def _example(obj, tokenizer, seq_len: int, where: str, condition: str = "full") -> Example:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "panel" in obj:
+        from ..panels import dataset
+        t = dataset.tokenize(dataset.parse_line(obj, where), tokenizer, seq_len, condition)
+        return Example(t.ids, t.mask)
     keys = set(obj)
     if keys == {"text"} and isinstance(obj["text"], str) and obj["text"]:
         ex = from_text(tokenizer, obj["text"], seq_len)
@@ -101,4 +108,5 @@ def _example(obj, tokenizer, seq_len: int, where: str) -> Example:
         if not obj["target"]:
             raise DataError(f"{where}: 'target' is empty")
         return from_pair(tokenizer, obj["prompt"], obj["target"], seq_len)
-    raise DataError(f"{where}: a line holds {{\"text\"}} or {{\"prompt\", \"target\"}}, got fields {sorted(keys)}")
+    raise DataError(f"{where}: a line holds {{\"text\"}}, {{\"prompt\", \"target\"}} or {{\"panel\", \"target\"}}, "
+                    f"got fields {sorted(keys)}")
