@@ -25,11 +25,10 @@ from ..model import reference as ref
 
 
 def available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch is installed, without importing it (an import costs ~190 MB of memory, and
+    resolving the default model's file name asks this on every run)."""
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
 
 
 def _require_torch():
