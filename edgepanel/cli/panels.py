@@ -1,8 +1,7 @@
-"""Panels on the command line: `data build|validate|show`, `eval` (what a panel is worth) and
-`story` (the write / update loop)."""
+"""Panels on the command line: `data build|validate|show|pairs|refine`, `eval` (what a panel is
+worth) and `story` (the write / update loop)."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import sys
@@ -10,28 +9,6 @@ from pathlib import Path
 
 from .options import log
 from .run import load_model, model_command, sampling, sampling_options
-
-
-def write_lines_atomically(path: Path, lines) -> int:
-    """JSON Lines to `path` (gzip when it ends in .gz, with no timestamp: the same data gives the
-    same bytes), through a temporary file renamed into place."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    n = 0
-    try:
-        with open(tmp, "wb") as raw:
-            f = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") if path.suffix == ".gz" else raw
-            for line in lines:
-                f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
-                n += 1
-            if f is not raw:
-                f.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return n
 
 
 def positive(name: str, value, low: int = 1):
@@ -53,7 +30,8 @@ def cmd_data_build(a) -> int:
         for spec, book in zip(a.books, books):
             yield from build_lines(book, per_book, a.seed, summarizer, source=spec)
 
-    n = write_lines_atomically(Path(a.out), lines())
+    from ..panels.pairs import write_lines
+    n = write_lines(Path(a.out), lines())
     if not a.quiet:
         log(f"wrote {n} examples from {len(books)} book(s) to {a.out}")
     return 0
@@ -79,6 +57,52 @@ def cmd_data_show(a) -> int:
     print(f"\n----- target ({len(t.ids) - start} tokens) -----\n{ex[a.n - 1].target}")
     print(f"----- {start} prompt tokens + {len(t.ids) - start} target tokens = {len(t.ids)} "
           f"(chat template: {'yes' if t.rendered.chat else 'no'}; dropped: {', '.join(t.rendered.dropped) or 'nothing'})")
+    return 0
+
+
+def cmd_data_pairs(a) -> int:
+    from ..panels import dataset
+    from ..panels.pairs import mismatch_pairs, model_pairs, write_lines
+    positive("--limit", a.limit)
+    if a.mismatch and a.crlft:
+        raise ValueError("--crlft needs model-written paragraphs: leave out --mismatch")
+    if a.mismatch and a.model:
+        raise ValueError("--mismatch takes the rejected paragraphs from other panels: leave out --model")
+    ex = dataset.load(a.file)[: a.limit]
+    opts = sampling(a)
+    seed = opts.pop("seed", None) or 0
+    if a.mismatch:
+        lines = mismatch_pairs(ex, seed)
+    else:
+        from ..sample import Sampling
+        m = load_model(a)
+        max_tokens = opts.pop("max_tokens", Sampling.default("max_tokens"))
+        lines = model_pairs(m, ex, seed, max_tokens, classes=a.crlft, progress=not a.quiet, **opts)
+    n = write_lines(Path(a.out), lines)
+    if not a.quiet:
+        log(f"wrote {n} {'C-RLFT lines' if a.crlft else 'pairs'} from {len(ex)} examples to {a.out}")
+    return 0
+
+
+def cmd_data_refine(a) -> int:
+    from ..tune.refine import RefineConfig, refine
+    from .options import given
+    from .tune import tune_config
+    cfg = RefineConfig(**given(a, RefineConfig))
+    tune = tune_config(a)
+    from .. import hub
+    path = hub.resolve_model(a.model, log=None if a.quiet else log, progress=not a.quiet)
+    res = refine(path, a.data, a.out, cfg, tune, eval_data=a.eval, threads=a.threads,
+                 log=None if a.quiet else log, progress=not a.quiet)
+    print("| round | examples | rewrites kept | mean I (%) | held-out loss before | after |")
+    print("|---|---|---|---|---|---|")
+    for r in res:
+        fmt = (lambda v: "" if v is None else f"{v:.4f}")
+        print(f"| {r.round} | {r.examples} | {r.rewrites_kept} | {r.mean_I:.2f} | {fmt(r.held_out_before)} | "
+              f"{fmt(r.held_out_after)} |")
+    if not a.quiet:
+        from ..tune.refine import rounds_dir
+        log(f"wrote {a.out}; each round's data and model in {rounds_dir(a.out)}")
     return 0
 
 
@@ -159,6 +183,39 @@ def register(sub):
     s.add_argument("-t", "--threads", type=int, default=None)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_data_show)
+
+    pr = dsub.add_parser("pairs", help="preference pairs from a panel dataset: chosen = the book's paragraph, "
+                         "rejected = a model-written one or (--mismatch) another panel's target")
+    pr.add_argument("file", help="a panel dataset (JSONL, .gz allowed)")
+    pr.add_argument("--out", required=True, metavar="FILE.jsonl[.gz]")
+    pr.add_argument("--mismatch", action="store_true", help="rejected = the target of another example (same book "
+                    "when possible), drawn with --seed; no model needed")
+    pr.add_argument("--model", metavar="MODEL", help="the model that writes the rejected paragraphs (default: smollm2)")
+    pr.add_argument("--crlft", action="store_true", help='write C-RLFT lines instead: the book\'s paragraph as class '
+                    '"book", the model\'s as class "model"')
+    pr.add_argument("--limit", type=int, default=None, help="the first N examples only")
+    pr.add_argument("-t", "--threads", type=int, default=None)
+    pr.add_argument("-q", "--quiet", action="store_true")
+    sampling_options(pr)
+    pr.set_defaults(func=cmd_data_pairs)
+
+    from ..tune.refine import RefineConfig
+    from .options import option
+    from .tune import training_options
+    rf = dsub.add_parser("refine", help="the data-model loop: the model rewrites panel fields, rewrites that lower "
+                         "the target's perplexity are kept, the model is fine-tuned on the result; ROUNDS times")
+    rf.add_argument("model", help="model file (.ep) or a known model name")
+    rf.add_argument("--data", required=True, metavar="FILE", help="a panel dataset (JSONL, .gz allowed)")
+    rf.add_argument("--out", required=True, metavar="FILE.jsonl[.gz]", help="the refined data of the last round; "
+                    "each round's data and model go to OUT.rounds/")
+    rf.add_argument("--eval", metavar="FILE", help="held-out panel dataset: its target loss with the panel, each round")
+    g = rf.add_argument_group("the loop (defaults: edgepanel.tune.refine.RefineConfig)")
+    for name, typ in (("rounds", int), ("threshold", float), ("fields", str), ("max_tokens", int), ("limit", int)):
+        option(g, RefineConfig, name, "--" + name.replace("_", "-"), type=typ)
+    training_options(rf, leave_out=("objective", "beta", "label_smoothing", "class_weights"))
+    rf.add_argument("-t", "--threads", type=int, default=None)
+    rf.add_argument("-q", "--quiet", action="store_true")
+    rf.set_defaults(func=cmd_data_refine)
 
     e = model_command(sub, "eval", "loss, accuracy and entropy of panel targets: full panel, none, each field removed", cmd_eval)
     e.add_argument("--data", required=True, metavar="FILE", help="a panel dataset (JSONL, .gz allowed)")

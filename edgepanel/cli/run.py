@@ -68,9 +68,28 @@ def stream_out(pieces, verbose: bool) -> int:
 
 
 def cmd_generate(a) -> int:
+    if a.best_of is not None and a.best_of < 1:
+        raise ValueError(f"--best-of must be at least 1, got {a.best_of}")
     m = load_model(a)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if a.best_of:
+        return best_of_out(m, prompt, a)
     stream_out(m.generate(prompt, stream=True, chat=a.chat, truncate=a.truncate, **sampling(a)), a.verbose)
+    return 0
+
+
+def best_of_out(m, prompt, a) -> int:
+    """--best-of N: the candidate with the highest implicit reward on stdout, every candidate's
+    scores on stderr (tune/reward.py)."""
+    from ..tune.reward import best_of
+    opts = sampling(a)
+    seed = opts.pop("seed", None)
+    res = best_of(m, prompt, a.best_of, seed=seed, chat=a.chat, truncate=a.truncate, **opts)
+    print(res.text)
+    if not a.quiet:
+        for i, c in enumerate(res.candidates):
+            log(f"{'*' if i == res.index else ' '} candidate {i + 1}: reward {c.reward:+.4f}, mean log-prob "
+                f"{c.mean_logp:.4f} over {c.tokens} tokens (seed {c.seed})")
     return 0
 
 
@@ -117,6 +136,10 @@ def register(sub):
     s.add_argument("-p", "--prompt", help="prompt text (default: standard input)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    s.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help="sample N continuations (seeds derived from --seed) and print the one with the highest "
+                        "implicit reward against the reference the model file carries (ties: the highest mean "
+                        "log-probability per token); the scores go to stderr")
     sampling_options(s)
 
     s = model_command(sub, "chat", "interactive multi-turn chat", cmd_chat)

@@ -5,7 +5,8 @@ parameters of a binarized model, through the C engine's batched scoring.
     data = tune.data.load("train.txt", model.tokenizer, seq_len=256)
     tune.finetune(model, data, tune.TuneConfig(steps=100), out="tuned.ep")
 """
-from . import data, objectives, params, zo
+from . import data, objectives, params, prefs, refine, reward, zo
 from .trainer import StepInfo, TuneConfig, ZOTrainer, finetune
 
-__all__ = ["StepInfo", "TuneConfig", "ZOTrainer", "data", "finetune", "objectives", "params", "zo"]
+__all__ = ["StepInfo", "TuneConfig", "ZOTrainer", "data", "finetune", "objectives", "params", "prefs", "refine", "reward",
+           "zo"]

@@ -8,6 +8,8 @@
                            gives the bare instruction instead: the same targets without panels)
 
 A line that does not parse or has the wrong fields is an error naming the file and the line.
+Preference pairs and C-RLFT lines ({"chosen", "rejected"}, {"target", "class"}) are read by
+tune/prefs.py into `Pair`s and class-carrying `Example`s.
 """
 from __future__ import annotations
 
@@ -29,10 +31,26 @@ class Example:
     ids: np.ndarray       # (n,) int32
     mask: np.ndarray      # (n,) bool: True where the token is a target (its prediction counts)
     teacher: tuple | None = None   # kd: (top_ids (n-1, K), top_logp (n-1, K), rest_logp (n-1,)), tune/teacher.py
+    cls: str | None = None         # crlft: the source class rendered into the prompt ("book", "model")
 
     @property
     def targets(self) -> int:
         return int(self.mask[1:].sum())
+
+
+@dataclass
+class Pair:
+    """A preference pair: one prompt, two continuations (tune/prefs.py builds them).  Both
+    Examples hold the same prompt tokens; their masks cover the continuation only."""
+    chosen: Example
+    rejected: Example
+    ref: tuple[float, float] | None = None   # log pi_ref(chosen | x), log pi_ref(rejected | x): cached
+    where: str = ""                          # "FILE:LINE"
+
+    @property
+    def targets(self) -> int:
+        """Means over pairs count each pair once (held-out losses weight batches by this)."""
+        return 1
 
 
 def from_text(tokenizer, text: str, seq_len: int) -> list[Example]:
@@ -91,11 +109,15 @@ def load(path, tokenizer, seq_len: int = 256, condition: str = "full") -> list[E
 def _example(obj, tokenizer, seq_len: int, where: str, condition: str = "full") -> Example:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    keys = set(obj)
+    if "chosen" in keys or "rejected" in keys:
+        raise DataError(f"{where}: a preference pair: train it with --objective dpo or ipo (tune/prefs.py)")
+    if "class" in keys:
+        raise DataError(f"{where}: a C-RLFT line: train it with --objective crlft (tune/prefs.py)")
     if "panel" in obj:
         from ..panels import dataset
         t = dataset.tokenize(dataset.parse_line(obj, where), tokenizer, seq_len, condition)
         return Example(t.ids, t.mask)
-    keys = set(obj)
     if keys == {"text"} and isinstance(obj["text"], str) and obj["text"]:
         ex = from_text(tokenizer, obj["text"], seq_len)
         if not ex:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import EdgepanelError
 from . import zo
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, PREFERENCE, evaluate_pairs, parse_class_weights
 from .params import GRANULARITIES, KINDS, Trainable, parse_layers
 
 CHECKPOINT_FORMAT = "edgepanel-zo-checkpoint"
@@ -33,8 +34,10 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TuneConfig:
     """Zeroth-order fine-tuning options: the one home of their defaults (the CLI reads them)."""
-    objective: str = _opt("nll", "loss: nll (mean cross-entropy of the target tokens) or kd (KL to a teacher's "
-                                 "cached top-k next-token distributions)")
+    objective: str = _opt("nll", "loss: nll (mean cross-entropy of the target tokens), kd (KL to a teacher's "
+                                 "cached top-k next-token distributions), dpo, rdpo or ipo (preference pairs "
+                                 "against cached reference log-probabilities), crlft (class-conditioned, "
+                                 "class-weighted nll)")
     params: str = _opt("scales", f"parameter kinds to train, comma-separated: {', '.join(KINDS)}")
     layers: str | None = _opt(None, "layers to train, e.g. '20-29' or '0-3,7' (default: all, and the model-level ones)")
     granularity: str = _opt("tensor", f"plane-scale multipliers: {', '.join(GRANULARITIES)}")
@@ -54,6 +57,10 @@ class TuneConfig:
     eval_every: int = _opt(50, "evaluate on the held-out data every this many steps (0: only at the end)")
     eval_batches: int = _opt(8, "held-out examples scored per evaluation, times batch")
     checkpoint_every: int = _opt(25, "write the checkpoint every this many steps")
+    beta: float = _opt(0.1, "dpo, rdpo, ipo: beta, the implicit reward's scale (how tightly the model stays near "
+                            "its reference)")
+    label_smoothing: float = _opt(0.0, "dpo, rdpo: the probability that a pair's preference is flipped, in [0, 0.5)")
+    class_weights: str = _opt("book=1,model=0.1", "crlft: the weight of each source class's loss")
 
     def __post_init__(self):
         def bad(name, why):
@@ -84,10 +91,26 @@ class TuneConfig:
             bad("optimizer", "must be sgd or adam")
         if self.schedule not in ("constant", "cosine"):
             bad("schedule", "must be constant or cosine")
+        if not isinstance(self.beta, (int, float)) or not 0 < self.beta < math.inf:
+            bad("beta", "must be a positive number")
+        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", "must be in [0, 0.5)")
+        parse_class_weights(self.class_weights)
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.params.split(",") if k.strip())
+
+    def loss_function(self) -> Callable:
+        """objective's loss as f(model, batch), its options bound."""
+        f = OBJECTIVES[self.objective]
+        if self.objective in ("dpo", "rdpo"):
+            return partial(f, beta=self.beta, label_smoothing=self.label_smoothing)
+        if self.objective == "ipo":
+            return partial(f, beta=self.beta)
+        if self.objective == "crlft":
+            return partial(f, class_weights=parse_class_weights(self.class_weights))
+        return f
 
     def learning_rate(self, step: int) -> float:
         if step < self.warmup:
@@ -106,6 +129,7 @@ class StepInfo:
     lr: float
     seconds: float        # since the run (or the resume) started
     eval_loss: float | None = None
+    eval_metrics: dict | None = None   # dpo, rdpo, ipo: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
 
 
 class ZOTrainer:
@@ -116,7 +140,7 @@ class ZOTrainer:
         if not train:
             raise ValueError("no training examples")
         self.train, self.eval_data = list(train), list(eval_data or [])
-        self.loss_fn = OBJECTIVES[self.cfg.objective]
+        self.loss_fn = self.cfg.loss_function()
         self.params = Trainable(model, self.cfg.kinds, parse_layers(self.cfg.layers, model.cfg.n_layers),
                                 self.cfg.granularity)
         self.step = 0
@@ -173,7 +197,11 @@ class ZOTrainer:
 
     def evaluate(self) -> float | None:
         """Mean target loss over the held-out examples (the first eval_batches x batch)."""
-        return held_out_loss(self.model, self.cfg, self.eval_data) if self.eval_data else None
+        return self.evaluate_metrics()[0]
+
+    def evaluate_metrics(self) -> tuple[float | None, dict | None]:
+        """(held-out loss, preference metrics or None); (None, None) without held-out data."""
+        return held_out(self.model, self.cfg, self.eval_data) if self.eval_data else (None, None)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, path) -> Path:
@@ -192,7 +220,9 @@ class ZOTrainer:
             raise FormatError(f"{path}: not an edgepanel fine-tuning checkpoint")
         saved = json.loads(f.metadata.get("config", "{}"))
         mine = asdict(self.cfg)
-        differ = sorted(k for k in mine if k not in ("steps", "eval_every", "checkpoint_every") and saved.get(k) != mine[k])
+        defaults = {d.name: d.default for d in fields(TuneConfig)}   # options added since keep their default
+        differ = sorted(k for k in mine if k not in ("steps", "eval_every", "checkpoint_every")
+                        and saved.get(k, defaults[k]) != mine[k])
         if differ:
             raise EdgepanelError(f"{path}: the checkpoint was made with other options ({', '.join(differ)}: "
                                  + ", ".join(f"{saved.get(k)!r} vs {mine[k]!r}" for k in differ) + ")")
@@ -218,7 +248,7 @@ class ZOTrainer:
                 info = self.do_step()
                 info.seconds = time.time() - t0
                 if (c.eval_every and info.step % c.eval_every == 0) or info.step == c.steps:
-                    info.eval_loss = self.evaluate()
+                    info.eval_loss, info.eval_metrics = self.evaluate_metrics()
                 self.history.append(info)
                 if checkpoint and (info.step % max(1, c.checkpoint_every) == 0 or info.step == c.steps):
                     self.save_checkpoint(checkpoint)
@@ -237,29 +267,45 @@ class ZOTrainer:
 
 
 def held_out_loss(model, cfg: TuneConfig, examples) -> float:
-    """cfg.objective's mean loss per target token over the first eval_batches x batch examples,
-    scored batch by batch; nothing is trained or widened."""
+    """cfg.objective's mean loss per target token (per pair for preference objectives) over the
+    first eval_batches x batch examples, scored batch by batch; nothing is trained or widened."""
+    return held_out(model, cfg, examples)[0]
+
+
+def held_out(model, cfg: TuneConfig, examples) -> tuple[float, dict | None]:
+    """(held_out_loss, the preference metrics over the same pairs, or None for other objectives)."""
     ex = examples[:cfg.eval_batches * cfg.batch]
-    loss, total, count = OBJECTIVES[cfg.objective], 0.0, 0
+    if cfg.objective in PREFERENCE:
+        m = evaluate_pairs(cfg.objective, model, ex, cfg.beta, cfg.label_smoothing)
+        return m["loss"], m
+    loss, total, count = cfg.loss_function(), 0.0, 0
     for i in range(0, len(ex), cfg.batch):
         b = ex[i:i + cfg.batch]
         n = sum(e.targets for e in b)
         total += loss(model, b) * n
         count += n
-    return total / count
+    return total / count, None
 
 
 def finetune(model, train, config: TuneConfig | None = None, eval_data=None, out=None, checkpoint=None,
              resume=None, callback=None, progress: bool = False) -> ZOTrainer:
     """Fine-tune `model` in place by zeroth-order steps and, with `out`, save the tuned model file
-    (its metadata records the run).  `resume`: a checkpoint to continue from."""
+    (its metadata records the run; after a preference objective the file also carries the
+    parameters training started from, the reference of its implicit reward: tune/reward.py).
+    `resume`: a checkpoint to continue from."""
     trainer = ZOTrainer(model, train, config, eval_data)
     if resume:
         trainer.load_checkpoint(resume)
     trainer.run(checkpoint=checkpoint, callback=callback, progress=progress)
     if out:
         last = trainer.history[-1] if trainer.history else None
-        model.save(out, history={"zo_finetune": asdict(trainer.cfg), "steps": trainer.step,
-                                 "train_loss": None if last is None else last.loss,
-                                 "eval_loss": None if last is None else last.eval_loss})
+        history = {"zo_finetune": asdict(trainer.cfg), "steps": trainer.step,
+                   "train_loss": None if last is None else last.loss,
+                   "eval_loss": None if last is None else last.eval_loss}
+        if trainer.cfg.objective in PREFERENCE:
+            from .reward import save_with_reference
+            history["eval_metrics"] = None if last is None else last.eval_metrics
+            save_with_reference(model, out, history)
+        else:
+            model.save(out, history=history)
     return trainer

@@ -1,0 +1,131 @@
+"""The measurements of docs/preferences.md (tools/prefs_experiment.sh runs them), each writing one
+JSON file:
+
+    python tools/prefs_eval.py pairs  MODEL PAIRS OUT.json [--seq-len 384]
+        held-out rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies of a tuned
+        model against the reference its file carries (an untuned model: all 0); and how often the
+        model alone gives the chosen paragraph the higher log-probability (sum, and per token)
+    python tools/prefs_eval.py best-of BASE TUNED PANELS OUT.json [--n 4] [--limit 50] [--max-tokens 160]
+                                       [--seq-len 384]
+        per held-out panel: the book's paragraph and n-1 paragraphs BASE writes (seeded); how often
+        each rule picks the book's: the implicit reward under TUNED, the mean log-probability per
+        token under TUNED and under BASE
+    python tools/prefs_eval.py crlft  BASE TUNED PANELS OUT.json [--limit 100] [--seq-len 384]
+        held-out loss of the book paragraphs under the "book" and "model" conditions, both models
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgepanel.model import load
+from edgepanel.panels import dataset
+from edgepanel.panels.pairs import paragraph_seed, write_paragraph
+from edgepanel.tune import objectives, prefs, reward
+
+
+def cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write(path, obj):
+    obj = {**obj, "cpu": cpu(), "threads": os.cpu_count()}
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    print(json.dumps(obj, indent=1))
+
+
+def cmd_pairs(a):
+    m = load(a.model, threads=a.threads)
+    pairs = prefs.load_pairs(a.pairs, m.tokenizer, a.seq_len)
+    t = time.time()
+    policy = objectives.pair_logps(m, pairs)
+    ref = reward.pair_reference_logps(m, pairs, policy)
+    lengths = np.array([[p.chosen.targets, p.rejected.targets] for p in pairs], np.float64)
+    out = {"model": str(a.model), "pairs": len(pairs), "beta": reward.default_beta(m),
+           **objectives.preference_metrics(policy, ref, reward.default_beta(m)),
+           "model_prefers_chosen": float(np.mean(policy[:, 0] > policy[:, 1])),
+           "model_prefers_chosen_per_token": float(np.mean(policy[:, 0] / lengths[:, 0] > policy[:, 1] / lengths[:, 1])),
+           "seconds": time.time() - t}
+    write(a.out, out)
+
+
+def cmd_best_of(a):
+    base = load(a.base, threads=a.threads)
+    tuned = load(a.tuned, threads=a.threads)
+    ex = dataset.load(a.panels)[: a.limit]
+    picks = {"implicit reward (tuned)": 0, "mean log-prob (tuned)": 0, "mean log-prob (base)": 0}
+    t = time.time()
+    for i, e in enumerate(ex):
+        texts = [e.target] + [write_paragraph(base, e, paragraph_seed(a.seed, i * a.n + k), a.max_tokens)
+                              for k in range(a.n - 1)]
+        texts = [x for x in texts if x] or [e.target]
+        tuned_scores = reward.score_candidates(tuned, e.panel, texts, seq_len=a.seq_len)
+        base_scores = reward.score_candidates(base, e.panel, texts, seq_len=a.seq_len)
+        picks["implicit reward (tuned)"] += reward.pick(tuned_scores) == 0
+        picks["mean log-prob (tuned)"] += int(np.argmax([c.mean_logp for c in tuned_scores])) == 0
+        picks["mean log-prob (base)"] += int(np.argmax([c.mean_logp for c in base_scores])) == 0
+    write(a.out, {"base": str(a.base), "tuned": str(a.tuned), "panels": len(ex), "candidates": a.n,
+                  "book_picked": {k: v / len(ex) for k, v in picks.items()}, "seconds": time.time() - t})
+
+
+def cmd_crlft(a):
+    ex = dataset.load(a.panels)[: a.limit]
+    out = {"panels": len(ex), "seq_len": a.seq_len}
+    t = time.time()
+    for name, path in (("base", a.base), ("tuned", a.tuned)):
+        m = load(path, threads=a.threads)
+        out[name] = {"model": str(path), **prefs.class_losses(m, ex, ["book", "model"], a.seq_len)}
+    out["seconds"] = time.time() - t
+    write(a.out, out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("pairs")
+    s.add_argument("model")
+    s.add_argument("pairs")
+    s.add_argument("out")
+    s.add_argument("--seq-len", type=int, default=384)
+    s.set_defaults(func=cmd_pairs)
+    s = sub.add_parser("best-of")
+    s.add_argument("base")
+    s.add_argument("tuned")
+    s.add_argument("panels")
+    s.add_argument("out")
+    s.add_argument("--n", type=int, default=4)
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--max-tokens", type=int, default=160)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seq-len", type=int, default=384, help="candidates tokenized as training pairs are")
+    s.set_defaults(func=cmd_best_of)
+    s = sub.add_parser("crlft")
+    s.add_argument("base")
+    s.add_argument("tuned")
+    s.add_argument("panels")
+    s.add_argument("out")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--seq-len", type=int, default=384)
+    s.set_defaults(func=cmd_crlft)
+    for s in sub.choices.values():
+        s.add_argument("-t", "--threads", type=int, default=None)
+    a = p.parse_args()
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()

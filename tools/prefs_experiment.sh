@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The preference experiments (docs/preferences.md) on SmolLM2-135M binarized (the default model):
+#   1. ZO-DPO on the shipped (mismatch) pairs: held-out rewards/accuracies before and after
+#   2. best-of-n on held-out panels: the book's paragraph among n-1 the model wrote, picked by the
+#      implicit reward vs by the length-normalized likelihood
+#   3. two rounds of the data-model loop: held-out target loss with the panel, per round
+#   4. C-RLFT (book = 1, model = 0.1): held-out book paragraphs under each condition
+# Every step writes one file and is skipped when that file exists: rerun to resume (the training
+# steps resume from their checkpoints, the refine loop from its partial files).
+#
+#   tools/prefs_experiment.sh                                     # the full run
+#   DPO_LR=2e-3 tools/prefs_experiment.sh                         # another DPO learning rate (its own files)
+#   N=8 TRAIN_N=16 STEPS=4 PANELS_N=4 REFINE_N=4 CRLFT_N=4 SEQ=192 OUT=/tmp/p WORK=/tmp/p tools/prefs_experiment.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-docs/data/prefs}
+WORK=${WORK:-$HOME/.cache/edgepanel/prefs}
+N=${N:-100}                 # held-out pairs
+TRAIN_N=${TRAIN_N:-400}     # training pairs (evenly spaced over the shipped 3000)
+STEPS=${STEPS:-200}         # ZO steps of each training run
+SEQ=${SEQ:-384}             # tokens per sequence
+BETA=${BETA:-0.1}
+LR=${LR:-6e-3}               # the loop's and C-RLFT's (finetune's default)
+DPO_LR=${DPO_LR:-$LR}
+EVAL_EVERY=${EVAL_EVERY:-50}
+BEST_N=${BEST_N:-4}         # candidates per panel: the book's paragraph and BEST_N-1 model-written
+PANELS_N=${PANELS_N:-50}    # held-out panels for best-of-n
+REFINE_N=${REFINE_N:-200}   # training panels the loop rewrites
+ROUNDS=${ROUNDS:-2}
+CRLFT_N=${CRLFT_N:-200}     # training panels whose paragraph the model rewrites for C-RLFT
+THREADS=${THREADS:-}        # empty: all cores
+T=${THREADS:+-t $THREADS}
+MODEL=${MODEL:-$(python -c "from edgepanel.hub import resolve_model; print(resolve_model(None, progress=False))")}
+PAIRS_TRAIN=data/panels/austen-pairs-train.jsonl.gz
+PAIRS_EVAL=data/panels/austen-pairs-eval.jsonl.gz
+PANELS_TRAIN=data/panels/austen-train.jsonl.gz
+PANELS_EVAL=data/panels/austen-eval.jsonl.gz
+mkdir -p "$OUT" "$WORK"
+grep -m1 'model name' /proc/cpuinfo | tee "$OUT/cpu.txt"
+
+step() {  # step OUT COMMAND...: run unless OUT exists
+    local out=$1; shift
+    if [ -s "$out" ]; then echo "= $out (done)"; return; fi
+    echo "+ $*"; "$@"
+}
+spaced() {  # spaced FILE K OUT: K lines evenly spaced over the JSON Lines FILE
+    python - "$@" <<'EOF'
+import gzip, sys
+src, k, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lines = [l for l in (gzip.open(src, "rt") if src.endswith(".gz") else open(src)).read().splitlines() if l.strip()]
+pick = [lines[round(i * (len(lines) - 1) / max(1, k - 1))] for i in range(min(k, len(lines)))] if k > 1 else lines[:1]
+open(out + ".tmp", "w").write("\n".join(pick) + "\n")
+EOF
+    mv "$3.tmp" "$3"
+}
+
+TRAIN="$WORK/pairs-train-$TRAIN_N.jsonl"; EVAL="$WORK/pairs-eval-$N.jsonl"
+HELD="$WORK/panels-eval-$N.jsonl"; RTRAIN="$WORK/panels-train-$REFINE_N.jsonl"; CTRAIN="$WORK/panels-train-$CRLFT_N.jsonl"
+[ -s "$TRAIN" ] || spaced $PAIRS_TRAIN "$TRAIN_N" "$TRAIN"
+[ -s "$EVAL" ] || spaced $PAIRS_EVAL "$N" "$EVAL"
+[ -s "$HELD" ] || spaced $PANELS_EVAL "$N" "$HELD"
+[ -s "$RTRAIN" ] || spaced $PANELS_TRAIN "$REFINE_N" "$RTRAIN"
+[ -s "$CTRAIN" ] || spaced $PANELS_TRAIN "$CRLFT_N" "$CTRAIN"
+
+# 1. ZO-DPO
+DPO="$WORK/dpo-$TRAIN_N-s$STEPS-lr$DPO_LR.ep"
+step "$OUT/pairs-base.json" python tools/prefs_eval.py pairs "$MODEL" "$EVAL" "$OUT/pairs-base.json" --seq-len "$SEQ" $T
+if [ ! -s "$DPO" ]; then
+    echo "+ finetune --objective dpo"
+    edgepanel finetune "$MODEL" --objective dpo --data "$TRAIN" --eval "$EVAL" --steps "$STEPS" --seq-len "$SEQ" \
+        --beta "$BETA" --lr "$DPO_LR" --eval-every "$EVAL_EVERY" --eval-batches 4 --out "$DPO" $T \
+        $( [ -f "$DPO.ckpt" ] && echo --resume "$DPO.ckpt" ) 2>&1 | tee "$OUT/dpo-lr$DPO_LR.log"
+fi
+step "$OUT/pairs-dpo-lr$DPO_LR.json" python tools/prefs_eval.py pairs "$DPO" "$EVAL" "$OUT/pairs-dpo-lr$DPO_LR.json" \
+    --seq-len "$SEQ" $T
+
+# 2. best-of-n: the implicit reward against the length-normalized likelihood
+step "$OUT/best-of-lr$DPO_LR.json" python tools/prefs_eval.py best-of "$MODEL" "$DPO" "$HELD" "$OUT/best-of-lr$DPO_LR.json" \
+    --n "$BEST_N" --limit "$PANELS_N" --seq-len "$SEQ" $T
+
+# 3. the data-model loop
+if [ ! -s "$OUT/refine.json" ]; then
+    echo "+ data refine"
+    edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$STEPS" \
+        --seq-len "$SEQ" --lr "$LR" --eval-every 0 --out "$WORK/refined-$REFINE_N.jsonl.gz" $T \
+        | tee "$OUT/refine.md"
+    cp "$WORK/refined-$REFINE_N.jsonl.gz.rounds/summary.json" "$OUT/refine.json"
+fi
+
+# 4. C-RLFT
+CDATA="$WORK/crlft-train-$CRLFT_N.jsonl.gz"; CRLFT="$WORK/crlft-$CRLFT_N-s$STEPS.ep"
+step "$CDATA" edgepanel data pairs "$CTRAIN" --model "$MODEL" --crlft --seed 0 -n 200 --out "$CDATA" $T
+if [ ! -s "$CRLFT" ]; then
+    echo "+ finetune --objective crlft"
+    edgepanel finetune "$MODEL" --objective crlft --data "$CDATA" --steps "$STEPS" --seq-len "$SEQ" --lr "$LR" \
+        --eval-every 0 --out "$CRLFT" $T $( [ -f "$CRLFT.ckpt" ] && echo --resume "$CRLFT.ckpt" ) 2>&1 | tee "$OUT/crlft.log"
+fi
+step "$OUT/crlft.json" python tools/prefs_eval.py crlft "$MODEL" "$CRLFT" "$HELD" "$OUT/crlft.json" --seq-len "$SEQ" $T
+
+python - "$OUT" "$DPO_LR" <<'EOF'
+import json, sys
+from pathlib import Path
+out, lr = Path(sys.argv[1]), sys.argv[2]
+load = lambda f: json.loads((out / f).read_text()) if (out / f).exists() else None
+b, d = load("pairs-base.json"), load(f"pairs-dpo-lr{lr}.json")
+if b and d:
+    print("| held-out pairs | rewards/accuracies | rewards/margins | rewards/chosen | rewards/rejected |")
+    print("|---|---|---|---|---|")
+    for name, r in (("before (the model is its reference)", b), (f"after ZO-DPO (lr {lr})", d)):
+        print(f"| {name} | {r['rewards/accuracies']:.3f} | {r['rewards/margins']:+.4f} | {r['rewards/chosen']:+.4f} "
+              f"| {r['rewards/rejected']:+.4f} |")
+    print(f"\n{d['pairs']} pairs; the model alone prefers the chosen paragraph: {b['model_prefers_chosen']:.3f} (sum), "
+          f"{b['model_prefers_chosen_per_token']:.3f} (per token) before, {d['model_prefers_chosen']:.3f} / "
+          f"{d['model_prefers_chosen_per_token']:.3f} after\n")
+bo = load(f"best-of-lr{lr}.json")
+if bo:
+    print(f"best-of-{bo['candidates']} over {bo['panels']} held-out panels, the book's paragraph picked by:")
+    for k, v in bo["book_picked"].items():
+        print(f"- {k}: {v:.3f}")
+    print()
+rf = load("refine.json")
+if rf:
+    print("| round | rewrites kept | mean I (%) | held-out loss before | after |\n|---|---|---|---|---|")
+    for r in rf["rounds"]:
+        print(f"| {r['round']} | {r['rewrites_kept']} / {r['examples']} | {r['mean_I']:.2f} | {r['held_out_before']:.4f} "
+              f"| {r['held_out_after']:.4f} |")
+    print()
+c = load("crlft.json")
+if c:
+    print("| model | loss under book | loss under model |\n|---|---|---|")
+    for k in ("base", "tuned"):
+        print(f"| {k} | {c[k]['book']:.4f} | {c[k]['model']:.4f} |")
+EOF
