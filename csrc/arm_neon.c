@@ -7,19 +7,46 @@
  * (l + 16*h in [-2048, 2032]), at most 16 widenings (256 inputs) per int16 run.
  *
  * xnor: eor + cnt per byte column; the "tables" are the activation byte and its valid-input mask,
- * each repeated over 16 bytes (32 bytes per column). */
+ * each repeated over 16 bytes (32 bytes per column).
+ *
+ * Two tables, chosen at run time (dispatch.c, best first): "neon_dotprod" on cores with the Armv8.2
+ * dot product (Cortex-A76: Raspberry Pi 5), "neon" on every armv8-a core (Cortex-A72: Pi 4).  The
+ * file is compiled for plain armv8-a; only functions marked EP_DOTPROD may use sdot/udot, and a Pi 4
+ * never calls them (tests/test_c_variants.py disassembles the objects to hold both to that).
+ * The dot product serves the int8 x int8 rows (head and embeddings stored as int8): one sdot per
+ * 16 bytes against smull + smlal + sadalp.  The plane products gain nothing from it: their byte
+ * sums come out of `tbl` one row per byte lane, and bringing four of a row's bytes into one 32-bit
+ * lane for sdot (zip or tbl4 transposes) costs the instructions it saves (docs/arm64.md). */
 #if !defined(__aarch64__)
 #error "arm_neon.c is for aarch64 only"
 #endif
 #include <arm_neon.h>
 #include <math.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 #include "ep_internal.h"
 
 #define EP_INLINE static inline __attribute__((always_inline))
 
 static int neon_supported(void) { return 1; }  /* NEON is part of armv8-a */
+
+/* The Armv8.2 dot product, for the functions marked with it only; the kernel says whether the core
+ * has it (HWCAP_ASIMDDP: Cortex-A76 and later have it, the A72 does not). */
+#define EP_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#if !defined(HWCAP_ASIMDDP)
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+
+static int neon_dotprod_supported(void) {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return 0;
+#endif
+}
 
 static void neon_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {
     float32x4_t vmax = vdupq_n_f32(0.0f);
@@ -327,6 +354,32 @@ static void neon_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in
     }
 }
 
+/* neon_i8_rows with the dot product: each 32-bit lane sums four byte products; two accumulators
+ * so consecutive sdots do not wait on each other.  Integer sums: the same d in any order. */
+EP_DOTPROD static void neon_dotprod_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in,
+                                            const int8_t *w, const float *ws, float *y, int64_t ldy,
+                                            int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *wr = w + r * in;
+        for (int64_t t = 0; t < n; t++) {
+            const int8_t *qt = q + t * in;
+            int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
+            int64_t u = 0;
+            for (; u + 32 <= in; u += 32) {
+                acc0 = vdotq_s32(acc0, vld1q_s8(qt + u), vld1q_s8(wr + u));
+                acc1 = vdotq_s32(acc1, vld1q_s8(qt + u + 16), vld1q_s8(wr + u + 16));
+            }
+            if (u + 16 <= in) {
+                acc0 = vdotq_s32(acc0, vld1q_s8(qt + u), vld1q_s8(wr + u));
+                u += 16;
+            }
+            int32_t d = vaddvq_s32(vaddq_s32(acc0, acc1));
+            for (; u < in; u++) d += (int32_t)qt[u] * wr[u];
+            y[t * ldy + r] = ((float)d * ws[r]) * qs[t];
+        }
+    }
+}
+
 /* Attention (specification: ep_ref_attend), two keys at a time. */
 static void neon_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                         int64_t T, int64_t hd, float scale, float *out, float *scratch) {
@@ -361,6 +414,22 @@ const ep_kernels ep_kernels_neon = {
     .xnor_tiles = neon_xnor_tiles,
     .dense_rows = neon_dense_rows,
     .i8_rows = neon_i8_rows,
+    .dot = neon_dot,
+    .attend = neon_attend,
+};
+
+/* The same kernels with the dot product where it pays (i8_rows). */
+const ep_kernels ep_kernels_neon_dotprod = {
+    .name = "neon_dotprod",
+    .supported = neon_dotprod_supported,
+    .quantize_i8 = neon_quantize_i8,
+    .binarize = neon_binarize,
+    .i8_tables = neon_i8_tables,
+    .xnor_tables = neon_xnor_tables,
+    .i8_tiles = neon_i8_tiles,
+    .xnor_tiles = neon_xnor_tiles,
+    .dense_rows = neon_dense_rows,
+    .i8_rows = neon_dotprod_i8_rows,
     .dot = neon_dot,
     .attend = neon_attend,
 };

@@ -19,7 +19,8 @@ static const ep_kernels *const variants[] = {
     &ep_kernels_avx2,
 #endif
 #if defined(__aarch64__)
-    &ep_kernels_neon,
+    &ep_kernels_neon_dotprod,  /* Armv8.2 dot product (HWCAP_ASIMDDP): Cortex-A76, Pi 5 */
+    &ep_kernels_neon,          /* every armv8-a core: Cortex-A72, Pi 4 */
 #endif
     &ep_kernels_scalar,
 };

@@ -1,12 +1,16 @@
 """The C kernels outside Python: the standalone checker (tests/c/kernel_check.c) compares every
 compiled ISA variant with the scalar specification bit for bit and with the NumPy known answers,
 built natively, with the AVX-512 file emulated through SIMDe, and for aarch64 under qemu-user
-(Raspberry Pi 4: cortex-a72, Pi 5: cortex-a76).  Needs gcc; CI installs libsimde-dev,
+(Raspberry Pi 4: cortex-a72, Pi 5: cortex-a76).  The aarch64 objects, compiled as the package build
+compiles them, are disassembled: nothing beyond armv8-a outside the dot-product functions, so a
+Pi 4 never meets an illegal instruction (tools/arm64_isa.py).  Needs gcc; CI installs libsimde-dev,
 gcc-aarch64-linux-gnu and qemu-user.  Outside CI a missing tool skips its test; in CI it fails."""
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,10 +40,18 @@ def build_and_run(tmp_path, cc, extra_flags, sources, runner=()):
     return res.stdout
 
 
+def load_file(path: Path):
+    """A script of tools/ (or the build script) as a module, without making its folder a package."""
+    name = "_loaded_" + path.stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def test_kat_file_is_current():
-    spec = importlib.util.spec_from_file_location("make_kat", ROOT / "tools" / "make_kat.py")
-    make_kat = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_kat)
+    make_kat = load_file(ROOT / "tools" / "make_kat.py")
     assert KAT.read_bytes() == make_kat.build(), "tests/data/kernels_kat.bin is stale: run python tools/make_kat.py"
 
 
@@ -58,13 +70,140 @@ def test_avx512_emulated_with_simde(tmp_path):
     assert "best here: avx512vnni" in out
 
 
-@pytest.mark.parametrize("cpu", ["cortex-a72", "cortex-a76"])
+# what each board's core runs: the Pi 4's A72 has no dot product, the Pi 5's A76 has it
+AARCH64_RUNS = {"cortex-a72": "neon", "cortex-a76": "neon_dotprod,neon"}
+
+
+@pytest.mark.parametrize("cpu", sorted(AARCH64_RUNS))
 def test_aarch64_neon_under_qemu(tmp_path, cpu):
     need("aarch64-linux-gnu-gcc", "the aarch64 cross compiler (Debian: gcc-aarch64-linux-gnu)")
     need("qemu-aarch64", "qemu user-mode emulation (Debian: qemu-user)")
     out = build_and_run(tmp_path, "aarch64-linux-gnu-gcc", ["-march=armv8-a"], ["csrc/arm_neon.c"],
                         runner=("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", cpu))
-    assert "compiled variants: neon,scalar; best here: neon" in out
+    runs = AARCH64_RUNS[cpu]
+    assert f"compiled variants: neon_dotprod,neon,scalar; best here: {runs.split(',')[0]}" in out
+    assert f"checked against scalar here: {runs}\n" in out
+
+
+# ---- the baseline aarch64 build, disassembled ----------------------------------------------------
+
+arm64_isa = load_file(ROOT / "tools" / "arm64_isa.py")
+package_build = load_file(ROOT / "edgepanel" / "kernels" / "_build.py")
+AARCH64_CC, AARCH64_OBJDUMP = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump"
+
+
+def cross_compile(out_dir: Path, flags: list[str]) -> list[Path]:
+    """csrc's aarch64 sources compiled one by one (-fPIC, as setuptools compiles an extension)."""
+    objects = []
+    for src in package_build.sources("aarch64"):
+        obj = out_dir / (Path(src).stem + ".o")
+        subprocess.run([AARCH64_CC, *flags, "-fPIC", "-Icsrc/include", "-c", src, "-o", str(obj)],
+                       cwd=ROOT, check=True, capture_output=True, text=True)
+        objects.append(obj)
+    return objects
+
+
+def link_shared(objects: list[Path], out: Path) -> Path:
+    """Linked as the extension is (-shared -pthread -lm): static libgcc pieces come in here."""
+    subprocess.run([AARCH64_CC, "-shared", "-pthread", *map(str, objects), "-lm", "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline_build(tmp_path_factory):
+    """The package build's aarch64 objects and their shared library."""
+    need(AARCH64_CC, "the aarch64 cross compiler (Debian: gcc-aarch64-linux-gnu)")
+    need(AARCH64_OBJDUMP, "the aarch64 binutils (Debian: binutils-aarch64-linux-gnu)")
+    d = tmp_path_factory.mktemp("arm64")
+    objects = cross_compile(d, package_build.compile_args("aarch64"))
+    return objects, link_shared(objects, d / "_ep.so")
+
+
+def test_aarch64_build_is_baseline_armv8a():
+    flags = package_build.compile_args("aarch64")
+    marches = [f for f in flags if f.startswith(("-march=", "-mcpu="))]
+    assert marches == ["-march=armv8-a"], marches
+    assert "-mno-outline-atomics" in flags  # see _build.ISA_CFLAGS and test_outline_atomics_... below
+    assert "csrc/arm_neon.c" in package_build.sources("aarch64")
+
+
+def test_nothing_beyond_armv8a_outside_the_dotprod_functions(baseline_build):
+    objects, shared = baseline_build
+    dot_functions = {}
+    for path in [*objects, shared]:
+        bad, dot = arm64_isa.check(arm64_isa.disassemble(path, AARCH64_OBJDUMP))
+        assert not bad, f"{path.name}: " + "; ".join(
+            f"{i.function}: {i.mnemonic} {i.operands} [{fam}]" for i, fam in bad[:20])
+        dot_functions[path.name] = dot
+    # the dot-product path is there, in the marked function only: the check sees what it forbids
+    assert dot_functions["arm_neon.o"].get("neon_dotprod_i8_rows", 0) >= 1, dot_functions
+    assert dot_functions["_ep.so"].get("neon_dotprod_i8_rows", 0) >= 1, dot_functions
+
+
+def test_dotprod_functions_are_marked_by_name():
+    """Only EP_DOTPROD may raise the target, and what it marks says `dotprod` in its name (the
+    disassembly check's rule for telling them apart)."""
+    text = (ROOT / "csrc" / "arm_neon.c").read_text()
+    assert text.count("target(") == 1, "arm_neon.c raises the target outside the EP_DOTPROD macro"
+    assert '#define EP_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))' in text
+    marked = re.findall(r"^EP_DOTPROD\s+(?:static\s+)?[\w\s\*]*?\b(\w+)\s*\(", text, flags=re.M)
+    assert marked and all(arm64_isa.marked_for_dotprod(name) for name in marked), marked
+    assert "neon_dotprod_i8_rows" in marked
+    assert len(re.findall(r"EP_DOTPROD", text)) == len(marked) + 2  # the #define and the header comment
+
+
+def test_the_check_finds_what_a_pi4_cannot_run(tmp_path):
+    """Built for armv8.1-a, the thread pool's atomics become LSE instructions: the check names them."""
+    need(AARCH64_CC, "the aarch64 cross compiler (Debian: gcc-aarch64-linux-gnu)")
+    need(AARCH64_OBJDUMP, "the aarch64 binutils (Debian: binutils-aarch64-linux-gnu)")
+    obj = tmp_path / "threads.o"
+    subprocess.run([AARCH64_CC, "-O2", "-march=armv8.1-a", "-Icsrc/include", "-c", "csrc/threads.c", "-o", str(obj)],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    bad, _ = arm64_isa.check(arm64_isa.disassemble(obj, AARCH64_OBJDUMP))
+    assert bad and {fam for _, fam in bad} == {"LSE atomics (Armv8.1)"}, bad
+    assert {i.function for i, _ in bad} <= {"worker_main", "ep_parallel_for"}
+
+
+def test_outline_atomics_bring_lse_helpers(tmp_path):
+    """Why the build says -mno-outline-atomics: gcc's default calls libgcc's __aarch64_ldadd*
+    helpers, which run LSE only where the kernel reports it (safe on a Pi 4), but link LSE
+    instructions into the extension; with the flag the atomics are ldaxr/stlxr loops."""
+    need(AARCH64_CC, "the aarch64 cross compiler (Debian: gcc-aarch64-linux-gnu)")
+    need(AARCH64_OBJDUMP, "the aarch64 binutils (Debian: binutils-aarch64-linux-gnu)")
+    flags = [f for f in package_build.compile_args("aarch64") if f != "-mno-outline-atomics"]
+    shared = link_shared(cross_compile(tmp_path, flags), tmp_path / "outline.so")
+    bad, _ = arm64_isa.check(arm64_isa.disassemble(shared, AARCH64_OBJDUMP))
+    assert bad and all(i.function.startswith("__aarch64_") for i, _ in bad), bad
+
+
+@pytest.mark.parametrize("mnemonic, operands, family", [
+    ("ldaddal", "w0, w0, [x1]", "LSE atomics (Armv8.1)"),
+    ("casal", "x0, x1, [x2]", "LSE atomics (Armv8.1)"),
+    ("swpb", "w0, w1, [x2]", "LSE atomics (Armv8.1)"),
+    ("stadd", "w0, [x1]", "LSE atomics (Armv8.1)"),
+    ("sdot", "v0.4s, v1.16b, v2.16b", "dot product (Armv8.2)"),
+    ("udot", "v0.2s, v1.8b, v2.4b[1]", "dot product (Armv8.2)"),
+    ("fadd", "h0, h1, h2", "half-precision arithmetic (Armv8.2)"),
+    ("fmla", "v0.8h, v1.8h, v2.8h", "half-precision arithmetic (Armv8.2)"),
+    ("fcvtzs", "w0, h1", "half-precision arithmetic (Armv8.2)"),
+    ("fmov", "h0, w1", "half-precision arithmetic (Armv8.2)"),
+    ("aese", "v0.16b, v1.16b", "crypto"),
+    ("sha256h", "q0, q1, v2.4s", "crypto"),
+    ("pmull", "v0.1q, v1.1d, v2.1d", "crypto"),
+    ("crc32cx", "w0, w0, x1", "CRC32 (optional in Armv8.0)"),
+    ("sqrdmlah", "v0.4s, v1.4s, v2.4s", "rounding doubling multiply-accumulate (Armv8.1)"),
+    ("fadd", "z0.s, z1.s, z2.s", "SVE"),
+    (".inst", "0x12345678", "an encoding objdump does not know"),
+    # armv8-a look-alikes
+    ("ldaxr", "w2, [x0]", None), ("stlxr", "w1, w2, [x0]", None), ("shadd", "v0.8h, v1.8h, v2.8h", None),
+    ("bfi", "w0, w1, #3, #4", None), ("fcvtl", "v0.4s, v1.4h", None), ("fcvt", "s0, h1", None),
+    ("fcvtn", "v0.4h, v1.4s", None), ("pmull", "v0.8h, v1.8b, v2.8b", None), ("addv", "h0, v1.8h", None),
+    ("ldr", "h0, [x1]", None), ("smlal2", "v0.8h, v1.16b, v2.16b", None), ("sadalp", "v3.4s, v0.8h", None),
+    ("fmla", "v0.4s, v1.4s, v2.4s", None), ("paciasp", "", None),
+])
+def test_instruction_families(mnemonic, operands, family):
+    assert arm64_isa.family(mnemonic, operands) == family
 
 
 def test_isa_file_refuses_the_wrong_target(tmp_path):

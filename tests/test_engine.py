@@ -157,3 +157,22 @@ def test_rows_as_planes_are_read_at_call_time(planes_rows):
         assert not np.array_equal(m.logits(IDS), before), t.name
         scales[...] = saved
     np.testing.assert_array_equal(m.logits(IDS), before)
+
+
+def test_edgepanel_isa_reaches_the_c_engine(monkeypatch, tmp_path):
+    """EDGEPANEL_ISA picks the C engine's kernel table too, not only the kernels' backend."""
+    from edgepanel.model.engine import make
+    from edgepanel.kernels import native as nat
+    w = type("W", (), {})()
+    seen = {}
+
+    class Fake:
+        def __init__(self, weights, threads=None, isa=None):
+            seen["isa"] = isa
+    monkeypatch.setattr("edgepanel.model.cengine.CEngine", Fake)
+    monkeypatch.setenv("EDGEPANEL_ISA", "scalar")
+    make(w, 1, "c")
+    assert seen["isa"] == "scalar"
+    monkeypatch.delenv("EDGEPANEL_ISA")
+    make(w, 1, "c")
+    assert seen["isa"] is None and nat is not None

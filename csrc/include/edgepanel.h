@@ -35,7 +35,7 @@ enum {
 };
 
 /* One table of kernels per ISA variant: "scalar" everywhere, "avx2", "avx512bw" and "avx512vnni"
- * on x86-64, "neon" on aarch64 (ep_kernels_compiled() lists what a build holds). */
+ * on x86-64, "neon_dotprod" and "neon" on aarch64 (ep_kernels_compiled() lists what a build holds). */
 typedef struct ep_kernels ep_kernels;
 
 /* The variant called `name`, or the best one this CPU runs when name is NULL or "";

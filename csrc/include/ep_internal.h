@@ -224,6 +224,7 @@ void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, i
 #endif
 #if defined(__aarch64__)
 extern const ep_kernels ep_kernels_neon;
+extern const ep_kernels ep_kernels_neon_dotprod;  /* + Armv8.2 dot product, chosen at run time */
 #endif
 
 /* Shared pieces of the specification, used by the ISA files for their cold paths. */

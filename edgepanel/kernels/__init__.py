@@ -2,7 +2,7 @@
 
 `get()` returns the backend to use: the one named by its argument, else by EDGEPANEL_BACKEND
 (c | numba | numpy), else the fastest that works here.  EDGEPANEL_ISA (scalar, avx2, avx512bw,
-avx512vnni, neon) forces a variant of the C backend.  `info()` names what runs, e.g. "c/avx2".
+avx512vnni, neon, neon_dotprod) forces a variant of the C backend and of the C engine.  `info()` names what runs, e.g. "c/avx2".
 """
 from __future__ import annotations
 

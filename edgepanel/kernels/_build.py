@@ -24,6 +24,12 @@ ISA_SOURCES = {
 MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 CFLAGS = ["-O3", "-std=c11", "-D_GNU_SOURCE", "-ffp-contract=off", "-fno-math-errno",
           "-fvisibility=hidden", "-Wall"]
+# aarch64: one build for every board, baseline armv8-a (a Raspberry Pi 4's Cortex-A72 runs all of it
+# but the functions arm_neon.c marks for the dot product, which it calls only on cores that have
+# one).  Atomics inline as ldxr/stxr loops: gcc's default, outline atomics, calls libgcc helpers
+# that choose LSE or ldxr/stxr at run time (safe on a Pi 4 too), but it links LSE instructions into
+# the extension, where tests/test_c_variants.py's disassembly check would have to excuse them.
+ISA_CFLAGS = {"aarch64": ["-march=armv8-a", "-mno-outline-atomics"]}
 
 
 def cdef_text() -> str:
@@ -33,10 +39,17 @@ def cdef_text() -> str:
     return "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
 
 
-def sources(machine: str | None = None) -> list[str]:
+def target_machine(machine: str | None = None) -> str:
     m = (machine or platform.machine()).lower()
-    m = MACHINE_ALIASES.get(m, m)
-    return COMMON_SOURCES + ISA_SOURCES.get(m, [])
+    return MACHINE_ALIASES.get(m, m)
+
+
+def sources(machine: str | None = None) -> list[str]:
+    return COMMON_SOURCES + ISA_SOURCES.get(target_machine(machine), [])
+
+
+def compile_args(machine: str | None = None) -> list[str]:
+    return CFLAGS + ISA_CFLAGS.get(target_machine(machine), [])
 
 
 def make_builder() -> FFI:
@@ -47,7 +60,7 @@ def make_builder() -> FFI:
         '#include "edgepanel.h"\n',
         sources=sources(),
         include_dirs=["csrc/include"],
-        extra_compile_args=CFLAGS,
+        extra_compile_args=compile_args(),
         extra_link_args=["-pthread"],
         libraries=["m"],
     )

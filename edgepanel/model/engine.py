@@ -60,6 +60,8 @@ def make(weights, threads=None, name=None):
     if name == "reference":
         return ReferenceEngine(weights, threads)
     if name == "c":
+        import os
+
         from .cengine import CEngine
-        return CEngine(weights, threads)
+        return CEngine(weights, threads, os.environ.get("EDGEPANEL_ISA") or None)   # None: the best here
     raise ValueError(f"unknown engine {name!r}; choose c or reference")

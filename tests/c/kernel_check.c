@@ -153,9 +153,12 @@ static void check_shape(const shape *s, int special) {
 /* The dense helpers of the forward pass: every variant bit for bit equal to the scalar one. */
 static void check_dense_helpers(void) {
     const ep_kernels *ref = ep_kernels_get("scalar");
-    static const int64_t ins[] = {1, 7, 8, 63, 64, 65, 576};
+    /* widths: every tail of the 8-, 16- and 32-byte steps; the second 4097 with extreme bytes, whose
+     * dots (4097 * 127 * 127 = 6.6e7) overflow any int16 partial sum but fit int32 lanes */
+    static const int64_t ins[] = {1, 7, 8, 63, 64, 65, 576, 4097, 4097};
     for (size_t a = 0; a < sizeof ins / sizeof *ins; a++) {
         int64_t in = ins[a], out = 19, n = 5;
+        const int extreme = a == 8;
         float *x = xalloc(n * in * 4), *wf = xalloc(out * in * 4), *ws = xalloc(out * 4), *qs = xalloc(n * 4);
         uint16_t *wh = xalloc(out * in * 2);
         int8_t *q = xalloc(n * in), *w8 = xalloc(out * in);
@@ -167,6 +170,10 @@ static void check_dense_helpers(void) {
         }
         for (int64_t i = 0; i < out; i++) ws[i] = rndf();
         for (int64_t i = 0; i < n; i++) qs[i] = rndf();
+        if (extreme) {  /* every product +-127 * 127, the same sign along a row */
+            for (int64_t i = 0; i < n * in; i++) q[i] = (int8_t)(i / in % 2 ? -127 : 127);
+            for (int64_t i = 0; i < out * in; i++) w8[i] = (int8_t)(i / in % 3 ? 127 : -127);
+        }
         float *y0 = xalloc(n * out * 4), *y1 = xalloc(n * out * 4);
         char names[256];
         snprintf(names, sizeof names, "%s", ep_kernels_compiled());
@@ -180,8 +187,16 @@ static void check_dense_helpers(void) {
                 CHECK(memcmp(y0, y1, n * out * 4) == 0, "%s dense_rows f16=%d in=%lld differs", name, f16, (long long)in);
             }
             ref->i8_rows(q, qs, n, in, w8, ws, y0, out, 0, out);
+            for (int64_t t = 0; extreme && t < n; t++)  /* the known answer */
+                for (int64_t r = 0; r < out; r++) {
+                    const int32_t d = (int32_t)in * 127 * 127 * (t % 2 ? -1 : 1) * (r % 3 ? 1 : -1);
+                    const float want = ((float)d * ws[r]) * qs[t];
+                    CHECK(memcmp(&want, &y0[t * out + r], 4) == 0, "scalar i8_rows extreme t=%lld r=%lld: %g != %g",
+                          (long long)t, (long long)r, y0[t * out + r], want);
+                }
             kt->i8_rows(q, qs, n, in, w8, ws, y1, out, 0, out);
-            CHECK(memcmp(y0, y1, n * out * 4) == 0, "%s i8_rows in=%lld differs", name, (long long)in);
+            CHECK(memcmp(y0, y1, n * out * 4) == 0, "%s i8_rows in=%lld%s differs", name, (long long)in,
+                  extreme ? " (extreme bytes)" : "");
             float d0 = ref->dot(x, wf, in), d1 = kt->dot(x, wf, in);
             CHECK(memcmp(&d0, &d1, 4) == 0, "%s dot in=%lld: %g != %g", name, (long long)in, d1, d0);
         }
@@ -312,6 +327,14 @@ static int check_kat(const char *path) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("compiled variants: %s; best here: %s\n", ep_kernels_compiled(), ep_kernels_name(ep_kernels_get(NULL)));
+    {  /* what this CPU runs, so what the checks below compare with scalar */
+        char names[256], runs[256] = "";
+        snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+        for (char *name = strtok(names, ","); name; name = strtok(NULL, ","))
+            if (strcmp(name, "scalar") != 0 && ep_kernels_get(name))
+                snprintf(runs + strlen(runs), sizeof runs - strlen(runs), "%s%s", runs[0] ? "," : "", name);
+        printf("checked against scalar here: %s\n", runs[0] ? runs : "none");
+    }
     static const int64_t ins[] = {1, 7, 63, 64, 65, 127, 576, 1536, 4097};
     static const int64_t outs[] = {1, 3, 17, 576};
     static const int64_t toks[] = {1, 2, 9, 64};
