@@ -24,6 +24,7 @@ Every reading error is an edgepanel.FormatError naming the file and what is wron
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import stat
@@ -73,10 +74,9 @@ class Metadata:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Metadata":
-        try:
-            d = json.loads(text)
-        except ValueError as exc:
-            raise FormatError(f"{where}: the edgepanel metadata is not valid JSON ({exc})") from None
+        if not isinstance(text, str):
+            raise FormatError(f"{where}: __metadata__.{META_KEY} must be a string of JSON, got {type(text).__name__}")
+        d = parse_json(text, f"{where}: the edgepanel metadata")
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: not an edgepanel model (metadata 'format' is {d.get('format') if isinstance(d, dict) else d!r})")
         version = d.get("format_version")
@@ -90,9 +90,23 @@ class Metadata:
         for key, typ in (("architecture", str), ("config", dict), ("tensors", dict)):
             if not isinstance(d.get(key), typ):
                 raise FormatError(f"{where}: metadata field '{key}' is missing or not a {typ.__name__}")
+        for key, typ in (("tokenizer", dict), ("source", dict), ("recipe", dict), ("history", list)):
+            if d.get(key) is not None and not isinstance(d[key], typ):
+                raise FormatError(f"{where}: metadata field '{key}' must be a JSON {'object' if typ is dict else 'array'}, "
+                                  f"got {type(d[key]).__name__}")
         return cls(architecture=d["architecture"], config=d["config"], tensors=d["tensors"],
                    tokenizer=d.get("tokenizer") or {}, source=d.get("source") or {},
                    recipe=d.get("recipe") or {}, history=d.get("history") or [], format_version=version)
+
+
+def parse_json(text, what: str):
+    """json.loads with every failure a FormatError naming `what` (nesting too deep for the parser
+    raises RecursionError, not ValueError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, TypeError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise FormatError(f"{what} is not valid JSON ({why})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,18 +127,30 @@ class SafetensorsFile:
             f = open(self.path, "rb")
         except OSError as exc:
             raise FormatError(f"{where}: cannot open ({exc.strerror})") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise FormatError(f"{where}: file is {size} bytes, too short for a safetensors header")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        (n,) = struct.unpack("<Q", self._mm[:8])
-        if n > MAX_HEADER or 8 + n > size:
-            raise FormatError(f"{where}: header length {n} does not fit the {size}-byte file (truncated or not safetensors)")
+        # The file stays open: `changed()` compares its size and mtime with these (a file
+        # rewritten in place under the mapping would give SIGBUS or other weights).
+        self._file = f
+        self._stat = os.fstat(f.fileno())
         try:
-            header = json.loads(bytes(self._mm[8:8 + n]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+            self._read(where)
+        except BaseException:
+            self._close_file()
+            raise
+
+    def _read(self, where: str):
+        f, size = self._file, self._stat.st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{where}: file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:   # checked before anything is mapped or read
+            raise FormatError(f"{where}: header length {n} does not fit the {size}-byte file (truncated or not safetensors)")
+        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            text = bytes(self._mm[8:8 + n]).decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise FormatError(f"{where}: header is not valid JSON ({exc})") from None
+        header = parse_json(text, f"{where}: header")
         if not isinstance(header, dict):
             raise FormatError(f"{where}: header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
@@ -139,26 +165,29 @@ class SafetensorsFile:
             if not isinstance(info, dict):
                 raise FormatError(f"{where}: tensor '{name}' has no description")
             dtn = info.get("dtype")
-            dt = np.dtype("<u2") if dtn == "BF16" else DTYPES.get(dtn)
+            dt = np.dtype("<u2") if dtn == "BF16" else DTYPES.get(dtn) if isinstance(dtn, str) else None
             shape = info.get("shape")
             offs = info.get("data_offsets")
             if dt is None:
                 raise FormatError(f"{where}: tensor '{name}' has unsupported dtype {dtn!r}")
-            if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            if not (isinstance(shape, list) and all(_is_int(s) and 0 <= s < 2**62 for s in shape)):
                 raise FormatError(f"{where}: tensor '{name}' has an invalid shape {shape!r}")
-            if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
                 raise FormatError(f"{where}: tensor '{name}' has invalid data_offsets {offs!r}")
             b, e = offs
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)   # Python integers: a declared 2^64 cannot overflow
             if not 0 <= b <= e or e - b != count * dt.itemsize:
                 raise FormatError(f"{where}: tensor '{name}' offsets {offs} do not match shape {shape} of {dtn}")
             if e > data_len:
                 raise FormatError(f"{where}: tensor '{name}' ends at byte {e} past the {data_len} data bytes (the file is truncated)")
-            if (data_start + b) % dt.itemsize:
-                # foreign files need not align; copy such a tensor rather than misread it
-                arr = np.frombuffer(bytes(self._mm[data_start + b:data_start + e]), dtype=dt).reshape(shape)
-            else:
-                arr = np.frombuffer(self._mm, dtype=dt, count=count, offset=data_start + b).reshape(shape)
+            try:
+                if (data_start + b) % dt.itemsize:
+                    # foreign files need not align; copy such a tensor rather than misread it
+                    arr = np.frombuffer(bytes(self._mm[data_start + b:data_start + e]), dtype=dt).reshape(shape)
+                else:
+                    arr = np.frombuffer(self._mm, dtype=dt, count=count, offset=data_start + b).reshape(shape)
+            except ValueError as exc:   # e.g. (0, 2^61): no bytes, but a shape NumPy cannot hold
+                raise FormatError(f"{where}: tensor '{name}' has shape {shape}, which NumPy cannot hold ({exc})") from None
             self.tensors[name] = arr
             if dtn == "BF16":
                 self.bf16.add(name)
@@ -175,12 +204,36 @@ class SafetensorsFile:
             return (a.astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.float32)
 
+    def changed(self) -> str | None:
+        """What changed in the file since it was mapped (size, modification time), or None.  A
+        file replaced by rename (as edgepanel writes) keeps the mapped one intact: not a change."""
+        try:
+            now = os.fstat(self._file.fileno())
+        except (OSError, ValueError):
+            return "it was closed"
+        if now.st_size != self._stat.st_size:
+            return f"its size went from {self._stat.st_size} to {now.st_size} bytes"
+        if now.st_mtime_ns != self._stat.st_mtime_ns:
+            return "it was modified"
+        return None
+
+    def _close_file(self):
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
     def close(self):
         self.tensors = {}
+        self._close_file()
         try:
             self._mm.close()
         except BufferError:  # views still alive: the mapping goes when they do
             pass
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class ModelFile(SafetensorsFile):
@@ -193,7 +246,9 @@ class ModelFile(SafetensorsFile):
             raise FormatError(f"{where}: no edgepanel metadata (is this a plain safetensors file? convert it with `edgepanel convert`)")
         self.meta = Metadata.from_json(self.metadata[META_KEY], where)
         tok = self.metadata.get(TOKENIZER_KEY)
-        self.tokenizer_json = tok if isinstance(tok, str) and tok else None
+        if tok is not None and not isinstance(tok, str):
+            raise FormatError(f"{where}: __metadata__.{TOKENIZER_KEY} must be a string of JSON, got {type(tok).__name__}")
+        self.tokenizer_json = tok or None
         if self.bf16:
             raise FormatError(f"{where}: BF16 tensors ({sorted(self.bf16)[0]}, ...) do not belong in an edgepanel model")
 

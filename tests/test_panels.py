@@ -387,3 +387,15 @@ def test_the_trainer_reads_panel_datasets(tiny):
     full, none = data.load(f, tiny.tokenizer, 500), data.load(f, tiny.tokenizer, 500, "none")
     assert [a.ids[a.mask].tolist() for a in full] == [b.ids[b.mask].tolist() for b in none]   # same targets
     assert all(len(a.ids) > len(b.ids) for a, b in zip(full, none))
+
+
+def test_build_with_a_model_writing_summaries(tiny, tmp_path):
+    book = books.from_lines("mill", BOOK.splitlines())
+    summarizer = build.ModelSummarizer(tiny, max_tokens=8)
+    lines = list(build.build_lines(book, summarizer=summarizer, source="mill"))
+    assert lines == list(build.build_lines(book, summarizer=build.ModelSummarizer(tiny, max_tokens=8), source="mill"))
+    last = Panel.from_dict(lines[-1]["panel"])
+    expected_plan = " ".join(tiny.generate([{"role": "user", "content": build.prompts()["plan"].format(
+        text=book.paragraphs[3].text)}], max_tokens=8, temperature=0.0).split()) or "(nothing)"
+    assert last.plan == expected_plan                   # the model's words, from the prompt in prompts.json
+    assert last.memory.long and not last.memory.long[0].startswith("Chapter 1: Anna")

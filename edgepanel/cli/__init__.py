@@ -17,14 +17,22 @@ import argparse
 import sys
 
 from ..errors import EdgepanelError
-from . import convert, info, run, tune
+from . import bench, convert, export, info, panels, run, serve, tune
 from .options import err
 
-GROUPS = (run, convert, tune, info)
+GROUPS = (run, convert, tune, panels, bench, serve, export, info)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit code 2, like every other error (argparse's own prints
+    the usage block first); subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepanel", description="Binarized language models on CPU-only edge devices.")
+    p = _Parser(prog="edgepanel", description="Binarized language models on CPU-only edge devices.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)

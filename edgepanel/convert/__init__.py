@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import bits, quantize
-from ..errors import FormatError
+from ..errors import EdgepanelWarning, FormatError
 from ..format import Metadata, ModelWriter
+from ..tokenizer import Tokenizer, check_tokenizer_info
 from . import bitnet, gpt2, llama, qwen2  # noqa: F401  (register the architectures)
-from .base import ARCHITECTURES, Emitted, Recipe, architecture_for, row_planes
+from .base import ARCHITECTURES, Emitted, Recipe, architecture_for, checked, row_planes
 
 __all__ = ["convert", "Recipe", "ConversionReport", "supported_architectures"]
 
@@ -98,6 +100,35 @@ def open_source(src: Path):
     if not src.exists():
         raise FormatError(f"{src}: no such file or directory")
     raise FormatError(f"{src}: not a Hugging Face checkpoint directory or a .gguf file")
+
+
+def open_checked(src: Path):
+    """The source's architecture, config and tensors: (hf_arch, cfg, tensors, emitted, tok_json,
+    tok_info).  The config is checked field by field (FormatError naming the file and field), and
+    `emitted` checks every tensor against the shape the config gives it as it is read, so a
+    mismatch stops the conversion before anything is written."""
+    hf_arch, hf_cfg, tensors, tok_json, tok_info = open_source(src)
+    arch = architecture_for(hf_arch)
+    try:
+        cfg = arch.config(hf_cfg)
+        tok_info = _special_ids_in(check_tokenizer_info(tok_info, "tokenizer"), cfg.vocab_size, src)
+        Tokenizer(tok_json, tok_info, "tokenizer")   # loads, as it will from the model file
+    except FormatError as exc:
+        raise FormatError(str(exc) if str(exc).startswith(str(src)) else f"{src}: {exc}") from None
+    return hf_arch, cfg, tensors, checked(arch.tensors(tensors, cfg, hf_cfg), cfg, str(src)), tok_json, tok_info
+
+
+def _special_ids_in(info: dict, vocab_size: int, src) -> dict:
+    """`info` without special token ids outside the vocabulary (configs copied from a larger
+    model carry them; transformers only warns), with a warning naming what was dropped."""
+    bos, eos = info.get("bos_id"), info.get("eos_ids") or []
+    dropped = [i for i in [bos, *eos] if i is not None and i >= vocab_size]
+    if not dropped:
+        return info
+    warnings.warn(f"{src}: special token ids {dropped} are outside the vocabulary of {vocab_size}; dropped",
+                  EdgepanelWarning, stacklevel=4)   # at the caller of convert()
+    return {**info, "bos_id": None if bos is not None and bos >= vocab_size else bos,
+            "eos_ids": [i for i in eos if i < vocab_size]}
 
 
 class _Store:
@@ -206,13 +237,10 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
     recipe = recipe or Recipe()
     log = log or (lambda msg: None)
     _check_destination(src, out)
-    hf_arch, hf_cfg, tensors, tok_json, tok_info = open_source(src)
-    arch = architecture_for(hf_arch)
-    cfg = arch.config(hf_cfg)
+    hf_arch, cfg, tensors, emitted, tok_json, tok_info = open_checked(src)
     report = ConversionReport(out)
     extra: dict[str, np.ndarray] = {}
     fitted: dict = {}
-    emitted = arch.tensors(tensors, cfg, hf_cfg)
     if recipe.calibrated:
         from . import calibrate as cal
         fm = cal.FloatModel(cfg, emitted)

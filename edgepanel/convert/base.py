@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -12,6 +13,7 @@ import numpy as np
 from ..bits import GROUP_SIZES, MAX_PLANES
 from ..errors import FormatError
 from ..model.config import ModelConfig
+from ..model.weights import slot
 
 ARCHITECTURES: dict[str, type["Architecture"]] = {}
 
@@ -52,7 +54,10 @@ class SourceTensors:
         if name not in self._names:
             raise FormatError(f"{self.where}: tensor '{name}' is missing")
         self._used.add(name)
-        return np.asarray(self._loader(name), dtype=np.float32)
+        a = np.asarray(self._loader(name))
+        if a.dtype.kind != "f":
+            raise FormatError(f"{self.where}: tensor '{name}' has dtype {a.dtype}; weights must be floating point")
+        return a.astype(np.float32, copy=False)
 
     def take_raw(self, name: str) -> np.ndarray:
         if name not in self._names:
@@ -82,6 +87,7 @@ class Emitted:
     ternary: bool = False          # the source is ternary {-a, 0, +a}: exactly 2 planes
     absmean: bool = False          # binarize with BitNet's absmean ternarization (then exact)
     source_dtype: str = "float32"
+    source: str | None = None      # the source tensor's name, for error messages
 
 
 class Architecture:
@@ -101,6 +107,68 @@ def get(hf: dict, key: str, default=None, *, required=False, where="config.json"
     if required and v is None:
         raise FormatError(f"{where}: '{key}' is missing")
     return v
+
+
+def integer(hf: dict, key: str, default=None, *, required=False, where="config.json"):
+    """hf[key] as a positive integer (or `default` when absent or null); FormatError naming the key."""
+    v = hf.get(key)
+    if v is None:
+        v = get({}, key, default, required=required, where=where)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise FormatError(f"{where}: '{key}' must be a positive integer, got {v!r:.80}")
+    return int(v)
+
+
+def number(hf: dict, key: str, default=None, *, where="config.json") -> float | None:
+    """hf[key] as a finite number (or `default` when absent or null); FormatError naming the key."""
+    v = hf.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not _finite(v):
+        raise FormatError(f"{where}: '{key}' must be a finite number, got {v!r:.80}")
+    return float(v)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:   # a JSON integer beyond any float
+        return False
+
+
+def boolean(hf: dict, key: str, default: bool = False, *, where="config.json") -> bool:
+    v = hf.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, (bool, np.bool_)):
+        raise FormatError(f"{where}: '{key}' must be true or false, got {v!r:.80}")
+    return bool(v)
+
+
+def checked(emitted: Iterator[Emitted], cfg: ModelConfig, where: str) -> Iterator[Emitted]:
+    """`emitted`, each tensor checked against the shape the config gives it (model/weights.py's
+    slots) and for non-finite values, before anything downstream sees it."""
+    for e in emitted:
+        s = slot(cfg, e.name)
+        what = f"{where}: tensor '{e.source or e.name}'"
+        if s is None:
+            raise FormatError(f"{what} ({e.name}) has no place in this model's config")
+        shape, want = tuple(e.weight.shape), s.shape
+        if shape != want:
+            raise FormatError(f"{what} has shape {shape}; the config ({_config_summary(cfg)}) makes it {want}")
+        if e.bias is not None and tuple(e.bias.shape) != (want[0],):
+            raise FormatError(f"{what}: its bias has shape {tuple(e.bias.shape)}, expected {(want[0],)}")
+        for part, a in (("", e.weight), (" bias", e.bias)):
+            if a is not None and not np.isfinite(a).all():
+                raise FormatError(f"{what}{part} holds non-finite values (NaN or infinity)")
+        yield e
+
+
+def _config_summary(cfg: ModelConfig) -> str:
+    return (f"vocab {cfg.vocab_size}, dim {cfg.dim}, heads {cfg.n_heads}/{cfg.n_kv_heads} of {cfg.head_dim}, "
+            f"MLP {cfg.hidden_dim}, context {cfg.max_seq_len}")
 
 
 ROW_FORMATS = "int8, f16, f32, kK or kKgG (K planes, group G or the recipe's), auto"

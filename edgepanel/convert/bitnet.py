@@ -28,17 +28,24 @@ class BitNet(LlamaLike):
     sub_norms = True
 
     def config(self, hf):
-        self.packed = (hf.get("quantization_config") or {}).get("quant_method") == "bitnet"
+        qc = hf.get("quantization_config") or {}
+        if not isinstance(qc, dict):
+            raise FormatError(f"config.json: 'quantization_config' must be an object, got {type(qc).__name__}")
+        self.packed = qc.get("quant_method") == "bitnet"
         return super().config(hf)
 
     def linear(self, src: SourceTensors, hf_name: str, name: str, bias: bool) -> Emitted:
         if self.packed:
             raw = src.take_raw(hf_name + ".weight")
-            scale = float(np.asarray(src.take(hf_name + ".weight_scale")).reshape(-1)[0])
-            if scale <= 0:
+            scale = np.asarray(src.take(hf_name + ".weight_scale")).reshape(-1)
+            if scale.size != 1:
+                raise FormatError(f"{src.where}: {hf_name}.weight_scale must hold one number, got {scale.size}")
+            scale = float(scale[0])
+            if not scale > 0 or not np.isfinite(scale):
                 raise FormatError(f"{src.where}: {hf_name}.weight_scale must be positive, got {scale}")
             w = unpack_ternary(raw).astype(np.float32) / np.float32(scale)
-            e = Emitted(name, "linear", w, src.take(hf_name + ".bias") if bias else None, ternary=True)
+            e = Emitted(name, "linear", w, src.take(hf_name + ".bias") if bias else None, ternary=True,
+                        source=hf_name + ".weight")
             return e
         e = super().linear(src, hf_name, name, bias)
         e.ternary = quantize.ternary_scale(e.weight) is not None

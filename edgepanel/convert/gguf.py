@@ -64,6 +64,34 @@ def _field(reader, key, default=None):
         return default
 
 
+def _typed(reader, key: str, where: str, kind: str, default=None):
+    """Field `key` checked as `kind`: "count" (a positive integer), "number" (finite), "id" (an
+    integer >= 0), "str", "strs" (a list of strings), "ints" (a list of integers), "bool"; FormatError
+    naming the key otherwise.  Absent: `default`."""
+    v = _field(reader, key)
+    if v is None:
+        return default
+    is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    ok = {"count": lambda: is_int(v) and v > 0,
+          "id": lambda: is_int(v) and v >= 0,
+          "number": lambda: (is_int(v) or isinstance(v, (float, np.floating))) and abs(v) < 1e300,
+          "str": lambda: isinstance(v, str),
+          "bool": lambda: isinstance(v, (bool, np.bool_)),
+          "strs": lambda: isinstance(v, list) and all(isinstance(x, str) for x in v),
+          "ints": lambda: isinstance(v, list) and all(is_int(x) for x in v)}[kind]
+    if not ok():
+        what = {"count": "a positive integer", "id": "a token id", "number": "a finite number", "str": "a string",
+                "bool": "true or false", "strs": "a list of strings", "ints": "a list of integers"}[kind]
+        raise FormatError(f"{where}: GGUF field {key} must be {what}, got {v!r:.80}")
+    if kind in ("count", "id"):
+        return int(v)
+    if kind == "number":
+        return float(v)
+    if kind == "ints":
+        return [int(x) for x in v]
+    return bool(v) if kind == "bool" else v
+
+
 def hf_name(gguf_name: str) -> str | None:
     for pat, rep in NAME_MAP:
         if re.fullmatch(pat, gguf_name):
@@ -78,24 +106,30 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def build_tokenizer(reader, where: str) -> tuple[str | None, dict]:
-    model = _field(reader, "tokenizer.ggml.model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    field = lambda key, kind, default=None: _typed(reader, "tokenizer." + key, where, kind, default)  # noqa: E731
+    model = field("ggml.model", "str")
+    tokens = field("ggml.tokens", "strs")
+    eos = field("ggml.eos_token_id", "id")
     info = {
-        "bos_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_ids": [e for e in [_field(reader, "tokenizer.ggml.eos_token_id")] if e is not None],
-        "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "bos_id": field("ggml.bos_token_id", "id"),
+        "eos_ids": [] if eos is None else [eos],
+        "add_bos": field("ggml.add_bos_token", "bool", False),
+        "chat_template": field("chat_template", "str"),
         "generation": {},
     }
     if model is None or tokens is None:
         return None, info
     if model != "gpt2":
         raise FormatError(f"{where}: GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 BPE)")
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    pre = field("ggml.pre", "str", "default")
     if pre not in PRE_TOKENIZERS:
         raise FormatError(f"{where}: GGUF pre-tokenizer {pre!r} is not supported ({', '.join(sorted(PRE_TOKENIZERS))})")
-    merges = _field(reader, "tokenizer.ggml.merges") or []
-    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = field("ggml.merges", "strs", [])
+    if not all(" " in m for m in merges):
+        raise FormatError(f"{where}: GGUF field tokenizer.ggml.merges must hold pairs 'a b', got {next(m for m in merges if ' ' not in m)!r:.80}")
+    types = field("ggml.token_type", "ints", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise FormatError(f"{where}: GGUF field tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": ty == 3}
              for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
@@ -117,42 +151,49 @@ def build_tokenizer(reader, where: str) -> tuple[str | None, dict]:
 def open_gguf(path: Path):
     """(HF architecture name, HF-style config dict, SourceTensors, tokenizer json, tokenizer info)."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGMLQuantizationType, GGUFReader
         from gguf.quants import dequantize
     except ImportError as exc:
         raise FormatError(f"{path}: reading GGUF needs the `gguf` package ({exc})") from None
     where = str(path)
+    integer_types = {GGMLQuantizationType[n] for n in ("I8", "I16", "I32", "I64") if n in GGMLQuantizationType.__members__}
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - the gguf package raises assorted errors on bad files
         raise FormatError(f"{where}: not a readable GGUF file ({exc})") from None
     arch = _field(reader, "general.architecture")
-    if arch not in ARCHS:
-        raise FormatError(f"{where}: GGUF architecture {arch!r} is not supported ({', '.join(sorted(ARCHS))})")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise FormatError(f"{where}: GGUF architecture {arch!r:.80} is not supported ({', '.join(sorted(ARCHS))})")
     hf_arch, permuted = ARCHS[arch]
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    n_heads = g("attention.head_count")
-    n_kv = g("attention.head_count_kv", n_heads)
-    dim = g("embedding_length")
+    g = lambda k, kind, d=None: _typed(reader, f"{arch}.{k}", where, kind, d)  # noqa: E731
+    n_heads = g("attention.head_count", "count")
+    n_kv = g("attention.head_count_kv", "count", n_heads)
+    dim = g("embedding_length", "count")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise FormatError(f"{where}: GGUF rope frequency factors (rope_freqs.weight) are not supported yet")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = g("vocab_size") or (len(tokens) if tokens else tensors["token_embd.weight"].shape[1])
-    head_dim = g("rope.dimension_count") or dim // n_heads
+    for need, value in (("attention.head_count", n_heads), ("embedding_length", dim)):
+        if value is None:
+            raise FormatError(f"{where}: GGUF metadata lacks {arch}.{need}")
+    tokens = _typed(reader, "tokenizer.ggml.tokens", where, "strs")
+    vocab = g("vocab_size", "count") or (len(tokens) if tokens else None)
+    if vocab is None and "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[-1])
     cfg = {
-        "architectures": [hf_arch], "hidden_size": dim, "intermediate_size": g("feed_forward_length"),
-        "num_hidden_layers": g("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
-        "head_dim": head_dim, "max_position_embeddings": g("context_length", 2048),
-        "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
+        "architectures": [hf_arch], "hidden_size": dim, "intermediate_size": g("feed_forward_length", "count"),
+        "num_hidden_layers": g("block_count", "count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+        "head_dim": g("rope.dimension_count", "count") or dim // n_heads,
+        "max_position_embeddings": g("context_length", "count", 2048),
+        "rms_norm_eps": g("attention.layer_norm_rms_epsilon", "number", 1e-6), "rope_theta": g("rope.freq_base", "number", 10000.0),
         "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu",
     }
-    scaling = g("rope.scaling.type")
+    scaling = g("rope.scaling.type", "str")
     if scaling == "linear":
-        cfg["rope_scaling"] = {"type": "linear", "factor": g("rope.scaling.factor")}
+        cfg["rope_scaling"] = {"type": "linear", "factor": g("rope.scaling.factor", "number")}
     elif scaling not in (None, "none"):
         raise FormatError(f"{where}: GGUF rope scaling {scaling!r} is not supported")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if cfg[k] is None]
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if cfg[k] is None]
     if missing:
         raise FormatError(f"{where}: GGUF metadata lacks {', '.join(missing)}")
     names = {}
@@ -164,13 +205,25 @@ def open_gguf(path: Path):
 
     def load(name):
         t = tensors[names[name]]
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the innermost dimension first
-        w = w.reshape(shape)
-        if permuted and name.endswith("q_proj.weight"):
-            w = unpermute(w, n_heads)
-        elif permuted and name.endswith("k_proj.weight"):
-            w = unpermute(w, n_kv)
+        what = f"{where}: GGUF tensor '{t.name}'"
+        if not shape or min(shape) <= 0:
+            raise FormatError(f"{what} has shape {shape}: every dimension must be positive")
+        if t.tensor_type in integer_types:
+            raise FormatError(f"{what} has integer type {t.tensor_type.name}; weights must be float or quantized")
+        try:
+            if t.tensor_type == GGMLQuantizationType.F64:
+                w = np.asarray(t.data, np.float32)
+            else:
+                w = dequantize(t.data, t.tensor_type).astype(np.float32)
+            w = w.reshape(shape)
+        except (NotImplementedError, ValueError) as exc:
+            raise FormatError(f"{what} of type {t.tensor_type.name} cannot be read ({exc})") from None
+        for suffix, heads in (("q_proj.weight", n_heads), ("k_proj.weight", n_kv)):
+            if permuted and name.endswith(suffix):
+                if w.ndim != 2 or w.shape[0] % (2 * heads):
+                    raise FormatError(f"{what} has shape {shape}: its rows must split into {heads} heads of rotary pairs")
+                w = unpermute(w, heads)
         return w
 
     tok_json, info = build_tokenizer(reader, where)

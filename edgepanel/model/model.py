@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import EdgepanelError
+from ..errors import EdgepanelError, FormatError
 from ..format import ModelFile
 from ..sample import Sampling
 from ..tokenizer import Tokenizer
@@ -53,6 +53,15 @@ class Model:
     @property
     def threads(self):
         return self.engine.threads
+
+    def _check_file(self):
+        """The weights are views of the mapped file: a file truncated or rewritten in place since
+        `load` would give SIGBUS or other outputs.  Checked (size and modification time of the
+        mapped file, one fstat) at every call that runs the model; a file replaced by rename, as
+        edgepanel writes, is no change: the mapping keeps the old one."""
+        why = self.file.changed()
+        if why is not None:
+            raise FormatError(f"{self.path} changed while loaded ({why}); load it again")
 
     def parameters(self, kinds=None, layers=None) -> dict[str, np.ndarray]:
         """The continuous parameters (plane scales, norms, biases, embeddings' and head's scales)
@@ -116,12 +125,15 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """Logits (n, vocab) float32 for every position of `token_ids`, from an empty context."""
         ids = self._check_ids(token_ids)
+        self._check_file()
         cache = self.engine.new_cache(len(ids))
         return self.engine.forward(ids, cache, all_logits=True)
 
     def token_logprobs(self, token_ids) -> np.ndarray:
         """log p(token_t | tokens before t) for t = 1..n-1, float64 (n-1,)."""
-        return self.engine.logprobs([self._check_ids(token_ids)])[0]
+        ids = self._check_ids(token_ids)
+        self._check_file()
+        return self.engine.logprobs([ids])[0]
 
     def score(self, sequences, masks=None, batch_tokens: int = 2048) -> list[np.ndarray]:
         """Per-token log-probabilities log p(seq[t] | seq[:t]), t = 1..len-1, of several
@@ -161,6 +173,7 @@ class Model:
         """engine.logprobs over batches of about batch_tokens tokens, in order."""
         if batch_tokens < 1:
             raise ValueError("batch_tokens must be at least 1")
+        self._check_file()
         out: list[np.ndarray] = []
         start = 0
         for i in range(1, len(seqs) + 1):
@@ -238,6 +251,7 @@ class Model:
         return list(self._token_stream(self.prompt_ids(prompt), params))
 
     def _token_stream(self, ids: list[int], params: Sampling) -> Iterator[int]:
+        self._check_file()
         return token_stream(self.engine, self.cfg, ids, params, self.tokenizer.eos_ids)
 
     def _generate(self, ids: list[int], params: Sampling) -> Iterator[str]:

@@ -6,6 +6,7 @@ fine-tuner can perturb them in place and the kernels read them at call time.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -240,35 +241,89 @@ class _Reader:
         raise FormatError(f"{self.f.path}: '{name}' has unknown kind {r['kind']!r}")
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One tensor group of a model, as its config fixes it."""
+    role: str        # "linear": (out, in) | "rows": embed, head (rows, cols) | "norm": (n,) | "pos_embed": (max_seq, dim)
+    shape: tuple
+    bias: bool = False
+
+
+def layer_slots(cfg: ModelConfig) -> dict[str, Slot]:
+    """The tensor groups of every layer, by part name (the same for each layer)."""
+    ln, d, q, kv, h = cfg.norm == "layer", cfg.dim, cfg.q_dim, cfg.kv_dim, cfg.hidden_dim
+    slots = {"attn_norm": Slot("norm", (d,), ln),
+             "wq": Slot("linear", (q, d), cfg.qkv_bias), "wk": Slot("linear", (kv, d), cfg.qkv_bias),
+             "wv": Slot("linear", (kv, d), cfg.qkv_bias), "wo": Slot("linear", (d, q), cfg.o_bias),
+             "mlp_norm": Slot("norm", (d,), ln),
+             "w_up": Slot("linear", (h, d), cfg.mlp_bias), "w_down": Slot("linear", (d, h), cfg.mlp_bias)}
+    if cfg.gated_mlp:
+        slots["w_gate"] = Slot("linear", (h, d), cfg.mlp_bias)
+    if cfg.sub_norms:
+        slots["attn_sub_norm"] = Slot("norm", (q,))
+        slots["mlp_sub_norm"] = Slot("norm", (h,))
+    return slots
+
+
+def model_slots(cfg: ModelConfig) -> dict[str, Slot]:
+    """The tensor groups outside the layers, by name."""
+    slots = {"embed": Slot("rows", (cfg.vocab_size, cfg.dim)), "final_norm": Slot("norm", (cfg.dim,), cfg.norm == "layer")}
+    if not cfg.tie_embeddings:
+        slots["head"] = Slot("rows", (cfg.vocab_size, cfg.dim))
+    if cfg.pos == "learned":
+        slots["pos_embed"] = Slot("pos_embed", (cfg.max_seq_len, cfg.dim))
+    return slots
+
+
+def slot(cfg: ModelConfig, name: str) -> Slot | None:
+    """The tensor group `name` ("embed", "layers.3.wq", ...) of a model of `cfg`; None if it has none."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
+    if m:
+        return layer_slots(cfg).get(m[2]) if int(m[1]) < cfg.n_layers else None
+    return model_slots(cfg).get(name)
+
+
 def load_weights(f: ModelFile) -> Weights:
-    cfg = ModelConfig.from_dict(f.meta.config)
+    try:
+        cfg = ModelConfig.from_dict(f.meta.config)
+    except FormatError as exc:
+        raise FormatError(f"{f.path}: {exc}") from None
     rd = _Reader(f)
-    layer_norm = cfg.norm == "layer"
+    per_layer, top = layer_slots(cfg), model_slots(cfg)
+
+    def part(name, s: Slot):
+        if s.role == "norm":
+            return rd.norm(name, s.shape[0], s.bias)
+        return rd.linear(name, *s.shape, s.bias)
+
     layers = []
     for i in range(cfg.n_layers):
-        L = lambda part: N.layer(i, part)  # noqa: E731
-        layers.append(Layer(
-            attn_norm=rd.norm(L("attn_norm"), cfg.dim, layer_norm),
-            wq=rd.linear(L("wq"), cfg.q_dim, cfg.dim, cfg.qkv_bias),
-            wk=rd.linear(L("wk"), cfg.kv_dim, cfg.dim, cfg.qkv_bias),
-            wv=rd.linear(L("wv"), cfg.kv_dim, cfg.dim, cfg.qkv_bias),
-            wo=rd.linear(L("wo"), cfg.dim, cfg.q_dim, cfg.o_bias),
-            attn_sub_norm=rd.norm(L("attn_sub_norm"), cfg.q_dim, False) if cfg.sub_norms else None,
-            mlp_norm=rd.norm(L("mlp_norm"), cfg.dim, layer_norm),
-            w_gate=rd.linear(L("w_gate"), cfg.hidden_dim, cfg.dim, cfg.mlp_bias) if cfg.gated_mlp else None,
-            w_up=rd.linear(L("w_up"), cfg.hidden_dim, cfg.dim, cfg.mlp_bias),
-            mlp_sub_norm=rd.norm(L("mlp_sub_norm"), cfg.hidden_dim, False) if cfg.sub_norms else None,
-            w_down=rd.linear(L("w_down"), cfg.dim, cfg.hidden_dim, cfg.mlp_bias)))
-    head = None
-    if not cfg.tie_embeddings:
-        head = rd.rows("head", cfg.vocab_size, cfg.dim)
-    return Weights(
-        cfg=cfg, embed=rd.rows("embed", cfg.vocab_size, cfg.dim), layers=layers,
-        final_norm=rd.norm("final_norm", cfg.dim, layer_norm), head=head,
-        pos_embed=np.asarray(f.get("pos_embed.weight", np.float32, (cfg.max_seq_len, cfg.dim))) if cfg.pos == "learned" else None,
+        layers.append(Layer(**{p: part(N.layer(i, p), s) for p, s in per_layer.items()}))
+    w = Weights(
+        cfg=cfg, embed=rd.rows("embed", *top["embed"].shape), layers=layers,
+        final_norm=part("final_norm", top["final_norm"]),
+        head=rd.rows("head", *top["head"].shape) if "head" in top else None,
+        pos_embed=np.asarray(f.get("pos_embed.weight", np.float32, top["pos_embed"].shape)) if "pos_embed" in top else None,
         inv_freq=rd.vec("rope.inv_freq", cfg.head_dim // 2) if cfg.pos == "rope" else None,
         mlp_rotation=_rotation(f, "mlp_rotation", cfg.hidden_dim) if cfg.mlp_rotation else None,
         file=f)
+    _check_finite(w)
+    return w
+
+
+def _check_finite(w: Weights):
+    """Refuse non-finite continuous parameters (they would give NaN logits).  Dense weights are
+    views of the file, left unread here: a NaN among them is the engine's non-finite logits error."""
+    where = w.file.path if w.file is not None else "model"
+    arrays = [(name, getattr(owner, attr)) for name, _, _, owner, attr in w.named_parameters()]
+    arrays += [("rope.inv_freq", w.inv_freq), ("pos_embed.weight", w.pos_embed)]
+    if w.mlp_rotation is not None:
+        arrays += [("mlp_rotation.signs", w.mlp_rotation.signs), ("mlp_rotation.mix", w.mlp_rotation.mix)]
+    for name, a in arrays:
+        if isinstance(a, bits.PlaneMatrix):
+            a = a.scales if a.scale_rows is None else a.scale_rows   # uint8 codes are always finite
+        if a is not None and not np.isfinite(a).all():
+            raise FormatError(f"{where}: tensor '{name}' holds non-finite values (NaN or infinity)")
 
 
 def _rotation(f: ModelFile, name: str, n: int) -> Rotation:
