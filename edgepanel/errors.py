@@ -15,3 +15,7 @@ class BackendUnavailable(EdgepanelError, RuntimeError):
 
 class EdgepanelWarning(UserWarning):
     """Something works, but not the way it was meant to (e.g. the kernels fell back to Numba)."""
+
+
+class NonFiniteError(EdgepanelError, FloatingPointError):
+    """The model computed a NaN or an infinity (its logits while sampling, a training loss)."""

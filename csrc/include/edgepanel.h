@@ -173,6 +173,20 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
                      int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
                      float *out, void *work, int64_t work_bytes, int threads);
 
+/* ---- calibration-aware fitting (csrc/fit.c) ------------------------------------------------
+ * GPTQ's column loop over one block of nb columns holding whole groups of `group` columns (the last
+ * may be shorter), each row on its own: for each group, fit its k scales on the row's current values
+ * (greedy residual planes + als_iters ALS rounds, as edgepanel/quantize.py does); for each column j,
+ * take the nearest of the 2^k levels, err = (w - level) / u[j][j], w[t] -= err * u[j][t] for the
+ * later block columns t.  w: row r's block at w + r*ld_w (float64, updated in place); u: the
+ * block's upper Cholesky factor of H^-1, row j at u + j*ld_u; err: (out, nb) float64 out;
+ * signs: plane i, row r, column j at signs[(i*out + r)*ld_s + j] (+-1 out); alpha: plane i, row r,
+ * group t at alpha[(i*out + r)*ld_a + t] (float32 out).  threads <= 0: all processors; the results
+ * do not depend on it.  EP_ENOMEM: a thread could not allocate its few kilobytes. */
+int ep_gptq_block(double *w, int64_t out, int64_t nb, int64_t ld_w, const double *u, int64_t ld_u,
+                  int64_t k, int64_t group, int64_t als_iters, double *err, int8_t *signs,
+                  int64_t ld_s, float *alpha, int64_t ld_a, int threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -21,7 +21,7 @@ from .. import bits, quantize
 from ..errors import EdgepanelWarning, FormatError
 from ..format import Metadata, ModelWriter
 from ..tokenizer import Tokenizer, check_tokenizer_info
-from . import bitnet, gpt2, llama, qwen2  # noqa: F401  (register the architectures)
+from . import bitnet, checkpoint, gpt2, llama, qwen2  # noqa: F401  (register the architectures)
 from .base import ARCHITECTURES, Emitted, Recipe, architecture_for, checked, row_planes
 
 __all__ = ["convert", "Recipe", "ConversionReport", "supported_architectures"]
@@ -51,6 +51,7 @@ class ConversionReport:
     seconds: float = 0.0
     perplexity: dict | None = None   # {"before": ..., "after": ...} when an eval text was given
     tuning: dict | None = None       # {"kl_before": ..., "kl_after": ...} when the scales were tuned
+    peak_rss: int | None = None      # the process's peak resident memory (VmHWM) at the end, bytes (Linux)
 
     @property
     def linear_bits(self) -> float:
@@ -76,8 +77,9 @@ class ConversionReport:
             g = str(r.group) if r.group else "-"
             err = (f"{r.error:.4f}" + ("*" if r.calibrated else " ")) if r.kind == "planes" else "-"
             lines.append(f"{r.name:28} {shape:>13} {r.kind:>7} {k:>2} {g:>5} {r.bits:7.3f} {err:>9}")
+        peak = f"; peak memory {self.peak_rss / 2**30:.2f} GiB" if self.peak_rss else ""
         lines.append(f"linear layers: {self.linear_bits:.3f} bits/weight; with embeddings and head: "
-                     f"{self.all_bits:.3f}; file {self.file_bytes / 2**20:.1f} MiB; {self.seconds:.1f} s")
+                     f"{self.all_bits:.3f}; file {self.file_bytes / 2**20:.1f} MiB; {self.seconds:.1f} s{peak}")
         if self.tuning:
             t = self.tuning
             how = " (zeroth-order)" if t.get("method") == "zo" else ""
@@ -258,6 +260,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
         if recipe.calib == "default" and text.startswith("# edgepanel calibration text"):
             text = text.split("\n", 1)[-1]   # the recipe line that made it
         toks = cal.calibration_tokens(tok_json, text, recipe.calib_tokens, min(recipe.seq_len, cfg.max_seq_len), str(src))
+        work = checkpoint.WorkDir(out, checkpoint.identity(src, recipe.to_dict()), log)
         run = cal._Run(fm, recipe, log)
         if recipe.bits:
             from .budget import plan_bits
@@ -267,27 +270,15 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
                                                     for role, fmt in chosen.items()},
                                          **{role: "int8" for role in ("embed", "head")
                                             if getattr(recipe, role) == "auto" and role not in chosen})
-        final = run.run(toks)
-        fitted = run.results
-        for role in ("head", "embed"):
-            if role not in fm.t:
-                continue
-            fmt = row_planes(getattr(recipe, role), recipe.group_for(fm.t[role].weight.shape[1]))
-            if isinstance(fmt, str):
-                continue
-            if role == "head":   # on the final hidden states, as every linear layer on its inputs
-                run.fit("head", final, fmt=fmt)
-            else:                # read by rows: nothing to weigh the inputs by
-                w = fm.t[role].weight
-                pm = quantize.fit_planes(w, fmt[0], fmt[1], als_iters=recipe.als_iters)
-                fitted[role] = (pm, quantize.reconstruction_error(w, pm), f"greedy+als{recipe.als_iters}", False)
+        fitted = _calibrate(fm, recipe, run, toks, work, progress, log)
         if recipe.tuned and recipe.tune_method() == "fo":
             from . import recover
             if not recover.available():
                 raise FormatError("first-order scale tuning (--tune fo) needs torch: pip install 'edgepanel[tune]' "
                                   "(or --tune zo, torch-free)")
             report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
-                                         seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log)
+                                         seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log,
+                                         work=work, progress=progress)
         elif recipe.tuned:
             zo_teacher = _zo_teacher(fm, toks, log)   # before the float weights are replaced below
         emitted = list(fm.t.values())
@@ -311,9 +302,62 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
         writer.close(meta, tok_json)
     if recipe.calibrated and recipe.tuned and recipe.tune_method() == "zo":
         report.tuning = _zo_tune(out, zo_teacher, recipe, progress, log)
+    if recipe.calibrated:
+        work.clear()
     report.file_bytes = out.stat().st_size
     report.seconds = time.time() - t0
+    report.peak_rss = _peak_rss()
     return report
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _calibrate(fm, recipe: Recipe, run, toks: np.ndarray, work, progress: bool, log) -> dict:
+    """Every linear layer fitted on its calibration inputs, then head and embeddings (as planes
+    when the recipe asks); resumed from `work`'s checkpoint when an earlier run was interrupted.
+    Returns name -> (PlaneMatrix or None, error[, how, calibrated])."""
+    cfg, start, x = fm.cfg, 0, None
+    saved = work.load("calib")
+    if saved is not None:
+        arrays, state = saved
+        run.results = checkpoint.unpack_fitted(arrays, state["fitted"])
+        if state["done"]:
+            log("calibration: resumed (done)")
+            return run.results
+        start, x = state["layers"], arrays["x"]
+        run.fit_seconds = state["fit_seconds"]
+        log(f"calibration: resumed after layer {start}/{cfg.n_layers}")
+
+    def after_layer(i, x):
+        if i + 1 < cfg.n_layers and work.due("calib"):
+            arrays, desc = checkpoint.pack_fitted(run.results)
+            work.save("calib", {**arrays, "x": x}, {"fitted": desc, "layers": i + 1, "done": False,
+                                                    "fit_seconds": run.fit_seconds})
+
+    final = run.run(toks, start=start, x=x, after_layer=after_layer, progress=progress)
+    fitted = run.results
+    for role in ("head", "embed"):
+        if role not in fm.t:
+            continue
+        fmt = row_planes(getattr(recipe, role), recipe.group_for(fm.t[role].weight.shape[1]))
+        if isinstance(fmt, str):
+            continue
+        if role == "head":   # on the final hidden states, as every linear layer on its inputs
+            run.fit("head", final, fmt=fmt)
+        else:                # read by rows: nothing to weigh the inputs by
+            w = fm.t[role].weight
+            pm = quantize.fit_planes(w, fmt[0], fmt[1], als_iters=recipe.als_iters)
+            fitted[role] = (pm, quantize.reconstruction_error(w, pm), f"greedy+als{recipe.als_iters}", False)
+    if recipe.tuned:   # the tuning takes as long again: keep what calibration found
+        arrays, desc = checkpoint.pack_fitted(fitted)
+        work.save("calib", arrays, {"fitted": desc, "done": True})
+    return fitted
 
 
 def _check_destination(src: Path, out: Path):

@@ -184,14 +184,27 @@ class _Run:
         positions = np.tile(np.arange(Lq), S)                           # (S*Lq,): each sequence from 0
         return ops, positions, ref.embed(ops, self.fm.cfg, tokens.reshape(-1), positions)
 
-    def run(self, tokens: np.ndarray) -> np.ndarray:
-        """Binarize every layer on tokens (S, Lq); returns the final hidden states (S*Lq, dim)."""
+    def run(self, tokens: np.ndarray, start: int = 0, x: np.ndarray | None = None, after_layer=None,
+            progress: bool = False) -> np.ndarray:
+        """Binarize every layer on tokens (S, Lq); returns the final hidden states (S*Lq, dim).
+        To resume: `start` layers are done (in self.results) and `x` is the stream after them.
+        after_layer(i, x): called once layer i is fitted (a checkpoint)."""
         cfg = self.fm.cfg
-        ops, positions, x = self.stream(tokens)
+        ops, positions, x0 = self.stream(tokens)
+        x = x0 if x is None else x
+        del x0
         t0 = time.time()
-        for i in range(cfg.n_layers):
+        from ..progress import bar
+        layers = bar(range(start, cfg.n_layers), total=cfg.n_layers, initial=start, desc="calibrating",
+                     unit="layer", disable=not progress)
+        for i in layers:
             x = ref.block(ops, cfg, i, x, positions)
-            self.log(f"calibrated layer {i + 1}/{cfg.n_layers} ({time.time() - t0:.0f} s, fitting {self.fit_seconds:.0f} s)")
+            done, spent = i + 1 - start, time.time() - t0
+            left = spent / done * (cfg.n_layers - i - 1)
+            self.log(f"calibrated layer {i + 1}/{cfg.n_layers} ({spent:.0f} s, fitting {self.fit_seconds:.0f} s; "
+                     f"about {left:.0f} s left)")
+            if after_layer is not None:
+                after_layer(i, x)
         return ops.norm("final_norm", x)
 
 
@@ -233,6 +246,11 @@ class _CalibOps:
         return out
 
     def act(self, x):
+        if self.cfg.act == "silu" and x.dtype == np.float32:   # ref.activation's arithmetic, in place
+            t = np.negative(x)
+            np.exp(t, out=t)
+            t += np.float32(1.0)
+            return np.divide(x, t, out=t)
         return ref.activation(self.cfg, x)
 
     def mlp_rotation(self, u):

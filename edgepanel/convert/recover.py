@@ -63,10 +63,13 @@ class _TorchModel:
                 if e.role == "linear":
                     self.lin[name] = (T(e.weight), bias)
                 continue
-            signs = torch.from_numpy(pm.signs()).to(torch.float32)           # (k, out, in)
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
             mult = torch.ones_like(alpha0, requires_grad=True)
-            self.planes[name] = (pm, signs, alpha0, mult)
+            # linear layers: each weight's plane combination as one uint8 code (out, ng, gs), a
+            # byte a weight; embeddings/head as planes (rare recipes): float32 signs, indexed by row
+            held = torch.from_numpy(_codes(pm)) if e.role == "linear" else \
+                torch.from_numpy(pm.signs()).to(torch.float32)               # (k, out, in)
+            self.planes[name] = (pm, held, alpha0, mult)
             self.lin[name] = (None, bias)
         self.norms = {}
         for name, e in t.items():
@@ -83,21 +86,34 @@ class _TorchModel:
             q, s = quantize.int8_rows(w)
             return T(q.astype(np.float32) * s[:, None])
 
-        self.embed_w = stored("embed", rows[0])
+        self.embed_q = None
+        if fitted is not None and rows[0] == "int8" and "embed" not in self.planes and "head" in t:
+            # read by rows: the rows a sequence needs are widened, never the whole table
+            q, s = quantize.int8_rows(t["embed"].weight)
+            self.embed_q, self.embed_w = (torch.from_numpy(q), torch.from_numpy(s)), None
+        else:
+            self.embed_w = stored("embed", rows[0])
         self.head_name = "head" if "head" in t else "embed"
         self.head_w = stored("head", rows[1]) if "head" in t else self.embed_w
         self.pos_embed_w = T(t["pos_embed"].weight) if "pos_embed" in t else None
         self.record = None
         self.rot = T(fm.rotation.matrix()) if fm.rotation is not None else None
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
+        self.plane_fn = plane_linear(torch)
+        self.combos = {k: torch.from_numpy(_combos(k)) for k in range(1, bits.MAX_PLANES + 1)}
 
     def weight(self, name, rows=None):
         """The (out, in) weight, or only its rows `rows` (a tensor of indices)."""
+        if name == "embed" and self.embed_q is not None and rows is not None:
+            q, s = self.embed_q
+            return q[rows].to(self.torch.float32) * s[rows, None]   # the product int8_rows' table holds
         if name not in self.planes:
             w = self.lin[name][0] if name in self.lin else (self.embed_w if name == "embed" else self.head_w)
             return w if rows is None else w[rows]
         pm, signs, alpha0, mult = self.planes[name]
         alpha = alpha0 * mult
+        if signs.dtype == self.torch.uint8:
+            raise AssertionError(f"{name}: a coded linear layer is applied by linear(), not built")
         if rows is not None:
             signs, alpha = signs[:, rows], alpha[:, rows]
         a = alpha.repeat_interleave(pm.group, dim=-1)[..., :pm.in_features]
@@ -105,7 +121,11 @@ class _TorchModel:
 
     def linear(self, name, x):
         _, b = self.lin[name]
-        y = x @ self.weight(name).T
+        if name in self.planes:
+            pm, codes, alpha0, mult = self.planes[name]
+            y = self.plane_fn.apply(x, alpha0 * mult, codes, self.combos[pm.k], pm.in_features)
+        else:
+            y = x @ self.weight(name).T
         y = y if b is None else y + b
         if self.record is not None:   # sensitivity(): inputs and outputs of every layer
             y.retain_grad()
@@ -173,25 +193,124 @@ class _TorchModel:
         return y
 
 
-def _mean_kl(torch, teacher, student, tokens) -> float:
+def _combos(k: int) -> np.ndarray:
+    """(2^k, k) float32: row c holds the signs of level code c, plane 0 in the code's highest bit."""
+    c = np.arange(2 ** k)[:, None]
+    return np.where((c >> (k - 1 - np.arange(k))[None, :]) & 1, 1.0, -1.0).astype(np.float32)
+
+
+def _codes(pm) -> np.ndarray:
+    """(out, ng, gs) uint8: each weight's level code (bit k-1-i set when plane i is +1), the
+    inputs padded to whole groups with code 0 (their weights are sliced off)."""
+    s = pm.signs()                                                       # (k, out, in) int8
+    k, out, n_in = s.shape
+    ng = pm.n_groups
+    gs = n_in if ng == 1 else pm.group
+    codes = np.zeros((out, ng * gs), np.uint8)
+    for i in range(k):
+        codes[:, :n_in] |= ((s[i] > 0).astype(np.uint8) << (k - 1 - i))
+    return codes.reshape(out, ng, gs)
+
+
+def plane_linear(torch):
+    """x @ W^T for W = sum_i S_i * alpha_i (signs fixed, scales per group), with autograd for x
+    and alpha only: W is built by one gather of each group's 2^k levels by the weights' codes,
+    and d alpha from d W by one scatter-add into those levels.  Nothing of size (k, out, in)
+    exists at any time (the dense formulation's products, repeats and saved tensors took most of
+    the 7 GB the first-order tuning used to peak at)."""
+
+    class PlaneLinear(torch.autograd.Function):
+        @staticmethod
+        def weight(alpha, codes, combos, n_in):
+            out, ng, gs = codes.shape
+            levels = torch.einsum("lk,kon->onl", combos, alpha)                 # (out, ng, 2^k)
+            w = torch.gather(levels, 2, codes.long()).reshape(out, ng * gs)
+            return w[:, :n_in].contiguous() if ng * gs != n_in else w
+
+        @staticmethod
+        def forward(ctx, x, alpha, codes, combos, n_in):
+            # W is built again for the backward pass rather than kept: a gather costs ~3% of a
+            # step, keeping every layer's W would cost 4 bytes a weight until the backward pass
+            ctx.save_for_backward(x, alpha, codes, combos)
+            ctx.n_in = n_in
+            return x @ PlaneLinear.weight(alpha, codes, combos, n_in).T
+
+        @staticmethod
+        def backward(ctx, gy):
+            x, alpha, codes, combos = ctx.saved_tensors
+            out, ng, gs = codes.shape
+            gx = gy @ PlaneLinear.weight(alpha, codes, combos, ctx.n_in) if ctx.needs_input_grad[0] else None
+            gw = gy.reshape(-1, out).T @ x.reshape(-1, x.shape[-1])              # (out, in)
+            if ng * gs != gw.shape[1]:
+                gw = torch.nn.functional.pad(gw, (0, ng * gs - gw.shape[1]))
+            bins = torch.zeros(out, ng, combos.shape[0], dtype=gw.dtype)
+            bins.scatter_add_(2, codes.long(), gw.reshape(out, ng, gs))
+            return gx, torch.einsum("lk,onl->kon", combos.to(gw.dtype), bins), None, None, None
+
+    return PlaneLinear
+
+
+TEACHER_K = 128   # the teacher's most likely next tokens kept per position (and the rest as one)
+
+
+def teacher_targets(torch, teacher, tokens: np.ndarray, k: int = TEACHER_K) -> tuple:
+    """The teacher's top-k next-token log-probabilities at every position of one sequence, and the
+    log of the probability outside them: (ids (L, k) int64, logp (L, k), rest (L,)) tensors."""
     with torch.no_grad():
-        total = 0.0
-        for seq in tokens:
-            seq = torch.from_numpy(seq.astype(np.int64))
-            p_log = torch.log_softmax(teacher.logits(seq), -1)
-            q_log = torch.log_softmax(student.logits(seq), -1)
-            total += float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
-    return total / len(tokens)
+        lp = torch.log_softmax(teacher.logits(torch.from_numpy(tokens.astype(np.int64))).double(), -1)
+        top, ids = torch.topk(lp, k, dim=-1)
+        rest = _log1mexp(torch, torch.logsumexp(top, -1))
+    return ids, top.float(), rest.float()
+
+
+def _log1mexp(torch, x):
+    """log(1 - exp(x)) for x < 0, finite as x -> 0 (the mass outside a top-k can round to 0)."""
+    x = torch.clamp(x, max=-1e-7 if x.dtype == torch.float32 else -1e-12)
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_kl(torch, target, logits):
+    """Mean over positions of KL(teacher || student) with the vocabulary coarsened to the teacher's
+    top k tokens and one outcome for the rest: exact on those k, and never above the full KL."""
+    ids, p_log, p_rest = target
+    q_all = torch.log_softmax(logits, -1)
+    q_log = q_all.gather(-1, ids)
+    q_rest = _log1mexp(torch, torch.logsumexp(q_log, -1))
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1) + p_rest.exp() * (p_rest - q_rest)
+    return kl.mean()
+
+
+def _mean_kl(torch, targets, student, tokens) -> float:
+    with torch.no_grad():
+        return float(np.mean([float(topk_kl(torch, t, student.logits(torch.from_numpy(seq.astype(np.int64)))))
+                              for t, seq in zip(targets, tokens)]))
+
+
+def release_float(fm, fitted: dict):
+    """Drop the float weights of every layer `fitted` holds planes for (the file is written from
+    the planes; only the shape is read), keeping the shape: 4 bytes a weight given back before
+    the tuning's own memory is taken."""
+    for name, res in fitted.items():
+        e = fm.t.get(name)
+        if res[0] is not None and e is not None and e.role == "linear":
+            e.weight = np.broadcast_to(np.float32(0.0), e.weight.shape)
 
 
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
-         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None) -> dict:
+         seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None,
+         work=None, progress: bool = False) -> dict:
     """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
     in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
     seeded order; `rows`: the formats (int8 | f16 | f32) embeddings and head are stored in.
     (Tuning the norm weights as well gained almost nothing on SmolLM2.)  Each scale is
-    alpha0 * m with m starting at 1, so `lr` is a relative change per step.  Returns the mean KL
-    to the float model on the first `eval_seqs` sequences before and after, and the time taken."""
+    alpha0 * m with m starting at 1, so `lr` is a relative change per step.  The loss is the KL
+    from the float model over its top TEACHER_K tokens and the rest as one outcome (topk_kl), its
+    targets computed before the first step, after which the float weights of the fitted layers
+    are released (release_float: the float model is not held while tuning).  Returns that KL on
+    the first `eval_seqs` sequences before and after, and the time taken.
+    `work` (a checkpoint.WorkDir): the multipliers and Adam's state are saved there now and then,
+    and a run finding them resumes, bit for bit (Adam's arithmetic does not depend on the
+    thread count; the matrix products' sums may, as for any torch run)."""
     torch = _require_torch()
     log = log or (lambda m: None)
     if steps <= 0:
@@ -202,28 +321,63 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         cfg = fm.cfg
-        teacher = _TorchModel(torch, cfg, fm, None)
-        student = _TorchModel(torch, cfg, fm, fitted, rows)
-        if not student.planes:
+        if not any(res[0] is not None for res in fitted.values()):
             return {}
         held = tokens[:max(1, min(eval_seqs, len(tokens)))]
-        kl_before = _mean_kl(torch, teacher, student, held)
-        opt = torch.optim.Adam([mult for *_, mult in student.planes.values()], lr=lr)
         order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(tokens)), math.ceil(steps / len(tokens))))
+        saved = work.load("tune") if work is not None else None
+        start = saved[1]["step"] if saved is not None else 0
+        # the float model's part, all at once: its targets for the sequences still to come (each is
+        # read once when there are fewer steps than sequences, so this costs no more forwards than
+        # computing them step by step), then its float linear weights go (see release_float)
+        teacher = _TorchModel(torch, cfg, fm, None)
+        need = sorted(set(order[start:steps].tolist()))
+        targets = {i: teacher_targets(torch, teacher, tokens[i]) for i in need}
+        held_targets = [teacher_targets(torch, teacher, seq) for seq in held]
+        del teacher
+        release_float(fm, fitted)
+        student = _TorchModel(torch, cfg, fm, fitted, rows)
+        names = sorted(student.planes)
+        mults = [student.planes[n][3] for n in names]
+        opt = torch.optim.Adam(mults, lr=lr)
         kls = []
-        for step in range(steps):
-            seq = torch.from_numpy(tokens[order[step]].astype(np.int64))
+        if saved is not None:
+            arrays, state = saved
+            kls, kl_before = state["kls"], state["kl_before"]
             with torch.no_grad():
-                p_log = torch.log_softmax(teacher.logits(seq), -1)
-            q_log = torch.log_softmax(student.logits(seq), -1)
-            kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+                for n, m in zip(names, mults):
+                    m.copy_(torch.from_numpy(arrays[n + ".mult"]))
+                    opt.state[m] = {"step": torch.tensor(float(start)),
+                                    "exp_avg": torch.from_numpy(arrays[n + ".exp_avg"]),
+                                    "exp_avg_sq": torch.from_numpy(arrays[n + ".exp_avg_sq"])}
+            log(f"tuning scales: resumed at step {start}/{steps}")
+        else:
+            kl_before = _mean_kl(torch, held_targets, student, held)
+        from ..progress import bar
+        steps_bar = bar(range(start, steps), total=steps, initial=start, desc="tuning", unit="step",
+                        disable=not progress)
+        t1 = time.time()
+        for step in steps_bar:
+            seq = torch.from_numpy(tokens[order[step]].astype(np.int64))
+            kl = topk_kl(torch, targets[int(order[step])], student.logits(seq))
             opt.zero_grad(set_to_none=True)
             kl.backward()
             opt.step()
             kls.append(float(kl.detach()))
+            if hasattr(steps_bar, "set_postfix"):
+                steps_bar.set_postfix(KL=f"{np.mean(kls[-10:]):.4f}", refresh=False)
             if (step + 1) % 10 == 0 or step + 1 == steps:
-                log(f"tuning scales: step {step + 1}/{steps}, KL {np.mean(kls[-10:]):.4f} ({time.time() - t0:.0f} s)")
-        kl_after = _mean_kl(torch, teacher, student, held)
+                left = (time.time() - t1) / (step + 1 - start) * (steps - step - 1)
+                log(f"tuning scales: step {step + 1}/{steps}, KL {np.mean(kls[-10:]):.4f} "
+                    f"({time.time() - t0:.0f} s; about {left:.0f} s left)")
+            if work is not None and step + 1 < steps and work.due("tune"):
+                arrays = {}
+                for n, m in zip(names, mults):
+                    st = opt.state[m]
+                    arrays.update({n + ".mult": m.detach().numpy().copy(), n + ".exp_avg": st["exp_avg"].numpy().copy(),
+                                   n + ".exp_avg_sq": st["exp_avg_sq"].numpy().copy()})
+                work.save("tune", arrays, {"step": step + 1, "kls": kls, "kl_before": kl_before})
+        kl_after = _mean_kl(torch, held_targets, student, held)
         with torch.no_grad():
             for name, (pm, _, alpha0, mult) in student.planes.items():
                 alpha = (alpha0 * mult).numpy()

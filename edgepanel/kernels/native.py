@@ -6,6 +6,7 @@ constant of the ABI is read from lib (lib.EP_TILE, lib.EP_ACT_SILU, ...), never 
 edgepanel.bits keeps the pure-Python copy of the layout's, which tests/test_c_binding.py checks
 against lib.  ERRORS names the return codes.  CBackend is the C kernels behind the Backend
 interface: pointers and workspace only, arguments arrive already checked by _backend.Backend.
+gptq_block is csrc/fit.c's GPTQ column loop, for edgepanel.quantize.gptq_planes (it checks its own).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import numpy as np
 
 from ..errors import BackendUnavailable
-from ._backend import Backend
+from ._backend import Backend, check_array, check_threads
 
 try:
     from ._ep import ffi, lib
@@ -45,6 +46,60 @@ def runnable_isas() -> list[str]:
 
 def _ptr(ctype: str, a: np.ndarray):
     return ffi.cast(ctype, a.ctypes.data)
+
+
+def gptq_block(w: np.ndarray, hinv: np.ndarray, i1: int, i2: int, group: int, als_iters: int,
+               signs: np.ndarray, alpha: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """GPTQ's column loop over columns [i1, i2) of w (out, in) float64, in place, in C (csrc/fit.c):
+    each group's k scales fitted on the rows as they stand, each column rounded to its row's nearest
+    level, its error fed to the later block columns through hinv (in, in) float64, the upper
+    Cholesky factor of H^-1.  Writes signs (k, out, in) int8 and alpha (k, out, n_groups) float32
+    for these columns and groups; returns the errors E (out, i2 - i1) float64 (the caller applies
+    them to the columns after i2: w[:, i2:] -= E @ hinv[i1:i2, i2:]).  Groups are `group`
+    consecutive columns; [i1, i2) holds whole groups (the last group of a row may be shorter)."""
+    if lib is None:
+        raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
+    w = check_array("w", w, np.float64, (2,))
+    hinv = check_array("hinv", hinv, np.float64, (2,))
+    signs = check_array("signs", signs, np.int8, (3,))
+    alpha = check_array("alpha", alpha, np.float32, (3,))
+    out, n_in = w.shape
+    if out == 0 or n_in == 0:
+        raise ValueError(f"w must have at least one row and one column, got shape {w.shape}")
+    if hinv.shape != (n_in, n_in):
+        raise ValueError(f"hinv must have shape {(n_in, n_in)} for w of shape {w.shape}, got {hinv.shape}")
+    k = signs.shape[0]
+    if not 1 <= k <= lib.EP_MAX_PLANES or signs.shape[1:] != (out, n_in):
+        raise ValueError(f"signs must have shape (k, {out}, {n_in}) with k in 1..{lib.EP_MAX_PLANES}, "
+                         f"got {signs.shape}")
+    for name, v in (("i1", i1), ("i2", i2), ("group", group), ("als_iters", als_iters)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if group < 1:
+        raise ValueError(f"group must be positive, got {group}")
+    ng = -(-n_in // group)
+    if alpha.shape != (k, out, ng):
+        raise ValueError(f"alpha must have shape {(k, out, ng)}, got {alpha.shape}")
+    if not (0 <= i1 < i2 <= n_in) or i1 % group or (i2 % group and i2 != n_in):
+        raise ValueError(f"columns [{i1}, {i2}) must be whole groups of {group} within 0..{n_in}")
+    if als_iters < 0:
+        raise ValueError(f"als_iters must be >= 0, got {als_iters}")
+    if not np.isfinite(w[:, i1:i2]).all():
+        raise ValueError(f"w holds a NaN or an infinity in columns [{i1}, {i2})")
+    if not np.isfinite(hinv[i1:i2, i1:i2]).all():
+        raise ValueError(f"hinv holds a NaN or an infinity in rows and columns [{i1}, {i2})")
+    nb = i2 - i1
+    err = np.empty((out, nb), np.float64)
+    item = w.itemsize
+    rc = lib.ep_gptq_block(ffi.cast("double *", w.ctypes.data + i1 * item), out, nb, n_in,
+                           ffi.cast("double *", hinv.ctypes.data + (i1 * n_in + i1) * item), n_in,
+                           k, group, als_iters, _ptr("double *", err),
+                           ffi.cast("int8_t *", signs.ctypes.data + i1), n_in,
+                           ffi.cast("float *", alpha.ctypes.data + (i1 // group) * alpha.itemsize), ng,
+                           check_threads(threads))
+    if rc != 0:
+        raise RuntimeError(f"gptq_block failed in C: {error_name(rc)}")
+    return err
 
 
 class CBackend(Backend):

@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from ..errors import NonFiniteError
+
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
@@ -41,7 +43,7 @@ def projected_gradient(loss_plus: float, loss_minus: float, eps: float, clip: fl
     """(L+ - L-) / (2 eps), clipped to [-clip, clip] (quantized-scale ZO diverges without it)."""
     g = (float(loss_plus) - float(loss_minus)) / (2.0 * eps)
     if not np.isfinite(g):
-        raise FloatingPointError(f"the loss is not finite (L+ {loss_plus}, L- {loss_minus})")
+        raise NonFiniteError(f"the loss is not finite (L+ {loss_plus}, L- {loss_minus})")
     return g if clip is None else float(np.clip(g, -clip, clip))
 
 
