@@ -41,7 +41,10 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
     int64_t dmax = max64(max64(m->dim, q_dim), m->hidden_dim);
     int64_t omax = max64(q_dim, max64(m->hidden_dim, m->dim));  /* the head runs in chunks */
     int64_t ng_max = dmax / 32 + 2;
-    int64_t acc_per_mat = max64(n * ep_out_pad(omax), HEAD_ROWS * ep_out_pad(m->vocab));
+    /* a slot per concurrent product; the head runs alone, so its (larger) accumulator is slot 0
+     * running on into the others: MAX_CONCURRENT head-sized slots would be 12 MiB more for SmolLM2 */
+    int64_t acc_per_mat = n * ep_out_pad(omax);
+    int64_t acc_total = max64(MAX_CONCURRENT * acc_per_mat, HEAD_ROWS * ep_out_pad(m->vocab));
     int64_t off = 0;
 #define TAKE(field, type, count)                                   \
     do {                                                           \
@@ -65,7 +68,7 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
     TAKE(qs, float, n);
     TAKE(tab, uint8_t, n * ep_tab_stride(dmax));
     TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
-    TAKE(acc, float, MAX_CONCURRENT * acc_per_mat);
+    TAKE(acc, float, acc_total);
 #undef TAKE
     if (f) {
         f->dmax = dmax;

@@ -354,6 +354,7 @@ def _calibrate(fm, recipe: Recipe, run, toks: np.ndarray, work, progress: bool, 
             w = fm.t[role].weight
             pm = quantize.fit_planes(w, fmt[0], fmt[1], als_iters=recipe.als_iters)
             fitted[role] = (pm, quantize.reconstruction_error(w, pm), f"greedy+als{recipe.als_iters}", False)
+    run._h_of = run._h = None   # the last inputs and their H (~160 MB): not needed by the tuning
     if recipe.tuned:   # the tuning takes as long again: keep what calibration found
         arrays, desc = checkpoint.pack_fitted(fitted)
         work.save("calib", arrays, {"fitted": desc, "done": True})
