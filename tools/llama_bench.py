@@ -5,7 +5,7 @@ with the same threads, prompt and generation lengths, in one table.
     python tools/llama_bench.py -t 1,2 -p 128 -n 64 -r 5 --recipes k2g64 k4g64:s8 --json both.json
     python tools/llama_bench.py --dry-run             # print what would be built and run
 
-llama.cpp is built once, natively (-DGGML_NATIVE=ON, cmake), from the source distribution of
+llama.cpp is built once, for this CPU's ISA (cmake; isa_options), from the source distribution of
 `llama-cpp-python` on PyPI (which vendors llama.cpp), into $EDGEPANEL_HOME/llama.cpp/VERSION/
 outside the repository: only the `llama-bench` and `llama-quantize` targets (about 12 minutes on 2
 cores).  The source model is the default model's: SmolLM2-135M-Instruct as Q4_1 GGUF (`edgepanel
@@ -64,6 +64,23 @@ def unpack(sdist: Path, src: Path) -> Path:
     return src
 
 
+def isa_options() -> list[str]:
+    """ggml's x86 ISA options from the CPU's flags, AMX left out: -DGGML_NATIVE=ON compiled AMX
+    code on a KVM guest whose CPUID lists AMX, and llama-bench died with SIGILL on its first
+    product (Intel Xeon, this project's development machine).  Elsewhere: the native build."""
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return ["-DGGML_NATIVE=ON"]
+    if "avx2" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    opts = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX512": "avx512f",
+            "AVX512_VNNI": "avx512_vnni", "AVX512_VBMI": "avx512vbmi", "AVX512_BF16": "avx512_bf16",
+            "AVX_VNNI": "avx_vnni"}
+    return ["-DGGML_NATIVE=OFF"] + [f"-DGGML_{k}={'ON' if v in flags else 'OFF'}" for k, v in opts.items()] + \
+        [f"-DGGML_AMX_{k}=OFF" for k in ("TILE", "INT8", "BF16")]
+
+
 def build(version: str, jobs: int, dry: bool) -> Path:
     """The directory holding llama-bench and llama-quantize, built once per version."""
     home = hub.cache_dir() / "llama.cpp" / version
@@ -84,7 +101,7 @@ def build(version: str, jobs: int, dry: bool) -> Path:
     if not sdists:
         raise SystemExit(f"pip downloaded no llama-cpp-python sdist into {dl}")
     root = llama_cpp_root(unpack(sdists[0], src))
-    sh(["cmake", "-S", root, "-B", home / "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+    sh(["cmake", "-S", root, "-B", home / "build", "-DCMAKE_BUILD_TYPE=Release", *isa_options(),
         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
         "-DBUILD_SHARED_LIBS=OFF"], dry)
     sh(["cmake", "--build", home / "build", "--config", "Release", "-j", str(jobs), "--target", *TARGETS], dry)
