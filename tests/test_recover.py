@@ -31,15 +31,18 @@ def float_model(path, rotate=True):
     return fm
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "gpt2"])
-def test_torch_forward_matches_the_reference(arch, tmp_path):
+def test_torch_forward_matches_the_reference(arch, fold, tmp_path):
     build(arch, tmp_path / "hf", seed=4)
     fm = float_model(tmp_path / "hf", rotate=cal.can_rotate(float_model(tmp_path / "hf", False).cfg))
     ids = np.array([5, 77, 3, 140, 9, 9, 250, 31, 2, 60], np.int32)
     w = cal.to_weights(fm)
     want = ref.forward(w, ids, ref.KVCache(w.cfg, len(ids)), all_logits=True)
     with torch.no_grad():
-        got = recover._TorchModel(torch, fm.cfg, fm, None).logits(torch.from_numpy(ids.astype(np.int64))).numpy()
+        tm = recover._TorchModel(torch, fm.cfg, fm, None, fold_rotation=fold)
+        got = tm.logits(torch.from_numpy(ids.astype(np.int64))).numpy()
+    assert (tm.rot is None) == (fold or fm.rotation is None)   # folded: no rotation left to apply
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 

@@ -21,7 +21,7 @@ from .. import bits, quantize
 from ..errors import EdgepanelWarning, FormatError
 from ..format import Metadata, ModelWriter
 from ..tokenizer import Tokenizer, check_tokenizer_info
-from . import bitnet, checkpoint, gpt2, llama, qwen2  # noqa: F401  (register the architectures)
+from . import bitnet, checkpoint, gpt2, llama, memory, qwen2  # noqa: F401  (register the architectures)
 from .base import ARCHITECTURES, Emitted, Recipe, architecture_for, checked, row_planes
 
 __all__ = ["convert", "Recipe", "ConversionReport", "supported_architectures"]
@@ -201,7 +201,7 @@ class _Store:
                 self._planes(e, pm, f"greedy+als{self.r.als_iters}", quantize.reconstruction_error(e.weight, pm), False)
             return
         if fmt == "int8":
-            q, s = quantize.int8_rows(e.weight)
+            q, s = e.int8 if e.int8 is not None else quantize.int8_rows(e.weight)
             self.w.add(e.name + ".q", q)
             self.w.add(e.name + ".row_scale", s)
             self.recipes[e.name] = {"kind": "int8_rows"}
@@ -234,6 +234,11 @@ class _Store:
 
 def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=None) -> ConversionReport:
     """Convert `src` (HF checkpoint directory or .gguf file) to the model file `out`."""
+    with memory.large_blocks_mapped():
+        return _convert(src, out, recipe, progress, log)
+
+
+def _convert(src, out, recipe: Recipe | None, progress: bool, log) -> ConversionReport:
     t0 = time.time()
     src, out = Path(src), Path(out)
     recipe = recipe or Recipe()
@@ -247,6 +252,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
         from . import calibrate as cal
         fm = cal.FloatModel(cfg, emitted)
         tensors.check_all_consumed()
+        tensors = emitted = None   # the source file's mapping: its pages count as resident while held
         if recipe.rotate and cal.can_rotate(cfg):
             cal.rotate(fm, recipe.seed)
             extra["mlp_rotation.signs"] = fm.rotation.signs
@@ -271,6 +277,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
                                          **{role: "int8" for role in ("embed", "head")
                                             if getattr(recipe, role) == "auto" and role not in chosen})
         fitted = _calibrate(fm, recipe, run, toks, work, progress, log)
+        memory.give_back()   # calibration's arrays, freed
         if recipe.tuned and recipe.tune_method() == "fo":
             from . import recover
             if not recover.available():

@@ -88,6 +88,7 @@ class Emitted:
     absmean: bool = False          # binarize with BitNet's absmean ternarization (then exact)
     source_dtype: str = "float32"
     source: str | None = None      # the source tensor's name, for error messages
+    int8: tuple | None = None      # (q, scale): its int8 rows, when made before the float weight was released
 
 
 class Architecture:

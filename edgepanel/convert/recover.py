@@ -22,6 +22,7 @@ import numpy as np
 from .. import bits, quantize
 from ..errors import FormatError
 from ..model import reference as ref
+from . import memory
 
 
 def available() -> bool:
@@ -44,9 +45,15 @@ class _TorchModel:
     """The float model (teacher) or the binarized one (student) as a torch forward pass over
     whole sequences: model.reference.block with torch arithmetic (it is the `ops`)."""
 
-    def __init__(self, torch, cfg, fm, fitted: dict | None, rows: tuple[str, str] = ("int8", "int8")):
+    def __init__(self, torch, cfg, fm, fitted: dict | None, rows: tuple[str, str] = ("int8", "int8"),
+                 fold_rotation: bool = False):
+        """fold_rotation (the float model only): the MLP rotation folded into down_proj's weights
+        (W R, exact up to rounding) rather than applied to every activation: a third of the
+        teacher's arithmetic spared; not for sensitivity(), which reads down_proj's rotated inputs."""
         self.torch, self.cfg = torch, cfg
         t = fm.t
+        fold = fold_rotation and fitted is None and fm.rotation is not None
+        rot_matrix = fm.rotation.matrix() if fold else None
 
         def T(a):  # shares memory with the (read-only) float model: never written in place
             with warnings.catch_warnings():
@@ -61,7 +68,8 @@ class _TorchModel:
             bias = None if e.bias is None else T(e.bias)
             if pm is None:
                 if e.role == "linear":
-                    self.lin[name] = (T(e.weight), bias)
+                    folded = fold and name.endswith("w_down")
+                    self.lin[name] = (T(e.weight @ rot_matrix if folded else e.weight), bias)
                 continue
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
             mult = torch.ones_like(alpha0, requires_grad=True)
@@ -83,21 +91,33 @@ class _TorchModel:
                 return T(w)
             if fmt == "f16":
                 return T(w.astype(np.float16))
-            q, s = quantize.int8_rows(w)
+            q, s = int8_rows_of(t[name])
             return T(q.astype(np.float32) * s[:, None])
 
-        self.embed_q = None
+        self.embed_q = self.head_q = None
         if fitted is not None and rows[0] == "int8" and "embed" not in self.planes and "head" in t:
             # read by rows: the rows a sequence needs are widened, never the whole table
-            q, s = quantize.int8_rows(t["embed"].weight)
+            q, s = int8_rows_of(t["embed"])
             self.embed_q, self.embed_w = (torch.from_numpy(q), torch.from_numpy(s)), None
         else:
             self.embed_w = stored("embed", rows[0])
         self.head_name = "head" if "head" in t else "embed"
-        self.head_w = stored("head", rows[1]) if "head" in t else self.embed_w
+        if fitted is not None and rows[1] == "int8" and "head" in t and "head" not in self.planes:
+            # the int8 table widened a block of rows at a time (int8_head), never whole
+            q, s = int8_rows_of(t["head"])
+            self.head_q, self.head_w = (torch.from_numpy(q), torch.from_numpy(s)), None
+            self.head_fn = int8_head(torch)
+        else:
+            self.head_w = stored("head", rows[1]) if "head" in t else self.embed_w
         self.pos_embed_w = T(t["pos_embed"].weight) if "pos_embed" in t else None
         self.record = None
-        self.rot = T(fm.rotation.matrix()) if fm.rotation is not None else None
+        # the MLP rotation as rotation.py defines it: signs, a Hadamard product per 2^a block, the
+        # m x m mix of the blocks (a third of the dense n x n product's arithmetic at n = 1536)
+        self.rot = None
+        if fm.rotation is not None and not fold:
+            from ..rotation import _hadamard, split_pow2
+            p, m = split_pow2(fm.rotation.n)
+            self.rot = (T(fm.rotation.signs), T(_hadamard(p)), T(fm.rotation.mix), p, m)
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
         self.plane_fn = plane_linear(torch)
         self.combos = {k: torch.from_numpy(_combos(k)) for k in range(1, bits.MAX_PLANES + 1)}
@@ -167,7 +187,11 @@ class _TorchModel:
         return a.transpose(0, 1)                                              # (L, H, hd)
 
     def mlp_rotation(self, u):
-        return u if self.rot is None else u @ self.rot.T
+        if self.rot is None:
+            return u
+        signs, had, mix, p, m = self.rot
+        y = ((u * signs).reshape(-1, m, p) @ had)             # each block of p by the Hadamard matrix
+        return (mix @ y).reshape(u.shape)                       # out[:, i] = sum_j mix[i, j] y[:, j]
 
     def embed(self, tokens):
         return self.weight("embed", tokens)
@@ -186,7 +210,7 @@ class _TorchModel:
         for i in range(cfg.n_layers):
             x = ref.block(self, cfg, i, x, pos)
         h = self.norm("final_norm", x)
-        y = h @ self.weight(self.head_name).T
+        y = self.head_fn.apply(h, *self.head_q) if self.head_q is not None else h @ self.weight(self.head_name).T
         if self.record is not None:
             y.retain_grad()
             self.record["head"] = (h.detach(), y)
@@ -250,6 +274,40 @@ def plane_linear(torch):
     return PlaneLinear
 
 
+def int8_rows_of(e):
+    """An embedding or head's int8 rows (q, scale): those made when its float weight was released
+    (release_rows), else made now."""
+    return e.int8 if e.int8 is not None else quantize.int8_rows(e.weight)
+
+
+def int8_head(torch, block: int = 4096):
+    """h @ W^T for the int8 rows W = q * scale (vocab, dim), with autograd for h only: W is widened
+    `block` rows at a time in the forward and the backward pass, so the float table (4 bytes a
+    weight: 113 MB for SmolLM2's head) never exists."""
+
+    class Int8Head(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, q, scale):
+            ctx.save_for_backward(q, scale)
+            y = h.new_empty(h.shape[:-1] + (q.shape[0],))
+            for r0 in range(0, q.shape[0], block):
+                w = q[r0:r0 + block].to(h.dtype) * scale[r0:r0 + block, None]
+                torch.matmul(h, w.T, out=y[..., r0:r0 + block])
+            return y
+
+        @staticmethod
+        def backward(ctx, gy):
+            q, scale = ctx.saved_tensors
+            gh = None
+            for r0 in range(0, q.shape[0], block):
+                w = q[r0:r0 + block].to(gy.dtype) * scale[r0:r0 + block, None]
+                part = gy[..., r0:r0 + block] @ w
+                gh = part if gh is None else gh.add_(part)
+            return gh, None, None
+
+    return Int8Head
+
+
 TEACHER_K = 128   # the teacher's most likely next tokens kept per position (and the rest as one)
 
 
@@ -296,6 +354,21 @@ def release_float(fm, fitted: dict):
             e.weight = np.broadcast_to(np.float32(0.0), e.weight.shape)
 
 
+def release_rows(fm, fitted: dict, rows: tuple[str, str]):
+    """Embeddings and head stored as int8 rows (and not as planes): their int8 rows made now and
+    kept (Emitted.int8, what the file will hold and the student reads), their float weights dropped
+    (shape kept): 8 bytes a row entry given back for the two tables."""
+    for role, fmt in zip(("embed", "head"), rows):
+        e = fm.t.get(role)
+        if e is None or fmt != "int8" or (fitted.get(role) or (None,))[0] is not None:
+            continue
+        if role == "embed" and "head" not in fm.t:   # tied: the head reads the same table
+            continue
+        if e.int8 is None:
+            e.int8 = quantize.int8_rows(e.weight)
+        e.weight = np.broadcast_to(np.float32(0.0), e.weight.shape)
+
+
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
          seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None,
          work=None, progress: bool = False) -> dict:
@@ -330,12 +403,14 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         # the float model's part, all at once: its targets for the sequences still to come (each is
         # read once when there are fewer steps than sequences, so this costs no more forwards than
         # computing them step by step), then its float linear weights go (see release_float)
-        teacher = _TorchModel(torch, cfg, fm, None)
+        teacher = _TorchModel(torch, cfg, fm, None, fold_rotation=True)
         need = sorted(set(order[start:steps].tolist()))
         targets = {i: teacher_targets(torch, teacher, tokens[i]) for i in need}
         held_targets = [teacher_targets(torch, teacher, seq) for seq in held]
         del teacher
         release_float(fm, fitted)
+        release_rows(fm, fitted, rows)
+        memory.give_back()
         student = _TorchModel(torch, cfg, fm, fitted, rows)
         names = sorted(student.planes)
         mults = [student.planes[n][3] for n in names]
