@@ -11,7 +11,8 @@ sensitivity), plus options after ':' joined by ',':
   for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
   gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
   formats: int8, f16, f32, kK, kKgG); s8 (8-bit scales).
-Prints a markdown table; conversions are cached in $EDGEPANEL_HOME/quality/.
+Prints a markdown table; conversions are cached in $EDGEPANEL_HOME/quality/, each made in a
+child process with its time and peak memory beside it (NAME.cost.json).
 """
 from __future__ import annotations
 
@@ -87,13 +88,14 @@ def main():
     for spec in ["pass"] + [r for r in args.recipes if r != "pass"]:
         recipe = parse(spec)
         path = out_dir / f"{spec.replace(':', '_').replace(',', '_')}.ep"
-        secs = None
+        cost = path.with_suffix(".cost.json")   # the conversion's time and peak memory, kept beside it
         if not path.exists():
-            t = time.time()
-            convert(src, path, recipe, log=lambda m: print("  " + m, file=sys.stderr))
-            secs = time.time() - t
+            cost.write_text(json.dumps(_convert_alone(src, path, recipe)))
+        spent = json.loads(cost.read_text()) if cost.exists() else {}
+        secs, peak = spent.get("seconds"), spent.get("peak_rss")
         m = load(path)
         row = {"recipe": spec, "file_mib": path.stat().st_size / 2**20, "convert_s": secs,
+               "convert_peak_gib": peak / 2**30 if peak else None,
                "bits": _linear_bits(m), "bits_all": _linear_bits(m, with_rows=True)}
         for name, text in texts.items():
             ids = m.tokenizer.encode(text)[:args.tokens]
@@ -102,9 +104,29 @@ def main():
         base = rows[0]
         print(f"{spec:28} " + " ".join(f"{n} {row[n]:9.2f} ({row[n] / base[n]:.2f}x)" for n in texts)
               + f"  {row['bits']:.2f} bits/w ({row['bits_all']:.2f} with embeddings and head), {row['file_mib']:.1f} MiB"
-              + (f", converted in {secs:.0f} s" if secs else ""), flush=True)
+              + (f", converted in {secs:.0f} s" if secs else "")
+              + (f", peak memory {peak / 2**30:.2f} GiB" if peak else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+
+
+def _convert(src, path, recipe, queue):
+    t = time.time()
+    report = convert(src, path, recipe, log=lambda m: print("  " + m, file=sys.stderr, flush=True))
+    queue.put({"seconds": time.time() - t, "peak_rss": report.peak_rss})
+
+
+def _convert_alone(src, path, recipe) -> dict:
+    """Convert in a fresh process, so that its peak memory (VmHWM) is this conversion's alone."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_convert, args=(src, path, recipe, queue))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"converting {path.name} failed (exit code {child.exitcode})")
+    return queue.get()
 
 
 def _stored_bits(t) -> float:
