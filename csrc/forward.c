@@ -261,37 +261,78 @@ static void attention_range(void *ctx, int64_t b, int64_t e) {
     free(scratch);
 }
 
-/* x <- mix(FWHT(signs * x)) per token, as edgepanel/rotation.py: butterflies over distances
- * 1, 2, 4, ... within each block of p, scaled by 1/sqrt(p), then the m x m mix of the blocks. */
-static void rotate_rows(const ep_model *m, float *x, float *tmp, int64_t n) {
-    const int64_t P = m->rot_p, M = m->rot_m, D = P * M;
+/* ---- the rotation ----------------------------------------------------------------------------
+ * v <- mix(FWHT(signs * v)) for one row of D = P * M, as edgepanel/rotation.py: butterflies over
+ * distances 1, 2, 4, ... within each block of P, scaled by 1/sqrt(P), then the M x M mix of the
+ * blocks, each output the sum over k = 0..M-1 in order from 0.0f.  tmp: D floats (M > 1). */
+static void rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp) {
+    const int64_t D = P * M;
     const float norm = 1.0f / sqrtf((float)P);
-    for (int64_t t = 0; t < n; t++) {
-        float *v = x + t * D;
-        for (int64_t i = 0; i < D; i++) v[i] *= m->rot_signs[i];
-        for (int64_t b = 0; b < M; b++) {
-            float *blk = v + b * P;
-            for (int64_t h = 1; h < P; h *= 2)
-                for (int64_t s = 0; s < P; s += 2 * h)
-                    for (int64_t i = s; i < s + h; i++) {
-                        float a = blk[i], c = blk[i + h];
-                        blk[i] = a + c;
-                        blk[i + h] = a - c;
-                    }
+    for (int64_t i = 0; i < D; i++) v[i] *= signs[i];
+    for (int64_t b = 0; b < M; b++) {
+        float *blk = v + b * P;
+        int64_t h = 1;
+        if (P >= 4) {   /* distances 1 and 2 in one pass over each 4 entries: the same sums */
+            for (int64_t s = 0; s < P; s += 4) {
+                const float a0 = blk[s] + blk[s + 1], a1 = blk[s] - blk[s + 1];
+                const float a2 = blk[s + 2] + blk[s + 3], a3 = blk[s + 2] - blk[s + 3];
+                blk[s] = a0 + a2;
+                blk[s + 1] = a1 + a3;
+                blk[s + 2] = a0 - a2;
+                blk[s + 3] = a1 - a3;
+            }
+            h = 4;
         }
-        for (int64_t i = 0; i < D; i++) v[i] *= norm;
-        if (M > 1) {
-            for (int64_t i = 0; i < M; i++)
-                for (int64_t j = 0; j < P; j++) {
-                    float acc = 0.0f;
-                    for (int64_t k = 0; k < M; k++) acc += m->rot_mix[i * M + k] * v[k * P + j];
-                    tmp[i * P + j] = acc;
+        for (; h < P; h *= 2)
+            for (int64_t s = 0; s < P; s += 2 * h)
+                for (int64_t i = s; i < s + h; i++) {
+                    float a = blk[i], c = blk[i + h];
+                    blk[i] = a + c;
+                    blk[i + h] = a - c;
                 }
-            memcpy(v, tmp, sizeof(float) * (size_t)D);
-        } else if (m->rot_mix[0] != 1.0f) {
-            for (int64_t i = 0; i < D; i++) v[i] *= m->rot_mix[0];
-        }
     }
+    for (int64_t i = 0; i < D; i++) v[i] *= norm;
+    if (M > 1) {
+        for (int64_t i = 0; i < M; i++) {   /* k outer, j inner: contiguous rows, the same order per output */
+            float *o = tmp + i * P;
+            for (int64_t j = 0; j < P; j++) o[j] = 0.0f;
+            for (int64_t k = 0; k < M; k++) {
+                const float c = mix[i * M + k], *src = v + k * P;
+                for (int64_t j = 0; j < P; j++) o[j] += c * src[j];
+            }
+        }
+        memcpy(v, tmp, sizeof(float) * (size_t)D);
+    } else if (mix[0] != 1.0f) {
+        for (int64_t i = 0; i < D; i++) v[i] *= mix[0];
+    }
+}
+
+typedef struct {
+    const float *signs, *mix;
+    int64_t P, M;
+    float *x;
+    float *tmp;     /* rows * D floats (a range uses the slot of its first row), or NULL: allocate */
+    int failed;
+} rotate_job;
+
+static void rotate_range(void *ctx, int64_t b, int64_t e) {
+    rotate_job *j = (rotate_job *)ctx;
+    const int64_t D = j->P * j->M;
+    float *tmp = j->tmp ? j->tmp + b * D : NULL;
+    if (!tmp && j->M > 1 && !(tmp = (float *)malloc(sizeof(float) * (size_t)D))) {
+        j->failed = 1;
+        return;
+    }
+    for (int64_t t = b; t < e; t++) rotate_row(j->signs, j->mix, j->P, j->M, j->x + t * D, tmp);
+    if (!j->tmp) free(tmp);
+}
+
+int ep_rotate_rows(const float *signs, const float *mix, int64_t n, float *x, int64_t rows, int threads) {
+    if (!signs || !mix || !x || n <= 0 || rows < 0) return EP_EINVAL;
+    const int64_t P = n & -n;
+    rotate_job j = {signs, mix, P, n / P, x, NULL, 0};
+    ep_parallel_for(threads, rows, rotate_range, &j);
+    return j.failed ? EP_ENOMEM : EP_OK;
 }
 
 static void embed_rows(const ep_matrix *e, const int32_t *tokens, int64_t n, int64_t d, float *x) {
@@ -461,7 +502,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
             norm_rows(m, &L->mlp_sub_norm, EP_NORM_RMS, f.u, f.g, n, F);
             d_in = f.g;
         }
-        if (m->rot_signs) rotate_rows(m, d_in, d_in == f.u ? f.g : f.u, n);
+        if (m->rot_signs) {
+            rotate_job rj = {m->rot_signs, m->rot_mix, m->rot_p, m->rot_m, d_in, d_in == f.u ? f.g : f.u, 0};
+            ep_parallel_for(threads, n, rotate_range, &rj);   /* rows apart: the same values */
+        }
         run_one(&f, d_in, F, &L->w_down, f.o);
         for (int64_t i = 0; i < n * D; i++) f.x[i] += f.o[i];
     }

@@ -8,7 +8,8 @@ combining the blocks: y[i*2^a + j] = sum_i' O[i, i'] z[i'*2^a + j].  T is orthog
 dot products: T(x) . T(w) = x . w.  Rotating the rows of a weight matrix offline and its input at
 run time (or both offline, when the previous layer's output can absorb it) leaves the layer's
 output unchanged while spreading outliers over many inputs, which quantization tolerates better.
-Cost O(n log n + n m).  The C engine applies the same T (csrc/forward.c, ep_rotate)."""
+Cost O(n log n + n m).  The C engine applies the same T with the same butterflies (csrc/forward.c,
+ep_rotate_rows; calibration calls it on many rows)."""
 from __future__ import annotations
 
 import functools

@@ -218,3 +218,184 @@ def test_rotation_as_matrix_products_matches_the_butterflies(n):
     a, b = r.apply(x), r.apply_blas(x)
     assert b.dtype == np.float32 and b.shape == x.shape
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def rotation_matrix64(r) -> np.ndarray:
+    """The transform as an exact float64 matrix, built apart from the butterflies:
+    A = kron(mix, H_p / sqrt(p)) diag(signs), H_p the Sylvester Hadamard matrix (rotation.py)."""
+    from edgepanel.rotation import split_pow2
+    p, m = split_pow2(r.n)
+    h = np.ones((1, 1))
+    while len(h) < p:
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    return np.kron(r.mix.astype(np.float64), h / np.sqrt(p)) * r.signs.astype(np.float64)[None, :]
+
+
+@pytest.mark.parametrize("n", [1536, 576, 64, 96, 24, 7, 2, 1])   # p * m: 512*3, 64*9, 64*1, 32*3, 8*3, 1*7
+@pytest.mark.parametrize("rows", [1, 3, 37])
+def test_rotation_in_c_matches_the_butterflies(n, rows):
+    """The C rotation (csrc/forward.c, the engine's) on rows: Rotation.apply's values to float32
+    rounding, the float64 matrix's too, and the same bits on any number of threads."""
+    from edgepanel.kernels import native
+    from edgepanel.rotation import Rotation
+    assert native.lib is not None, "the C kernels are not built (pip install -e . builds them)"
+    r = Rotation.random(n, 11)
+    x = (np.random.default_rng(n + rows).standard_normal((rows, n)) * np.linspace(0.1, 10, n)).astype(np.float32)
+    exact = x.astype(np.float64) @ rotation_matrix64(r).T
+    y = native.rotate_rows(r.signs, r.mix, x.copy(), threads=1)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    scale = np.abs(exact).max()
+    assert np.abs(y - exact).max() <= 2e-6 * scale
+    assert np.abs(y - r.apply(x)).max() <= 2e-6 * scale
+    for threads in (2, 3, 0):
+        np.testing.assert_array_equal(native.rotate_rows(r.signs, r.mix, x.copy(), threads=threads), y)
+
+
+def test_calibration_rotates_in_c_or_in_numpy(monkeypatch):
+    """calibrate.rotate_rows takes the C kernel when it is built (EDGEPANEL_BACKEND=numpy: apply_blas):
+    the same transform either way, in place when asked (the MLP activations)."""
+    from edgepanel.kernels import native
+    from edgepanel.rotation import Rotation
+    r = Rotation.random(96, 2)
+    x = np.random.default_rng(0).standard_normal((2, 5, 96)).astype(np.float32)
+    calls = []
+    real = native.rotate_rows
+    monkeypatch.setattr(native, "rotate_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for backend in ("c", "numpy"):
+        monkeypatch.setenv("EDGEPANEL_BACKEND", backend)
+        calls.clear()
+        y = cal.rotate_rows(r, x)
+        assert y is not x and bool(calls) == (backend == "c")
+        z = x.copy()
+        assert cal.rotate_rows(r, z, in_place=True) is z
+        np.testing.assert_array_equal(z, y)
+        results[backend] = y
+    ref = r.apply(x)
+    for y in results.values():
+        assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
+    for bad in (x.astype(np.float64), np.zeros((4, 192), np.float32)[:, ::2]):
+        with pytest.raises(ValueError, match="in_place needs"):
+            cal.rotate_rows(r, bad, in_place=True)
+    w = np.random.default_rng(1).standard_normal((96, 40)).astype(np.float32)
+    exact = rotation_matrix64(r) @ w
+    assert np.abs(cal.rotate_columns(r, w) - exact).max() <= 2e-6 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(x=np.zeros((3, 96))), TypeError, "x must have dtype float32"),
+    (dict(x=np.zeros((3, 48), np.float32)), ValueError, "x has 48 columns; this rotation needs 96"),
+    (dict(x=np.zeros((3, 192), np.float32)[:, ::2]), ValueError, "x must be C-contiguous"),
+    (dict(x=np.zeros(96, np.float32)), ValueError, "x must have 2 dimensions"),
+    (dict(mix=np.eye(2, dtype=np.float32)), ValueError, r"mix must have shape \(3, 3\)"),
+    (dict(signs=np.ones(0, np.float32)), ValueError, "signs must not be empty"),
+    (dict(signs=np.ones(96)), TypeError, "signs must have dtype float32"),
+])
+def test_bad_input_to_the_c_rotation_is_a_clear_error(change, error, message):
+    from edgepanel.kernels import native
+    args = dict(signs=np.ones(96, np.float32), mix=np.eye(3, dtype=np.float32), x=np.zeros((3, 96), np.float32))
+    args.update(change)
+    with pytest.raises(error, match=message):
+        native.rotate_rows(**args)
+    ro = np.zeros((3, 96), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="x must be writeable"):
+        native.rotate_rows(np.ones(96, np.float32), np.eye(3, dtype=np.float32), ro)
+
+
+def test_c_rotation_checks_its_own_arguments():
+    from edgepanel.kernels import native
+    lib, ffi = native.lib, native.ffi
+    assert lib is not None, "the C kernels are not built"
+    s, m, x = np.ones(96, np.float32), np.eye(3, dtype=np.float32), np.ones((2, 96), np.float32)
+    ptr = lambda a: ffi.cast("float *", a.ctypes.data)  # noqa: E731
+    good = [ptr(s), ptr(m), 96, ptr(x), 2, 1]
+    assert lib.ep_rotate_rows(*good) == lib.EP_OK
+    assert lib.ep_rotate_rows(ptr(s), ptr(m), 96, ptr(x), 0, 1) == lib.EP_OK   # no rows: nothing to do
+    for pos, bad in ((0, ffi.NULL), (1, ffi.NULL), (2, 0), (2, -4), (3, ffi.NULL), (4, -1)):
+        args = list(good)
+        args[pos] = bad
+        assert lib.ep_rotate_rows(*args) == lib.EP_EINVAL, pos
+
+
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_rotate_matches_float64_matrices(arch, backend, tmp_path, monkeypatch):
+    """rotate() against the float64 products it stands for: embeddings and q/k/v/gate/up inputs
+    rotated (norm weights fused), o/down outputs rotated, each value head on v_proj's rows and
+    o_proj's columns, down_proj's inputs by the MLP rotation; llama has biases, mistral a head
+    dimension of 8 * 3."""
+    from edgepanel.rotation import Rotation
+    monkeypatch.setenv("EDGEPANEL_BACKEND", backend)
+    build(arch, tmp_path / "hf")
+    hf_arch, hf_cfg, _, _, _ = open_hf(tmp_path / "hf")
+    a = architecture_for(hf_arch)
+    cfg = a.config(hf_cfg)
+    fm = cal.FloatModel(cfg, list(a.tensors(open_hf(tmp_path / "hf")[2], cfg, hf_cfg)))
+    src = {k: (e.weight.astype(np.float64), None if e.bias is None else e.bias.astype(np.float64))
+           for k, e in fm.t.items()}
+    seed = 3
+    cal.rotate(fm, seed=seed)
+    A = rotation_matrix64(Rotation.random(cfg.dim, seed))
+    M = rotation_matrix64(Rotation.random(cfg.hidden_dim, seed + 1))
+    hd, G = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+
+    def check(name, want, bias=None):
+        got = fm.t[name]
+        assert np.abs(got.weight - want).max() <= 2e-6 * np.abs(want).max(), name
+        if bias is not None:
+            assert np.abs(got.bias - bias).max() <= 2e-6 * np.abs(bias).max(), name
+
+    head = src["embed" if "head" not in src else "head"][0] * src["final_norm"][0][None, :]
+    check("embed", src["embed"][0] @ A.T)
+    check("head", head @ A.T)
+    for i in range(cfg.n_layers):
+        L = lambda p: f"layers.{i}.{p}"  # noqa: E731
+        V = [rotation_matrix64(Rotation.random(hd, seed + 1000 + i * cfg.n_kv_heads + kh))
+             for kh in range(cfg.n_kv_heads)]
+        v_rows = np.zeros((cfg.n_kv_heads * hd,) * 2)
+        o_cols = np.zeros((cfg.q_dim,) * 2)
+        for kh, v in enumerate(V):
+            v_rows[kh * hd:(kh + 1) * hd, kh * hd:(kh + 1) * hd] = v
+            for h in range(kh * G, (kh + 1) * G):
+                o_cols[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] = v
+        ga, gm = src[L("attn_norm")][0], src[L("mlp_norm")][0]
+        for lin in ("wq", "wk"):
+            check(L(lin), (src[L(lin)][0] * ga) @ A.T)
+        wv, bv = src[L("wv")]
+        check(L("wv"), v_rows @ (wv * ga) @ A.T, None if bv is None else v_rows @ bv)
+        wo, bo = src[L("wo")]
+        check(L("wo"), A @ wo @ o_cols.T, None if bo is None else A @ bo)
+        for lin in ("w_gate", "w_up"):
+            check(L(lin), (src[L(lin)][0] * gm) @ A.T)
+        wd, bd = src[L("w_down")]
+        check(L("w_down"), A @ wd @ M.T, None if bd is None else A @ bd)
+        assert np.all(fm.t[L("attn_norm")].weight == 1) and np.all(fm.t[L("mlp_norm")].weight == 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bitnet"])
+def test_calibration_norms_give_the_reference_bits(arch, tmp_path):
+    """_CalibOps computes RMS norms and SiLU by blocks of rows without temporaries of the
+    activations' size: the same bits as ref.norm, ref.rms_sub_norm and ref.activation (layer norms
+    and other activations go through them)."""
+    from edgepanel.model.weights import Norm
+    build(arch, tmp_path / "hf")
+    hf_arch, hf_cfg, _, _, _ = open_hf(tmp_path / "hf")
+    a = architecture_for(hf_arch)
+    cfg = a.config(hf_cfg)
+    fm = cal.FloatModel(cfg, list(a.tensors(open_hf(tmp_path / "hf")[2], cfg, hf_cfg)))
+    ops = cal._CalibOps(cal._Run(fm, Recipe(), print), 8)
+    for rows in (1, 37, 5000):   # 5000 rows of 64: two blocks
+        x = (np.random.default_rng(rows).standard_normal((rows, cfg.dim)) * 3).astype(np.float32)
+        name = "layers.0.attn_norm"
+        e = fm.t[name]
+        assert not np.all(e.weight == 1)
+        np.testing.assert_array_equal(ops.norm(name, x), ref.norm(cfg, Norm(e.weight, e.bias), x))
+        np.testing.assert_array_equal(ops.norm(name, x, rms=True), ref.rms_sub_norm(cfg, Norm(e.weight, e.bias), x))
+        assert ops.norm(name, x).dtype == np.float32
+        g = (x[:, :1] * x).astype(np.float32)     # a linear layer's output, overwritten by act
+        with np.errstate(over="ignore"):          # exp(-x) overflows for x < -88: SiLU's -0
+            want = ref.activation(cfg, g.copy())
+            got = ops.act(g)
+        assert got.dtype == np.float32 and got.shape == g.shape
+        np.testing.assert_array_equal(got, want)

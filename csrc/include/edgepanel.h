@@ -173,6 +173,13 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
                      int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
                      float *out, void *work, int64_t work_bytes, int threads);
 
+/* The rotation of edgepanel/rotation.py on rows (csrc/forward.c, the arithmetic of ep_forward's
+ * rotation of the MLP's inner activations): x (rows, n) float32 <- T(x) row by row, in place;
+ * n = p * m with p the largest power of two dividing n, signs (n,) float32, mix (m, m) float32
+ * row-major.  threads <= 0: all processors; the results do not depend on it.  EP_ENOMEM: a thread
+ * could not allocate n floats. */
+int ep_rotate_rows(const float *signs, const float *mix, int64_t n, float *x, int64_t rows, int threads);
+
 /* ---- calibration-aware fitting (csrc/fit.c) ------------------------------------------------
  * GPTQ's column loop over one block of nb columns holding whole groups of `group` columns (the last
  * may be shorter), each row on its own: for each group, fit its k scales on the row's current values

@@ -17,6 +17,7 @@ under a bit budget are chosen before (budget.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from .. import quantize
 from ..errors import FormatError
+from ..kernels import native
 from ..model import names as N
 from ..model import reference as ref
 from ..model.config import ModelConfig
@@ -67,19 +69,49 @@ def can_rotate(cfg: ModelConfig) -> bool:
     return cfg.norm == "rms" and not cfg.sub_norms and cfg.pos == "rope"
 
 
+def _c_rotation() -> bool:
+    """The rotation runs in C (csrc/forward.c's, the engine's butterflies) when the kernels are built
+    and EDGEPANEL_BACKEND does not name another backend (EDGEPANEL_BACKEND=numpy: NumPy's apply_blas)."""
+    return native.lib is not None and os.environ.get("EDGEPANEL_BACKEND", "") in ("", "c")
+
+
+def rotate_rows(rot: Rotation, x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """rot applied to the last axis of x (any leading shape), for many rows at once: in C, in
+    parallel over rows, else Rotation.apply_blas; the transform of Rotation.apply to float32
+    rounding.  in_place: x (float32, C-contiguous, writeable) receives the result and is returned."""
+    if in_place and not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
+        raise ValueError("in_place needs a writeable C-contiguous float32 array")
+    if not _c_rotation():
+        y = rot.apply_blas(x)
+        if in_place:
+            x[...] = y
+            return x
+        return y
+    y = x if in_place else np.array(x, np.float32, order="C")            # a copy, never x itself
+    native.rotate_rows(np.ascontiguousarray(rot.signs, np.float32), np.ascontiguousarray(rot.mix, np.float32),
+                       y.reshape(-1, rot.n))
+    return y
+
+
+def rotate_columns(rot: Rotation, w: np.ndarray) -> np.ndarray:
+    """Rotation.apply_columns (W (out=n, in) -> A W) by rotate_rows on the columns."""
+    wt = np.array(np.asarray(w, np.float32).T, order="C")                # (in, n)
+    return np.ascontiguousarray(rotate_rows(rot, wt, in_place=True).T)
+
+
 def rotate(fm: FloatModel, seed: int = 0):
     """Fuse the norm weights and rotate (see the module docstring); outputs are unchanged."""
     cfg, t = fm.cfg, fm.t
     if not can_rotate(cfg):
         raise FormatError(f"rotation needs an RMS-norm rope model without sub-norms ({cfg.arch} is not)")
     res = Rotation.random(cfg.dim, seed)
-    if cfg.tie_embeddings:  # the head gets its own matrix: it absorbs the final norm
-        t["head"] = Emitted("head", "head", t["embed"].weight.copy())
+    if cfg.tie_embeddings:  # the head gets its own matrix (the product below): it absorbs the final norm
+        t["head"] = Emitted("head", "head", t["embed"].weight)
         fm.cfg = cfg = dataclasses.replace(cfg, tie_embeddings=False)
-    t["head"].weight = t["head"].weight * t["final_norm"].weight[None, :]
+    head = (t["head"].weight * t["final_norm"].weight[None, :]).astype(np.float32, copy=False)
     t["final_norm"].weight = np.ones(cfg.dim, np.float32)
-    fm.set("embed", res.apply(t["embed"].weight))
-    fm.set("head", res.apply(t["head"].weight))
+    fm.set("embed", rotate_rows(res, t["embed"].weight))
+    fm.set("head", rotate_rows(res, head, in_place=True))
     G = cfg.n_heads // cfg.n_kv_heads
     for i in range(cfg.n_layers):
         L = lambda p: N.layer(i, p)  # noqa: E731
@@ -87,28 +119,29 @@ def rotate(fm: FloatModel, seed: int = 0):
             gamma = t[L(norm)].weight
             for lin in lins:
                 if L(lin) in t:
-                    fm.set(L(lin), res.apply(t[L(lin)].weight * gamma[None, :]))
+                    fm.set(L(lin), rotate_rows(res, (t[L(lin)].weight * gamma[None, :]).astype(np.float32, copy=False),
+                                               in_place=True))
             t[L(norm)].weight = np.ones(cfg.dim, np.float32)
         for lin in ("wo", "w_down"):
             e = t[L(lin)]
-            fm.set(L(lin), res.apply_columns(e.weight), None if e.bias is None else res.apply(e.bias))
+            fm.set(L(lin), rotate_columns(res, e.weight), None if e.bias is None else rotate_rows(res, e.bias))
         # value heads: rows of v_proj (and its bias), the matching columns of o_proj
         wv, wo, hd = t[L("wv")].weight.copy(), t[L("wo")].weight.copy(), cfg.head_dim
         bv = None if t[L("wv")].bias is None else t[L("wv")].bias.copy()
         for kh in range(cfg.n_kv_heads):
             rot = Rotation.random(hd, seed + 1000 + i * cfg.n_kv_heads + kh)
             sl = slice(kh * hd, (kh + 1) * hd)
-            wv[sl] = rot.apply_columns(wv[sl])
+            wv[sl] = rotate_columns(rot, wv[sl])
             if bv is not None:
-                bv[sl] = rot.apply(bv[sl])
+                bv[sl] = rotate_rows(rot, bv[sl])
             for h in range(kh * G, (kh + 1) * G):
                 hs = slice(h * hd, (h + 1) * hd)
-                wo[:, hs] = rot.apply(wo[:, hs])
+                wo[:, hs] = rotate_rows(rot, wo[:, hs])
         fm.set(L("wv"), wv, bv)
         fm.set(L("wo"), wo)
     mlp = Rotation.random(cfg.hidden_dim, seed + 1)
     for i in range(cfg.n_layers):
-        fm.set(N.layer(i, "w_down"), mlp.apply(t[N.layer(i, "w_down")].weight))
+        fm.set(N.layer(i, "w_down"), rotate_rows(mlp, t[N.layer(i, "w_down")].weight))
     fm.rotation = mlp
     fm.cfg = dataclasses.replace(fm.cfg, mlp_rotation=True)
 
@@ -159,7 +192,9 @@ class _Run:
         if self._h_of is not x:
             # q/k/v (and gate/up) read the same inputs: H once (holding x, no other array can
             # take its place)
-            xf = x.astype(np.float32)
+            # x^T x with x itself on both sides (no copy of x): NumPy's product then computes one
+            # triangle (BLAS syrk) and mirrors it, as scipy's ssyrk would, in the same time (measured)
+            xf = np.ascontiguousarray(x, np.float32)
             h = (xf.T @ xf).astype(np.float64) / max(len(xf), 1)
             self._h_of, self._h = x, (h, quantize.gptq_prepare(h, self.r.damp, self.r.act_order))
         h, prep = self._h
@@ -208,6 +243,13 @@ class _Run:
         return ops.norm("final_norm", x)
 
 
+def _row_blocks(x: np.ndarray, elements: int = 1 << 18) -> list[slice]:
+    """Slices of x's rows (axis 0) of about `elements` values each (1 MiB of float32: a block and
+    its temporary stay in cache)."""
+    step = max(1, elements // max(1, int(np.prod(x.shape[1:]))))
+    return [slice(r0, min(r0 + step, len(x))) for r0 in range(0, max(len(x), 1), step)]
+
+
 class _CalibOps:
     """ref.block's arithmetic for calibration: NumPy on the float model over S sequences of Lq
     tokens at once (rows (S*Lq, ...)), RoPE and attention within each sequence.  fit: each
@@ -224,6 +266,18 @@ class _CalibOps:
 
     def norm(self, name, x, rms=False):
         n = Norm(self.t[name].weight, self.t[name].bias)
+        if (rms or self.cfg.norm == "rms") and x.dtype == np.float32 and x.ndim == 2:
+            # ref.norm's arithmetic, the same bits, by blocks of rows in the output itself: no
+            # temporary of x's size (each costs fresh pages)
+            y = np.empty(x.shape, np.float32)
+            eps = np.float32(self.cfg.norm_eps)
+            for sl in _row_blocks(x):
+                xs, ys = x[sl], y[sl]
+                var = np.mean(np.square(xs, out=ys), axis=-1, keepdims=True)
+                var += eps
+                np.divide(xs, np.sqrt(var, out=var), out=ys)
+                ys *= n.weight
+            return y
         return (ref.rms_sub_norm if rms else ref.norm)(self.cfg, n, x)
 
     def linear(self, name, x):
@@ -246,16 +300,27 @@ class _CalibOps:
         return out
 
     def act(self, x):
-        if self.cfg.act == "silu" and x.dtype == np.float32:   # ref.activation's arithmetic, in place
-            t = np.negative(x)
-            np.exp(t, out=t)
-            t += np.float32(1.0)
-            return np.divide(x, t, out=t)
+        """The activation of x, a linear layer's output that nothing else holds: SiLU overwrites x
+        (ref.activation's arithmetic, the same bits, by blocks of rows: no second array of x's size)."""
+        if self.cfg.act == "silu" and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous \
+                and x.flags.writeable:
+            blocks = _row_blocks(x)
+            buf = np.empty((blocks[0].stop, x.shape[1]), np.float32)
+            for sl in blocks:
+                xs = x[sl]
+                t = np.negative(xs, out=buf[:len(xs)])
+                np.exp(t, out=t)
+                t += np.float32(1.0)
+                np.divide(xs, t, out=xs)
+            return x
         return ref.activation(self.cfg, x)
 
     def mlp_rotation(self, u):
         rot = self.run.fm.rotation
-        return (u if rot is None else rot.apply_blas(u)).astype(np.float32)
+        if rot is None:
+            return u.astype(np.float32, copy=False)
+        u = np.ascontiguousarray(u, np.float32)   # act(gate) * up: a fresh array, rotated in place
+        return rotate_rows(rot, u, in_place=u.flags.writeable)
 
     def embed(self, tokens):
         return self.t["embed"].weight[tokens].astype(np.float32)

@@ -6,7 +6,8 @@ constant of the ABI is read from lib (lib.EP_TILE, lib.EP_ACT_SILU, ...), never 
 edgepanel.bits keeps the pure-Python copy of the layout's, which tests/test_c_binding.py checks
 against lib.  ERRORS names the return codes.  CBackend is the C kernels behind the Backend
 interface: pointers and workspace only, arguments arrive already checked by _backend.Backend.
-gptq_block is csrc/fit.c's GPTQ column loop, for edgepanel.quantize.gptq_planes (it checks its own).
+gptq_block is csrc/fit.c's GPTQ column loop, for edgepanel.quantize.gptq_planes, and rotate_rows
+csrc/forward.c's rotation, for edgepanel.convert.calibrate (each checks its own arguments).
 """
 from __future__ import annotations
 
@@ -100,6 +101,32 @@ def gptq_block(w: np.ndarray, hinv: np.ndarray, i1: int, i2: int, group: int, al
     if rc != 0:
         raise RuntimeError(f"gptq_block failed in C: {error_name(rc)}")
     return err
+
+
+def rotate_rows(signs: np.ndarray, mix: np.ndarray, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """x (rows, n) float32 <- T(x) in place, T the rotation of edgepanel/rotation.py with these
+    signs (n,) and mix (m, m), n = p * m with p the largest power of two dividing n, in C
+    (csrc/forward.c, the C engine's own arithmetic); returns x."""
+    if lib is None:
+        raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
+    signs = check_array("signs", signs, np.float32, (1,))
+    mix = check_array("mix", mix, np.float32, (2,))
+    x = check_array("x", x, np.float32, (2,))
+    if not x.flags.writeable:
+        raise ValueError("x must be writeable (it is rotated in place)")
+    n = signs.shape[0]
+    if n == 0:
+        raise ValueError("signs must not be empty")
+    m = n // (n & -n)
+    if mix.shape != (m, m):
+        raise ValueError(f"mix must have shape {(m, m)} for n = {n}, got {mix.shape}")
+    if x.shape[1] != n:
+        raise ValueError(f"x has {x.shape[1]} columns; this rotation needs {n}")
+    rc = lib.ep_rotate_rows(_ptr("float *", signs), _ptr("float *", mix), n, _ptr("float *", x), x.shape[0],
+                            check_threads(threads))
+    if rc != 0:
+        raise RuntimeError(f"rotate_rows failed in C: {error_name(rc)}")
+    return x
 
 
 class CBackend(Backend):
