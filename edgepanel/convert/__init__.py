@@ -234,11 +234,6 @@ class _Store:
 
 def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=None) -> ConversionReport:
     """Convert `src` (HF checkpoint directory or .gguf file) to the model file `out`."""
-    with memory.large_blocks_mapped():
-        return _convert(src, out, recipe, progress, log)
-
-
-def _convert(src, out, recipe: Recipe | None, progress: bool, log) -> ConversionReport:
     t0 = time.time()
     src, out = Path(src), Path(out)
     recipe = recipe or Recipe()
@@ -283,9 +278,10 @@ def _convert(src, out, recipe: Recipe | None, progress: bool, log) -> Conversion
             if not recover.available():
                 raise FormatError("first-order scale tuning (--tune fo) needs torch: pip install 'edgepanel[tune]' "
                                   "(or --tune zo, torch-free)")
-            report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
-                                         seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log,
-                                         work=work, progress=progress)
+            with memory.large_blocks_mapped():
+                report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
+                                             seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log,
+                                             work=work, progress=progress)
         elif recipe.tuned:
             zo_teacher = _zo_teacher(fm, toks, log)   # before the float weights are replaced below
         emitted = list(fm.t.values())

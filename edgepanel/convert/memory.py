@@ -6,17 +6,19 @@ time a larger mapped block is freed, so after the first few layers nearly every 
 heap, where freed blocks stay resident unless they sit at the heap's top: the process's resident
 memory climbed by about 0.2 GiB a tuning step for the first steps of the default model, and
 calibration's leftovers stayed resident through the tuning (0.7 GiB), though the live data did not
-grow.  During a conversion, blocks of `LARGE` bytes or more are mapped on their own (returned as
+grow.  During the tuning, blocks of `LARGE` bytes or more are mapped on their own (returned as
 soon as they are freed: a fixed threshold also stops it rising), and the heaps are trimmed
-between the stages.  Elsewhere (not glibc) both are no-ops."""
+between the stages.  Not during calibration: its large arrays are mapped anyway, and mapping the
+middle-sized ones cost 0.2 s a layer in page faults.  Elsewhere (not glibc) both are no-ops."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 
-LARGE = 4 << 20          # bytes: blocks this large are mapped on their own while converting
+LARGE = int(os.environ.get("EDGEPANEL_MMAP_LARGE", 4 << 20))   # bytes: mapped on their own while converting (0: leave glibc's)
 _DEFAULT_MAX = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit)
 _M_MMAP_THRESHOLD = -3   # mallopt's parameter number (malloc.h)
 
@@ -39,13 +41,13 @@ class large_blocks_mapped:
 
     def __enter__(self):
         libc = _libc()
-        if libc is not None:
+        if libc is not None and LARGE:
             libc.mallopt(_M_MMAP_THRESHOLD, LARGE)
         return self
 
     def __exit__(self, *exc):
         libc = _libc()
-        if libc is not None:
+        if libc is not None and LARGE:
             libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MAX)
         give_back()
 

@@ -447,6 +447,8 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
             kl.backward()
             opt.step()
             kls.append(float(kl.detach()))
+            if step % 5 == 4:   # the step's freed blocks back to the system (memory.py: they pile up in the heaps)
+                memory.give_back()
             if hasattr(steps_bar, "set_postfix"):
                 steps_bar.set_postfix(KL=f"{np.mean(kls[-10:]):.4f}", refresh=False)
             if (step + 1) % 10 == 0 or step + 1 == steps:
