@@ -190,9 +190,10 @@ def _nearest_level(col: np.ndarray, alpha: np.ndarray, combos: np.ndarray):
     return lev[best, np.arange(col.size)], combos[best]
 
 
-def _c_fit_available() -> bool:
-    """GPTQ's column loop runs in C when the kernels are built and EDGEPANEL_BACKEND does not name
-    another backend (EDGEPANEL_BACKEND=numpy runs the NumPy reference)."""
+def native_chosen() -> bool:
+    """Conversion's C kernels (GPTQ's column loop, calibration's rotation) run when they are built
+    and EDGEPANEL_BACKEND does not name another backend (EDGEPANEL_BACKEND=numpy: the NumPy
+    references)."""
     return native.lib is not None and os.environ.get("EDGEPANEL_BACKEND", "") in ("", "c")
 
 
@@ -258,7 +259,7 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
     B = n_in if one_group else max(block, g) // g * g   # columns per block: whole groups
     signs = np.zeros((k, n_out, n_in), np.int8)
     alpha = np.zeros((k, n_out, bits.n_groups(n_in, group)), np.float32)
-    if _c_fit_available() and np.array_equal(prep.order, np.arange(n_in)):
+    if native_chosen() and np.array_equal(prep.order, np.arange(n_in)):
         hinv = np.ascontiguousarray(prep.hinv, np.float64)
         for i1 in range(0, n_in, B):
             i2 = min(i1 + B, n_in)

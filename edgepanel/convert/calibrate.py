@@ -17,7 +17,6 @@ under a bit budget are chosen before (budget.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -69,19 +68,13 @@ def can_rotate(cfg: ModelConfig) -> bool:
     return cfg.norm == "rms" and not cfg.sub_norms and cfg.pos == "rope"
 
 
-def _c_rotation() -> bool:
-    """The rotation runs in C (csrc/forward.c's, the engine's butterflies) when the kernels are built
-    and EDGEPANEL_BACKEND does not name another backend (EDGEPANEL_BACKEND=numpy: NumPy's apply_blas)."""
-    return native.lib is not None and os.environ.get("EDGEPANEL_BACKEND", "") in ("", "c")
-
-
 def rotate_rows(rot: Rotation, x: np.ndarray, in_place: bool = False) -> np.ndarray:
     """rot applied to the last axis of x (any leading shape), for many rows at once: in C, in
     parallel over rows, else Rotation.apply_blas; the transform of Rotation.apply to float32
     rounding.  in_place: x (float32, C-contiguous, writeable) receives the result and is returned."""
     if in_place and not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
         raise ValueError("in_place needs a writeable C-contiguous float32 array")
-    if not _c_rotation():
+    if not quantize.native_chosen():   # C: csrc/forward.c's butterflies, the engine's
         y = rot.apply_blas(x)
         if in_place:
             x[...] = y
