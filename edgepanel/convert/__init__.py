@@ -201,7 +201,7 @@ class _Store:
                 self._planes(e, pm, f"greedy+als{self.r.als_iters}", quantize.reconstruction_error(e.weight, pm), False)
             return
         if fmt == "int8":
-            q, s = e.int8 if e.int8 is not None else quantize.int8_rows(e.weight)
+            q, s = e.int8_rows()
             self.w.add(e.name + ".q", q)
             self.w.add(e.name + ".row_scale", s)
             self.recipes[e.name] = {"kind": "int8_rows"}

@@ -90,6 +90,11 @@ class Emitted:
     source: str | None = None      # the source tensor's name, for error messages
     int8: tuple | None = None      # (q, scale): its int8 rows, when made before the float weight was released
 
+    def int8_rows(self) -> tuple:
+        """Its int8 rows (q, scale): those kept when the float weight was released, else made now."""
+        from ..quantize import int8_rows
+        return self.int8 if self.int8 is not None else int8_rows(self.weight)
+
 
 class Architecture:
     """One Hugging Face architecture: its config, and the table from its tensors to ours."""

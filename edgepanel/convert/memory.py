@@ -18,7 +18,7 @@ import functools
 import gc
 import os
 
-LARGE = int(os.environ.get("EDGEPANEL_MMAP_LARGE", 4 << 20))   # bytes: mapped on their own while converting (0: leave glibc's)
+LARGE = int(os.environ.get("EDGEPANEL_MMAP_LARGE", 4 << 20))   # bytes: mapped on their own during the tuning (0: leave glibc's)
 _DEFAULT_MAX = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit)
 _M_MMAP_THRESHOLD = -3   # mallopt's parameter number (malloc.h)
 

@@ -91,20 +91,20 @@ class _TorchModel:
                 return T(w)
             if fmt == "f16":
                 return T(w.astype(np.float16))
-            q, s = int8_rows_of(t[name])
+            q, s = t[name].int8_rows()
             return T(q.astype(np.float32) * s[:, None])
 
         self.embed_q = self.head_q = None
         if fitted is not None and rows[0] == "int8" and "embed" not in self.planes and "head" in t:
             # read by rows: the rows a sequence needs are widened, never the whole table
-            q, s = int8_rows_of(t["embed"])
+            q, s = t["embed"].int8_rows()
             self.embed_q, self.embed_w = (torch.from_numpy(q), torch.from_numpy(s)), None
         else:
             self.embed_w = stored("embed", rows[0])
         self.head_name = "head" if "head" in t else "embed"
         if fitted is not None and rows[1] == "int8" and "head" in t and "head" not in self.planes:
             # the int8 table widened a block of rows at a time (int8_head), never whole
-            q, s = int8_rows_of(t["head"])
+            q, s = t["head"].int8_rows()
             self.head_q, self.head_w = (torch.from_numpy(q), torch.from_numpy(s)), None
             self.head_fn = int8_head(torch)
         else:
@@ -280,12 +280,6 @@ def plane_linear(torch):
             return gx, torch.einsum("lk,onl->kon", combos.to(gw.dtype), bins), None, None, None
 
     return PlaneLinear
-
-
-def int8_rows_of(e):
-    """An embedding or head's int8 rows (q, scale): those made when its float weight was released
-    (release_rows), else made now."""
-    return e.int8 if e.int8 is not None else quantize.int8_rows(e.weight)
 
 
 def int8_head(torch, block: int = 4096):
