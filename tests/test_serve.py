@@ -2,8 +2,10 @@
 file starts (`python -m edgepanel serve`, loopback, a free port) on a tiny converted model with a
 tokenizer and a chat template.  What the server returns is checked against the model run in
 process (Model.generate with the same seed), and log-probabilities against a NumPy log-softmax
-of Model.logits.  Also here: the batched forward the server decodes with (generate.py's
-SlotCache / forward_slots), against one engine.forward per sequence."""
+of Model.logits; panel requests against Model.generate of the rendered panel, best_of against
+edgepanel.best_of (on a file that carries a reference unlike it).  Also here: the batched forward
+the server decodes with (generate.py's SlotCache / forward_slots), against one engine.forward per
+sequence."""
 import json
 import os
 import re
@@ -368,8 +370,9 @@ def test_oversized_bodies_get_413(server, client):
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"extra_body": {"panel": {"title": "x"}}}, "panel"),
-    ({"extra_body": {"best_of": 2}}, "best_of"),
+    ({"messages": [], "extra_body": {"panel": {"title": "x"}}}, "panel.title"),
+    ({"extra_body": {"panel": {"latest": "x"}}}, "panel"),              # both a panel and messages
+    ({"extra_body": {"best_of": 0}}, "best_of"),
     ({"extra_body": {"temprature": 0.5}}, "temprature"),
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
@@ -446,6 +449,175 @@ def test_metrics(server, client):
     assert after["edgepanel_time_per_output_token_seconds_count"] == before["edgepanel_time_per_output_token_seconds_count"] + 1
     assert after["edgepanel_slots"] == 4 and after["edgepanel_queue_length"] == 0 and after["edgepanel_running"] == 0
     assert after['edgepanel_requests_total{endpoint="chat",status="400"}'] >= 1
+
+
+# -- panels and best_of ---------------------------------------------------------------------------
+PANEL = {"latest": "The cat sat on the mat.", "characters": [{"name": "Tom", "description": "a grey cat"}],
+         "plan": "Tom wakes up and goes out.", "x-note": "kept, never rendered"}
+WIDE = dict(temperature=1.0, top_p=1.0, min_p=0.0)      # candidates that differ
+
+
+def test_panel_requests_give_what_generate_gives_with_the_panel(server, client, model):
+    """A panel is the whole prompt, rendered by edgepanel.panels.render (as edgepanel.best_of and
+    the story loop render it): chat in the model's chat template, completions as plain text."""
+    from edgepanel.panels import Panel, render
+    panel = Panel.from_dict(PANEL)
+    ids = render(panel, model.tokenizer, MAIN_CTX - 1 - 24).ids
+    want = model.generate(ids, max_tokens=24, seed=5)
+    r = client.chat.completions.create(model="m", messages=[], max_tokens=24, seed=5, extra_body={"panel": PANEL})
+    assert r.choices[0].message.content == want and r.usage.prompt_tokens == len(ids)
+    r = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"panel": PANEL, "max_tokens": 24, "seed": 5})      # messages left out
+    assert r.json()["choices"][0]["message"]["content"] == want
+    plain = render(panel, model.tokenizer, MAIN_CTX - 1 - 24, chat=False)
+    assert plain.ids != ids and plain.text.endswith("Next paragraph:\n")
+    r = client.completions.create(model="m", prompt="", max_tokens=24, seed=5, echo=True, extra_body={"panel": PANEL})
+    assert r.choices[0].text == model.tokenizer.decode(plain.ids) + model.generate(plain.ids, max_tokens=24, seed=5,
+                                                                                 stop=["\n\n"])
+    s = client.chat.completions.create(model="m", messages=[], max_tokens=24, seed=5, stream=True,
+                                       extra_body={"panel": PANEL})
+    assert "".join(c.choices[0].delta.content or "" for c in s) == want
+
+
+def test_a_panel_is_shortened_to_leave_room_for_the_completion(model):
+    """As edgepanel.best_of: rendered within the context less max_tokens (fields dropped by the
+    panels' priority); as plain text, a paragraph ends at a blank line unless stop is given."""
+    from edgepanel.panels import Panel, render
+    from edgepanel.serve.app import Server
+    from edgepanel.serve.schemas import ApiError, parse_chat, parse_completion
+    srv = Server(model, ServeOptions(parallel=1, ctx=160))
+    big = dict(PANEL, memory={"short": "Tom slept.",
+                              "long": [f"On day {i} Tom chased a mouse round the barn." for i in range(40)]})
+    req = parse_chat({"messages": [], "panel": big, "max_tokens": 40}, 300, 160)
+    want = render(Panel.from_dict(big), model.tokenizer, 160 - 1 - 40)
+    assert srv.prompt(req)[0] == want.ids and want.dropped and "stop" not in req.sampling
+    req = parse_completion({"panel": big, "max_tokens": 40}, 300, 160)
+    assert srv.prompt(req)[0] == render(Panel.from_dict(big), model.tokenizer, 119, chat=False).ids
+    assert req.sampling["stop"] == ["\n\n"]
+    req = parse_completion({"panel": big, "stop": "."}, 300, 160)         # max_tokens left out: half the context
+    assert srv.prompt(req)[0] == render(Panel.from_dict(big), model.tokenizer, 160 - 1 - 80, chat=False).ids
+    assert req.sampling["stop"] == ["."]
+    with pytest.raises(ApiError) as e:                  # not even the bare instruction fits
+        srv.prompt(parse_chat({"panel": PANEL, "max_tokens": 150}, 300, 160))
+    assert (e.value.status, e.value.param, e.value.code) == (400, "panel", "context_length_exceeded")
+    assert "max_tokens 150" in e.value.message
+
+
+@pytest.mark.parametrize("panel,param,says", [
+    ({"title": "x"}, "panel.title", "unknown field 'title'"),
+    ({"characters": [{"name": 3, "description": "x"}]}, "panel.characters[0].name", "must be a string"),
+    ({"memory": {"short": "x", "later": ["y"]}}, "panel.memory.later", "unknown field 'later'"),
+    ({"goals": "be brave"}, "panel.goals", "must be a list"),
+    ({}, "panel", "empty"),
+    ("a story", "panel", "must be an object"),
+])
+def test_bad_panels_are_400s_naming_the_field(client, panel, param, says):
+    for create, empty in ((client.chat.completions.create, {"messages": []}),
+                          (client.completions.create, {"prompt": ""})):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="m", max_tokens=4, extra_body={"panel": panel}, **empty)
+        assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+        assert e.value.body["message"].startswith(param) and says in e.value.body["message"]
+
+
+def test_a_panel_is_the_whole_prompt(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt="the cat", max_tokens=4, extra_body={"panel": PANEL})
+    assert e.value.body["param"] == "panel" and "cannot be combined with prompt" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=chat("hi"), max_tokens=4, extra_body={"panel": PANEL})
+    assert e.value.body["param"] == "panel" and "cannot be combined with messages" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("kw", [{"best_of": 0}, {"best_of": 9}, {"best_of": "2"}, {"best_of": 1.5},
+                                {"best_of": True}, {"best_of": 2, "stream": True}, {"best_of": 2, "n": 2}])
+def test_bad_best_of_values_are_400s(client, kw):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt="the cat", max_tokens=4, extra_body=kw)
+    assert e.value.body["param"] == "best_of" and e.value.body["message"].startswith("best_of")
+    if "stream" in kw:
+        assert "stream" in e.value.body["message"]
+
+
+def test_best_of_one_is_plain_generation(client, model):
+    r = client.completions.create(model="m", prompt="the cat", max_tokens=10, seed=3, extra_body={"best_of": 1})
+    assert r.choices[0].text == model.generate("the cat", max_tokens=10, seed=3) and "best_of" not in r.model_extra
+    s = client.completions.create(model="m", prompt="the cat", max_tokens=10, seed=3, stream=True,
+                                  extra_body={"best_of": 1})
+    assert "".join(p.choices[0].text for p in s) == r.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def tuned(path, tmp_path_factory):
+    """A file unlike its reference, as a preference run writes one (here the norms scaled, the
+    file's own values carried as reference/...), served; and the same file loaded in process."""
+    from edgepanel.tune import reward
+    d = tmp_path_factory.mktemp("tuned")
+    m = edgepanel.load(path, threads=1)
+    for a in m.parameters(["norms"]).values():
+        a *= np.float32(1.2)
+    reward.save_with_reference(m, d / "tuned.ep")
+    s = Served(d / "tuned.ep", d / "tuned.log", "--parallel", "4", "--metrics")
+    yield s, edgepanel.load(d / "tuned.ep", threads=1)
+    assert s.stop() == 0, s.log.read_text()
+    assert "Traceback" not in s.log.read_text(), s.log.read_text()
+
+
+def same_as_best_of(got: dict, text: str, want):
+    """A response's best_of field and text against edgepanel.best_of's result (JSON's null for
+    the -inf of an empty continuation)."""
+    inf = lambda x: -np.inf if x is None else x  # noqa: E731
+    assert text == want.text and got["chosen"] == want.index
+    assert [{k: inf(c[k]) if k in ("logp", "ref_logp", "reward") else c[k] for k in ("text", "tokens", "logp",
+             "ref_logp", "reward", "seed")} for c in got["candidates"]] == [c.__dict__ for c in want.candidates]
+    assert [inf(c["mean_logp"]) for c in got["candidates"]] == [c.mean_logp for c in want.candidates]
+
+
+def test_best_of_returns_what_edgepanel_best_of_returns(tuned):
+    from edgepanel.tune import reward
+    s, m = tuned
+    c = s.client(key="none")
+    r = c.chat.completions.create(model="m", messages=[], max_tokens=12, seed=7,
+                                  extra_body={"panel": PANEL, "best_of": 4, **WIDE})
+    want = edgepanel.best_of(m, PANEL, 4, seed=7, max_tokens=12, **WIDE)
+    got = r.model_extra["best_of"]
+    same_as_best_of(got, r.choices[0].message.content, want)
+    assert got["beta"] == reward.default_beta(m) and len({c["text"] for c in got["candidates"]}) > 1
+    assert any(c.reward not in (0, -np.inf) for c in want.candidates)       # rewards against the reference
+    assert len(r.choices) == 1 and r.choices[0].index == 0
+    r = c.completions.create(model="m", prompt="the cat sat on", max_tokens=12, seed=8, logprobs=1,
+                             extra_body={"best_of": 3, **WIDE})
+    want = edgepanel.best_of(m, "the cat sat on", 3, seed=8, max_tokens=12, **WIDE)
+    same_as_best_of(r.model_extra["best_of"], r.choices[0].text, want)
+    gen = [m.generate_ids("the cat sat on", max_tokens=12, seed=cand.seed, **WIDE) for cand in want.candidates]
+    assert r.usage.completion_tokens == sum(map(len, gen))                  # every candidate was written
+    assert len(r.choices[0].logprobs.tokens) == len(gen[want.index])       # the chosen one's log-probs
+    again = c.completions.create(model="m", prompt="the cat sat on", max_tokens=12, seed=8, logprobs=1,
+                                 extra_body={"best_of": 3, **WIDE})
+    assert again.model_extra["best_of"] == r.model_extra["best_of"]
+
+
+def test_best_of_scoring_leaves_concurrent_requests_alone(tuned):
+    """best_of's scoring swaps the reference's parameters into the model and back: it runs on the
+    decoding thread between two steps, so a stream decoded meanwhile is exactly what it is alone."""
+    s, m = tuned
+    c = s.client(key="none")
+    long = dict(model="m", messages=chat("hi"), max_tokens=1000, seed=1, stream=True, logit_bias=eos_off(m))
+
+    def text(stream):
+        return "".join(ch.choices[0].delta.content or "" for ch in stream)
+    alone = text(c.chat.completions.create(**long))
+    stream = c.chat.completions.create(**long)
+    head = [next(stream), next(stream)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda seed: c.completions.create(model="m", prompt="the cat sat on", max_tokens=12,
+                                                              seed=seed, extra_body={"best_of": 3, **WIDE}),
+                            range(3)))
+        assert s.metrics(key="none")["edgepanel_running"] == 1    # the stream was decoding all along
+    assert text(head) + text(stream) == alone
+    for seed, r in enumerate(got):
+        same_as_best_of(r.model_extra["best_of"], r.choices[0].text,
+                        edgepanel.best_of(m, "the cat sat on", 3, seed=seed, max_tokens=12, **WIDE))
 
 
 # -- the slot of a client that leaves, and shutdown -----------------------------------------------

@@ -23,7 +23,12 @@ FIELDS = ("characters", "places", "memory", "goals", "tasks", "plan", "latest")
 
 
 class PanelError(EdgepanelError, ValueError):
-    """A panel, or a dataset line holding one, is malformed."""
+    """A panel, or a dataset line holding one, is malformed.  `field_path`: the bad field as
+    validate() names it (`characters[2].name`; "" for the panel as a whole), None when not known."""
+
+    def __init__(self, message: str, field_path: str | None = None):
+        super().__init__(message)
+        self.field_path = field_path
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,8 @@ def validate(doc, where: str = "panel", text: str | None = None, base_line: int 
         what = e.message
     line = locate(text, path) if text is not None else None
     at = f"{where}:{base_line + line}" if line else where
-    raise PanelError(f"{at}: {field_name(path) or name}: {what}" if path else f"{at}: the panel {what}")
+    raise PanelError(f"{at}: {field_name(path) or name}: {what}" if path else f"{at}: the panel {what}",
+                     field_path=field_name(path))
 
 
 def field_name(path) -> str:

@@ -4,9 +4,10 @@
     GET  /v1/models             GET  /health            GET /metrics (with --metrics)
 
 Every endpoint but /health wants the API key when one is set.  A request is checked
-(schemas.py), its prompt rendered and tokenized off the event loop, and its choices queued as
-jobs for the model's one decoding thread (scheduler.py), whose events come back through an
-asyncio queue per request."""
+(schemas.py), its prompt (messages, text, ids or a panel) rendered and tokenized off the event
+loop, and its choices queued as jobs for the model's one decoding thread (scheduler.py), whose
+events come back through an asyncio queue per request.  With best_of, the candidates are jobs
+too, and their scoring a scheduler.Call on the same thread."""
 from __future__ import annotations
 
 import asyncio
@@ -19,11 +20,13 @@ import time
 from dataclasses import replace
 
 from ..errors import EdgepanelError
+from ..panels.schema import Panel, PanelError
 from ..sample import Sampling
+from ..tune import reward
 from . import schemas
 from .metrics import Metrics
 from .options import ServeOptions
-from .scheduler import Job, QueueFull, Scheduler
+from .scheduler import Call, Job, QueueFull, Scheduler
 from .schemas import ApiError
 
 log = logging.getLogger("edgepanel.serve")
@@ -40,6 +43,7 @@ class Server:
         self.model_id = opts.model_id or model.path.stem
         self.key_digest = None if opts.api_key is None else hashlib.sha256(opts.api_key.encode()).digest()
         self.metrics = Metrics()
+        self.beta = reward.default_beta(model)   # best_of's: the preference run's recorded in the file
         self.scheduler = Scheduler(model, opts.parallel, self.ctx, opts.max_queue, self.metrics.job_done)
 
     # -- request plumbing ---------------------------------------------------------------------
@@ -71,6 +75,8 @@ class Server:
     def prompt(self, req: schemas.GenRequest) -> tuple[list[int], str]:
         """(prompt token ids, the prompt's text for echo), on a worker thread: chat templates render
         in the tokenizer's sandbox (a template cannot reach Python objects)."""
+        if req.panel is not None:
+            return self.panel_prompt(req)
         param = "messages" if req.kind == "chat" else "prompt"
         try:
             if req.kind == "completion" and not isinstance(req.prompt, str):
@@ -85,6 +91,30 @@ class Server:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; the context holds {self.ctx} (prompt and "
                            "completion together): shorten it", param=param, code="context_length_exceeded")
         return ids, text
+
+    def panel_prompt(self, req: schemas.GenRequest) -> tuple[list[int], str]:
+        """A panel request's prompt, rendered as edgepanel.best_of renders a panel (reward.prepare):
+        shortened to leave max_tokens of the context (left out: Sampling's default, at most half
+        the context); chat: in the model's chat template when it has one, completions: plain text,
+        whose paragraph ends at a blank line unless the request gives stop strings (they go into
+        req.sampling)."""
+        try:
+            panel = Panel.from_dict(req.panel, "panel")
+        except PanelError as exc:      # "panel: characters[0].name: ..." -> param panel.characters[0].name
+            param = "panel." + exc.field_path if exc.field_path else "panel"
+            message = str(exc).replace("panel: ", "panel.", 1) if exc.field_path else str(exc)
+            raise ApiError(400, message, param=param) from None
+        max_tokens = req.sampling.get("max_tokens", min(Sampling.default("max_tokens"), self.ctx // 2))
+        try:
+            ids, stop = reward.prepare(self.model, panel, max_tokens, None if req.kind == "chat" else False, self.ctx)
+        except PanelError as exc:      # too long with every field dropped
+            raise ApiError(400, f"panel does not fit beside max_tokens {max_tokens} in the context of {self.ctx} "
+                           f"tokens: {exc}", param="panel", code="context_length_exceeded") from None
+        except (EdgepanelError, ValueError, TypeError) as exc:
+            raise ApiError(400, f"panel: {exc}", param="panel") from None
+        if stop and "stop" not in req.sampling:
+            req.sampling["stop"] = stop
+        return ids, self.model.tokenizer.decode(ids) if req.echo else ""
 
     def sampling(self, req: schemas.GenRequest, n_prompt: int) -> Sampling:
         try:
@@ -112,8 +142,12 @@ class Server:
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
             emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
-            jobs = [Job(self.model, ids, params if params.seed is None else replace(params, seed=params.seed + i),
-                        emit, i, self.ctx, req.logit_bias, req.logprobs) for i in range(req.n)]
+            if req.best_of > 1:        # the candidates' seeds as edgepanel.best_of derives them
+                seeds = reward.candidate_seeds(params.seed, req.best_of)
+            else:
+                seeds = [None if params.seed is None else params.seed + i for i in range(req.n)]
+            jobs = [Job(self.model, ids, replace(params, seed=s), emit, i, self.ctx, req.logit_bias, req.logprobs)
+                    for i, s in enumerate(seeds)]
             try:
                 self.scheduler.submit(jobs)
             except QueueFull as exc:
@@ -121,7 +155,7 @@ class Server:
         except ApiError as exc:
             self.metrics.request(kind, exc.status)
             return JSONResponse(exc.body(), status_code=exc.status)
-        reply = Reply(self, req, jobs, events, len(ids), echo)
+        reply = Reply(self, req, jobs, events, ids, echo, emit, seeds)
         if req.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -160,9 +194,10 @@ class Reply:
     """The response to one generation request, whole or as a stream of chunks."""
 
     def __init__(self, server: Server, req: schemas.GenRequest, jobs: list[Job], events: asyncio.Queue,
-                 prompt_tokens: int, echo: str):
+                 ids: list[int], echo: str, emit, seeds: list):
         self.server, self.req, self.jobs, self.events = server, req, jobs, events
-        self.prompt_tokens, self.echo = prompt_tokens, echo
+        self.ids, self.prompt_tokens, self.echo, self.emit, self.seeds = ids, len(ids), echo, emit, seeds
+        self.call: Call | None = None           # best_of's scoring, once every candidate is written
         self.chat = req.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -193,6 +228,8 @@ class Reply:
         for job in self.jobs:
             if not job.done:
                 self.server.scheduler.cancel(job)
+        if self.call is not None:
+            self.call.cancelled = True
 
     async def stream(self):
         n, status, completion = self.req.n, 499, 0   # 499: the client left before the end
@@ -229,9 +266,10 @@ class Reply:
             self.server.metrics.request(self.req.kind, status, self.prompt_tokens)
 
     async def collect(self):
-        """Every choice's (text, finish_reason, tokens, logprob entries), or the ApiError to answer."""
-        n = self.req.n
-        texts, entries = [[self.echo] for _ in range(n)], [[] for _ in range(n)]
+        """(every job's (text, finish_reason, tokens, logprob entries), best_of's reward.BestOf or
+        None), or the ApiError to answer."""
+        n = len(self.jobs)
+        texts, entries = [[] for _ in range(n)], [[] for _ in range(n)]
         finish, tokens = [None] * n, [0] * n
         left = n
         while left:
@@ -244,7 +282,17 @@ class Reply:
                 left -= 1
             else:
                 return ApiError(ev[3], ev[2], type="server_error")
-        return [("".join(t), f, k, e) for t, f, k, e in zip(texts, finish, tokens, entries)]
+        results = [("".join(t), f, k, e) for t, f, k, e in zip(texts, finish, tokens, entries)]
+        if self.req.best_of == 1:
+            return results, None
+        model, ids, seeds, cands = self.server.model, self.ids, self.seeds, [r[0] for r in results]
+        self.call = Call(lambda: reward.rank(model, ids, cands, seeds, self.server.beta), self.emit,
+                         "scoring best_of's candidates")
+        self.server.scheduler.call(self.call)
+        ev = await self.events.get()
+        if ev[0] == "error":
+            return ApiError(ev[3], ev[2], type="server_error")
+        return results, ev[1]
 
     async def whole(self, request):
         from starlette.responses import JSONResponse, Response
@@ -264,16 +312,19 @@ class Reply:
         if isinstance(result, ApiError):
             self.server.metrics.request(self.req.kind, result.status, self.prompt_tokens)
             return JSONResponse(result.body(), status_code=result.status)
+        result, best = result
         choices = []
-        for i, (text, finish, _, entries) in enumerate(result):
+        for i, (text, finish, _, entries) in enumerate(result if best is None else [result[best.index]]):
             lp = self.logprobs(entries, len(self.echo))
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                choices.append({"index": i, "message": {"role": "assistant", "content": self.echo + text},
                                 "logprobs": lp, "finish_reason": finish})
             else:
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+                choices.append({"index": i, "text": self.echo + text, "logprobs": lp, "finish_reason": finish})
         body = dict(self.head("chat.completion" if self.chat else "text_completion"), choices=choices,
                     usage=schemas.usage(self.prompt_tokens, sum(r[2] for r in result)))
+        if best is not None:
+            body["best_of"] = schemas.best_of(best, self.server.beta, [r[1] for r in result])
         self.server.metrics.request(self.req.kind, 200, self.prompt_tokens)
         return JSONResponse(body)
 

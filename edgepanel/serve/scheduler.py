@@ -8,9 +8,14 @@ those `Model.generate` gives it alone with the same seed.  A request whose clien
 dropped before the next step; finished ones leave their slot at once and the next in the queue
 takes it.
 
+Other work on the model (best_of's scoring of its candidates: forward passes, and the reference's
+parameters swapped in and out in place) is a `Call`, run by the same thread between two steps, so
+no forward pass of another request ever overlaps it or sees the swapped parameters.
+
 Events go back to the request's handler through `emit` (thread-safe, e.g. an asyncio loop's
 call_soon_threadsafe): ("delta", index, text, logprob entries), ("end", index, finish_reason,
-completion tokens), ("error", index, message, HTTP status)."""
+completion tokens), ("error", index, message, HTTP status); a Call's ("result", value) or
+("error", -1, message, HTTP status)."""
 from __future__ import annotations
 
 import logging
@@ -101,6 +106,35 @@ class Job:
         self._send("error", self.index, message, status)
 
 
+class Call:
+    """A function to run on the decoding thread between two steps; its value (or its failure) is
+    emitted.  Cancelled before it starts, it does not run."""
+
+    def __init__(self, fn: Callable, emit: Callable, what: str = "work"):
+        self.fn, self.emit, self.what = fn, emit, what
+        self.cancelled = False
+
+    def _send(self, *event):
+        try:
+            self.emit(event)
+        except RuntimeError:          # the handler's event loop is gone (shutdown)
+            self.cancelled = True
+
+    def run(self):
+        if self.cancelled:
+            return
+        try:
+            value = self.fn()
+        except Exception as exc:      # reported to its request, never the end of the thread
+            log.exception("%s failed", self.what)
+            self._send("error", -1, f"{self.what} failed: {exc}", 500)
+            return
+        self._send("result", value)
+
+    def fail(self, message: str, status: int = 500):
+        self._send("error", -1, message, status)
+
+
 class Scheduler:
     """The queue and the decoding thread of one model.  `on_done(job)` is called (on the thread)
     for every job that leaves, finished, cancelled or failed."""
@@ -110,6 +144,7 @@ class Scheduler:
         self.cache = SlotCache(model.cfg, slots, ctx)
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []          # running[s] lives in cache slot s
+        self.calls: deque[Call] = deque()     # run before the next step
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="edgepanel-decode", daemon=True)
@@ -141,6 +176,16 @@ class Scheduler:
             self.waiting.extend(jobs)
             self.cond.notify_all()
 
+    def call(self, c: Call):
+        """Run `c` on the decoding thread before its next step (a request's own work: not
+        counted against the queue)."""
+        with self.cond:
+            if self.stopping:
+                c.fail("the server is shutting down", 503)
+                return
+            self.calls.append(c)
+            self.cond.notify_all()
+
     def cancel(self, job: Job):
         """The client went away: drop the job now if it waits, before the next step if it runs."""
         job.cancelled = True
@@ -153,7 +198,7 @@ class Scheduler:
     # -- the decoding thread ------------------------------------------------------------------
     def _take(self) -> list[Job]:
         """Under the lock: the jobs that get the free slots (FIFO); waits while there is nothing to do."""
-        while not self.waiting and not self.running and not self.stopping:
+        while not self.waiting and not self.running and not self.calls and not self.stopping:
             self.cond.wait()
         taken = []
         while self.waiting and len(self.running) + len(taken) < self.slots:
@@ -211,9 +256,13 @@ class Scheduler:
         while True:
             with self.cond:
                 taken = self._take()
+                calls, self.calls = self.calls, deque()
                 if self.stopping:
                     self.waiting.extendleft(reversed(taken))
+                    self.calls.extendleft(reversed(calls))
                     break
+            for c in calls:
+                c.run()
             try:
                 for job in taken:
                     self._start(job)
@@ -230,8 +279,12 @@ class Scheduler:
                 self._release_done()
         with self.cond:
             left = list(self.waiting) + self.running
+            calls = list(self.calls)
             self.waiting.clear()
+            self.calls.clear()
             self.running = []
         for job in left:
             job.fail("the server is shutting down", 503)
             self.on_done(job)
+        for c in calls:
+            c.fail("the server is shutting down", 503)

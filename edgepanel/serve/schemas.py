@@ -6,7 +6,11 @@ Sampling: a field the request leaves out takes edgepanel.sample.Sampling's defau
 top_p 0.95, min_p 0.05, repetition_penalty 1.1, max_tokens 256), not OpenAI's (temperature 1, top_p
 1, no cut-offs): OpenAI's suit large models, and a small binarized model sampled without cut-offs
 drifts into rare-token gibberish (docs/quality.md measures the choice).  top_k, min_p and
-repetition_penalty are accepted as extra fields (the openai client sends them with extra_body)."""
+repetition_penalty are accepted as extra fields (the openai client sends them with extra_body).
+
+edgepanel's own fields: `panel` (a panel, edgepanel/panels/, as the prompt instead of messages or a
+prompt; checked against the panel schema on a worker thread, app.Server.prompt) and `best_of` (n
+candidates, the one with the highest implicit reward returned: edgepanel/tune/reward.py)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +21,7 @@ MAX_N = 8                 # choices per request
 MAX_STOP = 16             # stop strings per request
 MAX_TOP_LOGPROBS = 20     # chat's top_logprobs (completions' logprobs: 5, as OpenAI)
 MAX_LOGIT_BIAS = 1024     # entries
+MAX_BEST_OF = 8           # best_of's candidates
 
 
 class ApiError(Exception):
@@ -48,13 +53,15 @@ class GenRequest:
     logprobs: int | None = None        # alternatives per token (0: the chosen token's only); None: off
     logit_bias: dict = field(default_factory=dict)   # token id -> added to its logit
     echo: bool = False                 # completions: the prompt's text before the completion
+    panel: object = None               # the panel's JSON (checked when rendered); prompt is then None
+    best_of: int = 1                   # candidates sampled, the best by implicit reward returned
 
 
 # Fields a request may carry that change nothing here (metadata, or options of features this
 # server does not offer whose value is the default).
 IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
            "safety_identifier"}
-NOT_YET = {"panel": "rendering a panel into a request", "best_of": "implicit-reward reranking through the server"}
+NOT_YET: dict[str, str] = {}          # field -> what is missing, for fields planned but not built
 UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "audio", "prediction", "suffix",
                "web_search_options", "reasoning_effort", "modalities", "response_format"}
 
@@ -136,6 +143,13 @@ def _common(body: dict, known: set, vocab_size: int, ctx: int) -> tuple[dict, di
             raise bad(name, "is not supported (only 0); use repetition_penalty (e.g. 1.1)",
                       code="unsupported_parameter")
     rest = {"n": _int(body, "n", 1, MAX_N) or 1, "stream": bool(_bool(body, "stream"))}
+    rest["best_of"] = _int(body, "best_of", 1, MAX_BEST_OF) or 1
+    if rest["best_of"] > 1 and rest["stream"]:
+        raise bad("best_of", "cannot be combined with stream: true (the candidates are ranked once all are "
+                  "written); leave out stream, or best_of", code="unsupported_parameter")
+    if rest["best_of"] > 1 and rest["n"] > 1:
+        raise bad("best_of", "cannot be combined with n > 1 (best_of returns one choice, the best candidate)",
+                  code="unsupported_parameter")
     opts = body.get("stream_options")
     if opts is not None:
         if not rest["stream"]:
@@ -168,7 +182,7 @@ def _common(body: dict, known: set, vocab_size: int, ctx: int) -> tuple[dict, di
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "n",
                    "stream", "stream_options", "logit_bias", "max_tokens", "frequency_penalty",
-                   "presence_penalty"} | set(NOT_YET)
+                   "presence_penalty", "panel", "best_of"} | set(NOT_YET)
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo"}
 
@@ -188,8 +202,26 @@ def _content(i: int, content) -> str:
     raise bad(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
+def _panel_alone(body: dict, name: str, empty) -> bool:
+    """Whether the request's prompt is a panel; then `name` (messages, prompt) must be absent or
+    empty: the panel is the whole prompt."""
+    if body.get("panel") is None:
+        return False
+    if body.get(name) not in (None, *empty):
+        raise bad("panel", f"cannot be combined with {name}: the panel is the whole prompt "
+                  f"(send {name} empty, or leave it out)")
+    return True
+
+
 def parse_chat(body: dict, vocab_size: int, ctx: int) -> GenRequest:
     sampling, rest = _common(body, CHAT_FIELDS, vocab_size, ctx)
+    lp = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not lp:
+        raise bad("top_logprobs", "needs logprobs: true")
+    logprobs = (top or 0) if lp else None
+    if _panel_alone(body, "messages", ([],)):
+        return GenRequest("chat", None, sampling, logprobs=logprobs, panel=body["panel"], **rest)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "must be a non-empty list of {\"role\": ..., \"content\": ...}")
@@ -201,15 +233,15 @@ def parse_chat(body: dict, vocab_size: int, ctx: int) -> GenRequest:
             raise bad(f"messages[{i}]", "tool calls are not supported by this server", code="unsupported_parameter")
         role = "system" if m["role"] == "developer" else m["role"]   # OpenAI's newer name for system
         messages.append({"role": role, "content": _content(i, m.get("content"))})
-    lp = _bool(body, "logprobs")
-    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-    if top is not None and not lp:
-        raise bad("top_logprobs", "needs logprobs: true")
-    return GenRequest("chat", messages, sampling, logprobs=(top or 0) if lp else None, **rest)
+    return GenRequest("chat", messages, sampling, logprobs=logprobs, **rest)
 
 
 def parse_completion(body: dict, vocab_size: int, ctx: int) -> GenRequest:
     sampling, rest = _common(body, COMPLETION_FIELDS, vocab_size, ctx)
+    lp = _int(body, "logprobs", 0, 5)
+    echo = bool(_bool(body, "echo"))
+    if _panel_alone(body, "prompt", ("", [])):
+        return GenRequest("completion", None, sampling, logprobs=lp, echo=echo, panel=body["panel"], **rest)
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]                               # a batch of one
@@ -220,8 +252,7 @@ def parse_completion(body: dict, vocab_size: int, ctx: int) -> GenRequest:
         raise bad("prompt", "must be one prompt per request (a string or a list of token ids)")
     elif not isinstance(p, str) or not p:
         raise bad("prompt", "must be a non-empty string or a non-empty list of token ids")
-    lp = _int(body, "logprobs", 0, 5)
-    return GenRequest("completion", p, sampling, logprobs=lp, echo=bool(_bool(body, "echo")), **rest)
+    return GenRequest("completion", p, sampling, logprobs=lp, echo=echo, **rest)
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -245,6 +276,18 @@ def completion_logprobs(entries, offset: int) -> dict:
         offset += len(t)
     return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
+
+def best_of(best, beta: float, finish: list) -> dict:
+    """The extension field of a best_of response: the chosen candidate's place, beta, and every
+    candidate as edgepanel.best_of reports it (reward.Candidate's fields; the -inf of an empty
+    continuation as null) with its finish_reason."""
+    def num(x: float):
+        return x if math.isfinite(x) else None
+    return {"chosen": best.index, "beta": beta,
+            "candidates": [{"text": c.text, "seed": c.seed, "tokens": c.tokens, "logp": num(c.logp),
+                            "ref_logp": num(c.ref_logp), "reward": num(c.reward), "mean_logp": num(c.mean_logp),
+                            "finish_reason": f} for c, f in zip(best.candidates, finish)]}
 
 
 def sse(obj) -> str:

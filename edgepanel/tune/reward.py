@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import bits
 from ..errors import EdgepanelError, FormatError
+from ..panels.render import uses_chat
 from ..panels.schema import Panel
 from .objectives import PREFERENCE
 
@@ -233,14 +234,42 @@ class BestOf:
     candidates: list[Candidate]
 
 
-def candidate_seeds(seed: int, n: int) -> list[int]:
-    """n sampling seeds derived from one (distinct, the same for the same seed on any machine)."""
+def candidate_seeds(seed: int | None, n: int) -> list[int]:
+    """n sampling seeds derived from one (distinct, the same for the same seed on any machine);
+    seed None: fresh entropy."""
+    seed = np.random.SeedSequence().entropy if seed is None else seed
     return [int(s) for s in np.random.SeedSequence([int(seed), 0xB357]).generate_state(n, np.uint32)]
 
 
 def pick(candidates: list[Candidate]) -> int:
     """The highest reward; ties by the mean log-probability per token, then the earliest."""
     return max(range(len(candidates)), key=lambda i: (candidates[i].reward, candidates[i].mean_logp, -i))
+
+
+def prepare(model, source, max_tokens: int, chat: bool | None = None,
+            ctx: int | None = None) -> tuple[list[int], list[str]]:
+    """What best-of-n samples after: (the prompt's ids, the stop strings it implies).  A panel
+    (or a panel's JSON dict) is rendered shortened to leave max_tokens of the context `ctx`
+    (default: the model's), and a panel rendered as plain text ends its paragraph at a blank line
+    (["\\n\\n"]; [] otherwise); a prompt, chat messages or ids are kept whole (the caller checks
+    their length).  The server renders its `panel` requests with this too."""
+    if isinstance(source, dict):
+        source = Panel.from_dict(source)
+    if not isinstance(source, Panel):
+        return source_ids(model, source, 2**31, chat), []
+    ctx = model.cfg.max_seq_len if ctx is None else ctx
+    ids = source_ids(model, source, max(1, ctx - 1 - max_tokens), chat)
+    return ids, ([] if uses_chat(model.tokenizer, chat) else ["\n\n"])
+
+
+def rank(model, ids: list[int], texts: list[str], seeds: list[int], beta: float | None = None) -> BestOf:
+    """Candidates `texts` sampled after `ids` with `seeds`, scored (score_candidates) and the
+    best picked (pick)."""
+    cands = score_candidates(model, None, texts, beta, prompt=ids)
+    for c, s in zip(cands, seeds):
+        c.seed = s
+    best = pick(cands)
+    return BestOf(cands[best].text, best, cands)
 
 
 def best_of(model, source, n: int = 4, *, seed: int | None = 0, beta: float | None = None,
@@ -252,11 +281,7 @@ def best_of(model, source, n: int = 4, *, seed: int | None = 0, beta: float | No
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"best_of needs n >= 1 candidates, got {n!r}")
     max_tokens = Sampling.default("max_tokens") if max_tokens is None else max_tokens
-    if isinstance(source, dict):
-        source = Panel.from_dict(source)
-    # a panel is shortened to leave room for the continuation; a prompt is kept whole (or its end)
-    budget = max(1, model.cfg.max_seq_len - 1 - max_tokens) if isinstance(source, Panel) else 2**31
-    ids = source_ids(model, source, budget, chat)
+    ids, stop = prepare(model, source, max_tokens, chat)
     limit = model.cfg.max_seq_len - 1
     if len(ids) > limit:
         if not truncate:
@@ -264,12 +289,8 @@ def best_of(model, source, n: int = 4, *, seed: int | None = 0, beta: float | No
             raise ContextOverflow(f"the prompt is {len(ids)} tokens; the context holds {model.cfg.max_seq_len} "
                                   "(pass truncate=True to keep its last tokens)")
         ids = ids[-limit:]
-    if isinstance(source, Panel) and not (chat if chat is not None else model.tokenizer.chat_template):
-        sampling.setdefault("stop", ["\n\n"])       # a plain-text paragraph ends at a blank line
-    seeds = candidate_seeds(np.random.SeedSequence().entropy if seed is None else seed, n)
+    if stop:
+        sampling.setdefault("stop", stop)
+    seeds = candidate_seeds(seed, n)
     texts = [model.generate(ids, max_tokens=max_tokens, seed=s, **sampling) for s in seeds]
-    cands = score_candidates(model, source, texts, beta, prompt=ids)
-    for c, s in zip(cands, seeds):
-        c.seed = s
-    best = pick(cands)
-    return BestOf(cands[best].text, best, cands)
+    return rank(model, ids, texts, seeds, beta)
