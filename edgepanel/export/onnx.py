@@ -18,7 +18,7 @@ summation order (and the rare int8 rounding that order flips).  Weights stay pac
   standard  each plane an INT2 code (INT4 before opset 25) with its per-group scales (8-bit codes
             and row multipliers kept as such, through a DequantizeLinear of their own), dequantized
             by blocked DequantizeLinear and summed over planes; int8 rows (embeddings, head) as
-            int8, the head through MatMulInteger (exact integer dots).  Every operator is standard.
+            uint8 with zero point 128, the head through MatMulInteger (exact integer dots).  Every operator is standard.
   ort       the binarized products through com.microsoft MatMulNBits (2-bit codes, planes stacked
             as rows, accuracy_level 4) on the same per-token int8 integers; ONNX Runtime rounds
             them once more to int8 per block of the group's inputs (exact where a block's largest
@@ -299,12 +299,19 @@ class _Ops:
 
     # -- tables: embeddings and head ---------------------------------------------------------
     def _rows_table(self, t: Rows, transposed: bool) -> Sym:
-        """An int8-rows table stored once: (rows, cols), or (cols, rows) when the head reads it
-        (MatMulInteger's B) -- a tied table is stored that way for both."""
+        """An int8-rows table stored once, as uint8 q + 128 (zero point 128): (rows, cols), or
+        (cols, rows) when the head reads it (MatMulInteger's B) -- a tied table is stored that way
+        for both.  uint8 on both sides of MatMulInteger: ONNX Runtime's x86 kernels without
+        AVX-512 VNNI multiply uint8 by int8 with vpmaddubsw, whose int16 pair sums saturate (a
+        seventh of a tiny model's logits were wrong on an AVX2-only CPU); uint8 by uint8 takes
+        their exact 16-bit path."""
         key = t.name + ".q"
         if key not in self._tables:
-            self._tables[key] = self.g.initializer(np.ascontiguousarray(t.q.T if transposed else t.q), key)
+            u = (t.q.astype(np.int16) + 128).astype(np.uint8)
+            self._tables[key] = self.g.initializer(np.ascontiguousarray(u.T if transposed else u), key)
             self._tables[t.name + ".row_scale"] = self.g.initializer(t.row_scale, t.name + ".row_scale")
+            self._tables[t.name + ".zero"] = self.g.initializer(np.full(len(t.row_scale), 128, np.uint8),
+                                                                t.name + ".zero")
         return self._tables[key]
 
     def _plane_table(self, t: Rows) -> Sym:
@@ -318,7 +325,8 @@ class _Ops:
         if t.kind == "int8_rows":
             tab = self._rows_table(t, transposed=tied)
             rows = g.op("Transpose", g.op("Gather", tab, tokens, axis=1), perm=[1, 0]) if tied else g.op("Gather", tab, tokens)
-            x = g.op("DequantizeLinear", rows, g.op("Gather", self._tables[t.name + ".row_scale"], tokens), axis=0)
+            x = g.op("DequantizeLinear", rows, g.op("Gather", self._tables[t.name + ".row_scale"], tokens),
+                     g.op("Gather", self._tables[t.name + ".zero"], tokens), axis=0)
         elif t.kind == "planes":
             x = g.op("Gather", self._plane_table(t), tokens)
         else:
@@ -337,7 +345,8 @@ class _Ops:
         if t.kind == "int8_rows":   # exact integer dots; ((float)dot * row_scale) * act_scale, as the engine
             q, s = self.quantize(h)
             qu = g.op("Cast", g.op("Add", q, g.const(128.0)), to=self._tp.UINT8)
-            dots = g.op("MatMulInteger", qu, self._rows_table(t, transposed=True), g.const(128, np.uint8))
+            dots = g.op("MatMulInteger", qu, self._rows_table(t, transposed=True), g.const(128, np.uint8),
+                        g.const(128, np.uint8))
             y = g.op("Mul", g.op("Mul", g.op("Cast", dots, to=self._tp.FLOAT), self._tables[t.name + ".row_scale"]), s)
         elif t.kind == "planes":
             q, s = self.quantize(h)
