@@ -110,6 +110,12 @@ def test_what_the_variants_exercise(models):
     assert w.mlp_rotation is not None and w.head is not None
     assert w.mlp_rotation.mix.shape[0] > 1                          # 96 = 32 * 3: the mix is exported
     assert "MatMulInteger" in ops("llama-rot")                      # int8 head: exact integer dots
+    # ... uint8 by uint8 (with zero points): ORT's uint8 x int8 saturates on x86 without VNNI
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(models("llama-rot")[1])))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
+    types |= {t.name: t.data_type for t in model.graph.initializer}
+    for n in (n for n in model.graph.node if n.op_type == "MatMulInteger"):
+        assert [types[i] for i in n.input] == [onnx.TensorProto.UINT8] * 4, n.input
     g = edgepanel.load(models("gpt2-rows-k2")[0]).weights
     assert g.head is None and g.embed.kind == "planes" and g.layers[0].wq.planes.scales.dtype == np.float16
     d = edgepanel.load(models("llama-dense")[0]).weights
