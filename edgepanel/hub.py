@@ -31,10 +31,12 @@ class KnownModel:
     sha256: str          # of the extracted file
     filename: str
     description: str
-    first_use_seconds: float = 0.0   # its default-recipe conversion on 2 cores (benchmarks/test_convert_bench.py)
+    first_use_seconds: tuple[float, float] = (0.0, 0.0)   # its default-recipe conversion on 2 cores, the
+    # fastest and slowest development machine (benchmarks/test_convert_bench.py)
 
 
-FIRST_USE_SECONDS = 184.0   # Intel Xeon, 2 cores (docs/performance.md#conversion-time)
+# Intel Xeon (AVX-512) and a 2 GHz AMD EPYC Zen 1 (AVX2), 2 cores (docs/performance.md#conversion-time)
+FIRST_USE_SECONDS = (184.0, 574.0)
 
 MODELS = {
     "smollm2": KnownModel(
@@ -152,12 +154,14 @@ def resolve_model(spec: str | None, log=None, progress: bool = True) -> Path:
 
 
 def first_use_line(km: KnownModel, recipe, out: Path) -> str:
-    """What the first use does, why, and about how long it takes here (the 2-core measurement
-    scaled by the cores this machine has; the progress shown next refines it)."""
+    """What the first use does, why, and about how long it takes here: the 2-core measurements on
+    a fast and a slow machine, scaled by the cores this one has (the progress shown next gives
+    this machine's own estimate after the first layer)."""
     cores = max(1, min(os.cpu_count() or 1, 8))
-    minutes = max(1, round(km.first_use_seconds * 2 / cores / 60)) if km.first_use_seconds else None
+    lo, hi = (max(1, round(s * 2 / cores / 60)) for s in km.first_use_seconds)
+    span = f"{lo} min" if lo == hi else f"{lo} to {hi} min"
     what = "fitting each layer's bit planes to calibration text" + (", then tuning their scales" if recipe.tuned else "")
-    about = f"about {minutes} min on {cores} core{'s' * (cores > 1)}" if minutes else "a few minutes"
+    about = f"about {span} on {cores} core{'s' * (cores > 1)}" if km.first_use_seconds[1] else "a few minutes"
     return (f"first use: binarizing {km.filename} for this machine, once ({about}: {what}); "
             f"later runs load it in a second from {out.parent}")
 
