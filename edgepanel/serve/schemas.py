@@ -61,7 +61,6 @@ class GenRequest:
 # server does not offer whose value is the default).
 IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
            "safety_identifier"}
-NOT_YET: dict[str, str] = {}          # field -> what is missing, for fields planned but not built
 UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "audio", "prediction", "suffix",
                "web_search_options", "reasoning_effort", "modalities", "response_format"}
 
@@ -111,9 +110,6 @@ def _bool(body, name):
 
 def _common(body: dict, known: set, vocab_size: int, ctx: int) -> tuple[dict, dict]:
     """The fields both endpoints share: (Sampling's keyword arguments, the rest)."""
-    for name, issue in NOT_YET.items():
-        if body.get(name) is not None:
-            raise bad(name, f"is not supported yet ({issue} is not built into the server)", code="unsupported_parameter")
     for name in body:
         if name in UNSUPPORTED and body[name] not in (None, [], {}, {"type": "text"}, ["text"]):
             raise bad(name, "is not supported by this server", code="unsupported_parameter")
@@ -182,7 +178,7 @@ def _common(body: dict, known: set, vocab_size: int, ctx: int) -> tuple[dict, di
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop", "n",
                    "stream", "stream_options", "logit_bias", "max_tokens", "frequency_penalty",
-                   "presence_penalty", "panel", "best_of"} | set(NOT_YET)
+                   "presence_penalty", "panel", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo"}
 
