@@ -84,6 +84,48 @@ def test_scoring(model):
     np.testing.assert_allclose(masked, lp[1:5])
 
 
+
+def test_shared_prefixes_score_exactly_as_alone(tiny, model):
+    """Sequences with the same tokens before their first counted position (a prompt and several
+    continuations) run the prompt once; every log-probability equals scoring each one alone, and
+    the C engine's agree with the NumPy reference engine's."""
+    rng = np.random.default_rng(0)
+    v = model.cfg.vocab_size
+    prompts = [rng.integers(0, v, n) for n in (9, 1, 14)]
+    seqs, masks = [], []
+    for j, (p, conts) in enumerate(zip(prompts, ((5, 3, 7), (4, 6), (8,)))):
+        for c in conts:
+            seqs.append(np.concatenate([p, rng.integers(0, v, c)]))
+            m = np.zeros(len(seqs[-1]), bool)
+            m[len(p):] = True
+            if j == 0 and c == 7:
+                m[-2] = False          # a gap after the first counted token
+            masks.append(m)
+    seqs.append(rng.integers(0, v, 6))  # no mask beyond the first token: everything counts
+    masks.append(np.ones(6, bool))
+    alone = [model.score([q], [m])[0] for q, m in zip(seqs, masks)]
+    for batch_tokens in (2048, 20, 1):   # one batch, several, one group per batch
+        together = model.score(seqs, masks, batch_tokens=batch_tokens)
+        for a, b in zip(alone, together):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    calls = []
+    real = model.engine.logprobs
+    model.engine.logprobs = lambda *a, **k: calls.append(sum(map(len, a[0])) + sum(map(len, a[2] or []))) or real(*a, **k)
+    try:
+        model.score(seqs, masks)
+    finally:
+        del model.engine.logprobs
+    assert calls == [sum(map(len, seqs)) - 2 * 8]   # prompt 0 up to its last token once; 1 is too short
+    ref = edgepanel.load(tiny / "m.ep", engine="reference")
+    for a, b in zip(together, ref.score(seqs, masks)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    direct = ref.engine.logprobs([q[len(prompts[0]):] for q in seqs[:3]], None, [prompts[0]], [0, 0, 0])
+    for q, d in zip(seqs[:3], direct):
+        np.testing.assert_allclose(d, ref.token_logprobs(q)[len(prompts[0]):], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="owners"):
+        model.engine.logprobs(seqs[:2], None, [prompts[0]], [0])
+
+
 @pytest.mark.parametrize("opt,val,msg", [
     ("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"),
     ("top_k", -2, "top_k"), ("min_p", 1.0, "min_p"), ("repetition_penalty", 0.0, "repetition_penalty"),

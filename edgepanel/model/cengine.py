@@ -150,14 +150,26 @@ class CEngine:
         cache.length += n
         return logits if all_logits else logits[0]
 
-    def logprobs(self, sequences: list[np.ndarray], targets=None) -> list[np.ndarray]:
+    def logprobs(self, sequences: list[np.ndarray], targets=None, prefixes=None, owners=None) -> list[np.ndarray]:
         """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence (float64 (len-1,)), or with
         `targets` (one int32 (len-1, K) array per sequence) log p(targets[t-1, j] | seq[:t])
-        (float32 (len-1, K)); from empty contexts, in one batched pass (ep_forward_batch: all
-        products over all tokens at once, the log-softmax in C: no logits come out)."""
+        (float32 (len-1, K)); in one batched pass (ep_forward_batch: all products over all tokens
+        at once, the log-softmax in C: no logits come out).  With `prefixes` (token arrays) and
+        `owners` (one index per sequence, -1 for none), sequence i continues after
+        prefixes[owners[i]]: each prefix is run once, its keys and values copied to the sequences
+        that share it, and the probabilities are conditioned on prefix + seq[:t]."""
         seqs = [np.ascontiguousarray(s, np.int32) for s in sequences]
         lens = np.array([len(s) for s in seqs], np.int64)
-        n, cap = int(lens.sum()), int(lens.max())
+        n = int(lens.sum())
+        pos = np.zeros(len(seqs), np.int64)
+        if prefixes is not None:
+            if owners is None or len(owners) != len(seqs):
+                raise ValueError("owners must give one prefix index (or -1) per sequence")
+            pre = [np.ascontiguousarray(q, np.int32) for q in prefixes]
+            if any(len(q) == 0 for q in pre):
+                raise ValueError("a prefix must have at least one token")
+            pos = np.array([len(pre[o]) if o >= 0 else 0 for o in owners], np.int64)
+        cap = int((lens + pos).max())
         tokens = np.concatenate(seqs)
         if targets is None:
             kt = 1
@@ -169,18 +181,40 @@ class CEngine:
         c = self.w.cfg
         shape = (len(seqs), c.n_layers, cap, c.n_kv_heads, c.head_dim)
         k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        pos = np.zeros(len(seqs), np.int64)
+        if prefixes is not None and pre:
+            pk, pv = self._prefill(pre)
+            for i, o in enumerate(owners):
+                if o >= 0:
+                    k[i, :, :pos[i]] = pk[o, :, :pos[i]]
+                    v[i, :, :pos[i]] = pv[o, :, :pos[i]]
         out = np.empty((n, kt), np.float32)
-        built = self._structs()
-        work, nbytes = self._workspace(built[0], n)
-        p = lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
-        rc = self.lib.ep_forward_batch(self.kt, built[0], p("float *", k), p("float *", v), cap,
-                                       p("int32_t *", tokens), n, p("int64_t *", lens), p("int64_t *", pos),
-                                       len(seqs), self.lib.EP_OUT_LOGPROB, p("int32_t *", tg), kt,
-                                       p("float *", out), work, nbytes, self.threads)
-        if rc != 0:
-            raise ValueError(f"batched forward pass failed in C ({native.error_name(rc)})")
+        self._batch(k, v, cap, tokens, lens, pos, self.lib.EP_OUT_LOGPROB, tg, kt, out)
         ends = np.cumsum(lens)
         if targets is None:
             return [out[e - ln:e - 1, 0].astype(np.float64) for e, ln in zip(ends, lens)]
         return [out[e - ln:e - 1] for e, ln in zip(ends, lens)]
+
+    def _batch(self, k, v, cap, tokens, lens, pos, kind, tg, kt, out):
+        """One ep_forward_batch call over the sequences (caches k, v of capacity cap each)."""
+        built = self._structs()
+        work, nbytes = self._workspace(built[0], len(tokens))
+        p = lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
+        rc = self.lib.ep_forward_batch(self.kt, built[0], p("float *", k), p("float *", v), cap,
+                                       p("int32_t *", tokens), len(tokens), p("int64_t *", lens), p("int64_t *", pos),
+                                       len(lens), kind, self.ffi.NULL if tg is None else p("int32_t *", tg), kt,
+                                       p("float *", out), work, nbytes, self.threads)
+        if rc != 0:
+            raise ValueError(f"batched forward pass failed in C ({native.error_name(rc)})")
+
+    def _prefill(self, prefixes):
+        """Keys and values (P, n_layers, cap, n_kv_heads, head_dim) of each prefix from an empty
+        context, in one batched pass (the last tokens' logits are computed and dropped)."""
+        lens = np.array([len(q) for q in prefixes], np.int64)
+        cap = int(lens.max())
+        c = self.w.cfg
+        shape = (len(prefixes), c.n_layers, cap, c.n_kv_heads, c.head_dim)
+        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        out = np.empty((len(prefixes), c.vocab_size), np.float32)
+        self._batch(k, v, cap, np.concatenate(prefixes), lens, np.zeros(len(prefixes), np.int64),
+                    self.lib.EP_OUT_LAST, None, 0, out)
+        return k, v

@@ -31,13 +31,32 @@ class ReferenceEngine:
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         return reference.forward(self.w, tokens, cache, all_logits, linear=self._linear)
 
-    def logprobs(self, sequences, targets=None) -> list[np.ndarray]:
+    def logprobs(self, sequences, targets=None, prefixes=None, owners=None) -> list[np.ndarray]:
         """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, one pass each; with
-        `targets` ((len-1, K) ids per sequence) the log-probabilities at those ids, float32."""
+        `targets` ((len-1, K) ids per sequence) the log-probabilities at those ids, float32.
+        With `prefixes` and `owners` (one prefix index or -1 per sequence), sequence i continues
+        after prefixes[owners[i]], whose cache is computed once and copied."""
+        if prefixes is not None and (owners is None or len(owners) != len(sequences)):
+            raise ValueError("owners must give one prefix index (or -1) per sequence")
+        caches = {}
         out = []
         for i, seq in enumerate(sequences):
             seq = np.asarray(seq, np.int64)
-            lg = self.forward(seq, self.new_cache(len(seq)), all_logits=True)[:-1]
+            o = -1 if prefixes is None else int(owners[i])
+            if o < 0:
+                cache = self.new_cache(len(seq))
+            else:
+                if o not in caches:
+                    pre = np.asarray(prefixes[o], np.int64)
+                    if not len(pre):
+                        raise ValueError("a prefix must have at least one token")
+                    caches[o] = self.new_cache(len(pre))
+                    self.forward(pre, caches[o])
+                pc = caches[o]
+                cache = self.new_cache(pc.length + len(seq))
+                cache.k[:, :pc.length], cache.v[:, :pc.length] = pc.k[:, :pc.length], pc.v[:, :pc.length]
+                cache.length = pc.length
+            lg = self.forward(seq, cache, all_logits=True)[:-1]
             if targets is None:
                 out.append(reference.log_softmax_at(lg, seq[1:]))
             else:

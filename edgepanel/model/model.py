@@ -139,7 +139,9 @@ class Model:
         """Per-token log-probabilities log p(seq[t] | seq[:t]), t = 1..len-1, of several
         sequences, each from an empty context; they run together in batched forward passes of
         about `batch_tokens` tokens.  With masks (one bool array per sequence, True where a
-        token counts), the positions outside the mask are dropped."""
+        token counts), the positions outside the mask are dropped, and sequences whose tokens
+        before their first counted position are the same (a prompt with several continuations:
+        preference pairs, best-of-n candidates) run that prefix once (identical results)."""
         seqs = [self._check_ids(s) for s in sequences]
         if masks is not None:
             if len(masks) != len(seqs):
@@ -148,10 +150,10 @@ class Model:
             for i, (m, s) in enumerate(zip(masks, seqs)):
                 if m.shape != (len(s),):
                     raise ValueError(f"masks[{i}] must have one entry per token ({len(s)}), got {m.shape}")
-        out = self._batched(seqs, None, batch_tokens)
-        if masks is not None:
-            out = [lp[m[1:]] for lp, m in zip(out, masks)]
-        return out
+        if masks is None:
+            return self._batched(seqs, None, batch_tokens)
+        out = self._shared(seqs, masks, batch_tokens)
+        return [lp[m[1:]] for lp, m in zip(out, masks)]
 
     def score_at(self, sequences, ids, batch_tokens: int = 2048) -> list[np.ndarray]:
         """log p(ids[i][t-1, j] | seq_i[:t]) for t = 1..len-1: the log-probabilities of several
@@ -180,6 +182,54 @@ class Model:
             if i == len(seqs) or sum(map(len, seqs[start:i + 1])) > batch_tokens:
                 out.extend(self.engine.logprobs(seqs[start:i], None if targets is None else targets[start:i]))
                 start = i
+        return out
+
+    def _shared(self, seqs, masks, batch_tokens: int) -> list[np.ndarray]:
+        """_batched's log-probabilities (len-1 per sequence), with the prefix before the first
+        counted position run once per group of sequences that share it; the positions of a
+        shared prefix, which no mask counts, are left 0."""
+        first = [int(np.argmax(m[1:])) if m[1:].any() else 0 for m in masks]  # output index = position
+        groups: dict[bytes, list[int]] = {}
+        for i, (q, f) in enumerate(zip(seqs, first)):
+            if f > 0:
+                groups.setdefault(q[:f].tobytes(), []).append(i)
+        units = [g for g in groups.values() if len(g) > 1]
+        if not units:
+            return self._batched(seqs, None, batch_tokens)
+        if batch_tokens < 1:
+            raise ValueError("batch_tokens must be at least 1")
+        self._check_file()
+        shared = {i for g in units for i in g}
+        units += [[i] for i in range(len(seqs)) if i not in shared]
+        units.sort(key=lambda g: g[0])
+        out: list[np.ndarray | None] = [None] * len(seqs)
+
+        def run(batch):
+            prefixes, owners, rests, members = [], [], [], []
+            for g in batch:
+                if len(g) > 1:
+                    prefixes.append(seqs[g[0]][:first[g[0]]])
+                for i in g:
+                    f = first[i] if len(g) > 1 else 0
+                    owners.append(len(prefixes) - 1 if len(g) > 1 else -1)
+                    rests.append(seqs[i][f:])
+                    members.append((i, f))
+            lps = self.engine.logprobs(rests, None, prefixes or None, owners if prefixes else None)
+            for (i, f), lp in zip(members, lps):
+                full = np.zeros(len(seqs[i]) - 1, np.float64)
+                full[f:] = lp
+                out[i] = full
+
+        batch, size = [], 0
+        for g in units:
+            cost = sum(len(seqs[i]) - (first[i] if len(g) > 1 else 0) for i in g)
+            if batch and size + cost > batch_tokens:
+                run(batch)
+                batch, size = [], 0
+            batch.append(g)
+            size += cost
+        if batch:
+            run(batch)
         return out
 
     def perplexity(self, text: str, window: int | None = None) -> float:
