@@ -95,7 +95,7 @@ def run_child(kind, path, threads, repeat):
 
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_report import cpu_name
+    from edgepanel.bench import cpu_name
     from quality import parse
     from edgepanel import hub
     from edgepanel.convert import convert

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from edgepanel.bench import cpu_name
 
 
 def main() -> None:

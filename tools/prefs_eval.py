@@ -18,30 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgepanel.bench import cpu_name
 from edgepanel.model import load
 from edgepanel.panels import dataset
 from edgepanel.panels.pairs import paragraph_seed, write_paragraph
 from edgepanel.tune import objectives, prefs, reward
 
 
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write(path, obj):
-    obj = {**obj, "cpu": cpu(), "threads": os.cpu_count()}
+def write(path, obj, threads=None):
+    obj = {**obj, "cpu": cpu_name(), "threads": threads or os.cpu_count()}
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -60,7 +50,7 @@ def cmd_pairs(a):
            "model_prefers_chosen": float(np.mean(policy[:, 0] > policy[:, 1])),
            "model_prefers_chosen_per_token": float(np.mean(policy[:, 0] / lengths[:, 0] > policy[:, 1] / lengths[:, 1])),
            "seconds": time.time() - t}
-    write(a.out, out)
+    write(a.out, out, a.threads)
 
 
 def cmd_best_of(a):
@@ -79,7 +69,7 @@ def cmd_best_of(a):
         picks["mean log-prob (tuned)"] += int(np.argmax([c.mean_logp for c in tuned_scores])) == 0
         picks["mean log-prob (base)"] += int(np.argmax([c.mean_logp for c in base_scores])) == 0
     write(a.out, {"base": str(a.base), "tuned": str(a.tuned), "panels": len(ex), "candidates": a.n,
-                  "book_picked": {k: v / len(ex) for k, v in picks.items()}, "seconds": time.time() - t})
+                  "book_picked": {k: v / len(ex) for k, v in picks.items()}, "seconds": time.time() - t}, a.threads)
 
 
 def cmd_crlft(a):
@@ -90,7 +80,7 @@ def cmd_crlft(a):
         m = load(path, threads=a.threads)
         out[name] = {"model": str(path), **prefs.class_losses(m, ex, ["book", "model"], a.seq_len)}
     out["seconds"] = time.time() - t
-    write(a.out, out)
+    write(a.out, out, a.threads)
 
 
 def main():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_texts import TEXTS  # noqa: E402
 
 from edgepanel import hub  # noqa: E402
+from edgepanel.bench import cpu_name  # noqa: E402
 from edgepanel.cli.options import given, option  # noqa: E402
 from edgepanel.convert.calibrate import DEFAULT_CALIB  # noqa: E402
 from edgepanel.model import load  # noqa: E402
@@ -36,16 +36,6 @@ def held_out(m, texts, tokens=2048, window=512) -> dict:
         ids = m.tokenizer.encode(text)[:tokens]
         out[name] = m.perplexity(m.tokenizer.decode(ids), window=window)
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():
