@@ -276,6 +276,17 @@ class Model:
                                  f"{self.cfg.vocab_size}: tokenizer and weights do not belong together")
         return ids
 
+    def fit_prompt(self, ids, truncate: bool = False):
+        """`ids` when they leave room for one new token in the context; else ContextOverflow, or
+        with truncate=True their last tokens that do."""
+        limit = self.cfg.max_seq_len - 1
+        if len(ids) > limit:
+            if not truncate:
+                raise ContextOverflow(f"the prompt is {len(ids)} tokens; the context holds {self.cfg.max_seq_len} "
+                                      "(pass truncate=True to keep its last tokens)")
+            ids = ids[-limit:]
+        return ids
+
     def generate(self, prompt, max_tokens: int | None = None, stream: bool = False, *, chat: bool | None = None,
                  truncate: bool = False, **sampling):
         """Continue `prompt` (text, chat messages, or token ids).  Sampling options (defaults in
@@ -283,13 +294,7 @@ class Model:
         they come; otherwise returns the whole text.  A prompt longer than the context raises
         ContextOverflow, unless truncate=True keeps its last tokens."""
         params = _sampling(max_tokens, sampling)
-        ids = self.prompt_ids(prompt, chat)
-        limit = self.cfg.max_seq_len - 1
-        if len(ids) > limit:
-            if not truncate:
-                raise ContextOverflow(f"the prompt is {len(ids)} tokens; the context holds {self.cfg.max_seq_len} "
-                                      "(pass truncate=True to keep its last tokens)")
-            ids = ids[-limit:]
+        ids = self.fit_prompt(self.prompt_ids(prompt, chat), truncate)
         it = self._generate(ids, params)
         return it if stream else "".join(it)
 

@@ -282,13 +282,7 @@ def best_of(model, source, n: int = 4, *, seed: int | None = 0, beta: float | No
         raise ValueError(f"best_of needs n >= 1 candidates, got {n!r}")
     max_tokens = Sampling.default("max_tokens") if max_tokens is None else max_tokens
     ids, stop = prepare(model, source, max_tokens, chat)
-    limit = model.cfg.max_seq_len - 1
-    if len(ids) > limit:
-        if not truncate:
-            from ..model.model import ContextOverflow
-            raise ContextOverflow(f"the prompt is {len(ids)} tokens; the context holds {model.cfg.max_seq_len} "
-                                  "(pass truncate=True to keep its last tokens)")
-        ids = ids[-limit:]
+    ids = model.fit_prompt(ids, truncate)
     if stop:
         sampling.setdefault("stop", stop)
     seeds = candidate_seeds(seed, n)
