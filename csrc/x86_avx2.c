@@ -6,8 +6,11 @@
  * activation x = 16*h + l is split into l in [0,15] and h in [-8,7] so each table fits in bytes
  * exactly.  Tables per 16 inputs (byte columns c, c+1), four 32-byte vectors, halves c | c+1:
  *   [L lo-nibble] [L hi-nibble] [H lo-nibble] [H hi-nibble]
- * Accumulation widths: a 32-input block sums 4 lookups per byte lane (l <= 240, h in [-128,112]),
- * then l + 16*(h+128) <= 4080 goes into int16 for at most 8 blocks, then int32.
+ * the H entries biased by +32 (a sum of four h in [-32,28] -> [0,60]).
+ * Accumulation widths: a 32-input block sums 4 lookups per byte lane (l <= 240, h+128 in [0,240]),
+ * then l + 16*(h+128) <= 4080 goes into int16 for at most 8 blocks, or twice that (<= 8160, by
+ * vpmaddubsw with (2, 32)) for at most 4; the two halves (byte columns c, c+1) of such a run add in
+ * 16 bits as unsigned (<= 65280), then int32.
  *
  * xnor: per 16 inputs two 32-byte tables of popcount((nibble ^ activation nibble) & valid).
  *
@@ -98,7 +101,7 @@ static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
         mask[b] = nibble_bit_mask(b);
         pick[b] = _mm256_setr_m128i(_mm_set1_epi8((char)b), _mm_set1_epi8((char)(8 + b)));
     }
-    const __m256i four = _mm256_set1_epi8(4);
+    const __m256i four = _mm256_set1_epi8(4), h_bias = _mm256_set1_epi8(32);
     for (int64_t j = 0; j < in_pad; j += 16) {
         __m128i x16;
         if (j + 16 <= in) {
@@ -120,6 +123,8 @@ static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
             t[2] = _mm256_add_epi8(t[2], _mm256_and_si256(_mm256_shuffle_epi8(H, plo), mask[b]));
             t[3] = _mm256_add_epi8(t[3], _mm256_and_si256(_mm256_shuffle_epi8(H, phi), mask[b]));
         }
+        t[2] = _mm256_add_epi8(t[2], h_bias);  /* four lookups: h + 128, unsigned for vpmaddubsw */
+        t[3] = _mm256_add_epi8(t[3], h_bias);
         __m256i *dst = (__m256i *)(tab + j * 8);
         for (int u = 0; u < 4; u++) _mm256_store_si256(dst + u, t[u]);
     }
@@ -129,6 +134,13 @@ static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
 EP_INLINE __m256i sum_halves_epi16(__m256i s) {
     return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s)),
                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1)));
+}
+
+/* The int32 row sums of an int16 run of the i8 product (rows 0-7 in s[0], 8-15 in s[1], each a
+ * byte column per half): the halves add in 16 bits, unsigned (<= 65280), then widen. */
+EP_INLINE void widen_run(const __m256i s[2], __m256i m[2]) {
+    for (int h = 0; h < 2; h++)
+        m[h] = _mm256_cvtepu16_epi32(_mm_add_epi16(_mm256_castsi256_si128(s[h]), _mm256_extracti128_si256(s[h], 1)));
 }
 
 /* Finish a tile for TB tokens: keep the partial sums, or scale and store the outputs. */
@@ -165,18 +177,20 @@ EP_INLINE void load_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, 
     }
 }
 
-/* One 32-input block of one plane (byte columns cc..cc+3) for TB tokens: s += l + 16*(h+128)
- * per byte lane, in int16. */
-EP_INLINE void i8_block(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB,
+/* One 32-input block of one plane (byte columns cc..cc+3 at w = the plane's w + 16 cc, tab = the
+ * tables' + 64 cc) for TB tokens: s += l + 16*(h+128) per byte lane, in int16 (the H tables carry
+ * the +128); twice that when dbl (<= 8160 a block).  Pointers, not column indices: built with
+ * -fwrapv (Python's flags), index arithmetic costs more in the loops. */
+EP_INLINE void i8_block(const uint8_t *w, const uint8_t *tab, int64_t ts, const int TB, const int dbl,
                         __m256i s[][2]) {
-    const __m256i m0f = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);
-    const __m256i mul = _mm256_set1_epi16(0x1001);  /* bytes (1, 16) */
-    __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + cc * EP_TILE));
-    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + (cc + 2) * EP_TILE));
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    const __m256i mul = _mm256_set1_epi16(dbl ? 0x2002 : 0x1001);  /* bytes (2, 32) or (1, 16) */
+    __m256i v0 = _mm256_loadu_si256((const __m256i *)w);
+    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 2 * EP_TILE));
     __m256i lo0 = _mm256_and_si256(v0, m0f), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
     __m256i lo1 = _mm256_and_si256(v1, m0f), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
     for (int b = 0; b < TB; b++) {
-        const __m256i *T = (const __m256i *)(tab + b * ts + cc * 64);
+        const __m256i *T = (const __m256i *)(tab + b * ts);
         __m256i al = _mm256_add_epi8(_mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 0), lo0),
                                                      _mm256_shuffle_epi8(_mm256_load_si256(T + 1), hi0)),
                                      _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 4), lo1),
@@ -185,56 +199,54 @@ EP_INLINE void i8_block(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_
                                                      _mm256_shuffle_epi8(_mm256_load_si256(T + 3), hi0)),
                                      _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 6), lo1),
                                                      _mm256_shuffle_epi8(_mm256_load_si256(T + 7), hi1)));
-        ah = _mm256_xor_si256(ah, flip);  /* h + 128: unsigned for vpmaddubsw */
         s[b][0] = _mm256_add_epi16(s[b][0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(al, ah), mul));
         s[b][1] = _mm256_add_epi16(s[b][1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(al, ah), mul));
     }
 }
 
-/* Integer pass over plane i, groups [j0, j1), for TB tokens: D[b][i][j - j0][16 rows] = the raw
- * sums of (l + 16*(h+128)) over the group (the bias, 4096 per block, leaves in the float pass).
- * GB > 0: every group but the last is GB blocks long (group = 32*GB inputs), unrolled; the last
- * group and GB == 0 (one group per row) take the general path with int16 runs of <= 8 blocks. */
-EP_INLINE void i8_plane(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t i,
-                        int64_t j0, int64_t j1, int32_t *D, int64_t dtok, const int GB) {
-    const uint8_t *w = a->planes + (i * a->tiles + t) * a->ncol * EP_TILE;
-    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
-    const int64_t ts = a->tab_stride, nj = j1 - j0;
-    for (int64_t j = j0; j < j1; j++) {
-        int32_t *d = D + (i * nj + (j - j0)) * EP_TILE;
-        __m256i m[4][2];
-        if (GB > 0 && j != a->ng - 1) {
-            __m256i s[4][2];
-            for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm256_setzero_si256();
-            for (int u = 0; u < GB; u++) i8_block(w, tab, ts, j * 4 * GB + 4 * u, TB, s);
-            for (int b = 0; b < TB; b++) {
-                m[b][0] = sum_halves_epi16(s[b][0]);
-                m[b][1] = sum_halves_epi16(s[b][1]);
-            }
-        } else {
-            int64_t c0, c1;
-            ep_group_cols(a, j, &c0, &c1);
-            for (int b = 0; b < TB; b++) m[b][0] = m[b][1] = _mm256_setzero_si256();
-            for (int64_t c = c0; c < c1; c += 32) {  /* <= 8 blocks per int16 run */
-                const int64_t ce = ep_min64(c + 32, c1);
-                __m256i s[4][2];
-                for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm256_setzero_si256();
-                for (int64_t cc = c; cc < ce; cc += 4) i8_block(w, tab, ts, cc, TB, s);
-                for (int b = 0; b < TB; b++) {
-                    m[b][0] = _mm256_add_epi32(m[b][0], sum_halves_epi16(s[b][0]));
-                    m[b][1] = _mm256_add_epi32(m[b][1], sum_halves_epi16(s[b][1]));
-                }
-            }
-        }
+/* The integer sums of group j of one plane (w: its tile's columns) for TB tokens, int32 per row:
+ * m[b][h][r] = twice the raw sum of (l + 16*(h+128)) over the group (the bias, 2 * 4096 per
+ * block, leaves with S).  A group of exactly GB blocks (GB > 0, `whole`) is one unrolled int16 run,
+ * doubled in vpmaddubsw when GB <= 4; others (the last group when shorter or longer, or GB == 0:
+ * one group per row) take int16 runs of <= 8 blocks, doubled in int32. */
+EP_INLINE void i8_group(const ep_gemm_args *a, const uint8_t *w, const uint8_t *tab, int64_t ts, const int TB,
+                        int64_t j, const int GB, int whole, __m256i m[][2]) {
+    __m256i s[4][2];
+    if (GB > 0 && whole) {
+        for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm256_setzero_si256();
+        const uint8_t *wg = w + j * (4 * GB * EP_TILE), *tg = tab + j * (4 * GB * 64);
+        for (int u = 0; u < GB; u++) i8_block(wg + u * 4 * EP_TILE, tg + u * 256, ts, TB, GB <= 4, s);
         for (int b = 0; b < TB; b++) {
-            _mm256_storeu_si256((__m256i *)(d + b * dtok), m[b][0]);
-            _mm256_storeu_si256((__m256i *)(d + b * dtok + 8), m[b][1]);
+            widen_run(s[b], m[b]);
+            if (GB > 4) {
+                m[b][0] = _mm256_slli_epi32(m[b][0], 1);
+                m[b][1] = _mm256_slli_epi32(m[b][1], 1);
+            }
         }
+        return;
+    }
+    int64_t c0, c1;
+    ep_group_cols(a, j, &c0, &c1);
+    for (int b = 0; b < TB; b++) m[b][0] = m[b][1] = _mm256_setzero_si256();
+    for (int64_t c = c0; c < c1; c += 32) {  /* <= 8 blocks per int16 run */
+        const int64_t ce = ep_min64(c + 32, c1);
+        for (int b = 0; b < TB; b++) s[b][0] = s[b][1] = _mm256_setzero_si256();
+        for (int64_t cc = c; cc < ce; cc += 4) i8_block(w + cc * EP_TILE, tab + cc * 64, ts, TB, 0, s);
+        for (int b = 0; b < TB; b++) {
+            __m256i r[2];
+            widen_run(s[b], r);
+            m[b][0] = _mm256_add_epi32(m[b][0], r[0]);
+            m[b][1] = _mm256_add_epi32(m[b][1], r[1]);
+        }
+    }
+    for (int b = 0; b < TB; b++) {
+        m[b][0] = _mm256_slli_epi32(m[b][0], 1);
+        m[b][1] = _mm256_slli_epi32(m[b][1], 1);
     }
 }
 
-/* D (the integer results of a tile) holds EP_CHUNK_GROUPS groups of every plane at a time (k is at
- * most EP_MAX_PLANES: ep_gemm_args_init checks it). */
+/* The xnor product's D (the integer results of a tile) holds EP_CHUNK_GROUPS groups of every plane
+ * at a time (k is at most EP_MAX_PLANES: ep_gemm_args_init checks it). */
 #define EP_CHUNK_GROUPS 8
 #define EP_TB EP_TOKEN_BLOCK
 
@@ -282,27 +294,66 @@ EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const 
     }
 }
 
-/* Groups [j0, j1) of tile t for tokens tok0 .. tok0+TB-1, EP_CHUNK_GROUPS at a time: integers
- * first, then floats; the running sums stay in registers across the chunks. */
+/* Groups [j0, j1) of tile t for tokens tok0 .. tok0+TB-1, in the specification's order (groups
+ * outer, planes inner, one fused multiply-add each): each (group, plane)'s integers go straight
+ * into the running sums f (no integer buffer).  D = S + 8192 nb - m (m: twice the raw sums), S
+ * the token's group sum. */
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
                        int64_t j1, const int GB) {
-    int32_t D[EP_TB * EP_MAX_PLANES * EP_CHUNK_GROUPS * EP_TILE] __attribute__((aligned(32)));
+    const uint8_t *w = a->planes + t * a->ncol * EP_TILE, *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t pstride = a->tiles * a->ncol * EP_TILE, ts = a->tab_stride;
+    /* groups [0, jw) are GB blocks long; the last one too when the padded row ends with it */
+    const int64_t jw = GB > 0 ? (a->ncol == a->ng * 4 * GB ? a->ng : a->ng - 1) : 0;
     __m256 f[4][2];
     load_acc(a, t, tok0, TB, f, j0 == 0);
-    for (int64_t c0 = j0; c0 < j1; c0 += EP_CHUNK_GROUPS) {
-        const int64_t c1 = ep_min64(c0 + EP_CHUNK_GROUPS, j1), dtok = a->k * (c1 - c0) * EP_TILE;
-        for (int64_t i = 0; i < a->k; i++) i8_plane(a, t, tok0, TB, i, c0, c1, D, dtok, GB);
-        float_pass(a, t, tok0, TB, c0, c1, D, dtok, 8192, f);  /* D = S - 2(m - 4096 nb) */
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t c0, c1;
+        ep_group_cols(a, j, &c0, &c1);
+        const int32_t bias = (int32_t)(8192 * ((c1 - c0) / 4));
+        __m256i S[4];
+        for (int b = 0; b < TB; b++) S[b] = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);
+        const uint8_t *wp = w;
+        for (int64_t i = 0; i < a->k; i++, wp += pstride) {
+            __m256i m[4][2];
+            __m256 al0, al1;
+            const uint8_t *tb = tab;
+            __asm__("" : "+r"(tb));  /* the group's tables are read per plane, not hoisted into stack copies */
+            i8_group(a, wp, tb, ts, TB, j, GB, j < jw, m);
+            load_scales(a, i, t, j, &al0, &al1);
+            for (int b = 0; b < TB; b++) {
+                __m256i d0 = _mm256_sub_epi32(S[b], m[b][0]);
+                __m256i d1 = _mm256_sub_epi32(S[b], m[b][1]);
+                f[b][0] = ep_fmadd256(al0, _mm256_cvtepi32_ps(d0), f[b][0]);
+                f[b][1] = ep_fmadd256(al1, _mm256_cvtepi32_ps(d1), f[b][1]);
+            }
+        }
     }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
+/* One function per (TB, GB), each with its own register allocation (inlined into one, the
+ * decode loop spilled more: 3% more instructions at 1 token, g64). */
+#define I8_TILE_FN(TB, GB)                                                                      \
+    static __attribute__((noinline)) void i8_tile_##TB##_##GB(const ep_gemm_args *a, int64_t t, \
+                                                              int64_t tok0, int64_t j0, int64_t j1) { \
+        i8_tile(a, t, tok0, TB, j0, j1, GB);                                                     \
+    }
+#define I8_TILE_FNS(TB) I8_TILE_FN(TB, 0) I8_TILE_FN(TB, 1) I8_TILE_FN(TB, 2) I8_TILE_FN(TB, 4) I8_TILE_FN(TB, 8)
+I8_TILE_FNS(1)
+I8_TILE_FNS(2)
+I8_TILE_FNS(3)
+I8_TILE_FNS(4)
+#undef I8_TILE_FNS
+#undef I8_TILE_FN
+#define I8_TILE(a, t, tok0, TB, j0, j1, GB) i8_tile_##TB##_##GB(a, t, tok0, j0, j1)
+
 static void avx2_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
     const int gb = ep_blocks_per_group(a);
-#define CALL(TB) EP_SWITCH_GB(i8_tile, a, t, tok0, TB, j0, j1)
+#define CALL(TB) EP_SWITCH_GB(I8_TILE, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);
 #undef CALL
 }
+#undef I8_TILE
 
 static const uint8_t popcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
 

@@ -143,12 +143,14 @@ def test_accumulators_do_not_overflow(backend, value):
     np.testing.assert_array_equal(backend.gemm_xnor(act, np.ones(1, np.float32), w), np.full((1, 3), -4 * n_in, np.float32))
 
 
-def test_group_256_int16_run(backend):
-    """The longest int16 runs (256 inputs) at the largest per-lane values, with group 256."""
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_group_int16_run(backend, group):
+    """Each group's int16 runs at the largest per-lane values: the longest (256 inputs, group 256)
+    and those the AVX2 kernel doubles in 16 bits (groups up to 128, twice 4080 per block)."""
     n_in = 1536
     for pattern in (-1, 1):
         signs = np.full((2, 16, n_in), pattern, np.int8)
-        w = PlaneMatrix.from_signs(signs, np.ones((2, 16, 6), np.float32), 256)
+        w = PlaneMatrix.from_signs(signs, np.ones((2, 16, n_in // group), np.float32), group)
         for value in (127, -128):
             q = np.full((1, n_in), value, np.int8)
             y = backend.gemm_planes_i8(q, np.ones(1, np.float32), w)
