@@ -223,6 +223,7 @@ class Model:
         batch, size = [], 0
         for g in units:
             cost = sum(len(seqs[i]) - (first[i] if len(g) > 1 else 0) for i in g)
+            cost += first[g[0]] if len(g) > 1 else 0     # the prefix runs in the same call
             if batch and size + cost > batch_tokens:
                 run(batch)
                 batch, size = [], 0
