@@ -124,6 +124,9 @@ def test_shared_prefixes_score_exactly_as_alone(tiny, model):
         np.testing.assert_allclose(d, ref.token_logprobs(q)[len(prompts[0]):], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="owners"):
         model.engine.logprobs(seqs[:2], None, [prompts[0]], [0])
+    for eng in (model.engine, ref.engine):
+        with pytest.raises(ValueError, match="owner 1 names no prefix"):
+            eng.logprobs(seqs[:2], None, [prompts[0]], [0, 1])
 
 
 @pytest.mark.parametrize("opt,val,msg", [

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from ..kernels import native
+from .engine import check_owners
 from .reference import KVCache
 from .weights import Linear, Norm, Rows, Weights
 
@@ -163,11 +164,8 @@ class CEngine:
         n = int(lens.sum())
         pos = np.zeros(len(seqs), np.int64)
         if prefixes is not None:
-            if owners is None or len(owners) != len(seqs):
-                raise ValueError("owners must give one prefix index (or -1) per sequence")
+            check_owners(prefixes, owners, len(seqs))
             pre = [np.ascontiguousarray(q, np.int32) for q in prefixes]
-            if any(len(q) == 0 for q in pre):
-                raise ValueError("a prefix must have at least one token")
             pos = np.array([len(pre[o]) if o >= 0 else 0 for o in owners], np.int64)
         cap = int((lens + pos).max())
         tokens = np.concatenate(seqs)

@@ -7,6 +7,20 @@ import numpy as np
 from . import reference
 
 
+def check_owners(prefixes, owners, n_seqs: int) -> None:
+    """The prefixes/owners arguments of an engine's logprobs: one index per sequence, each -1
+    (no prefix) or naming a prefix of at least one token."""
+    if prefixes is None:
+        return
+    if owners is None or len(owners) != n_seqs:
+        raise ValueError("owners must give one prefix index (or -1) per sequence")
+    bad = [o for o in owners if not -1 <= int(o) < len(prefixes)]
+    if bad:
+        raise ValueError(f"owner {bad[0]} names no prefix (there are {len(prefixes)})")
+    if any(len(q) == 0 for q in prefixes):
+        raise ValueError("a prefix must have at least one token")
+
+
 class ReferenceEngine:
     """The NumPy forward pass; with `backend` (a kernels backend) its binarized products run on
     those kernels (the Numba fallback), else on the NumPy reference arithmetic."""
@@ -36,8 +50,7 @@ class ReferenceEngine:
         `targets` ((len-1, K) ids per sequence) the log-probabilities at those ids, float32.
         With `prefixes` and `owners` (one prefix index or -1 per sequence), sequence i continues
         after prefixes[owners[i]], whose cache is computed once and copied."""
-        if prefixes is not None and (owners is None or len(owners) != len(sequences)):
-            raise ValueError("owners must give one prefix index (or -1) per sequence")
+        check_owners(prefixes, owners, len(sequences))
         caches = {}
         out = []
         for i, seq in enumerate(sequences):
@@ -48,8 +61,6 @@ class ReferenceEngine:
             else:
                 if o not in caches:
                     pre = np.asarray(prefixes[o], np.int64)
-                    if not len(pre):
-                        raise ValueError("a prefix must have at least one token")
                     caches[o] = self.new_cache(len(pre))
                     self.forward(pre, caches[o])
                 pc = caches[o]
