@@ -150,6 +150,31 @@ def environment() -> dict:
 
 
 # -- measuring one model in this process ---------------------------------------------------------
+def greedy_speeds(start, step, prompt_tokens: int, new_tokens: int = 64, repeat: int = 3) -> dict:
+    """Prefill and greedy-decode speeds of any runtime, for the side-by-side tools (tools/bench_model.py,
+    tools/onnx_bench.py): `start()` runs the prompt from an empty cache and returns the next token,
+    `step(tok)` runs one token and returns the next.  One untimed warm-up round, then `repeat` timed
+    ones: {"prefill": [tokens/s], "decode": [tokens/s]}, one entry per timed round."""
+    res = {"prefill": [], "decode": []}
+    for r in range(repeat + 1):
+        t = time.perf_counter()
+        tok = start()
+        tp = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = step(tok)
+        td = time.perf_counter() - t
+        if r:
+            res["prefill"].append(prompt_tokens / tp)
+            res["decode"].append(new_tokens / td)
+    return res
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM), MiB."""
+    return _status_bytes("VmHWM") / 2**20
+
+
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -22,62 +22,49 @@ PROMPT = ("Once upon a time, in a small village between two hills, there lived a
           "repaired every clock in the valley. ") * 8
 CHILD = r'''
 import json, os, sys, time
+from edgepanel.bench import greedy_speeds, peak_rss_mib
 kind, path, threads, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-res = {"prefill": [], "decode": []}
 t = time.time()
 if kind == "edgepanel":
     import numpy as np, edgepanel
     m = edgepanel.load(path, threads=threads)
-    res["load"] = time.time() - t
     ids = np.array(m.tokenizer.encode(PROMPT)[:128], np.int32)
-    for r in range(repeat + 1):
-        cache = m.engine.new_cache(128 + 64)
-        t = time.perf_counter(); lg = m.engine.forward(ids, cache); tp = time.perf_counter() - t
-        tok = int(np.argmax(lg)); t = time.perf_counter()
-        for i in range(64):
-            lg = m.engine.forward(np.array([tok], np.int32), cache); tok = int(np.argmax(lg))
-        td = time.perf_counter() - t
-        if r:
-            res["prefill"].append(128 / tp); res["decode"].append(64 / td)
+    state = {}
+    def start():
+        state["cache"] = m.engine.new_cache(len(ids) + 64)
+        return int(np.argmax(m.engine.forward(ids, state["cache"])))
+    def step(tok):
+        return int(np.argmax(m.engine.forward(np.array([tok], np.int32), state["cache"])))
 elif kind == "transformers":
     import torch
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     d, f = os.path.split(path)
     m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    res["load"] = time.time() - t
-    ids = torch.tensor([tok(PROMPT)["input_ids"][:128]])
-    with torch.no_grad():
-        for r in range(repeat + 1):
-            t = time.perf_counter(); out = m(ids, use_cache=True); tp = time.perf_counter() - t
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for i in range(64):
-                out = m(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            td = time.perf_counter() - t
-            if r:
-                res["prefill"].append(128 / tp); res["decode"].append(64 / td)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(d, gguf_file=f)(PROMPT)["input_ids"][:128]])
+    state = {}
+    def run(x, past=None):
+        with torch.no_grad():
+            out = m(x, past_key_values=past, use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[:, -1:].argmax(-1)
+    def start():
+        return run(ids)
+    def step(tok):
+        return run(tok, state["past"])
 elif kind == "llama.cpp":
     from llama_cpp import Llama
     m = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512, verbose=False)
-    res["load"] = time.time() - t
     ids = m.tokenize(PROMPT.encode())[:128]
-    for r in range(repeat + 1):
-        m.reset()
-        t = time.perf_counter(); m.eval(ids); tp = time.perf_counter() - t
-        t = time.perf_counter()
-        for i in range(64):
-            m.eval([m.sample(temp=0.0)])
-        td = time.perf_counter() - t
-        if r:
-            res["prefill"].append(128 / tp); res["decode"].append(64 / td)
-res["rss_mib"] = rss()
+    def start():
+        m.reset(); m.eval(ids)
+        return m.sample(temp=0.0)
+    def step(tok):
+        m.eval([tok])
+        return m.sample(temp=0.0)
+load = time.time() - t
+res = greedy_speeds(start, step, len(ids[0]) if kind == "transformers" else len(ids), 64, repeat)
+res.update(load=load, rss_mib=peak_rss_mib())
 print("RESULT " + json.dumps(res))
 '''
 

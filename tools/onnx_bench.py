@@ -41,44 +41,34 @@ SPEED_PROMPT = ("Once upon a time, in a small village between two hills, there l
 CHILD = r'''
 import json, sys, time
 import numpy as np
+from edgepanel.bench import greedy_speeds, peak_rss_mib
 kind, path, threads, repeat, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-res = {"prefill": [], "decode": []}
 t = time.time()
+state = {}
 if kind == "edgepanel":
     import edgepanel
     m = edgepanel.load(path, threads=threads)
     ids = np.array(m.tokenizer.encode(prompt)[:128], np.int32)
-    res["load"] = time.time() - t
-    for r in range(repeat + 1):
-        cache = m.engine.new_cache(128 + 64)
-        t0 = time.perf_counter(); lg = m.engine.forward(ids, cache); tp = time.perf_counter() - t0
-        tok = int(np.argmax(lg)); t0 = time.perf_counter()
-        for _ in range(64):
-            tok = int(np.argmax(m.engine.forward(np.array([tok], np.int32), cache)))
-        td = time.perf_counter() - t0
-        if r:
-            res["prefill"].append(len(ids) / tp); res["decode"].append(64 / td)
+    def start():
+        state["cache"] = m.engine.new_cache(len(ids) + 64)
+        return int(np.argmax(m.engine.forward(ids, state["cache"])))
+    def step(tok):
+        return int(np.argmax(m.engine.forward(np.array([tok], np.int32), state["cache"])))
 else:
     from tokenizers import Tokenizer
     from edgepanel.export.runtime import OnnxDecoder
     dec = OnnxDecoder(path, threads=threads)
     ids = Tokenizer.from_file(str(dec.path.with_suffix(".tokenizer.json"))).encode(prompt, add_special_tokens=False).ids[:128]
-    res["load"] = time.time() - t
-    for r in range(repeat + 1):
-        t0 = time.perf_counter(); lg, kv = dec.forward([ids]); tp = time.perf_counter() - t0
-        tok = int(np.argmax(lg[0, -1])); t0 = time.perf_counter()
-        for _ in range(64):
-            lg, kv = dec.forward([[tok]], kv)
-            tok = int(np.argmax(lg[0, -1]))
-        td = time.perf_counter() - t0
-        if r:
-            res["prefill"].append(len(ids) / tp); res["decode"].append(64 / td)
-res["tokens"] = len(ids)
-res["rss_mb"] = rss()
+    def run(x, kv=None):
+        lg, state["kv"] = dec.forward(x, kv)
+        return int(np.argmax(lg[0, -1]))
+    def start():
+        return run([ids])
+    def step(tok):
+        return run([[tok]], state["kv"])
+load = time.time() - t
+res = greedy_speeds(start, step, len(ids), 64, repeat)
+res.update(load=load, tokens=len(ids), rss_mb=peak_rss_mib())
 print(json.dumps(res))
 '''
 
