@@ -196,3 +196,21 @@ def test_default_model_within_bound():
     m = r["memory"]
     assert m["peak_rss"] > path.stat().st_size * 0.5
     assert m["peak_rss"] <= path.stat().st_size + kv_bytes_per_token(path) * 144 + 100 * 10**6, m
+
+
+def test_greedy_speeds_runs_a_warm_up_then_times_each_round():
+    from edgepanel.bench import greedy_speeds
+    calls = []
+
+    def start():
+        calls.append("start")
+        return 0
+
+    def step(tok):
+        calls.append(tok)
+        return tok + 1
+
+    res = greedy_speeds(start, step, prompt_tokens=7, new_tokens=3, repeat=2)
+    assert calls == ["start", 0, 1, 2] * 3            # one untimed warm-up round, two timed
+    assert len(res["prefill"]) == len(res["decode"]) == 2
+    assert all(v > 0 for v in res["prefill"] + res["decode"])

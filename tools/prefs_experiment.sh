@@ -18,6 +18,8 @@ WORK=${WORK:-$HOME/.cache/edgepanel/prefs}
 N=${N:-100}                 # held-out pairs
 TRAIN_N=${TRAIN_N:-400}     # training pairs (evenly spaced over the shipped 3000)
 STEPS=${STEPS:-200}         # ZO steps of each training run
+REFINE_STEPS=${REFINE_STEPS:-$STEPS}   # the loop's fine-tuning steps per round
+CRLFT_STEPS=${CRLFT_STEPS:-$STEPS}
 SEQ=${SEQ:-384}             # tokens per sequence
 BETA=${BETA:-0.1}
 LR=${LR:-6e-3}               # the loop's and C-RLFT's (finetune's default)
@@ -81,18 +83,18 @@ step "$OUT/best-of-lr$DPO_LR.json" python tools/prefs_eval.py best-of "$MODEL" "
 # 3. the data-model loop
 if [ ! -s "$OUT/refine.json" ]; then
     echo "+ data refine"
-    edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$STEPS" \
+    edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$REFINE_STEPS" \
         --seq-len "$SEQ" --lr "$LR" --eval-every 0 --out "$WORK/refined-$REFINE_N.jsonl.gz" $T \
         | tee "$OUT/refine.md"
     cp "$WORK/refined-$REFINE_N.jsonl.gz.rounds/summary.json" "$OUT/refine.json"
 fi
 
 # 4. C-RLFT
-CDATA="$WORK/crlft-train-$CRLFT_N.jsonl.gz"; CRLFT="$WORK/crlft-$CRLFT_N-s$STEPS.ep"
+CDATA="$WORK/crlft-train-$CRLFT_N.jsonl.gz"; CRLFT="$WORK/crlft-$CRLFT_N-s$CRLFT_STEPS.ep"
 step "$CDATA" edgepanel data pairs "$CTRAIN" --model "$MODEL" --crlft --seed 0 -n 200 --out "$CDATA" $T
 if [ ! -s "$CRLFT" ]; then
     echo "+ finetune --objective crlft"
-    edgepanel finetune "$MODEL" --objective crlft --data "$CDATA" --steps "$STEPS" --seq-len "$SEQ" --lr "$LR" \
+    edgepanel finetune "$MODEL" --objective crlft --data "$CDATA" --steps "$CRLFT_STEPS" --seq-len "$SEQ" --lr "$LR" \
         --eval-every 0 --out "$CRLFT" $T $( [ -f "$CRLFT.ckpt" ] && echo --resume "$CRLFT.ckpt" ) 2>&1 | tee "$OUT/crlft.log"
 fi
 step "$OUT/crlft.json" python tools/prefs_eval.py crlft "$MODEL" "$CRLFT" "$HELD" "$OUT/crlft.json" --seq-len "$SEQ" $T
