@@ -12,6 +12,14 @@ JSON file:
         token under TUNED and under BASE
     python tools/prefs_eval.py crlft  BASE TUNED PANELS OUT.json [--limit 100] [--seq-len 384]
         held-out loss of the book paragraphs under the "book" and "model" conditions, both models
+    python tools/prefs_eval.py landscape MODEL PAIRS OUT.json [--tensors wq,wk] [--layers 0-29]
+                                         [--eps 1e-4,2e-4,0.05,-0.05,0.1,-0.1] [--limit 8] [--seq-len 384]
+        what the zeroth-order trainer's two loss evaluations see: every plane scale of the named
+        tensors (in those layers) multiplied by 1 + eps, for each eps, and each pair's DPO margin
+        change (log pi(c) - log pi_0(c)) - (log pi(r) - log pi_0(r)) against the model as it is.
+        A tiny eps measures the noise floor of the quantized forward pass (activations are rounded
+        to int8 before every product, so the log-probabilities are piecewise constant in the
+        scales); for each +-eps, the odd part (h(+eps) - h(-eps)) / 2 is the slope's estimate
 """
 from __future__ import annotations
 
@@ -57,7 +65,9 @@ def cmd_best_of(a):
     base = load(a.base, threads=a.threads)
     tuned = load(a.tuned, threads=a.threads)
     ex = dataset.load(a.panels)[: a.limit]
-    picks = {"implicit reward (tuned)": 0, "mean log-prob (tuned)": 0, "mean log-prob (base)": 0}
+    picks = {"implicit reward (tuned)": 0, "mean log-prob (tuned)": 0, "mean log-prob (base)": 0,
+             "implicit reward per token (tuned)": 0}
+    details = []
     t = time.time()
     for i, e in enumerate(ex):
         texts = [e.target] + [write_paragraph(base, e, paragraph_seed(a.seed, i * a.n + k), a.max_tokens)
@@ -68,8 +78,16 @@ def cmd_best_of(a):
         picks["implicit reward (tuned)"] += reward.pick(tuned_scores) == 0
         picks["mean log-prob (tuned)"] += int(np.argmax([c.mean_logp for c in tuned_scores])) == 0
         picks["mean log-prob (base)"] += int(np.argmax([c.mean_logp for c in base_scores])) == 0
+        # the length control: a reward that only tracked a uniform drift per token would favour the
+        # shortest candidate; per token it cannot
+        picks["implicit reward per token (tuned)"] += int(np.argmax([c.reward / max(1, c.tokens) for c in tuned_scores])) == 0
+        details.append({"tokens": [c.tokens for c in tuned_scores],
+                        "reward": [round(c.reward, 4) for c in tuned_scores],
+                        "mean_logp_base": [round(c.mean_logp, 4) for c in base_scores]})
     write(a.out, {"base": str(a.base), "tuned": str(a.tuned), "panels": len(ex), "candidates": a.n,
-                  "book_picked": {k: v / len(ex) for k, v in picks.items()}, "seconds": time.time() - t}, a.threads)
+                  "book_picked": {k: v / len(ex) for k, v in picks.items()},
+                  "book_is_shortest": float(np.mean([d["tokens"][0] == min(d["tokens"]) for d in details])),
+                  "per_panel": details, "seconds": time.time() - t}, a.threads)
 
 
 def cmd_crlft(a):
@@ -81,6 +99,39 @@ def cmd_crlft(a):
         out[name] = {"model": str(path), **prefs.class_losses(m, ex, ["book", "model"], a.seq_len)}
     out["seconds"] = time.time() - t
     write(a.out, out, a.threads)
+
+
+def cmd_landscape(a):
+    from edgepanel.tune.params import parse_layers
+    m = load(a.model, threads=a.threads)
+    pairs = prefs.load_pairs(a.pairs, m.tokenizer, a.seq_len)
+    pairs = [pairs[round(i * (len(pairs) - 1) / max(1, a.limit - 1))] for i in range(min(a.limit, len(pairs)))]
+    kinds = a.tensors.split(",")
+    layers = parse_layers(a.layers, m.cfg.n_layers)
+    params = m.parameters(("scales",), layers)
+    names = [n for n in params if n.rsplit(".", 2)[-2] in kinds]
+    if not names:
+        raise SystemExit(f"no plane scales named {a.tensors!r} in those layers")
+    saved = {n: params[n].copy() for n in names}
+    t = time.time()
+    base = objectives.pair_logps(m, pairs)
+    margins = {}
+    for eps in [float(e) for e in a.eps.split(",")]:
+        for n in names:
+            np.multiply(saved[n], np.float32(1 + eps), out=params[n])
+        margins[eps] = objectives.log_ratio_margins(objectives.pair_logps(m, pairs), base)
+    for n in names:
+        params[n][...] = saved[n]
+    rows = {f"{e:g}": {"margins": h.round(4).tolist(), "rms": float(np.sqrt(np.mean(h ** 2)))} for e, h in margins.items()}
+    for e in margins:
+        if e > 0 and -e in margins:
+            odd = (margins[e] - margins[-e]) / 2
+            even = (margins[e] + margins[-e]) / 2
+            rows[f"{e:g}"].update(odd=odd.round(4).tolist(), odd_rms=float(np.sqrt(np.mean(odd ** 2))),
+                                  even_rms=float(np.sqrt(np.mean(even ** 2))),
+                                  odd_positive=float(np.mean(odd > 0)))
+    write(a.out, {"model": str(a.model), "pairs": len(pairs), "tensors": kinds, "layers": a.layers or "all",
+                  "scales": len(names), "eps": rows, "seconds": time.time() - t}, a.threads)
 
 
 def main():
@@ -111,6 +162,16 @@ def main():
     s.add_argument("--limit", type=int, default=100)
     s.add_argument("--seq-len", type=int, default=384)
     s.set_defaults(func=cmd_crlft)
+    s = sub.add_parser("landscape")
+    s.add_argument("model")
+    s.add_argument("pairs")
+    s.add_argument("out")
+    s.add_argument("--tensors", default="wq,wk", help="tensor names, e.g. wq,wk,wv,wo,w_gate,w_up,w_down")
+    s.add_argument("--layers", default=None, help="e.g. 20-29 (default: all)")
+    s.add_argument("--eps", default="1e-4,2e-4,0.05,-0.05,0.1,-0.1")
+    s.add_argument("--limit", type=int, default=8, help="pairs, evenly spaced over the file")
+    s.add_argument("--seq-len", type=int, default=384)
+    s.set_defaults(func=cmd_landscape)
     for s in sub.choices.values():
         s.add_argument("-t", "--threads", type=int, default=None)
     a = p.parse_args()
