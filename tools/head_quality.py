@@ -29,6 +29,7 @@ from edgepanel import hub  # noqa: E402
 from edgepanel.bench import cpu_name  # noqa: E402
 from edgepanel.format import ModelFile, ModelWriter  # noqa: E402
 from edgepanel.model import load  # noqa: E402
+from edgepanel.quantize import int8_rows  # noqa: E402
 
 CLIPS = np.linspace(0.5, 1.0, 26)
 
@@ -58,7 +59,7 @@ def variant(w: np.ndarray, spec: str) -> tuple[np.ndarray, np.ndarray]:
     if w.shape[1] % g:
         raise SystemExit(f"group {g} does not divide the head's {w.shape[1]} columns")
     q, s = rows_int(w.reshape(-1, g), bits)
-    return rows_int((q * s[:, None]).reshape(w.shape), 8, clips=[1.0])
+    return int8_rows((q * s[:, None]).reshape(w.shape))
 
 
 def main():
