@@ -77,7 +77,7 @@ def test_projected_gradient_is_clipped_and_refuses_nan():
 
 # -- on a model -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("granularity", ["group", "row", "tensor"])
+@pytest.mark.parametrize("granularity", ["group", "row", "tensor", "kind", "shared"])
 def test_perturb_and_restore_is_exact(tiny, granularity):
     m = edgepanel.load(tiny / "m.ep")
     before = m.logits([3, 17, 99, 150, 7])
@@ -100,6 +100,65 @@ def test_granularity_sizes(tiny):
     sizes = {g: Trainable(m, ("scales",), None, g).size for g in ("group", "row", "tensor")}
     n_tensors = len(m.parameters("scales"))
     assert sizes["tensor"] == 2 * n_tensors and sizes["tensor"] < sizes["row"] < sizes["group"]
+
+
+def test_kind_granularity_moves_every_layer_together(tiny):
+    """One multiplier per (kind, plane) for scales and one per norm kind, each multiplying every
+    layer's tensor of that kind exactly (float32 base * multiplier), and nothing else."""
+    m = edgepanel.load(tiny / "m.ep")
+    before = {n: a.copy() for n, a in m.parameters().items()}
+    p = Trainable(m, ("scales", "norms"), None, "kind")
+    kinds = {n.split(".", 2)[2] for n in before if n.startswith("layers.") and n.endswith(".scales")}
+    assert {k for k in p.theta if p.theta[k].ndim == 4} == kinds
+    assert p.theta["wq.scales"].shape == (2, 1, 1, 1) and p.theta["attn_norm.weight"].shape == (1,)
+    assert "final_norm.weight" in p.theta and p.size == 2 * len(kinds) + 3
+    p.theta["wq.scales"][1] = 1.5
+    p.theta["attn_norm.weight"][0] = 0.5
+    p.apply()
+    after = m.parameters()
+    for n, a in after.items():
+        if n.endswith(".wq.scales"):
+            want = before[n].copy()
+            want[1] = before[n][1] * np.float32(1.5)
+            np.testing.assert_array_equal(a, want, err_msg=n)
+        elif n.endswith(".attn_norm.weight"):
+            np.testing.assert_array_equal(a, before[n] * np.float32(0.5), err_msg=n)
+        else:
+            np.testing.assert_array_equal(a, before[n], err_msg=n)
+    p.theta["wk.scales"][...] = -1    # a scale multiplier stays non-negative; a norm's may not
+    p.theta["mlp_norm.weight"][...] = -1
+    p.project()
+    assert (p.theta["wk.scales"] == 0).all() and (p.theta["mlp_norm.weight"] == -1).all()
+    assert p.anchor("wq.scales") == 1.0 and not p.decays("attn_norm.weight") and p.decays("wq.scales")
+
+
+
+def test_tensors_choose_among_the_kinds(tiny):
+    m = edgepanel.load(tiny / "m.ep")
+    p = Trainable(m, ("scales", "norms"), None, "kind", tensors="wq,wk,final_norm")
+    assert sorted(p.theta) == ["final_norm.weight", "wk.scales", "wq.scales"] and p.size == 2 + 2 + 1
+    before = {n: a.copy() for n, a in m.parameters().items()}
+    p.theta["wk.scales"][...] = 2
+    p.apply()
+    changed = sorted(n for n, a in m.parameters().items() if not np.array_equal(a, before[n]))
+    assert changed and all(n.endswith(".wk.scales") for n in changed)
+    s = Trainable(m, ("scales",), None, "shared", tensors="wq,wk")    # one value per kind: every plane
+    assert {n: a.shape for n, a in s.theta.items()} == {"wq.scales": (1, 1, 1, 1), "wk.scales": (1, 1, 1, 1)}
+    m2 = edgepanel.load(tiny / "m.ep")
+    s = Trainable(m2, ("scales",), None, "shared", tensors="wq")
+    base = {n: a.copy() for n, a in m2.parameters("scales").items()}
+    s.theta["wq.scales"][...] = 1.25
+    s.apply()
+    for n, a in m2.parameters("scales").items():
+        np.testing.assert_array_equal(a, base[n] * np.float32(1.25) if n.endswith(".wq.scales") else base[n])
+    t = Trainable(m, ("scales",), parse_layers("0", m.cfg.n_layers), "tensor", tensors=["w_up"])
+    assert list(t.theta) == ["layers.0.w_up.scales"]
+    with pytest.raises(ValueError, match="not among.*wq"):
+        Trainable(m, ("scales",), None, "kind", tensors="wq,attn_norm")   # a norm, but only scales asked
+    with pytest.raises(ValueError, match="nope"):
+        Trainable(m, ("scales",), None, "row", tensors="wq,nope")
+    with pytest.raises(ValueError, match="tensors"):
+        TuneConfig(tensors=" , ")
 
 
 def test_nll_counts_the_target_tokens_only_and_equals_float64(tiny):

@@ -14,8 +14,8 @@ JSON file:
         held-out loss of the book paragraphs under the "book" and "model" conditions, both models
     python tools/prefs_eval.py landscape MODEL PAIRS OUT.json [--tensors wq,wk] [--layers 0-29]
                                          [--eps 1e-4,2e-4,0.05,-0.05,0.1,-0.1] [--limit 8] [--seq-len 384]
-        what the zeroth-order trainer's two loss evaluations see: every plane scale of the named
-        tensors (in those layers) multiplied by 1 + eps, for each eps, and each pair's DPO margin
+        what the zeroth-order trainer's two loss evaluations see: every plane scale or norm weight of
+        the named tensors (in those layers; "wq,wk;final_norm": one direction each) multiplied by 1 + eps, for each eps, and each pair's DPO margin
         change (log pi(c) - log pi_0(c)) - (log pi(r) - log pi_0(r)) against the model as it is.
         A tiny eps measures the noise floor of the quantized forward pass (activations are rounded
         to int8 before every product, so the log-probabilities are piecewise constant in the
@@ -106,32 +106,46 @@ def cmd_landscape(a):
     m = load(a.model, threads=a.threads)
     pairs = prefs.load_pairs(a.pairs, m.tokenizer, a.seq_len)
     pairs = [pairs[round(i * (len(pairs) - 1) / max(1, a.limit - 1))] for i in range(min(a.limit, len(pairs)))]
-    kinds = a.tensors.split(",")
-    layers = parse_layers(a.layers, m.cfg.n_layers)
-    params = m.parameters(("scales",), layers)
-    names = [n for n in params if n.rsplit(".", 2)[-2] in kinds]
-    if not names:
-        raise SystemExit(f"no plane scales named {a.tensors!r} in those layers")
-    saved = {n: params[n].copy() for n in names}
+    directions = {}
+    for spec in a.tensors.split(";"):
+        what, _, where = spec.partition("@")
+        params = m.parameters(("scales", "norms"), parse_layers(where or a.layers, m.cfg.n_layers))
+        kinds = [k.strip() for k in what.split(",") if k.strip()]
+        names = [n for n in params if n.rsplit(".", 2)[-2] in kinds]
+        if not names:
+            raise SystemExit(f"no plane scales or norm weights named {spec!r} in those layers")
+        directions[spec] = names
+    eps_list = [float(e) for e in a.eps.split(",")]
     t = time.time()
     base = objectives.pair_logps(m, pairs)
-    margins = {}
-    for eps in [float(e) for e in a.eps.split(",")]:
+    out = {}
+    for spec, names in directions.items():
+        params = m.parameters(("scales", "norms"), None)
+        saved = {n: params[n].copy() for n in names}
+        margins = {}
+        for eps in eps_list:
+            for n in names:
+                np.multiply(saved[n], np.float32(1 + eps), out=params[n])
+            margins[eps] = objectives.log_ratio_margins(objectives.pair_logps(m, pairs), base)
         for n in names:
-            np.multiply(saved[n], np.float32(1 + eps), out=params[n])
-        margins[eps] = objectives.log_ratio_margins(objectives.pair_logps(m, pairs), base)
-    for n in names:
-        params[n][...] = saved[n]
-    rows = {f"{e:g}": {"margins": h.round(4).tolist(), "rms": float(np.sqrt(np.mean(h ** 2)))} for e, h in margins.items()}
-    for e in margins:
-        if e > 0 and -e in margins:
-            odd = (margins[e] - margins[-e]) / 2
-            even = (margins[e] + margins[-e]) / 2
-            rows[f"{e:g}"].update(odd=odd.round(4).tolist(), odd_rms=float(np.sqrt(np.mean(odd ** 2))),
-                                  even_rms=float(np.sqrt(np.mean(even ** 2))),
-                                  odd_positive=float(np.mean(odd > 0)))
-    write(a.out, {"model": str(a.model), "pairs": len(pairs), "tensors": kinds, "layers": a.layers or "all",
-                  "scales": len(names), "eps": rows, "seconds": time.time() - t}, a.threads)
+            params[n][...] = saved[n]
+        rows = {f"{e:g}": {"margins": h.round(4).tolist(), "rms": float(np.sqrt(np.mean(h ** 2))),
+                           "positive": float(np.mean(h > 0))} for e, h in margins.items()}
+        for e in margins:
+            if e > 0 and -e in margins:
+                odd = (margins[e] - margins[-e]) / 2
+                even = (margins[e] + margins[-e]) / 2
+                rows[f"{e:g}"].update(odd=odd.round(4).tolist(), odd_rms=float(np.sqrt(np.mean(odd ** 2))),
+                                      odd_mean=float(np.mean(odd)), even_rms=float(np.sqrt(np.mean(even ** 2))),
+                                      odd_positive=float(np.mean(odd > 0)))
+        out[spec] = {"tensors": len(names), "eps": rows}
+        print(f"{spec}: " + ", ".join(f"eps {e}: positive {r['positive']:.3f}" + (
+            f", odd mean {r['odd_mean']:+.3f} positive {r['odd_positive']:.3f}" if "odd" in r else "")
+            for e, r in rows.items()), flush=True)
+    first = next(iter(out.values()))
+    write(a.out, {"model": str(a.model), "pairs": len(pairs), "layers": a.layers or "all",
+                  "directions": out, "tensors": a.tensors.split(";")[0].split(","), "scales": first["tensors"],
+                  "eps": first["eps"], "seconds": time.time() - t}, a.threads)
 
 
 def main():
@@ -166,7 +180,9 @@ def main():
     s.add_argument("model")
     s.add_argument("pairs")
     s.add_argument("out")
-    s.add_argument("--tensors", default="wq,wk", help="tensor names, e.g. wq,wk,wv,wo,w_gate,w_up,w_down")
+    s.add_argument("--tensors", default="wq,wk", help="tensor names, e.g. wq,wk,wv,wo,w_gate,w_up,w_down, attn_norm, "
+                   "mlp_norm, final_norm; several directions separated by ';' share one base evaluation; 'wq,wk@20-29': "
+                   "that direction in those layers only")
     s.add_argument("--layers", default=None, help="e.g. 20-29 (default: all)")
     s.add_argument("--eps", default="1e-4,2e-4,0.05,-0.05,0.1,-0.1")
     s.add_argument("--limit", type=int, default=8, help="pairs, evenly spaced over the file")

@@ -10,6 +10,7 @@
 #
 #   tools/prefs_experiment.sh                                     # the full run
 #   DPO_LR=2e-3 tools/prefs_experiment.sh                         # another DPO learning rate (its own files)
+#   DPO_ARGS="--granularity kind --tensors wq,wk --eps 0.02" DPO_TAG=lr1e-2-wqwk DPO_LR=1e-2 tools/prefs_experiment.sh
 #   N=8 TRAIN_N=16 STEPS=4 PANELS_N=4 REFINE_N=4 CRLFT_N=4 SEQ=192 OUT=/tmp/p WORK=/tmp/p tools/prefs_experiment.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,8 @@ SEQ=${SEQ:-384}             # tokens per sequence
 BETA=${BETA:-0.1}
 LR=${LR:-6e-3}               # the loop's and C-RLFT's (finetune's default)
 DPO_LR=${DPO_LR:-$LR}
+DPO_ARGS=${DPO_ARGS:-}      # more finetune options for the DPO run (e.g. --granularity kind --tensors wq,wk)
+DPO_TAG=${DPO_TAG:-lr$DPO_LR}   # names the DPO run's files
 EVAL_EVERY=${EVAL_EVERY:-50}
 BEST_N=${BEST_N:-4}         # candidates per panel: the book's paragraph and BEST_N-1 model-written
 PANELS_N=${PANELS_N:-50}    # held-out panels for best-of-n
@@ -65,19 +68,19 @@ HELD="$WORK/panels-eval-$N.jsonl"; RTRAIN="$WORK/panels-train-$REFINE_N.jsonl"; 
 [ -s "$CTRAIN" ] || spaced $PANELS_TRAIN "$CRLFT_N" "$CTRAIN"
 
 # 1. ZO-DPO
-DPO="$WORK/dpo-$TRAIN_N-s$STEPS-lr$DPO_LR.ep"
+DPO="$WORK/dpo-$TRAIN_N-s$STEPS-$DPO_TAG.ep"
 step "$OUT/pairs-base.json" python tools/prefs_eval.py pairs "$MODEL" "$EVAL" "$OUT/pairs-base.json" --seq-len "$SEQ" $T
 if [ ! -s "$DPO" ]; then
     echo "+ finetune --objective dpo"
     edgepanel finetune "$MODEL" --objective dpo --data "$TRAIN" --eval "$EVAL" --steps "$STEPS" --seq-len "$SEQ" \
-        --beta "$BETA" --lr "$DPO_LR" --eval-every "$EVAL_EVERY" --eval-batches 4 --out "$DPO" $T \
-        $( [ -f "$DPO.ckpt" ] && echo --resume "$DPO.ckpt" ) 2>&1 | tee "$OUT/dpo-lr$DPO_LR.log"
+        --beta "$BETA" --lr "$DPO_LR" --eval-every "$EVAL_EVERY" --eval-batches 4 --out "$DPO" $T $DPO_ARGS \
+        $( [ -f "$DPO.ckpt" ] && echo --resume "$DPO.ckpt" ) 2>&1 | tee "$OUT/dpo-$DPO_TAG.log"
 fi
-step "$OUT/pairs-dpo-lr$DPO_LR.json" python tools/prefs_eval.py pairs "$DPO" "$EVAL" "$OUT/pairs-dpo-lr$DPO_LR.json" \
+step "$OUT/pairs-dpo-$DPO_TAG.json" python tools/prefs_eval.py pairs "$DPO" "$EVAL" "$OUT/pairs-dpo-$DPO_TAG.json" \
     --seq-len "$SEQ" $T
 
 # 2. best-of-n: the implicit reward against the length-normalized likelihood
-step "$OUT/best-of-lr$DPO_LR.json" python tools/prefs_eval.py best-of "$MODEL" "$DPO" "$HELD" "$OUT/best-of-lr$DPO_LR.json" \
+step "$OUT/best-of-$DPO_TAG.json" python tools/prefs_eval.py best-of "$MODEL" "$DPO" "$HELD" "$OUT/best-of-$DPO_TAG.json" \
     --n "$BEST_N" --limit "$PANELS_N" --seq-len "$SEQ" $T
 
 # 3. the data-model loop
@@ -99,22 +102,22 @@ if [ ! -s "$CRLFT" ]; then
 fi
 step "$OUT/crlft.json" python tools/prefs_eval.py crlft "$MODEL" "$CRLFT" "$HELD" "$OUT/crlft.json" --seq-len "$SEQ" $T
 
-python - "$OUT" "$DPO_LR" <<'EOF'
+python - "$OUT" "$DPO_TAG" <<'EOF'
 import json, sys
 from pathlib import Path
 out, lr = Path(sys.argv[1]), sys.argv[2]
 load = lambda f: json.loads((out / f).read_text()) if (out / f).exists() else None
-b, d = load("pairs-base.json"), load(f"pairs-dpo-lr{lr}.json")
+b, d = load("pairs-base.json"), load(f"pairs-dpo-{lr}.json")
 if b and d:
     print("| held-out pairs | rewards/accuracies | rewards/margins | rewards/chosen | rewards/rejected |")
     print("|---|---|---|---|---|")
-    for name, r in (("before (the model is its reference)", b), (f"after ZO-DPO (lr {lr})", d)):
+    for name, r in (("before (the model is its reference)", b), (f"after ZO-DPO ({lr})", d)):
         print(f"| {name} | {r['rewards/accuracies']:.3f} | {r['rewards/margins']:+.4f} | {r['rewards/chosen']:+.4f} "
               f"| {r['rewards/rejected']:+.4f} |")
     print(f"\n{d['pairs']} pairs; the model alone prefers the chosen paragraph: {b['model_prefers_chosen']:.3f} (sum), "
           f"{b['model_prefers_chosen_per_token']:.3f} (per token) before, {d['model_prefers_chosen']:.3f} / "
           f"{d['model_prefers_chosen_per_token']:.3f} after\n")
-bo = load(f"best-of-lr{lr}.json")
+bo = load(f"best-of-{lr}.json")
 if bo:
     print(f"best-of-{bo['candidates']} over {bo['panels']} held-out panels, the book's paragraph picked by:")
     for k, v in bo["book_picked"].items():

@@ -40,7 +40,9 @@ class TuneConfig:
                                  "class-weighted nll)")
     params: str = _opt("scales", f"parameter kinds to train, comma-separated: {', '.join(KINDS)}")
     layers: str | None = _opt(None, "layers to train, e.g. '20-29' or '0-3,7' (default: all, and the model-level ones)")
-    granularity: str = _opt("tensor", f"plane-scale multipliers: {', '.join(GRANULARITIES)}")
+    tensors: str | None = _opt(None, "tensor names to train among --params, comma-separated, e.g. 'wq,wk' or "
+                               "'attn_norm,final_norm' (default: all)")
+    granularity: str = _opt("tensor", f"plane-scale multipliers: {', '.join(GRANULARITIES)} (kind: one per kind of tensor and plane, shared by every layer, norms too; shared: one per kind)")
     steps: int = _opt(100, "optimizer steps")
     lr: float = _opt(6e-3, "learning rate (peak, for the schedule); measured best of 2e-3, 6e-3, 1.5e-2 (docs/finetune.md)")
     eps: float = _opt(1e-2, "perturbation size (a relative change of a scale multiplier)")
@@ -83,6 +85,9 @@ class TuneConfig:
             bad("weight_decay", "must be >= 0")
         if self.clip is not None and not 0 < self.clip < math.inf:
             bad("clip", "must be positive or None")
+        if self.tensors is not None and (not isinstance(self.tensors, str)
+                                         or not [t for t in self.tensors.split(",") if t.strip()]):
+            bad("tensors", "must be tensor names separated by commas, e.g. 'wq,wk'")
         if self.granularity not in GRANULARITIES:
             bad("granularity", f"must be one of {', '.join(GRANULARITIES)}")
         if self.noise not in zo.DISTRIBUTIONS:
@@ -142,7 +147,7 @@ class ZOTrainer:
         self.train, self.eval_data = list(train), list(eval_data or [])
         self.loss_fn = self.cfg.loss_function()
         self.params = Trainable(model, self.cfg.kinds, parse_layers(self.cfg.layers, model.cfg.n_layers),
-                                self.cfg.granularity)
+                                self.cfg.granularity, self.cfg.tensors)
         self.step = 0
         self.m = {n: np.zeros_like(a) for n, a in self.params.theta.items()} if self.cfg.optimizer == "adam" else {}
         self.v = {n: np.zeros_like(a) for n, a in self.params.theta.items()} if self.cfg.optimizer == "adam" else {}
@@ -178,7 +183,7 @@ class ZOTrainer:
         for name, theta in p.theta.items():
             g = zo.gradient(name, theta.shape, c.seed, t, grads, c.noise)
             if c.weight_decay and p.decays(name):
-                g += np.float32(c.weight_decay) * (theta - (1 if name in p.base else 0))
+                g += np.float32(c.weight_decay) * (theta - np.float32(p.anchor(name)))
             if c.optimizer == "adam":
                 b1, b2 = 0.9, 0.999
                 self.m[name] *= np.float32(b1)
