@@ -102,16 +102,17 @@ def cmd_crlft(a):
 
 
 def cmd_landscape(a):
-    from edgepanel.tune.params import parse_layers
+    from edgepanel.tune.params import parse_layers, tensor_name
     m = load(a.model, threads=a.threads)
     pairs = prefs.load_pairs(a.pairs, m.tokenizer, a.seq_len)
     pairs = [pairs[round(i * (len(pairs) - 1) / max(1, a.limit - 1))] for i in range(min(a.limit, len(pairs)))]
+    params = m.parameters(("scales", "norms"), None)
     directions = {}
     for spec in a.tensors.split(";"):
         what, _, where = spec.partition("@")
-        params = m.parameters(("scales", "norms"), parse_layers(where or a.layers, m.cfg.n_layers))
+        in_layers = m.parameters(("scales", "norms"), parse_layers(where or a.layers, m.cfg.n_layers))
         kinds = [k.strip() for k in what.split(",") if k.strip()]
-        names = [n for n in params if n.rsplit(".", 2)[-2] in kinds]
+        names = [n for n in in_layers if tensor_name(n) in kinds]
         if not names:
             raise SystemExit(f"no plane scales or norm weights named {spec!r} in those layers")
         directions[spec] = names
@@ -120,7 +121,6 @@ def cmd_landscape(a):
     base = objectives.pair_logps(m, pairs)
     out = {}
     for spec, names in directions.items():
-        params = m.parameters(("scales", "norms"), None)
         saved = {n: params[n].copy() for n in names}
         margins = {}
         for eps in eps_list:
