@@ -102,33 +102,33 @@ def cmd_crlft(a):
 
 
 def cmd_landscape(a):
-    from edgepanel.tune.params import parse_layers, tensor_name
+    from edgepanel.tune.params import Trainable, parse_layers
     m = load(a.model, threads=a.threads)
     pairs = prefs.load_pairs(a.pairs, m.tokenizer, a.seq_len)
     pairs = [pairs[round(i * (len(pairs) - 1) / max(1, a.limit - 1))] for i in range(min(a.limit, len(pairs)))]
-    params = m.parameters(("scales", "norms"), None)
-    directions = {}
+    directions = {}   # spec -> the trainer's own parametrization of it: one multiplier per kind, every layer given
     for spec in a.tensors.split(";"):
         what, _, where = spec.partition("@")
-        in_layers = m.parameters(("scales", "norms"), parse_layers(where or a.layers, m.cfg.n_layers))
-        kinds = [k.strip() for k in what.split(",") if k.strip()]
-        names = [n for n in in_layers if tensor_name(n) in kinds]
-        if not names:
-            raise SystemExit(f"no plane scales or norm weights named {spec!r} in those layers")
-        directions[spec] = names
+        try:
+            directions[spec] = Trainable(m, ("scales", "norms"), parse_layers(where or a.layers, m.cfg.n_layers),
+                                         "shared", tensors=what)
+        except ValueError as e:
+            raise SystemExit(f"direction {spec!r}: {e}") from None
     eps_list = [float(e) for e in a.eps.split(",")]
     t = time.time()
     base = objectives.pair_logps(m, pairs)
     out = {}
-    for spec, names in directions.items():
-        saved = {n: params[n].copy() for n in names}
+    for spec, d in directions.items():
+        names = [n for members in d.members.values() for n in members]
         margins = {}
         for eps in eps_list:
-            for n in names:
-                np.multiply(saved[n], np.float32(1 + eps), out=params[n])
+            for theta in d.theta.values():
+                theta[...] = np.float32(1 + eps)
+            d.apply()
             margins[eps] = objectives.log_ratio_margins(objectives.pair_logps(m, pairs), base)
-        for n in names:
-            params[n][...] = saved[n]
+        for theta in d.theta.values():
+            theta[...] = 1
+        d.apply()
         rows = {f"{e:g}": {"margins": h.round(4).tolist(), "rms": float(np.sqrt(np.mean(h ** 2))),
                            "positive": float(np.mean(h > 0))} for e, h in margins.items()}
         for e in margins:
