@@ -302,14 +302,23 @@ def test_model_written_pairs_are_deterministic_and_valid(tiny, tmp_path):
 
 
 # -- the data-model loop --------------------------------------------------------------------
-def test_refine_keeps_only_improving_rewrites_and_resumes(tiny, tmp_path):
+def test_refine_keeps_only_improving_rewrites_and_resumes(tiny, tmp_path, monkeypatch):
     cfg = refine.RefineConfig(rounds=2, threshold=0.0, limit=4, max_tokens=16)
-    tune = TuneConfig(steps=2, batch=2, seq_len=200, eval_every=0, params="scales,norms", lr=2e-2)
+    tune = TuneConfig(steps=2, batch=2, seq_len=200, eval_every=0, params="scales,norms", lr=2e-2, seed=5)
     held = tmp_path / "held.jsonl"
     held.write_text("".join(SMALL.read_text().splitlines(keepends=True)[-3:]))
     kw = dict(eval_data=held, threads=1)
+    from edgepanel.tune import trainer
+    real, seeds = trainer.finetune, []
+
+    def recording(model, data, c, **k):
+        seeds.append(c.seed)
+        return real(model, data, c, **k)
+    monkeypatch.setattr(trainer, "finetune", recording)
     whole = refine.refine(tiny / "m.ep", SMALL, tmp_path / "a" / "out.jsonl.gz", cfg, tune, **kw)
     assert [r.round for r in whole] == [1, 2] and all(r.held_out_after is not None for r in whole)
+    # each round trains with its own seed (round 1 with the given one), not a replay of round 1's noise
+    assert seeds == [5, refine.round_seed(5, 2)] and seeds[1] != 5
     # every kept rewrite lowered the target's perplexity by more than the threshold, under the
     # round's starting model; every refused one did not (or copied the target)
     m = load(tiny / "m.ep", threads=1)
@@ -357,6 +366,11 @@ def test_refine_keeps_only_improving_rewrites_and_resumes(tiny, tmp_path):
 
 
 def test_refine_helpers():
+    got = [refine.round_seed(s, r) for s in (0, 1, 10**9) for r in (1, 2, 3)]
+    assert got[0::3] == [0, 1, 10**9] and len(set(got)) == 9
+    assert got == [refine.round_seed(s, r) for s in (0, 1, 10**9) for r in (1, 2, 3)]   # a function of (seed, round)
+    for v in got:
+        TuneConfig(seed=v)      # inside the trainer's range
     assert refine.leaks("he said that the cat sat on the mat by the door", "the cat sat on the mat by the door today")
     assert not refine.leaks("the cat sat on the mat", "the cat sat on the mat by the door today")
     got = refine.parse_descriptions("Emma: a clever young woman Mr. Knightley: her old friend Harriet: -",

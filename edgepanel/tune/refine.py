@@ -9,7 +9,10 @@ One round, with the model M of the round before (the given model first):
      counts them).  The rewrite is kept when I > threshold; a rewrite that copies `LEAK_WORDS`
      consecutive words of the target is refused whatever its I (it would hand over the answer);
   2. the refined data is written, then M is fine-tuned on it (nll, the panel as prompt) into the
-     round's model; with held-out data, its target loss with the panel is measured.
+     round's model; with held-out data, its target loss with the panel is measured.  Round R
+     trains with its own seed, `round_seed(seed, R)` (round 1: the seed itself): with one seed
+     for every round, round 2 would replay round 1's batches and perturbations on nearly the same
+     data, so the noise of its zeroth-order steps would add to round 1's instead of averaging out.
 
 Files, beside `out` in the directory OUT.rounds/: roundR.jsonl.gz (the round's data), roundR.ep
 (its model, with roundR.ep.ckpt while training), roundR.partial.jsonl (the examples done so far,
@@ -183,6 +186,14 @@ class RoundResult:
     model: str
 
 
+def round_seed(seed: int, round_no: int) -> int:
+    """The fine-tuning seed of round `round_no` (1-based): `seed` for round 1, then a number drawn
+    from (seed, round) by NumPy's SeedSequence, below 2**29 (inside TuneConfig's range)."""
+    if round_no == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, round_no]).generate_state(1, np.uint32)[0] >> 3)
+
+
 def rounds_dir(out) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".rounds")
@@ -270,7 +281,8 @@ def refine(model_path, data, out, cfg: RefineConfig | None = None, tune=None, ev
         ckpt = Path(str(round_model) + ".ckpt")
         if not round_model.exists():
             train = tdata.load(round_data, model.tokenizer, tune.seq_len)
-            finetune(model, train, tune, out=round_model, checkpoint=ckpt, resume=ckpt if ckpt.exists() else None,
+            seeded = replace(tune, seed=round_seed(tune.seed, r))
+            finetune(model, train, seeded, out=round_model, checkpoint=ckpt, resume=ckpt if ckpt.exists() else None,
                      progress=progress)
         if ckpt.exists():
             ckpt.unlink()
