@@ -157,7 +157,8 @@ def first_use_line(km: KnownModel, recipe, out: Path) -> str:
     """What the first use does, why, and about how long it takes here: the 2-core measurements on
     a fast and a slow machine, scaled by the cores this one has (the progress shown next gives
     this machine's own estimate after the first layer)."""
-    cores = max(1, min(os.cpu_count() or 1, 8))
+    from .kernels import usable_cpus
+    cores = min(usable_cpus(), 8)
     lo, hi = (max(1, round(s * 2 / cores / 60)) for s in km.first_use_seconds)
     span = f"{lo} min" if lo == hi else f"{lo} to {hi} min"
     what = "fitting each layer's bit planes to calibration text" + (", then tuning their scales" if recipe.tuned else "")

@@ -214,3 +214,17 @@ def test_greedy_speeds_runs_a_warm_up_then_times_each_round():
     assert calls == ["start", 0, 1, 2] * 3            # one untimed warm-up round, two timed
     assert len(res["prefill"]) == len(res["decode"]) == 2
     assert all(v > 0 for v in res["prefill"] + res["decode"])
+
+
+def test_cpus_counted_from_the_affinity_mask(monkeypatch):
+    """taskset or a container's cpuset limits the cores: what the bench records, the first-use
+    estimate and the conversion's torch threads count those, as the C thread pool does."""
+    from edgepanel.kernels import usable_cpus
+    if native.lib is not None:
+        assert usable_cpus() == native.lib.ep_cpu_count()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert usable_cpus() == 1 and bench.environment()["cpus"] == 1
+    line = hub.first_use_line(hub.MODELS["smollm2"], hub.default_recipe(), Path("out.ep"))
+    assert "on 1 core:" in line, line
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert "on 4 cores:" in hub.first_use_line(hub.MODELS["smollm2"], hub.default_recipe(), Path("out.ep"))

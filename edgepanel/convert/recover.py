@@ -13,7 +13,6 @@ tuning does not model.  Deterministic given the seed (and the torch thread count
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from .. import bits, quantize
 from ..errors import FormatError
+from ..kernels import usable_cpus
 from ..model import reference as ref
 from . import memory
 
@@ -393,7 +393,7 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
     t0 = time.time()
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(usable_cpus())
     try:
         cfg = fm.cfg
         if not any(res[0] is not None for res in fitted.values()):
@@ -481,7 +481,7 @@ def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray,
     torch = _require_torch()
     log = log or (lambda m: None)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(usable_cpus())
     try:
         model = _TorchModel(torch, fm.cfg, fm, None)
         f: dict = {}

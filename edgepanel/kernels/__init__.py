@@ -16,6 +16,15 @@ from ._backend import Backend, NumpyBackend
 from . import native  # numba (slow to import) loads only when its backend is asked for
 
 BACKENDS = ("c", "numba", "numpy")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), as the
+    C thread pool counts them, not every CPU of the machine; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):      # no affinity call on this system
+        return max(1, os.cpu_count() or 1)
 _instances: dict[tuple[str, str | None], Backend] = {}
 _warned = False
 
