@@ -489,3 +489,7 @@ def test_cli_pairs_dpo_best_of_refine(tiny, tmp_path, capsys):
                  "--limit", "2", "--max-tokens", "8", "--steps", "1", "--batch", "2", "--seq-len", "128",
                  "--eval", str(SMALL), "-q"]) == 0
     assert "| 1 | 2 |" in capsys.readouterr().out and len(dataset.load(tmp_path / "r.jsonl")) == 2
+    # the loop's own learning rate unless one is given (finetune keeps TuneConfig's)
+    settings = json.loads((refine.rounds_dir(tmp_path / "r.jsonl") / "summary.json").read_text())["settings"]
+    assert settings["tune"]["lr"] == refine.TUNE_DEFAULTS["lr"] != TuneConfig().lr
+    assert settings["tune"]["steps"] == 1 and settings["tune"]["batch"] == 2

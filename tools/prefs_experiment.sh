@@ -23,7 +23,8 @@ REFINE_STEPS=${REFINE_STEPS:-$STEPS}   # the loop's fine-tuning steps per round
 CRLFT_STEPS=${CRLFT_STEPS:-$STEPS}
 SEQ=${SEQ:-384}             # tokens per sequence
 BETA=${BETA:-0.1}
-LR=${LR:-6e-3}               # the loop's and C-RLFT's (finetune's default)
+LR=${LR:-6e-3}               # C-RLFT's (finetune's default)
+REFINE_LR=${REFINE_LR:-2e-3} # the loop's: 6e-3 made a 40-step round's held-out change a coin toss (docs/preferences.md)
 DPO_LR=${DPO_LR:-$LR}
 DPO_ARGS=${DPO_ARGS:-}      # more finetune options for the DPO run (e.g. --granularity kind --tensors wq,wk)
 DPO_TAG=${DPO_TAG:-lr$DPO_LR}   # names the DPO run's files
@@ -84,12 +85,12 @@ step "$OUT/best-of-$DPO_TAG.json" python tools/prefs_eval.py best-of "$MODEL" "$
     --n "$BEST_N" --limit "$PANELS_N" --seq-len "$SEQ" $T
 
 # 3. the data-model loop
-if [ ! -s "$OUT/refine.json" ]; then
+if [ ! -s "$OUT/refine-lr$REFINE_LR.json" ]; then
     echo "+ data refine"
     edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$REFINE_STEPS" \
-        --seq-len "$SEQ" --lr "$LR" --eval-every 0 --out "$WORK/refined-$REFINE_N.jsonl.gz" $T \
-        | tee "$OUT/refine.md"
-    cp "$WORK/refined-$REFINE_N.jsonl.gz.rounds/summary.json" "$OUT/refine.json"
+        --seq-len "$SEQ" --lr "$REFINE_LR" --eval-every 0 --out "$WORK/refined-$REFINE_N-lr$REFINE_LR.jsonl.gz" $T \
+        | tee "$OUT/refine-lr$REFINE_LR.md"
+    cp "$WORK/refined-$REFINE_N-lr$REFINE_LR.jsonl.gz.rounds/summary.json" "$OUT/refine-lr$REFINE_LR.json"
 fi
 
 # 4. C-RLFT
@@ -102,10 +103,10 @@ if [ ! -s "$CRLFT" ]; then
 fi
 step "$OUT/crlft.json" python tools/prefs_eval.py crlft "$MODEL" "$CRLFT" "$HELD" "$OUT/crlft.json" --seq-len "$SEQ" $T
 
-python - "$OUT" "$DPO_TAG" <<'EOF'
+python - "$OUT" "$DPO_TAG" "$REFINE_LR" <<'EOF'
 import json, sys
 from pathlib import Path
-out, lr = Path(sys.argv[1]), sys.argv[2]
+out, lr, refine_lr = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 load = lambda f: json.loads((out / f).read_text()) if (out / f).exists() else None
 b, d = load("pairs-base.json"), load(f"pairs-dpo-{lr}.json")
 if b and d:
@@ -123,7 +124,7 @@ if bo:
     for k, v in bo["book_picked"].items():
         print(f"- {k}: {v:.3f}")
     print()
-rf = load("refine.json")
+rf = load(f"refine-lr{refine_lr}.json")
 if rf:
     print("| round | rewrites kept | mean I (%) | held-out loss before | after |\n|---|---|---|---|---|")
     for r in rf["rounds"]:

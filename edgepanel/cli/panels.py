@@ -85,11 +85,11 @@ def cmd_data_pairs(a) -> int:
 
 
 def cmd_data_refine(a) -> int:
-    from ..tune.refine import RefineConfig, refine
+    from ..tune.refine import TUNE_DEFAULTS, RefineConfig, refine
     from .options import given
     from .tune import tune_config
     cfg = RefineConfig(**given(a, RefineConfig))
-    tune = tune_config(a)
+    tune = tune_config(a, TUNE_DEFAULTS)
     from .. import hub
     path = hub.resolve_model(a.model, log=None if a.quiet else log, progress=not a.quiet)
     res = refine(path, a.data, a.out, cfg, tune, eval_data=a.eval, threads=a.threads,
@@ -199,7 +199,7 @@ def register(sub):
     sampling_options(pr)
     pr.set_defaults(func=cmd_data_pairs)
 
-    from ..tune.refine import RefineConfig
+    from ..tune.refine import TUNE_DEFAULTS, RefineConfig
     from .options import option
     from .tune import training_options
     rf = dsub.add_parser("refine", help="the data-model loop: the model rewrites panel fields, rewrites that lower "
@@ -212,7 +212,7 @@ def register(sub):
     g = rf.add_argument_group("the loop (defaults: edgepanel.tune.refine.RefineConfig)")
     for name, typ in (("rounds", int), ("threshold", float), ("fields", str), ("max_tokens", int), ("limit", int)):
         option(g, RefineConfig, name, "--" + name.replace("_", "-"), type=typ)
-    training_options(rf, leave_out=("objective", "beta", "label_smoothing", "class_weights"))
+    training_options(rf, leave_out=("objective", "beta", "label_smoothing", "class_weights"), defaults=TUNE_DEFAULTS)
     rf.add_argument("-t", "--threads", type=int, default=None)
     rf.add_argument("-q", "--quiet", action="store_true")
     rf.set_defaults(func=cmd_data_refine)

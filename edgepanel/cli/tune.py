@@ -114,18 +114,26 @@ TRAINING_OPTIONS = (("objective", str), ("params", str), ("tensors", str), ("lay
                     ("class_weights", str))
 
 
-def training_options(s, leave_out=()):
-    """TuneConfig's options (and --no-clip) on parser `s`."""
+def training_options(s, leave_out=(), defaults=None):
+    """TuneConfig's options (and --no-clip) on parser `s`; `defaults`: the command's own default of
+    some fields, shown in their help (tune_config applies them)."""
+    defaults = defaults or {}
     g = s.add_argument_group("training (defaults: edgepanel.tune.TuneConfig)")
     for name, typ in TRAINING_OPTIONS:
-        if name not in leave_out:
+        if name in leave_out:
+            continue
+        if name in defaults:
+            text = TuneConfig.__dataclass_fields__[name].metadata.get("help", "")
+            option(g, TuneConfig, name, "--" + name.replace("_", "-"), type=typ, show_default=False,
+                   help=f"{text} (default for this command: {defaults[name]})")
+        else:
             option(g, TuneConfig, name, "--" + name.replace("_", "-"), type=typ)
     g.add_argument("--no-clip", action="store_true", help="do not clip the projected gradient")
 
 
-def tune_config(a) -> TuneConfig:
-    """TuneConfig from the options given (the rest: its defaults)."""
-    options = given(a, TuneConfig)
+def tune_config(a, defaults=None) -> TuneConfig:
+    """TuneConfig from the options given (the rest: `defaults`, then its own defaults)."""
+    options = dict(defaults or {}) | given(a, TuneConfig)
     if a.no_clip:
         options["clip"] = None
     return TuneConfig(**options)
