@@ -25,6 +25,8 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):      # no affinity call on this system
         return max(1, os.cpu_count() or 1)
+
+
 _instances: dict[tuple[str, str | None], Backend] = {}
 _warned = False
 
