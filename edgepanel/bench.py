@@ -141,9 +141,8 @@ def environment() -> dict:
     """What every result carries so that it can be reproduced (the ISA is the child's own)."""
     from . import __version__
     from .kernels import usable_cpus
-    cpus = usable_cpus()
     return {"machine": platform.machine(), "system": platform.platform(terse=True), "cpu": cpu_name(),
-            "cpus": cpus, "python": platform.python_version(), "numpy": np.__version__,
+            "cpus": usable_cpus(), "python": platform.python_version(), "numpy": np.__version__,
             "version": __version__, "git": git_revision()}
 
 
