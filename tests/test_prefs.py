@@ -365,6 +365,40 @@ def test_refine_keeps_only_improving_rewrites_and_resumes(tiny, tmp_path, monkey
         refine.refine(tiny / "m.ep", SMALL, out, refine.RefineConfig(rounds=2, threshold=5.0, limit=4), tune, **kw)
 
 
+def test_refine_control_fine_tunes_on_the_data_as_given(tiny, tmp_path, monkeypatch):
+    # the control run: nothing proposed, every round trains on the given examples with the loop's
+    # round seeds; round 1 is then exactly finetune on the given data with the given seed
+    tune = TuneConfig(steps=2, batch=2, seq_len=200, eval_every=0, params="scales,norms", lr=2e-2, seed=5)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(SMALL.read_text().splitlines(keepends=True)[-3:]))
+    given = tmp_path / "given.jsonl"
+    given.write_text("".join(SMALL.read_text().splitlines(keepends=True)[:4]))
+
+    def no_proposals(*a, **k):
+        raise AssertionError("the control run proposed a rewrite")
+    monkeypatch.setattr(refine, "refine_example", no_proposals)
+    cfg = refine.RefineConfig(rounds=2, rewrite=False)
+    res = refine.refine(tiny / "m.ep", given, tmp_path / "c" / "out.jsonl", cfg, tune, eval_data=held, threads=1)
+    src = dataset.load(given)
+    for r in res:
+        assert r.rewrites_kept == 0 and r.mean_I == 0.0
+        lines = dataset.load(r.data)
+        assert [(e.panel, e.target) for e in lines] == [(e.panel, e.target) for e in src]
+        assert all(e.extra["x-refine"]["control"] for e in lines)
+    assert res[1].held_out_before == res[0].held_out_after and res[1].held_out_after != res[0].held_out_after
+    from edgepanel.tune import data as tdata
+    m = load(tiny / "m.ep", threads=1)
+    finetune(m, tdata.load(given, m.tokenizer, tune.seq_len), tune, out=tmp_path / "direct.ep")
+    direct = load(tmp_path / "direct.ep", threads=1)
+    assert refine.held_out_nll(direct, dataset.load(held), tune.seq_len) == res[0].held_out_after
+    # the settings tell a control run from a loop: one never resumes the other
+    with pytest.raises(ValueError, match="other settings"):
+        refine.refine(tiny / "m.ep", given, tmp_path / "c" / "out.jsonl", refine.RefineConfig(rounds=2), tune,
+                      eval_data=held)
+    with pytest.raises(ValueError, match="rewrite must be True or False"):
+        refine.RefineConfig(rewrite="no")
+
+
 def test_refine_helpers():
     got = [refine.round_seed(s, r) for s in (0, 1, 10**9) for r in (1, 2, 3)]
     assert got[0::3] == [0, 1, 10**9] and len(set(got)) == 9
@@ -492,4 +526,9 @@ def test_cli_pairs_dpo_best_of_refine(tiny, tmp_path, capsys):
     # the loop's own learning rate unless one is given (finetune keeps TuneConfig's)
     settings = json.loads((refine.rounds_dir(tmp_path / "r.jsonl") / "summary.json").read_text())["settings"]
     assert settings["tune"]["lr"] == refine.TUNE_DEFAULTS["lr"] != TuneConfig().lr
-    assert settings["tune"]["steps"] == 1 and settings["tune"]["batch"] == 2
+    assert settings["tune"]["steps"] == 1 and settings["tune"]["batch"] == 2 and settings["refine"]["rewrite"] is True
+    assert main(["data", "refine", model, "--data", str(SMALL), "--out", str(tmp_path / "k.jsonl"), "--rounds", "1",
+                 "--limit", "2", "--steps", "1", "--batch", "2", "--seq-len", "128", "--no-rewrite", "-q"]) == 0
+    assert "| 1 | 2 | 0 | 0.00 |" in capsys.readouterr().out
+    assert json.loads((refine.rounds_dir(tmp_path / "k.jsonl") / "summary.json").read_text())["settings"]["refine"][
+        "rewrite"] is False

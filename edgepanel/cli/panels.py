@@ -212,6 +212,9 @@ def register(sub):
     g = rf.add_argument_group("the loop (defaults: edgepanel.tune.refine.RefineConfig)")
     for name, typ in (("rounds", int), ("threshold", float), ("fields", str), ("max_tokens", int), ("limit", int)):
         option(g, RefineConfig, name, "--" + name.replace("_", "-"), type=typ)
+    option(g, RefineConfig, "rewrite", "--no-rewrite", action="store_const", const=False, show_default=False,
+           help="the control run: fine-tune each round on the data as given, nothing rewritten, with the same "
+                "seeds and held-out measurement (the fine-tuning's share of a loop's gain)")
     training_options(rf, leave_out=("objective", "beta", "label_smoothing", "class_weights"), defaults=TUNE_DEFAULTS)
     rf.add_argument("-t", "--threads", type=int, default=None)
     rf.add_argument("-q", "--quiet", action="store_true")

@@ -19,6 +19,10 @@ Files, beside `out` in the directory OUT.rounds/: roundR.jsonl.gz (the round's d
 each line flushed), summary.json; each written atomically.  Run again after an interruption, it
 skips what exists and continues the partial file and the checkpoint: the results are those of an
 uninterrupted run.  `out` receives the last round's data.
+
+The control run (`rewrite` False) skips step 1 and keeps everything else: the same data each
+round, the same round seeds and held-out measurement.  Set beside a loop with the same options,
+it tells how much of the loop's gain the rewrites bring and how much the fine-tuning alone.
 """
 from __future__ import annotations
 
@@ -60,6 +64,9 @@ class RefineConfig:
     fields: str = _opt("plan,memory,descriptions", f"panel fields the model rewrites, in this order: {', '.join(FIELDS)}")
     max_tokens: int = _opt(80, "tokens a proposed rewrite may have")
     limit: int | None = _opt(None, "the first N examples only")
+    rewrite: bool = _opt(True, "False: the control run. Every round fine-tunes on the data as given (no rewriting), "
+                               "with the same seeds, steps and held-out measurement, so that a loop's gain splits "
+                               "into the rewrites' share and the fine-tuning's")
 
     def __post_init__(self):
         for name in ("rounds", "max_tokens"):
@@ -68,6 +75,8 @@ class RefineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be None or an integer >= 1, got {self.limit!r}")
+        if not isinstance(self.rewrite, bool):
+            raise ValueError(f"rewrite must be True or False, got {self.rewrite!r}")
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
         bad = [f for f in self.field_list if f not in FIELDS]
@@ -176,6 +185,15 @@ def refine_example(model, ex: dataset.PanelExample, cfg: RefineConfig, round_no:
     return line
 
 
+def unchanged_example(ex: dataset.PanelExample, round_no: int) -> dict:
+    """The example's line in a control round (`RefineConfig.rewrite` False): as given, nothing
+    proposed or measured."""
+    line = {"panel": ex.panel.to_dict(), "target": ex.target}
+    line.update({k: v for k, v in (ex.extra or {}).items() if k != "x-refine"})
+    line["x-refine"] = {"round": round_no, "control": True, "I": 0.0, "kept": [], "refused": []}
+    return line
+
+
 # -- the loop ---------------------------------------------------------------------------------
 
 @dataclass
@@ -267,7 +285,8 @@ def refine(model_path, data, out, cfg: RefineConfig | None = None, tune=None, ev
             pb = bar(total=len(examples), initial=len(done), desc=f"round {r}: rewriting", unit="ex", disable=not progress)
             with open(partial, "a", encoding="utf-8") as f:
                 for i in range(len(done), len(examples)):
-                    line = refine_example(model, examples[i], cfg, r, tune.seq_len)
+                    line = (refine_example(model, examples[i], cfg, r, tune.seq_len) if cfg.rewrite
+                            else unchanged_example(examples[i], r))
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
