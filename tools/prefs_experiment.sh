@@ -3,7 +3,8 @@
 #   1. ZO-DPO on the shipped (mismatch) pairs: held-out rewards/accuracies before and after
 #   2. best-of-n on held-out panels: the book's paragraph among n-1 the model wrote, picked by the
 #      implicit reward vs by the length-normalized likelihood
-#   3. two rounds of the data-model loop: held-out target loss with the panel, per round
+#   3. two rounds of the data-model loop: held-out target loss with the panel, per round; and the
+#      control run (the same fine-tuning on the data as given: what the rewrites add)
 #   4. C-RLFT (book = 1, model = 0.1): held-out book paragraphs under each condition
 # Every step writes one file and is skipped when that file exists: rerun to resume (the training
 # steps resume from their checkpoints, the refine loop from its partial files).
@@ -92,6 +93,14 @@ if [ ! -s "$OUT/refine-lr$REFINE_LR.json" ]; then
         | tee "$OUT/refine-lr$REFINE_LR.md"
     cp "$WORK/refined-$REFINE_N-lr$REFINE_LR.jsonl.gz.rounds/summary.json" "$OUT/refine-lr$REFINE_LR.json"
 fi
+# ... and its control: the same rounds, seeds and steps on the data as given (the rewrites' share)
+if [ ! -s "$OUT/refine-lr$REFINE_LR-control.json" ]; then
+    echo "+ data refine --no-rewrite"
+    edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$REFINE_STEPS" \
+        --seq-len "$SEQ" --lr "$REFINE_LR" --eval-every 0 --no-rewrite \
+        --out "$WORK/control-$REFINE_N-lr$REFINE_LR.jsonl.gz" $T | tee "$OUT/refine-lr$REFINE_LR-control.md"
+    cp "$WORK/control-$REFINE_N-lr$REFINE_LR.jsonl.gz.rounds/summary.json" "$OUT/refine-lr$REFINE_LR-control.json"
+fi
 
 # 4. C-RLFT
 CDATA="$WORK/crlft-train-$CRLFT_N.jsonl.gz"; CRLFT="$WORK/crlft-$CRLFT_N-s$CRLFT_STEPS.ep"
@@ -124,12 +133,15 @@ if bo:
     for k, v in bo["book_picked"].items():
         print(f"- {k}: {v:.3f}")
     print()
-rf = load(f"refine-lr{refine_lr}.json")
+rf, ctl = load(f"refine-lr{refine_lr}.json"), load(f"refine-lr{refine_lr}-control.json")
 if rf:
-    print("| round | rewrites kept | mean I (%) | held-out loss before | after |\n|---|---|---|---|---|")
+    print("| round | rewrites kept | mean I (%) | held-out loss before | after | control (no rewrites): after |")
+    print("|---|---|---|---|---|---|")
+    after = {r["round"]: r["held_out_after"] for r in (ctl or {}).get("rounds", [])}
     for r in rf["rounds"]:
+        c = f"{after[r['round']]:.4f}" if r["round"] in after else ""
         print(f"| {r['round']} | {r['rewrites_kept']} / {r['examples']} | {r['mean_I']:.2f} | {r['held_out_before']:.4f} "
-              f"| {r['held_out_after']:.4f} |")
+              f"| {r['held_out_after']:.4f} | {c} |")
     print()
 c = load("crlft.json")
 if c:
