@@ -178,20 +178,22 @@ def refine_example(model, ex: dataset.PanelExample, cfg: RefineConfig, round_no:
             kept.append({"field": name, "I": gain})
         else:
             refused.append({"field": name, "I": gain, "why": "not above the threshold"})
+    return _line(ex, panel, {"round": round_no, "ppl_before": start, "ppl_after": ppl, "I": improvement(ppl, start),
+                             "kept": kept, "refused": refused})
+
+
+def _line(ex: dataset.PanelExample, panel: Panel, record: dict) -> dict:
+    """A round's data line: `panel`, the example's target and extra fields, `record` as "x-refine"."""
     line = {"panel": panel.to_dict(), "target": ex.target}
     line.update({k: v for k, v in (ex.extra or {}).items() if k != "x-refine"})
-    line["x-refine"] = {"round": round_no, "ppl_before": start, "ppl_after": ppl, "I": improvement(ppl, start),
-                        "kept": kept, "refused": refused}
+    line["x-refine"] = record
     return line
 
 
 def unchanged_example(ex: dataset.PanelExample, round_no: int) -> dict:
     """The example's line in a control round (`RefineConfig.rewrite` False): as given, nothing
     proposed or measured."""
-    line = {"panel": ex.panel.to_dict(), "target": ex.target}
-    line.update({k: v for k, v in (ex.extra or {}).items() if k != "x-refine"})
-    line["x-refine"] = {"round": round_no, "control": True, "I": 0.0, "kept": [], "refused": []}
-    return line
+    return _line(ex, ex.panel, {"round": round_no, "control": True, "I": 0.0, "kept": [], "refused": []})
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def refine(model_path, data, out, cfg: RefineConfig | None = None, tune=None, ev
             examples = dataset.load(data_file)[:cfg.limit]
             partial = work / f"round{r}.partial.jsonl"
             done = _partial_lines(partial)
-            pb = bar(total=len(examples), initial=len(done), desc=f"round {r}: rewriting", unit="ex", disable=not progress)
+            pb = bar(total=len(examples), initial=len(done), desc=f"round {r}: " + ("rewriting" if cfg.rewrite else "copying"), unit="ex", disable=not progress)
             with open(partial, "a", encoding="utf-8") as f:
                 for i in range(len(done), len(examples)):
                     line = (refine_example(model, examples[i], cfg, r, tune.seq_len) if cfg.rewrite
