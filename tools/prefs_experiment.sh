@@ -85,22 +85,18 @@ step "$OUT/pairs-dpo-$DPO_TAG.json" python tools/prefs_eval.py pairs "$DPO" "$EV
 step "$OUT/best-of-$DPO_TAG.json" python tools/prefs_eval.py best-of "$MODEL" "$DPO" "$HELD" "$OUT/best-of-$DPO_TAG.json" \
     --n "$BEST_N" --limit "$PANELS_N" --seq-len "$SEQ" $T
 
-# 3. the data-model loop
-if [ ! -s "$OUT/refine-lr$REFINE_LR.json" ]; then
-    echo "+ data refine"
+# 3. the data-model loop, and its control: the same rounds, seeds and steps on the data as given
+#    (what the rewrites add)
+loop() {  # loop OUTNAME WORKNAME [OPTIONS...]: one refine run unless $OUT/OUTNAME.json exists
+    local name=$1 work="$WORK/$2-$REFINE_N-lr$REFINE_LR.jsonl.gz"; shift 2
+    if [ -s "$OUT/$name.json" ]; then echo "= $OUT/$name.json (done)"; return; fi
+    echo "+ data refine $*"
     edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$REFINE_STEPS" \
-        --seq-len "$SEQ" --lr "$REFINE_LR" --eval-every 0 --out "$WORK/refined-$REFINE_N-lr$REFINE_LR.jsonl.gz" $T \
-        | tee "$OUT/refine-lr$REFINE_LR.md"
-    cp "$WORK/refined-$REFINE_N-lr$REFINE_LR.jsonl.gz.rounds/summary.json" "$OUT/refine-lr$REFINE_LR.json"
-fi
-# ... and its control: the same rounds, seeds and steps on the data as given (the rewrites' share)
-if [ ! -s "$OUT/refine-lr$REFINE_LR-control.json" ]; then
-    echo "+ data refine --no-rewrite"
-    edgepanel data refine "$MODEL" --data "$RTRAIN" --eval "$HELD" --rounds "$ROUNDS" --steps "$REFINE_STEPS" \
-        --seq-len "$SEQ" --lr "$REFINE_LR" --eval-every 0 --no-rewrite \
-        --out "$WORK/control-$REFINE_N-lr$REFINE_LR.jsonl.gz" $T | tee "$OUT/refine-lr$REFINE_LR-control.md"
-    cp "$WORK/control-$REFINE_N-lr$REFINE_LR.jsonl.gz.rounds/summary.json" "$OUT/refine-lr$REFINE_LR-control.json"
-fi
+        --seq-len "$SEQ" --lr "$REFINE_LR" --eval-every 0 --out "$work" $T "$@" | tee "$OUT/$name.md"
+    cp "$work.rounds/summary.json" "$OUT/$name.json"
+}
+loop "refine-lr$REFINE_LR" refined
+loop "refine-lr$REFINE_LR-control" control --no-rewrite
 
 # 4. C-RLFT
 CDATA="$WORK/crlft-train-$CRLFT_N.jsonl.gz"; CRLFT="$WORK/crlft-$CRLFT_N-s$CRLFT_STEPS.ep"

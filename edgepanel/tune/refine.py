@@ -284,7 +284,8 @@ def refine(model_path, data, out, cfg: RefineConfig | None = None, tune=None, ev
             examples = dataset.load(data_file)[:cfg.limit]
             partial = work / f"round{r}.partial.jsonl"
             done = _partial_lines(partial)
-            pb = bar(total=len(examples), initial=len(done), desc=f"round {r}: " + ("rewriting" if cfg.rewrite else "copying"), unit="ex", disable=not progress)
+            what = "rewriting" if cfg.rewrite else "copying"
+            pb = bar(total=len(examples), initial=len(done), desc=f"round {r}: {what}", unit="ex", disable=not progress)
             with open(partial, "a", encoding="utf-8") as f:
                 for i in range(len(done), len(examples)):
                     line = (refine_example(model, examples[i], cfg, r, tune.seq_len) if cfg.rewrite
