@@ -416,6 +416,7 @@ const ep_kernels ep_kernels_neon = {
     .i8_rows = neon_i8_rows,
     .dot = neon_dot,
     .attend = neon_attend,
+    .silu_mul = ep_ref_silu_mul,
 };
 
 /* The same kernels with the dot product where it pays (i8_rows). */
@@ -432,4 +433,5 @@ const ep_kernels ep_kernels_neon_dotprod = {
     .i8_rows = neon_dotprod_i8_rows,
     .dot = neon_dot,
     .attend = neon_attend,
+    .silu_mul = ep_ref_silu_mul,
 };

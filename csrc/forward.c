@@ -209,7 +209,7 @@ static void norm_rows(const ep_model *m, const ep_norm *nw, int kind, const floa
 
 static float act(int kind, float x) {
     switch (kind) {
-    case EP_ACT_SILU: return x / (1.0f + expf(-x));
+    case EP_ACT_SILU: return x / (1.0f + ep_expf(-x));   /* as kt->silu_mul */
     case EP_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     case EP_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
     case EP_ACT_RELU2: return x > 0.0f ? x * x : 0.0f;
@@ -492,7 +492,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
             const ep_matrix *gu[2] = {&L->w_gate, &L->w_up};
             float *gu_out[2] = {f.g, f.u};
             run_products(&f, f.h, D, 2, gu, gu_out);
-            for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.g[i]) * f.u[i];
+            if (m->act == EP_ACT_SILU)
+                kt->silu_mul(f.g, f.u, n * F);
+            else
+                for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.g[i]) * f.u[i];
         } else {
             run_one(&f, f.h, D, &L->w_up, f.u);
             for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.u[i]);

@@ -145,6 +145,11 @@ float ep_expf(float x) {
     return p * two_n.f;
 }
 
+/* The gated MLP's SiLU times the up projection, in place in u. */
+void ep_ref_silu_mul(const float *g, float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) u[i] = (g[i] / (1.0f + ep_expf(-g[i]))) * u[i];
+}
+
 /* Softmax of one head's scores in place: e_s = ep_expf(score_s - max); the sum in 8 lanes
  * (lane s mod 8, in order of s) joined by the canonical tree; w_s = e_s * (1 / sum). */
 void ep_softmax_weights(float *scores, int64_t T) {
@@ -271,4 +276,5 @@ const ep_kernels ep_kernels_scalar = {
     .i8_rows = ep_ref_i8_rows,
     .dot = ep_ref_dot,
     .attend = ep_ref_attend,
+    .silu_mul = ep_ref_silu_mul,
 };

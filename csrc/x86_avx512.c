@@ -313,12 +313,13 @@ static const uint8_t rows_by_dword[64] = {
     6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
     12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
 
-/* The float pass of one (plane, group) for TB tokens: f += alpha * (S - 2m), as the spec. */
+/* The float pass of one (plane, group) for TB tokens: f += alpha * (S - 2m), as the spec; `twice`:
+ * m holds 2m already. */
 EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, int64_t tok0, const int TB,
-                         const __m512i *m, __m512 *f) {
+                         const __m512i *m, __m512 *f, int twice) {
     const __m512 alpha = load_scales512(a, i, t, j);
     for (int b = 0; b < TB; b++) {
-        __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_slli_epi32(m[b], 1));
+        __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), twice ? m[b] : _mm512_slli_epi32(m[b], 1));
         f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
     }
 }
@@ -328,18 +329,45 @@ EP_INLINE void fma_group(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j,
 #define EP_DECODE_TILES 2        /* tiles a one-token product walks side by side, sharing table loads */
 #define EP_DECODE_AHEAD 8192     /* how far ahead in each of those tiles it asks for weights */
 
-/* One tile's nibbles of a pair of blocks looked up in one token's tables t (load_tables_pair):
- * m += L . 1 + 16 . H per row.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
+/* A 64-byte weight vector (byte 16q + r: column q, row r) in row order (byte 4r + q), split
+ * into vpermb indices: 16q + the low nibble, 16q + the high nibble.  Table vector lane q serves
+ * column q (load_tables_pair), so index 16q + n picks column q's entry n from the whole vector. */
+EP_INLINE void row_nibbles512(__m512i v, __m512i perm, __m512i *lo, __m512i *hi) {
+    const __m512i m0f = _mm512_set1_epi8(0x0f), col = _mm512_set1_epi32(0x30201000);
+    v = _mm512_permutexvar_epi8(perm, v);
+    *lo = _mm512_ternarylogic_epi32(v, m0f, col, 0xEA);                       /* (v & 0f) | col */
+    *hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, col, 0xEA);
+}
+
+/* One tile's row-ordered indices (row_nibbles512) of a pair of blocks looked up in one token's
+ * tables t (load_tables_pair): m2 += L . 2 + 32 . H per row, twice the spec's m (the float pass
+ * then needs no doubling).  Each dword already holds one row's 4 columns, so the sums go straight
+ * into vpdpbusd.  L bytes <= 4 * 60, H bytes in [-128, 112]. */
 EP_INLINE void vnni_i8_lookup_add(const __m512i *t, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1, int two,
-                                  __m512i perm, __m512i *m) {
+                                  __m512i *m) {
+    __m512i l = _mm512_add_epi8(_mm512_permutexvar_epi8(lo0, t[0]), _mm512_permutexvar_epi8(hi0, t[1]));
+    __m512i h = _mm512_add_epi8(_mm512_permutexvar_epi8(lo0, t[2]), _mm512_permutexvar_epi8(hi0, t[3]));
+    if (two) {
+        l = _mm512_add_epi8(l, _mm512_add_epi8(_mm512_permutexvar_epi8(lo1, t[4]), _mm512_permutexvar_epi8(hi1, t[5])));
+        h = _mm512_add_epi8(h, _mm512_add_epi8(_mm512_permutexvar_epi8(lo1, t[6]), _mm512_permutexvar_epi8(hi1, t[7])));
+    }
+    *m = _mm512_dpbusd_epi32(*m, l, _mm512_set1_epi8(2));
+    *m = _mm512_dpbusd_epi32(*m, _mm512_set1_epi8(32), h);
+}
+
+/* The same sums for one token from weights in their stored order (nibbles512): vpshufb lookups,
+ * then the sums put in row order.  Decode loads each weight once, so reordering the weights
+ * (one vpermb each) saves nothing there; the A/B measured it slower. */
+EP_INLINE void vnni_i8_lookup_add_stored(const __m512i *t, __m512i lo0, __m512i hi0, __m512i lo1, __m512i hi1,
+                                         int two, __m512i perm, __m512i *m) {
     __m512i al, ah;
     lookup_pair_regs(t, lo0, hi0, lo1, hi1, two, &al, &ah);
-    *m = _mm512_dpbusd_epi32(*m, _mm512_permutexvar_epi8(perm, al), _mm512_set1_epi8(1));
-    *m = _mm512_dpbusd_epi32(*m, _mm512_set1_epi8(16), _mm512_permutexvar_epi8(perm, ah));
+    *m = _mm512_dpbusd_epi32(*m, _mm512_permutexvar_epi8(perm, al), _mm512_set1_epi8(2));
+    *m = _mm512_dpbusd_epi32(*m, _mm512_set1_epi8(32), _mm512_permutexvar_epi8(perm, ah));
 }
 
 /* One pair of 32-input blocks (byte columns cc..cc+7; the second only when `two`) of one plane
- * for TB tokens: the weights loaded once, each token's tables looked up. */
+ * for TB tokens: the weights loaded and reordered once, each token's tables looked up. */
 EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, int64_t cc, const int TB, int two,
                             __m512i perm, __m512i *m) {
     if (TB == 1) {  /* decode: the weights stream from DRAM, the hardware prefetcher alone lags */
@@ -347,12 +375,20 @@ EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, in
         _mm_prefetch((const char *)(w + cc * EP_TILE + EP_PREFETCH_BYTES + 64), _MM_HINT_T1);
     }
     __m512i lo0, hi0, lo1, hi1, t[8];
-    nibbles512(_mm512_loadu_si512((const void *)(w + cc * EP_TILE)), &lo0, &hi0);
+    if (TB == 1) {
+        nibbles512(_mm512_loadu_si512((const void *)(w + cc * EP_TILE)), &lo0, &hi0);
+        lo1 = lo0, hi1 = hi0;
+        if (two) nibbles512(_mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE)), &lo1, &hi1);
+        load_tables_pair(tab + cc * 64, two, t);
+        vnni_i8_lookup_add_stored(t, lo0, hi0, lo1, hi1, two, perm, &m[0]);
+        return;
+    }
+    row_nibbles512(_mm512_loadu_si512((const void *)(w + cc * EP_TILE)), perm, &lo0, &hi0);
     lo1 = lo0, hi1 = hi0;
-    if (two) nibbles512(_mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE)), &lo1, &hi1);
+    if (two) row_nibbles512(_mm512_loadu_si512((const void *)(w + (cc + 4) * EP_TILE)), perm, &lo1, &hi1);
     for (int b = 0; b < TB; b++) {
         load_tables_pair(tab + b * ts + cc * 64, two, t);
-        vnni_i8_lookup_add(t, lo0, hi0, lo1, hi1, two, perm, &m[b]);
+        vnni_i8_lookup_add(t, lo0, hi0, lo1, hi1, two, &m[b]);
     }
 }
 
@@ -378,7 +414,7 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
             for (int u = 0; u < GB; u += 2) vnni_i8_pair(w0 + i * pstride, tab, ts, cc + 4 * u, TB, GB > 1, perm, m);
             const __m512 alpha = scales_at512(a, sidx + i * sstride, t);
             for (int b = 0; b < TB; b++) {
-                __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), _mm512_add_epi32(m[b], m[b]));
+                __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), m[b]);
                 f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
             }
         }
@@ -390,7 +426,7 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
             __m512i m[4];
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
             for (int64_t cc = c0; cc < c1; cc += 8) vnni_i8_pair(w0 + i * pstride, tab, ts, cc, TB, cc + 4 < c1, perm, m);
-            fma_group(a, i, t, j, tok0, TB, m, f);
+            fma_group(a, i, t, j, tok0, TB, m, f, 1);
         }
     }
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
@@ -414,7 +450,7 @@ EP_INLINE void vnni_i8_pair_rows(const uint8_t *w, int64_t tstride, const uint8_
         nibbles512(_mm512_loadu_si512((const void *)wr), &lo0, &hi0);
         lo1 = lo0, hi1 = hi0;
         if (two) nibbles512(_mm512_loadu_si512((const void *)(wr + 64)), &lo1, &hi1);
-        vnni_i8_lookup_add(t, lo0, hi0, lo1, hi1, two, perm, &m[r]);
+        vnni_i8_lookup_add_stored(t, lo0, hi0, lo1, hi1, two, perm, &m[r]);
     }
 }
 
@@ -439,7 +475,7 @@ EP_INLINE void vnni_i8_rows(const ep_gemm_args *a, int64_t t, const int R, const
                 vnni_i8_pair_rows(w0, tstride, a->tab + cc * 64, cc, R, cc + 4 < c1, perm, m);
         for (int r = 0; r < R; r++) {
             const __m512 alpha = load_scales512(a, 0, t + r, j);
-            const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[j]), _mm512_add_epi32(m[r], m[r]));
+            const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[j]), m[r]);
             f[r] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[r]);
         }
     }
@@ -555,7 +591,7 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
             for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
             for (int64_t c = c0; c < c1; c += 120)  /* runs of 30 blocks */
                 vnni_xnor_run(a, w, tab, ts, c, ep_min64(c + 120, c1), TB, 1, perm, m);
-            fma_group(a, i, t, j, tok0, TB, m, f);
+            fma_group(a, i, t, j, tok0, TB, m, f, 0);
         }
     }
     store_acc512(a, t, tok0, TB, f, j1 == a->ng);
@@ -584,6 +620,7 @@ const ep_kernels ep_kernels_avx512bw = {
     .i8_rows = ep_avx2_i8_rows,
     .dot = ep_avx2_dot,
     .attend = ep_avx2_attend,
+    .silu_mul = ep_avx2_silu_mul,
 };
 
 const ep_kernels ep_kernels_avx512vnni = {
@@ -599,4 +636,5 @@ const ep_kernels ep_kernels_avx512vnni = {
     .i8_rows = ep_avx2_i8_rows,
     .dot = ep_avx2_dot,
     .attend = ep_avx2_attend,
+    .silu_mul = ep_avx2_silu_mul,
 };

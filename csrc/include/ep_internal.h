@@ -203,6 +203,8 @@ struct ep_kernels {
      * expf after subtracting the max, w_s = e_s * (1 / sum), out = fmaf(w_s, v_s, out) over s. */
     void (*attend)(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
+    /* The gated MLP's SiLU: u[i] = (g[i] / (1 + ep_expf(-g[i]))) * u[i] (ep_ref_silu_mul). */
+    void (*silu_mul)(const float *g, float *u, int64_t n);
 };
 
 /* The portable specification: every ISA file matches it bit for bit (integers and floats). */
@@ -219,6 +221,7 @@ void ep_avx2_dense_rows(const float *x, int64_t n, int64_t in, const void *w, in
 void ep_avx2_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
                      const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
 float ep_avx2_dot(const float *a, const float *b, int64_t n);
+void ep_avx2_silu_mul(const float *g, float *u, int64_t n);
 void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch);
 #endif
@@ -240,6 +243,7 @@ void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, con
 float ep_ref_dot(const float *a, const float *b, int64_t n);
 void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
+void ep_ref_silu_mul(const float *g, float *u, int64_t n);
 /* the softmax weights of one head from its scores (the specification every attend follows) */
 void ep_softmax_weights(float *scores, int64_t T);
 /* exp as the softmax computes it (ref.c); the constants, for the SIMD versions */
