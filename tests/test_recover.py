@@ -271,3 +271,48 @@ def test_topk_kl_is_the_coarsened_kl():
             want = (np.exp(pk) * (pk - qk)).sum(1) + np.exp(pr) * (pr - qr)
             np.testing.assert_allclose(got, want.mean(), rtol=1e-5)
             assert got < full
+
+
+def test_sensitivity_h_is_the_mean_input_outer_product_shared_by_readers(tmp_path):
+    """recover.sensitivity's H per linear layer is mean(x x^T) over the layer's inputs: checked in
+    float64 against the inputs the reference forward (calibration's arithmetic) feeds each layer.
+    Layers reading one input (q, k, v; gate, up) share one array, and `reduce` replaces each
+    distinct H by what it returns, once per input."""
+    build("llama", tmp_path / "hf", seed=6)
+    fm = float_model(tmp_path / "hf")
+    tokens = np.random.default_rng(0).integers(0, fm.cfg.vocab_size, (2, 12)).astype(np.int32)
+    stats = recover.sensitivity(fm, tokens)
+    ops, positions, x = cal._Run(fm, Recipe(planes=2, group=32), lambda m: None).stream(tokens, fit=False)
+    inputs = {}
+    for i in range(fm.cfg.n_layers):
+        ops.acts = {}
+        x = ref.block(ops, fm.cfg, i, x, positions)
+        inputs.update(ops.acts)
+    assert set(inputs) <= set(stats)
+    for name, xin in inputs.items():
+        xd = xin.astype(np.float64)
+        want = xd.T @ xd / len(xd)
+        f, h = stats[name]
+        assert h.dtype == np.float64 and f.shape == (fm.t[name].weight.shape[0],) and np.all(f >= 0)
+        np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    layer0 = [n for n in inputs if n.startswith(next(iter(inputs)).rsplit(".", 1)[0] + ".")]
+    by_input = {}
+    for n in layer0:
+        by_input.setdefault(id(inputs[n]), []).append(n)
+    shared = [names for names in by_input.values() if len(names) > 1]
+    assert shared, "q, k and v read one input"
+    for names in shared:
+        assert all(stats[n][1] is stats[names[0]][1] for n in names)
+    calls = []
+
+    def trace(h):
+        calls.append(h.shape)
+        return np.diag(h).copy()
+
+    reduced = recover.sensitivity(fm, tokens, reduce=trace)
+    distinct = {id(stats[n][1]) for n in stats if n != "embed"}
+    assert len(calls) == len(distinct)
+    for n in stats:
+        if n != "embed":
+            np.testing.assert_array_equal(reduced[n][1], np.diag(stats[n][1]))
+            np.testing.assert_array_equal(reduced[n][0], stats[n][0])

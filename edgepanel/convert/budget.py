@@ -95,15 +95,17 @@ def plan_bits(run: _Run, tokens: np.ndarray, budget: float, log, sens_seqs: int 
     t0 = time.time()
     est: dict[str, dict] = {}
     if torch_ok:
-        stats = recover.sensitivity(fm, tokens[:sens_seqs], log)
+        # each distinct H reduced at once to all that is used of it: GPTQ's column weights, and
+        # its diagonal (int8 rows, rounded without error feedback)
+        stats = recover.sensitivity(fm, tokens[:sens_seqs], log,
+                                    reduce=lambda h: (_gptq_weights(h, r.damp), np.diag(h).copy()))
         for n in names + [x for x in auto_rows if x == "head"]:
-            f, h = stats[n]
-            d = _gptq_weights(h, r.damp)
+            f, (d, _) = stats[n]
             est[n] = {o: float(0.5 * (f @ (e.astype(np.float64) ** 2) @ d)) for o, e in greedy_errors(t[n].weight, n).items()}
         if "embed" in auto_rows:
             f, p = stats["embed"]
             tied = "head" not in t   # the table is the head too: its error counts there as well
-            fh, dh = (stats["head"][0], _gptq_weights(stats["head"][1], r.damp)) if tied else (None, None)
+            fh, dh = (stats["head"][0], stats["head"][1][0]) if tied else (None, None)
             est["embed"] = {}
             for o, e in greedy_errors(t["embed"].weight, "embed").items():
                 e2 = e.astype(np.float64) ** 2
@@ -131,8 +133,8 @@ def plan_bits(run: _Run, tokens: np.ndarray, budget: float, log, sens_seqs: int 
     for n in auto_rows:   # int8 rows: rounded each on its own (no error feedback)
         q, s_ = quantize.int8_rows(t[n].weight)
         e2 = (t[n].weight.astype(np.float64) - q.astype(np.float64) * s_[:, None]) ** 2
-        fh, hh = stats["head"]
-        head_term = float(0.5 * (fh @ e2 @ np.diag(hh)))
+        fh, (_, hdiag) = stats["head"]
+        head_term = float(0.5 * (fh @ e2 @ hdiag))
         if n == "head":
             est[n][INT8_ROWS] = head_term
         else:

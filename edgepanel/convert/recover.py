@@ -470,14 +470,19 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         torch.set_num_threads(threads)
 
 
-def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def sensitivity(fm, tokens: np.ndarray, log=None, reduce=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For every linear layer of the float model and its head, from next-token cross-entropy on
     the sequences in `tokens`: f (out,), the mean square of d loss / d output per token, and H
     (in, in), the mean of x x^T over its input vectors.  Quantizing W to W_hat (E = W - W_hat)
     then raises the loss by about 1/2 sum_r f_r E_r H E_r^T (the output errors weighted by how
     much each output matters), which, unlike a diagonal Fisher on the weights, sees the inputs'
     correlations.  For the embeddings ("embed"): f (dim,) at the embedding output and p (vocab,),
-    how often each row is read (add-one smoothed frequencies of `tokens`)."""
+    how often each row is read (add-one smoothed frequencies of `tokens`).
+
+    Layers that read the same input (q, k and v; gate and up) share one H: one float32 sum while
+    the sequences run, one float64 array in the result.  `reduce`, if given, maps each distinct H
+    (float64) to what the caller keeps of it, one at a time, so the float64 matrices never all
+    exist at once; the result then holds reduce(H) in H's place."""
     torch = _require_torch()
     log = log or (lambda m: None)
     threads = torch.get_num_threads()
@@ -485,30 +490,38 @@ def sensitivity(fm, tokens: np.ndarray, log=None) -> dict[str, tuple[np.ndarray,
     try:
         model = _TorchModel(torch, fm.cfg, fm, None)
         f: dict = {}
-        h: dict = {}
+        h: dict = {}        # first reader's name -> float32 sum of x^T x
+        reader: dict = {}   # name -> first reader's name of its input (fixed by the first sequence)
         t0 = time.time()
         for seq in tokens:
             seq = torch.from_numpy(seq.astype(np.int64))
             model.record = {}
             loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
             loss.backward()
-            hs = {}
+            del loss
+            first: dict = {}   # this sequence: input tensor -> its first reader
             ids, x = model.record.pop("embed")
             f["embed"] = f.get("embed", 0) + (x.grad * x.grad).sum(0)
             for name, (x, y) in model.record.items():
-                g2 = (y.grad * y.grad).sum(0)
-                f[name] = f.get(name, 0) + g2
+                f[name] = f.get(name, 0) + (y.grad * y.grad).sum(0)
                 key = x.data_ptr()
-                if key not in hs:
-                    hs[key] = x.T @ x
-                h[name] = h.get(name, 0) + hs[key]
+                if key not in first:
+                    first[key] = name
+                    h[name] = h[name].addmm_(x.T, x) if name in h else x.T @ x
+                reader.setdefault(name, first[key])
             model.record = None
         n = tokens.size
         log(f"sensitivity from {len(tokens)} sequences ({time.time() - t0:.0f} s)")
         counts = np.bincount(tokens.reshape(-1), minlength=fm.cfg.vocab_size).astype(np.float64) + 1.0
         out = {"embed": ((f.pop("embed") / n).numpy().astype(np.float64), counts / counts.sum())}
-        out.update({name: ((f[name] / n).numpy().astype(np.float64), (h[name] / n).numpy().astype(np.float64))
-                    for name in f})
+        kept = {}
+        for name in f:
+            src = reader[name]
+            if src not in kept:
+                hm = h.pop(src).numpy().astype(np.float64) / n
+                kept[src] = reduce(hm) if reduce is not None else hm
+                del hm
+            out[name] = ((f[name] / n).numpy().astype(np.float64), kept[src])
         return out
     finally:
         torch.set_num_threads(threads)
