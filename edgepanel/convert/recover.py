@@ -488,40 +488,41 @@ def sensitivity(fm, tokens: np.ndarray, log=None, reduce=None) -> dict[str, tupl
     threads = torch.get_num_threads()
     torch.set_num_threads(usable_cpus())
     try:
-        model = _TorchModel(torch, fm.cfg, fm, None)
-        f: dict = {}
-        h: dict = {}        # first reader's name -> float32 sum of x^T x
-        reader: dict = {}   # name -> first reader's name of its input (fixed by the first sequence)
-        t0 = time.time()
-        for seq in tokens:
-            seq = torch.from_numpy(seq.astype(np.int64))
-            model.record = {}
-            loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
-            loss.backward()
-            del loss
-            first: dict = {}   # this sequence: input tensor -> its first reader
-            ids, x = model.record.pop("embed")
-            f["embed"] = f.get("embed", 0) + (x.grad * x.grad).sum(0)
-            for name, (x, y) in model.record.items():
-                f[name] = f.get(name, 0) + (y.grad * y.grad).sum(0)
-                key = x.data_ptr()
-                if key not in first:
-                    first[key] = name
-                    h[name] = h[name].addmm_(x.T, x) if name in h else x.T @ x
-                reader.setdefault(name, first[key])
-            model.record = None
-        n = tokens.size
-        log(f"sensitivity from {len(tokens)} sequences ({time.time() - t0:.0f} s)")
-        counts = np.bincount(tokens.reshape(-1), minlength=fm.cfg.vocab_size).astype(np.float64) + 1.0
-        out = {"embed": ((f.pop("embed") / n).numpy().astype(np.float64), counts / counts.sum())}
-        kept = {}
-        for name in f:
-            src = reader[name]
-            if src not in kept:
-                hm = h.pop(src).numpy().astype(np.float64) / n
-                kept[src] = reduce(hm) if reduce is not None else hm
-                del hm
-            out[name] = ((f[name] / n).numpy().astype(np.float64), kept[src])
-        return out
+        with memory.large_blocks_mapped():   # each sequence's graph mapped on its own, unmapped when freed
+            model = _TorchModel(torch, fm.cfg, fm, None)
+            f: dict = {}
+            h: dict = {}        # first reader's name -> float32 sum of x^T x
+            reader: dict = {}   # name -> first reader's name of its input (fixed by the first sequence)
+            t0 = time.time()
+            for seq in tokens:
+                seq = torch.from_numpy(seq.astype(np.int64))
+                model.record = {}
+                loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
+                loss.backward()
+                del loss
+                first: dict = {}   # this sequence: input tensor -> its first reader
+                ids, x = model.record.pop("embed")
+                f["embed"] = f.get("embed", 0) + (x.grad * x.grad).sum(0)
+                for name, (x, y) in model.record.items():
+                    f[name] = f.get(name, 0) + (y.grad * y.grad).sum(0)
+                    key = x.data_ptr()
+                    if key not in first:
+                        first[key] = name
+                        h[name] = h[name].addmm_(x.T, x) if name in h else x.T @ x
+                    reader.setdefault(name, first[key])
+                model.record = None
+            n = tokens.size
+            log(f"sensitivity from {len(tokens)} sequences ({time.time() - t0:.0f} s)")
+            counts = np.bincount(tokens.reshape(-1), minlength=fm.cfg.vocab_size).astype(np.float64) + 1.0
+            out = {"embed": ((f.pop("embed") / n).numpy().astype(np.float64), counts / counts.sum())}
+            kept = {}
+            for name in f:
+                src = reader[name]
+                if src not in kept:
+                    hm = h.pop(src).numpy().astype(np.float64) / n
+                    kept[src] = reduce(hm) if reduce is not None else hm
+                    del hm
+                out[name] = ((f[name] / n).numpy().astype(np.float64), kept[src])
+            return out
     finally:
         torch.set_num_threads(threads)
