@@ -122,12 +122,33 @@ static void products_range(void *ctx, int64_t b, int64_t e) {
     }
 }
 
-typedef struct { const ep_kernels *kt; const int8_t *qa; int64_t in, group; uint8_t *tab; int64_t stride; int32_t *gsum; int64_t ng; } tab_job;
+/* Per token: the int8 activations, then (group > 0) their tables and group sums (ng a token). */
+typedef struct {
+    const ep_kernels *kt;
+    const float *x;
+    int8_t *qa;
+    float *qs;
+    int64_t in, group;
+    uint8_t *tab;
+    int64_t stride;
+    int32_t *gsum;
+    int64_t ng;
+} tab_job;
 
 static void tables_range(void *ctx, int64_t b, int64_t e) {
     tab_job *j = (tab_job *)ctx;
-    for (int64_t t = b; t < e; t++)
-        j->kt->i8_tables(j->qa + t * j->in, j->in, j->group, j->tab + t * j->stride, j->gsum + t * j->ng);
+    for (int64_t t = b; t < e; t++) {
+        j->kt->quantize_i8(j->x + t * j->in, j->in, j->qa + t * j->in, j->qs + t);
+        if (j->group)
+            j->kt->i8_tables(j->qa + t * j->in, j->in, j->group, j->tab + t * j->stride, j->gsum + t * j->ng);
+    }
+}
+
+typedef struct { const ep_kernels *kt; const float *g; float *u; int64_t d; } silu_job;
+
+static void silu_range(void *ctx, int64_t b, int64_t e) {
+    silu_job *j = (silu_job *)ctx;
+    j->kt->silu_mul(j->g + b * j->d, j->u + b * j->d, (e - b) * j->d);
 }
 
 /* y_i = x W_i^T + b_i for matrices sharing the input x (n, in). */
@@ -147,10 +168,9 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
         if (mats[i]->kind == EP_MAT_PLANES || mats[i]->kind == EP_MAT_I8ROWS) need_q = 1;
         if (mats[i]->kind == EP_MAT_PLANES && !tables_group) tables_group = (int)mats[i]->group;
     }
-    if (need_q)
-        for (int64_t t = 0; t < n; t++) kt->quantize_i8(x + t * in, in, f->qa + t * in, f->qs + t);
-    if (tables_group) {  /* tables once for every planes matrix; group sums per matrix below */
-        tab_job tj = {kt, f->qa, in, tables_group, f->tab, f->tab_stride, f->gsum, f->ng_max};
+    if (need_q) {  /* tables once for every planes matrix, their group sums in gsum's first slot */
+        tab_job tj = {kt, x, f->qa, f->qs, in, tables_group, f->tab, f->tab_stride, f->gsum,
+                      tables_group ? ep_groups(in, tables_group) : 0};
         ep_parallel_for(f->threads, n, tables_range, &tj);
     }
     for (int i = 0; i < count; i++) {
@@ -161,8 +181,11 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
                               mt->group, n);
             a->tab = f->tab;
             a->tab_stride = f->tab_stride;
-            int32_t *gs = f->gsum + (int64_t)i * n * f->ng_max;
-            for (int64_t t = 0; t < n; t++) ep_ref_group_sums(f->qa + t * in, in, a->group, gs + t * a->ng);
+            int32_t *gs = f->gsum;   /* the tables' sums, ng a token, when the groups match */
+            if (mt->group != tables_group) {
+                gs = f->gsum + (int64_t)i * n * f->ng_max;   /* slot i > 0: the first planes matrix matches */
+                for (int64_t t = 0; t < n; t++) ep_ref_group_sums(f->qa + t * in, in, a->group, gs + t * a->ng);
+            }
             a->gsum = gs;
             a->ascale = f->qs;
             a->acc = f->acc + (int64_t)i * f->acc_per_mat;
@@ -492,9 +515,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
             const ep_matrix *gu[2] = {&L->w_gate, &L->w_up};
             float *gu_out[2] = {f.g, f.u};
             run_products(&f, f.h, D, 2, gu, gu_out);
-            if (m->act == EP_ACT_SILU)
-                kt->silu_mul(f.g, f.u, n * F);
-            else
+            if (m->act == EP_ACT_SILU) {
+                silu_job sj = {kt, f.g, f.u, F};
+                ep_parallel_for(threads, n, silu_range, &sj);   /* elementwise: the same values */
+            } else
                 for (int64_t i = 0; i < n * F; i++) f.u[i] = act(m->act, f.g[i]) * f.u[i];
         } else {
             run_one(&f, f.h, D, &L->w_up, f.u);
