@@ -295,6 +295,25 @@ def test_sensitivity_h_is_the_mean_input_outer_product_shared_by_readers(tmp_pat
         f, h = stats[name]
         assert h.dtype == np.float64 and f.shape == (fm.t[name].weight.shape[0],) and np.all(f >= 0)
         np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # f: the mean squared output gradient, against gradients retained on every output (float64 sums)
+    class Retain:
+        def __init__(self):
+            self.ys = {}
+
+        def layer(self, name, x, y):
+            y.retain_grad()
+            self.ys[name] = y
+
+    model, sums = recover._TorchModel(torch, fm.cfg, fm, None), {}
+    for seq in tokens:
+        seq = torch.from_numpy(seq.astype(np.int64))
+        model.record = Retain()
+        torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum").backward()
+        for name, y in model.record.ys.items():
+            sums[name] = sums.get(name, 0) + (y.grad.double() ** 2).sum(0).numpy()
+    assert set(sums) == set(stats)
+    for name, total in sums.items():
+        np.testing.assert_allclose(stats[name][0], total / tokens.size, rtol=1e-4, atol=1e-12)
     layer0 = [n for n in inputs if n.startswith(next(iter(inputs)).rsplit(".", 1)[0] + ".")]
     by_input = {}
     for n in layer0:

@@ -149,9 +149,8 @@ class _TorchModel:
         else:
             y = x @ self.weight(name).T
         y = y if b is None else y + b
-        if self.record is not None:   # sensitivity(): inputs and outputs of every layer
-            y.retain_grad()
-            self.record[name] = (x.detach(), y)
+        if self.record is not None:   # sensitivity(): inputs and output gradients of every layer
+            self.record.layer(name, x, y)
         return y
 
     def norm(self, name, x, rms=None):
@@ -214,14 +213,13 @@ class _TorchModel:
         x = ref.embed(self, cfg, tokens, pos)                                # (L, dim)
         if self.record is not None:   # gradients flow from here even when no weight needs them
             x = x.detach().requires_grad_(True)
-            self.record["embed"] = (tokens, x)
+            self.record.layer("embed", None, x)
         for i in range(cfg.n_layers):
             x = ref.block(self, cfg, i, x, pos)
         h = self.norm("final_norm", x)
         y = self.head_fn.apply(h, *self.head_q) if self.head_q is not None else h @ self.weight(self.head_name).T
         if self.record is not None:
-            y.retain_grad()
-            self.record["head"] = (h.detach(), y)
+            self.record.layer("head", h, y)
         return y
 
 
@@ -470,6 +468,39 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         torch.set_num_threads(threads)
 
 
+class _Recorder:
+    """sensitivity()'s sums, taken as the layers run: x^T x of each distinct input during the
+    forward pass (layers called one after another on the same tensor -- q, k, v; gate, up --
+    share one sum), and the output gradients' squares by a hook during the backward pass, so
+    neither the inputs nor the gradients outlive their use."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.f: dict = {}        # name -> sum over tokens of (d loss / d output)^2
+        self.h: dict = {}        # first reader's name -> float32 sum of x^T x
+        self.reader: dict = {}   # name -> first reader's name of its input
+        self._last = (None, None)   # (input tensor, its first reader) of the previous layer
+
+    def layer(self, name, x, y):
+        y.register_hook(lambda g, name=name: self._grad(name, g))
+        if x is None:
+            return
+        last, src = self._last
+        if x is not last:
+            src = name
+            self._last = (x, name)
+        self.reader.setdefault(name, src)
+        if src == name:
+            with self.torch.no_grad():
+                xd = x.detach()
+                self.h[name] = self.h[name].addmm_(xd.T, xd) if name in self.h else xd.T @ xd
+
+    def _grad(self, name, g):
+        with self.torch.no_grad():
+            g2 = (g * g).sum(0)
+            self.f[name] = self.f[name] + g2 if name in self.f else g2
+
+
 def sensitivity(fm, tokens: np.ndarray, log=None, reduce=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For every linear layer of the float model and its head, from next-token cross-entropy on
     the sequences in `tokens`: f (out,), the mean square of d loss / d output per token, and H
@@ -490,34 +521,23 @@ def sensitivity(fm, tokens: np.ndarray, log=None, reduce=None) -> dict[str, tupl
     try:
         with memory.large_blocks_mapped():   # each sequence's graph mapped on its own, unmapped when freed
             model = _TorchModel(torch, fm.cfg, fm, None)
-            f: dict = {}
-            h: dict = {}        # first reader's name -> float32 sum of x^T x
-            reader: dict = {}   # name -> first reader's name of its input (fixed by the first sequence)
+            rec = _Recorder(torch)
             t0 = time.time()
             for seq in tokens:
                 seq = torch.from_numpy(seq.astype(np.int64))
-                model.record = {}
+                model.record = rec
                 loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
+                model.record, rec._last = None, (None, None)
                 loss.backward()
                 del loss
-                first: dict = {}   # this sequence: input tensor -> its first reader
-                ids, x = model.record.pop("embed")
-                f["embed"] = f.get("embed", 0) + (x.grad * x.grad).sum(0)
-                for name, (x, y) in model.record.items():
-                    f[name] = f.get(name, 0) + (y.grad * y.grad).sum(0)
-                    key = x.data_ptr()
-                    if key not in first:
-                        first[key] = name
-                        h[name] = h[name].addmm_(x.T, x) if name in h else x.T @ x
-                    reader.setdefault(name, first[key])
-                model.record = None
             n = tokens.size
             log(f"sensitivity from {len(tokens)} sequences ({time.time() - t0:.0f} s)")
             counts = np.bincount(tokens.reshape(-1), minlength=fm.cfg.vocab_size).astype(np.float64) + 1.0
+            f, h = rec.f, rec.h
             out = {"embed": ((f.pop("embed") / n).numpy().astype(np.float64), counts / counts.sum())}
             kept = {}
             for name in f:
-                src = reader[name]
+                src = rec.reader[name]
                 if src not in kept:
                     hm = h.pop(src).numpy().astype(np.float64) / n
                     kept[src] = reduce(hm) if reduce is not None else hm
