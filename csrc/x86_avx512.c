@@ -296,8 +296,11 @@ EP_TARGET_POP()
  * The byte sums of a tile come out of the lookups (i8) or of vpopcntb (xnor) with lane q of a
  * vector holding byte column q's 16 rows.  vpermb regroups them so that dword r holds row r's
  * four bytes, and vpdpbusd adds those into row r's int32 sum: one permute and one dot product
- * per run of blocks instead of widening through int16 and summing quarters.
- *   i8:   m_r += L-bytes . 1 + 16 . H-bytes (H signed), exactly sum over set bits of q = 16h + l;
+ * per run of blocks instead of widening through int16 and summing quarters.  With several
+ * tokens (prefill) the i8 kernel reorders the weights instead, once for all of them, and looks
+ * up with vpermb, so the sums come out in row order (row_nibbles512).
+ *   i8:   2m_r += L-bytes . 2 + 32 . H-bytes (H signed), exactly twice the sum over set bits of
+ *         q = 16h + l (the float pass wants S - 2m);
  *   xnor: m_r += popcount bytes of (weights ^ activations) . 1.
  * Same integers, same float pass, same results as ref.c, bit for bit. */
 EP_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,avx2,fma")
