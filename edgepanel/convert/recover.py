@@ -495,6 +495,10 @@ class _Recorder:
                 xd = x.detach()
                 self.h[name] = self.h[name].addmm_(xd.T, xd) if name in self.h else xd.T @ xd
 
+    def forward_done(self):
+        """A sequence's forward pass is over: its last input is let go."""
+        self._last = (None, None)
+
     def _grad(self, name, g):
         with self.torch.no_grad():
             g2 = (g * g).sum(0)
@@ -527,7 +531,8 @@ def sensitivity(fm, tokens: np.ndarray, log=None, reduce=None) -> dict[str, tupl
                 seq = torch.from_numpy(seq.astype(np.int64))
                 model.record = rec
                 loss = torch.nn.functional.cross_entropy(model.logits(seq)[:-1], seq[1:], reduction="sum")
-                model.record, rec._last = None, (None, None)
+                model.record = None
+                rec.forward_done()
                 loss.backward()
                 del loss
             n = tokens.size
