@@ -263,7 +263,9 @@ typedef struct {
 } attn_job;
 
 /* One task per (token, key/value head): the query heads of its group share the keys; a token
- * sees its own sequence's positions 0..tok_pos. */
+ * sees its own sequence's positions 0..tok_pos.  Tasks visit the tokens from both ends in turn
+ * (0, n-1, 1, n-2, ...), so that contiguous ranges of tasks hold similar numbers of keys to read:
+ * in token order, a causal prefill's second half costs three times its first. */
 static void attention_range(void *ctx, int64_t b, int64_t e) {
     attn_job *j = (attn_job *)ctx;
     const fwd *f = j->f;
@@ -276,7 +278,8 @@ static void attention_range(void *ctx, int64_t b, int64_t e) {
         return;
     }
     for (int64_t task = b; task < e; task++) {
-        const int64_t t = task / Hkv, kh = task % Hkv, T = f->tok_pos[t] + 1;
+        const int64_t u = task / Hkv, kh = task % Hkv, t = (u & 1) ? f->n - 1 - u / 2 : u / 2;
+        const int64_t T = f->tok_pos[t] + 1;
         const int64_t off = f->tok_seq[t] * j->seq_stride + kh * hd;
         f->kt->attend(f->q + (t * H + kh * G) * hd, G, j->kc + off, j->vc + off, Hkv * hd, T, hd, scale,
                       f->att + (t * H + kh * G) * hd, scratch);

@@ -312,11 +312,23 @@ class PlaneMatrix:
             x += term[:, i]
         return x
 
-    def dequantize(self) -> np.ndarray:
-        """W_hat = sum_i alpha_i * B_i as float32 (out, in)."""
-        b = self.signs().astype(np.float32)
-        a = self.alpha()
-        w = np.zeros(self.shape, np.float32)
+    def dequantize(self, block: int = 4096) -> np.ndarray:
+        """W_hat = sum_i alpha_i * B_i as float32 (out, in), `block` rows at a time (the same
+        bits: each entry is its own sum over the planes), so that the signs are never widened
+        to float32 whole (16 bytes a weight at k = 4)."""
+        w = np.empty(self.shape, np.float32)
+        for r0 in range(0, self.out_features, block):
+            w[r0:r0 + block] = self.dequantize_rows(r0, min(r0 + block, self.out_features))
+        return w
+
+    def dequantize_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of dequantize()."""
+        t0, t1 = r0 // TILE, -(-r1 // TILE)
+        b = unpack_planes(self.planes[:, t0:t1], (t1 - t0) * TILE, self.in_features)[:, r0 - t0 * TILE:r1 - t0 * TILE]
+        a = untile_scales(self.float_scales()[:, t0:t1], (t1 - t0) * TILE)[:, r0 - t0 * TILE:r1 - t0 * TILE]
+        a = a.astype(np.float32)
+        b = b.astype(np.float32)
+        w = np.zeros((r1 - r0, self.in_features), np.float32)
         for j, (s, e) in enumerate(group_bounds(self.in_features, self.group)):
             w[:, s:e] = np.einsum("ko,koi->oi", a[:, :, j], b[:, :, s:e])
         return w

@@ -38,22 +38,26 @@ def _valid_mask(n_in: int, group: int) -> np.ndarray:
     return _grouped(ones, group)[0] > 0          # (ng, gs)
 
 
-def greedy_planes(w: np.ndarray, k: int, group: int):
-    """Greedy residual fit: (signs (k, out, in) int8, alpha (k, out, ng) float32)."""
+def greedy_planes(w: np.ndarray, k: int, group: int, block: int = 4096):
+    """Greedy residual fit: (signs (k, out, in) int8, alpha (k, out, ng) float32), `block` rows at
+    a time (rows are fitted independently: the same bits whatever the block; a 49152-row table's
+    float32 temporaries took ten times its size at once)."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     valid = _valid_mask(n_in, group)
     counts = valid.sum(axis=1).astype(np.float32)           # (ng,)
-    r = _grouped(w, group).copy()
-    signs, alpha = [], []
-    for _ in range(k):
-        b = np.where(r < 0, np.float32(-1), np.float32(1))
-        a = ((np.abs(r) * valid).sum(axis=2, dtype=np.float64) / counts).astype(np.float32)  # (out, ng)
-        r -= a[:, :, None] * b * valid
-        signs.append(b)
-        alpha.append(a)
-    s = np.stack(signs).reshape(k, n_out, -1)[:, :, :n_in].astype(np.int8)
-    return s, np.stack(alpha).astype(np.float32)
+    signs = np.empty((k, n_out, n_in), np.int8)
+    alpha = np.empty((k, n_out, valid.shape[0]), np.float32)
+    for r0 in range(0, n_out, block):
+        r = _grouped(w[r0:r0 + block], group).copy()
+        rows = slice(r0, r0 + r.shape[0])
+        for i in range(k):
+            b = np.where(r < 0, np.float32(-1), np.float32(1))
+            a = ((np.abs(r) * valid).sum(axis=2, dtype=np.float64) / counts).astype(np.float32)  # (rows, ng)
+            r -= a[:, :, None] * b * valid
+            signs[i, rows] = b.reshape(len(b), -1)[:, :n_in]
+            alpha[i, rows] = a
+    return signs, alpha
 
 
 def expand_scales(alpha: np.ndarray, group: int, n_in: int) -> np.ndarray:
@@ -174,12 +178,16 @@ def int8_rows(w: np.ndarray):
 # calibration-aware fitting (issue 4): the error measured on real inputs, H = X^T X
 
 
-def weighted_error(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray) -> float:
-    """Output error on the calibration inputs, relative: tr(E H E^T) / tr(W H W^T), E = W - W_hat."""
-    w = np.asarray(w, np.float64)
-    e = w - pm.dequantize().astype(np.float64)
-    num = float(np.sum((e @ h) * e))   # matrix products: a three-operand einsum would not use BLAS
-    den = float(np.sum((w @ h) * w))
+def weighted_error(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, block: int = 4096) -> float:
+    """Output error on the calibration inputs, relative: tr(E H E^T) / tr(W H W^T), E = W - W_hat;
+    `block` rows at a time (a 49152-row head's float64 products took 1 GB at once)."""
+    num = den = 0.0
+    for r0 in range(0, w.shape[0], block):
+        r1 = min(r0 + block, w.shape[0])
+        wb = np.asarray(w[r0:r1], np.float64)
+        e = wb - pm.dequantize_rows(r0, r1).astype(np.float64)
+        num += float(np.sum((e @ h) * e))   # matrix products: a three-operand einsum would not use BLAS
+        den += float(np.sum((wb @ h) * wb))
     return float(num / max(den, 1e-30))
 
 
@@ -239,7 +247,7 @@ def _inv_upper(v: np.ndarray, leaf: int = 64) -> np.ndarray:
 
 def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 0.01, block: int = 128,
                 als_iters: int = 2, refit: bool = True, prepared: GptqPrep | None = None,
-                act_order: bool = False) -> bits.PlaneMatrix:
+                act_order: bool = False, row_block: int = 8192) -> bits.PlaneMatrix:
     """GPTQ-style fitting of k sign planes: columns one by one (left to right, or by decreasing
     diag(H) with act_order), each rounded to the nearest of its row's 2^k levels, the rounding
     error fed forward through H^-1 to the columns not yet rounded.  Groups stay the contiguous
@@ -247,18 +255,38 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
     fitted, greedy + ALS, on the error-updated weights when its first column comes up.
     Optionally the scales are then refit jointly per row on the original weights (signs fixed,
     see refit_scales).  Left to right, the column loop runs in C (csrc/fit.c) when the kernels are
-    built, with the same results; this NumPy loop is its reference and serves act-order."""
+    built, with the same results; this NumPy loop is its reference and serves act-order.
+    Rows are fitted independently (H is shared), `row_block` at a time: a 49152-row head's
+    float64 copy and error feedback no longer exist whole (0.8 GB)."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     bits.check_group(n_in, group)
+    prep = prepared if prepared is not None else gptq_prepare(h, damp, act_order)
+    ng = bits.n_groups(n_in, group)
+    signs = np.zeros((k, n_out, n_in), np.int8)
+    alpha = np.zeros((k, n_out, ng), np.float32)
+    for r0 in range(0, n_out, row_block):
+        r1 = min(r0 + row_block, n_out)
+        whole = r1 - r0 == n_out   # else the block's own (contiguous) arrays, copied in after
+        s_b = signs if whole else np.zeros((k, r1 - r0, n_in), np.int8)
+        a_b = alpha if whole else np.zeros((k, r1 - r0, ng), np.float32)
+        _gptq_rows(w[r0:r1], prep, k, group, block, als_iters, s_b, a_b)
+        if refit:
+            a_b[...] = refit_alpha(w[r0:r1], s_b, group, prep.h)
+        if not whole:
+            signs[:, r0:r1], alpha[:, r0:r1] = s_b, a_b
+    return bits.PlaneMatrix.from_signs(signs, alpha, group)
+
+
+def _gptq_rows(w: np.ndarray, prep: GptqPrep, k: int, group: int, block: int, als_iters: int,
+               signs: np.ndarray, alpha: np.ndarray) -> None:
+    """gptq_planes on the rows w (float32): fills signs (k, rows, in) and alpha (k, rows, ng)."""
+    n_in = w.shape[1]
     one_group = bits.n_groups(n_in, group) == 1
     g = n_in if one_group else group
-    prep = prepared if prepared is not None else gptq_prepare(h, damp, act_order)
     W = w.astype(np.float64)
     W[:, prep.dead] = 0.0
     B = n_in if one_group else max(block, g) // g * g   # columns per block: whole groups
-    signs = np.zeros((k, n_out, n_in), np.int8)
-    alpha = np.zeros((k, n_out, bits.n_groups(n_in, group)), np.float32)
     if native_chosen() and np.array_equal(prep.order, np.arange(n_in)):
         hinv = np.ascontiguousarray(prep.hinv, np.float64)
         for i1 in range(0, n_in, B):
@@ -267,9 +295,6 @@ def gptq_planes(w: np.ndarray, h: np.ndarray, k: int, group: int, damp: float = 
             W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     else:
         _gptq_columns(W, prep, k, g, B, als_iters, signs, alpha)
-    if refit:
-        alpha = refit_alpha(w, signs, group, prep.h).astype(np.float32)
-    return bits.PlaneMatrix.from_signs(signs, alpha, group)
 
 
 def _gptq_columns(W: np.ndarray, prep: GptqPrep, k: int, g: int, B: int, als_iters: int,

@@ -197,6 +197,33 @@ def test_bit_budget_chooses_embeddings_and_head(tmp_path):
             assert formats["embed"] != "int8" and formats["head"] != "int8"
 
 
+def test_bit_budget_estimates_by_row_blocks_are_the_whole_table_estimates():
+    """The budget's estimates, 1/2 sum_r f_r sum_j E_rj^2 d_j of a greedy fit and of int8 rows,
+    computed a block of rows at a time (a 49152-row head never has its errors whole) equal the
+    same sums over the whole table at once in float64."""
+    from edgepanel.convert.budget import greedy_losses, int8_loss
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((203, 96)).astype(np.float32)
+    f, d = rng.random(203), rng.random(96)
+    weigh = lambda rs, e2: float(0.5 * (f[rs] @ e2 @ d))  # noqa: E731
+    whole = {}
+    for g in (32, 96):
+        s, a = quantize.greedy_planes(w, 3, g)
+        approx = np.zeros(w.shape, np.float64)
+        for k in (1, 2, 3):
+            approx += (quantize.expand_scales(a[k - 1], g, 96) * s[k - 1]).astype(np.float64)
+            if k != 2:
+                whole[(k, g)] = float(0.5 * (f @ (w - approx) ** 2 @ d))
+    for block in (7, 64, 4096):
+        got = greedy_losses(w, (1, 3), (96, 32, 32), weigh, block=block)
+        assert got.keys() == whole.keys()
+        for o, v in whole.items():
+            assert got[o] == pytest.approx(v, rel=1e-5), (block, o)
+        q, sc = quantize.int8_rows(w)
+        want = float(0.5 * (f @ (w.astype(np.float64) - q * sc[:, None].astype(np.float64)) ** 2 @ d))
+        assert int8_loss(w, weigh, block=block) == pytest.approx(want, rel=1e-12)
+
+
 def test_bit_budget_recipes_are_checked():
     with pytest.raises(ValueError, match="needs calibration"):
         Recipe(bits=3, calib=None)

@@ -116,6 +116,27 @@ def test_c_gptq_results_do_not_depend_on_threads():
     assert np.all(np.abs(outs[0][1][:, :, :128]) == 1) and np.all(outs[0][1][:, :, 128:] == 0)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_gptq_by_row_blocks_is_the_whole_fit(monkeypatch, backend):
+    """Rows are fitted independently (H is shared): a block of rows at a time (how a 49152-row
+    head is fitted in bounded memory) gives the whole fit's planes and scales, bit for bit, and
+    the weighted error summed by row blocks is the whole error's."""
+    monkeypatch.setenv("EDGEPANEL_BACKEND", backend)
+    rng = np.random.default_rng(12)
+    n_out, n_in = 203, 96
+    h = spd(rng, n_in, dead=(5,))
+    w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32)
+    whole = quantize.gptq_planes(w, h, 3, 32)
+    for row_block in (7, 64):
+        part = quantize.gptq_planes(w, h, 3, 32, row_block=row_block)
+        np.testing.assert_array_equal(part.planes, whole.planes)
+        np.testing.assert_array_equal(part.scales, whole.scales)
+    e = w.astype(np.float64) - whole.dequantize().astype(np.float64)
+    want = np.trace(e @ h @ e.T) / np.trace(w.astype(np.float64) @ h @ w.T.astype(np.float64))
+    for block in (7, 4096):
+        assert quantize.weighted_error(w, whole, h, block=block) == pytest.approx(want, rel=1e-10)
+
+
 # ---- scale refit ---------------------------------------------------------------------------
 
 def refit_alpha_before(w, signs, group, h, rows_per_chunk=64):

@@ -69,6 +69,43 @@ def test_student_is_the_dequantized_model(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("arch, rotate", [("llama", True), ("llama3", False)])   # own head; tied
+def test_student_reads_embeddings_and_head_held_as_plane_codes(arch, rotate, tmp_path):
+    """Embeddings and head stored as planes: the student holds a byte a weight (the codes), reads
+    the embedding rows a sequence needs and applies the head a block of rows at a time; its logits
+    are the dequantized model's, and the scales' gradients those of sum_i S_i * alpha_i in float64."""
+    from edgepanel import quantize
+    from edgepanel.model.weights import Rows
+    build(arch, tmp_path / "hf", seed=4)
+    fm = float_model(tmp_path / "hf", rotate=rotate)
+    names = [n for n in ("embed", "head") if n in fm.t]
+    assert ("head" in names) == (arch == "llama")
+    fitted = {n: (quantize.fit_planes(fm.t[n].weight, 3, 32), 0.0) for n in names}
+    w = cal.to_weights(fm)
+    for n, (pm, _) in fitted.items():
+        setattr(w, n, Rows(n, pm.out_features, pm.in_features, weight=pm.dequantize()))
+    ids = np.array([5, 77, 3, 140, 9, 9, 250, 31], np.int32)
+    want = ref.forward(w, ids, ref.KVCache(w.cfg, len(ids)), all_logits=True)
+    tm = recover._TorchModel(torch, fm.cfg, fm, fitted, rows=("k3", "k3"))
+    assert all(tm.planes[n][1].dtype == torch.uint8 for n in names)
+    got = tm.logits(torch.from_numpy(ids.astype(np.int64)))
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # the head in blocks of 7 rows (several, the last one short) against the dense float64 product
+    pm, codes, alpha0, _ = tm.planes[tm.head_name]
+    alpha = alpha0.double().requires_grad_(True)
+    tm.planes[tm.head_name] = (pm, codes, alpha, torch.ones((), dtype=torch.float64))
+    tm.combos = {k: c.double() for k, c in tm.combos.items()}
+    rng = np.random.default_rng(0)
+    h = torch.from_numpy(rng.standard_normal((6, pm.in_features))).requires_grad_(True)
+    gy = torch.from_numpy(rng.standard_normal((6, pm.out_features)))
+    idx = torch.clamp(torch.arange(pm.in_features) // 32, max=pm.n_groups - 1)
+    dense = h @ (torch.from_numpy(pm.signs().astype(np.float64)) * alpha[:, :, idx]).sum(0).T
+    blocked = tm.planes_head(tm.head_name, h, block=7)
+    torch.testing.assert_close(blocked, dense, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(blocked, (h, alpha), gy), torch.autograd.grad(dense, (h, alpha), gy)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_the_three_forward_passes_run_the_one_block(tmp_path, monkeypatch):
     """The reference forward, calibration and the torch forward (tuning, sensitivity) each run
     model.reference.block on their own arithmetic, every layer of it."""

@@ -42,6 +42,40 @@ def _gptq_weights(h: np.ndarray, damp: float) -> np.ndarray:
     return 1.0 / np.diag(u) ** 2
 
 
+def greedy_losses(w: np.ndarray, planes, groups, weigh, block: int = 4096) -> dict:
+    """{(k, g): estimated loss} for k in `planes`, g in `groups`: one greedy fit of max(planes)
+    planes per group size, `block` rows at a time (the fit and every estimate are sums over
+    rows), each row block's errors E = W - W_hat handed to weigh(rows, E^2 in float64) as soon
+    as they exist and the results summed.  A 49152-row head or embedding table so never has its
+    fits or errors whole (the nine (k, g) errors of SmolLM2's head took 1 GB, more in float64)."""
+    losses: dict = {}
+    w = np.asarray(w, np.float32)
+    kmax = max(planes)
+    for g in sorted(set(groups)):
+        for r0 in range(0, w.shape[0], block):
+            wb = w[r0:r0 + block]
+            s, a = quantize.greedy_planes(wb, kmax, g)
+            approx = np.zeros_like(wb)
+            for k in range(1, kmax + 1):
+                approx += quantize.expand_scales(a[k - 1], g, w.shape[1]) * s[k - 1]
+                if k in planes:
+                    e = (wb - approx).astype(np.float64)
+                    losses[(k, g)] = losses.get((k, g), 0.0) + weigh(slice(r0, r0 + len(wb)), e * e)
+    return losses
+
+
+def int8_loss(w: np.ndarray, weigh, block: int = 4096) -> float:
+    """The estimated loss of int8 rows (each row rounded on its own, no error feedback), `block`
+    rows at a time as greedy_losses."""
+    q, scale = quantize.int8_rows(w)
+    total = 0.0
+    for r0 in range(0, w.shape[0], block):
+        rs = slice(r0, r0 + block)
+        e = w[rs].astype(np.float64) - q[rs].astype(np.float64) * scale[rs, None]
+        total += weigh(rs, e * e)
+    return total
+
+
 def plan_bits(run: _Run, tokens: np.ndarray, budget: float, log, sens_seqs: int = 8):
     """Formats per tensor under an average of `budget` bits per weight, scales included.
 
@@ -79,18 +113,9 @@ def plan_bits(run: _Run, tokens: np.ndarray, budget: float, log, sens_seqs: int 
         out = [(k, g) for k in r.bits_planes for g in gs]
         return out + ([INT8_ROWS] if n in auto_rows else [])
 
-    def greedy_errors(w, n):
-        """{(k, g): E} for every planes option of n, from one greedy fit per group size."""
-        errs = {}
-        w = np.asarray(w, np.float32)
-        for g in sorted({o[1] for o in options(n) if o != INT8_ROWS}):
-            s, a = quantize.greedy_planes(w, max(r.bits_planes), g)
-            approx = np.zeros_like(w)
-            for k in range(1, max(r.bits_planes) + 1):
-                approx += quantize.expand_scales(a[k - 1], g, w.shape[1]) * s[k - 1]
-                if k in r.bits_planes:
-                    errs[(k, g)] = w - approx
-        return errs
+    def planes_losses(n, weigh):
+        opts = [o for o in options(n) if o != INT8_ROWS]
+        return greedy_losses(t[n].weight, r.bits_planes, [o[1] for o in opts], weigh)
 
     t0 = time.time()
     est: dict[str, dict] = {}
@@ -99,17 +124,17 @@ def plan_bits(run: _Run, tokens: np.ndarray, budget: float, log, sens_seqs: int 
         # its diagonal (int8 rows, rounded without error feedback)
         stats = recover.sensitivity(fm, tokens[:sens_seqs], log,
                                     reduce=lambda h: (_gptq_weights(h, r.damp), np.diag(h).copy()))
-        for n in names + [x for x in auto_rows if x == "head"]:
+        def output_weighted(n):   # 1/2 sum_r f_r sum_j E_rj^2 d_j over the rows given
             f, (d, _) = stats[n]
-            est[n] = {o: float(0.5 * (f @ (e.astype(np.float64) ** 2) @ d)) for o, e in greedy_errors(t[n].weight, n).items()}
+            return lambda rs, e2: float(0.5 * (f[rs] @ e2 @ d))
+
+        for n in names + [x for x in auto_rows if x == "head"]:
+            est[n] = planes_losses(n, output_weighted(n))
         if "embed" in auto_rows:
             f, p = stats["embed"]
             tied = "head" not in t   # the table is the head too: its error counts there as well
-            fh, dh = (stats["head"][0], stats["head"][1][0]) if tied else (None, None)
-            est["embed"] = {}
-            for o, e in greedy_errors(t["embed"].weight, "embed").items():
-                e2 = e.astype(np.float64) ** 2
-                est["embed"][o] = float(0.5 * (p @ e2 @ f)) + (float(0.5 * (fh @ e2 @ dh)) if tied else 0.0)
+            as_head = output_weighted("head") if tied else (lambda rs, e2: 0.0)
+            est["embed"] = planes_losses("embed", lambda rs, e2: float(0.5 * (p[rs] @ e2 @ f)) + as_head(rs, e2))
         how = "output-gradient-weighted error"
     else:   # the float layers, each layer's inputs kept as it runs
         ops, positions, x = run.stream(tokens, fit=False)
@@ -127,19 +152,18 @@ def plan_bits(run: _Run, tokens: np.ndarray, budget: float, log, sens_seqs: int 
                 h, d = seen[id(xin)]
                 w = t[n].weight.astype(np.float64)
                 total = max(float(np.sum((w @ h) * w)), 1e-30)
-                est[n] = {o: sizes[n] * float(((e.astype(np.float64) ** 2) @ d).sum()) / total
-                          for o, e in greedy_errors(t[n].weight, n).items()}
+                est[n] = planes_losses(n, lambda rs, e2, d=d, n=n, total=total: sizes[n] * float((e2 @ d).sum()) / total)
         how = "relative output error x size (no torch)"
     for n in auto_rows:   # int8 rows: rounded each on its own (no error feedback)
-        q, s_ = quantize.int8_rows(t[n].weight)
-        e2 = (t[n].weight.astype(np.float64) - q.astype(np.float64) * s_[:, None]) ** 2
         fh, (_, hdiag) = stats["head"]
-        head_term = float(0.5 * (fh @ e2 @ hdiag))
+        as_head = lambda rs, e2: float(0.5 * (fh[rs] @ e2 @ hdiag))  # noqa: E731
         if n == "head":
-            est[n][INT8_ROWS] = head_term
+            est[n][INT8_ROWS] = int8_loss(t[n].weight, as_head)
         else:
             f, p = stats[n]
-            est[n][INT8_ROWS] = float(0.5 * (p @ e2 @ f)) + (head_term if "head" not in t else 0.0)
+            tied = "head" not in t
+            est[n][INT8_ROWS] = int8_loss(t[n].weight, lambda rs, e2: float(0.5 * (p[rs] @ e2 @ f))
+                                          + (as_head(rs, e2) if tied else 0.0))
     log(f"estimated the loss of {sum(len(v) for v in est.values())} formats for {len(est)} tensors "
         f"({how}, {time.time() - t0:.0f} s)")
 

@@ -73,11 +73,9 @@ class _TorchModel:
                 continue
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
             mult = torch.ones_like(alpha0, requires_grad=True)
-            # linear layers: each weight's plane combination as one uint8 code (out, ng, gs), a
-            # byte a weight; embeddings/head as planes (rare recipes): float32 signs, indexed by row
-            held = torch.from_numpy(_codes(pm)) if e.role == "linear" else \
-                torch.from_numpy(pm.signs()).to(torch.float32)               # (k, out, in)
-            self.planes[name] = (pm, held, alpha0, mult)
+            # each weight's plane combination as one uint8 code (out, ng, gs), a byte a weight,
+            # for linear layers and for embeddings or head stored as planes (read by rows)
+            self.planes[name] = (pm, torch.from_numpy(_codes(pm)), alpha0, mult)
             self.lin[name] = (None, bias)
         self.norms = {}
         for name, e in t.items():
@@ -132,14 +130,19 @@ class _TorchModel:
         if name not in self.planes:
             w = self.lin[name][0] if name in self.lin else (self.embed_w if name == "embed" else self.head_w)
             return w if rows is None else w[rows]
-        pm, signs, alpha0, mult = self.planes[name]
-        alpha = alpha0 * mult
-        if signs.dtype == self.torch.uint8:
-            raise AssertionError(f"{name}: a coded linear layer is applied by linear(), not built")
-        if rows is not None:
-            signs, alpha = signs[:, rows], alpha[:, rows]
-        a = alpha.repeat_interleave(pm.group, dim=-1)[..., :pm.in_features]
-        return (signs * a).sum(0)
+        if rows is None:
+            raise AssertionError(f"{name}: a coded layer is applied by linear() or read by rows, not built whole")
+        pm, codes, alpha0, mult = self.planes[name]
+        return self.plane_fn.weight((alpha0 * mult)[:, rows], codes[rows], self.combos[pm.k], pm.in_features)
+
+    def planes_head(self, name, h, block: int = 4096):
+        """h @ W^T for a head (or tied embedding) stored as planes: the coded layer applied
+        `block` rows at a time, so neither W nor its gradient exists whole (4 bytes a weight)."""
+        pm, codes, alpha0, mult = self.planes[name]
+        alpha, combos = alpha0 * mult, self.combos[pm.k]
+        return self.torch.cat([self.plane_fn.apply(h, alpha[:, r0:r0 + block], codes[r0:r0 + block],
+                                                   combos, pm.in_features)
+                               for r0 in range(0, codes.shape[0], block)], dim=-1)
 
     def linear(self, name, x):
         _, b = self.lin[name]
@@ -217,7 +220,12 @@ class _TorchModel:
         for i in range(cfg.n_layers):
             x = ref.block(self, cfg, i, x, pos)
         h = self.norm("final_norm", x)
-        y = self.head_fn.apply(h, *self.head_q) if self.head_q is not None else h @ self.weight(self.head_name).T
+        if self.head_q is not None:
+            y = self.head_fn.apply(h, *self.head_q)
+        elif self.head_name in self.planes:
+            y = self.planes_head(self.head_name, h)
+        else:
+            y = h @ self.weight(self.head_name).T
         if self.record is not None:
             self.record.layer("head", h, y)
         return y
@@ -345,12 +353,12 @@ def _mean_kl(torch, targets, student, tokens) -> float:
 
 
 def release_float(fm, fitted: dict):
-    """Drop the float weights of every layer `fitted` holds planes for (the file is written from
-    the planes; only the shape is read), keeping the shape: 4 bytes a weight given back before
-    the tuning's own memory is taken."""
+    """Drop the float weights of every matrix `fitted` holds planes for, linear layers and
+    embeddings or head stored as planes (the file is written from the planes; only the shape is
+    read), keeping the shape: 4 bytes a weight given back before the tuning's own memory is taken."""
     for name, res in fitted.items():
         e = fm.t.get(name)
-        if res[0] is not None and e is not None and e.role == "linear":
+        if res[0] is not None and e is not None and e.role in ("linear", "embed", "head"):
             e.weight = np.broadcast_to(np.float32(0.0), e.weight.shape)
 
 
