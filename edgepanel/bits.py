@@ -223,11 +223,12 @@ class PlaneMatrix:
         """How the scales are stored, as the C kernels number it (SCALES_F32/F16/U8)."""
         return {np.dtype(np.float32): SCALES_F32, np.dtype(np.float16): SCALES_F16}.get(self.scales.dtype, SCALES_U8)
 
-    def float_scales(self) -> np.ndarray:
-        """The scales as float32 (k, out_pad/16, n_groups, 16): widened, or codes times rows."""
+    def float_scales(self, tiles: slice = slice(None)) -> np.ndarray:
+        """The scales as float32 (k, out_pad/16, n_groups, 16), or those of `tiles` only: widened,
+        or codes times rows."""
         if self.scale_rows is None:
-            return self.scales.astype(np.float32)
-        return (self.scales.astype(np.float32) * self.scale_rows[None, :, None, :]).astype(np.float32)
+            return self.scales[:, tiles].astype(np.float32)
+        return (self.scales[:, tiles].astype(np.float32) * self.scale_rows[None, tiles, None, :]).astype(np.float32)
 
     def with_u8_scales(self) -> "PlaneMatrix":
         """The same planes with 8-bit scales: each row's largest scale is code 255; codes round
@@ -323,11 +324,12 @@ class PlaneMatrix:
 
     def dequantize_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of dequantize()."""
+        if not 0 <= r0 <= r1 <= self.out_features:
+            raise ValueError(f"rows [{r0}, {r1}) are not within the matrix's {self.out_features}")
         t0, t1 = r0 // TILE, -(-r1 // TILE)
-        b = unpack_planes(self.planes[:, t0:t1], (t1 - t0) * TILE, self.in_features)[:, r0 - t0 * TILE:r1 - t0 * TILE]
-        a = untile_scales(self.float_scales()[:, t0:t1], (t1 - t0) * TILE)[:, r0 - t0 * TILE:r1 - t0 * TILE]
-        a = a.astype(np.float32)
-        b = b.astype(np.float32)
+        rows = slice(r0 - t0 * TILE, r1 - t0 * TILE)   # within the tiles' rows
+        b = unpack_planes(self.planes[:, t0:t1], (t1 - t0) * TILE, self.in_features)[:, rows].astype(np.float32)
+        a = untile_scales(self.float_scales(slice(t0, t1)), (t1 - t0) * TILE)[:, rows]
         w = np.zeros((r1 - r0, self.in_features), np.float32)
         for j, (s, e) in enumerate(group_bounds(self.in_features, self.group)):
             w[:, s:e] = np.einsum("ko,koi->oi", a[:, :, j], b[:, :, s:e])

@@ -59,6 +59,12 @@ def test_plane_matrix_dequantize(rng):
         sl = slice(32 * j, min(32 * (j + 1), 100))
         dense[:, sl] = alpha[0, :, j, None] * signs[0, :, sl] + alpha[1, :, j, None] * signs[1, :, sl]
     np.testing.assert_allclose(w.dequantize(), dense, rtol=1e-6)
+    for u in (w, w.with_u8_scales()):   # by blocks of rows, any rows: the same bits
+        whole = u.dequantize()
+        np.testing.assert_array_equal(u.dequantize(block=4), whole)
+        np.testing.assert_array_equal(u.dequantize_rows(3, 8), whole[3:8])
+    with pytest.raises(ValueError, match="not within"):
+        w.dequantize_rows(5, 10)
 
 
 def test_ternary_is_exactly_two_planes(rng):
