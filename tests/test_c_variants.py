@@ -213,3 +213,17 @@ def test_isa_file_refuses_the_wrong_target(tmp_path):
     res = subprocess.run(["gcc", *FLAGS, "-c", wrong, "-o", str(tmp_path / "x.o")], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "only" in res.stderr
+
+
+def test_kernel_counts_isolate_one_product(tmp_path):
+    """tools/kernel_counts.py counts a product's instructions under qemu as the difference of two
+    runs: exact and repeatable (the same count twice), and linear in the repetitions (so set-up
+    and exit are left out)."""
+    need("aarch64-linux-gnu-gcc", "the aarch64 cross compiler (Debian: gcc-aarch64-linux-gnu)")
+    need("qemu-aarch64", "qemu user-mode emulation (Debian: qemu-user)")
+    kc = load_file(ROOT / "tools" / "kernel_counts.py")
+    exe = kc.build(tmp_path, "aarch64")
+    shape = [4, 2, 40, 130, 64]   # tokens, planes, rows (not whole tiles), inputs (a short group)
+    runs = [kc.count(exe, "neon", "cortex-a72", shape, reps) for reps in (1, 2, 3)]
+    assert kc.count(exe, "neon", "cortex-a72", shape, 2) == runs[1]
+    assert runs[2] - runs[1] == runs[1] - runs[0] > 1000
