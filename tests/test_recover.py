@@ -184,6 +184,47 @@ def test_without_torch_conversion_tunes_by_zeroth_order_steps(tmp_path, monkeypa
         convert(tmp_path / "hf", tmp_path / "x.ep", dataclasses.replace(recipe, tune="fo"))
 
 
+@pytest.mark.parametrize("granularity, shared", [("row", (2,)), ("column", (1,)), ("tensor", (1, 2))])
+def test_coarser_tuning_moves_scales_by_one_multiplier_per_row_column_or_plane(granularity, shared, tmp_path):
+    """--tune-granularity: the tuned scales are the untuned ones times one multiplier per (row,
+    plane), per (plane, group of inputs) or per plane: their ratio is constant along the shared
+    axes of (plane, row, group) and moves along the others; the KL still falls; the recipe says so."""
+    build("llama", tmp_path / "hf", seed=5, std=0.15)
+    add_tokenizer(tmp_path / "hf")
+    base = dict(planes=2, group=32, calib_tokens=1024, seq_len=64)
+    convert(tmp_path / "hf", tmp_path / "plain.ep", Recipe(**base, tune_steps=0))
+    recipe = Recipe(**base, tune_steps=12, tune_lr=1e-2, tune_granularity=granularity)
+    assert recipe.tag().endswith("-" + granularity)
+    rep = convert(tmp_path / "hf", tmp_path / "t.ep", recipe)
+    assert rep.tuning["kl_after"] < rep.tuning["kl_before"]
+    f = ModelFile(tmp_path / "t.ep")
+    assert f.meta.recipe["tune_granularity"] == granularity
+    a, b = load_weights(ModelFile(tmp_path / "plain.ep")), load_weights(f)
+    moved = 0.0
+    for la, lb in zip(a.linears(), b.linears()):
+        np.testing.assert_array_equal(la.planes.planes, lb.planes.planes)
+        r = lb.planes.alpha().astype(np.float64) / la.planes.alpha()       # (k, out, ng), float16 scales
+        assert r.shape[2] > 1 and r.shape[1] > 1
+        mean = r.mean(axis=shared, keepdims=True)
+        np.testing.assert_allclose(r, np.broadcast_to(mean, r.shape), rtol=2e-3)
+        moved = max(moved, float(np.abs(r - 1).max()))
+        if granularity != "tensor":   # the unshared axis carries different multipliers
+            other = {(2,): 1, (1,): 2}[shared]
+            assert np.ptp(mean, axis=other).max() > 1e-3
+    assert moved > 1e-3
+
+
+def test_tuning_granularity_is_checked_and_kept_out_of_default_files():
+    assert "tune_granularity" not in Recipe(tune_steps=5).to_dict()
+    assert Recipe(tune_steps=5).tag() == dataclasses.replace(Recipe(tune_steps=5), tune_granularity="group").tag()
+    with pytest.raises(ValueError, match="tune_granularity must be one of"):
+        Recipe(tune_granularity="rows")
+    with pytest.raises(ValueError, match="first-order"):
+        Recipe(tune="zo", tune_granularity="row")
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        recover.mult_shape("plane", (2, 8, 3))
+
+
 @pytest.mark.parametrize("bad", [dict(tune_steps=-1), dict(tune_steps=2.5), dict(tune_lr=0.0)])
 def test_bad_tuning_options(bad):
     with pytest.raises(ValueError, match="tune_"):

@@ -44,6 +44,11 @@ def main():
     ap.add_argument("--teacher", type=Path, default=hub.cache_dir() / "quality" / "pass.ep")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--eval-minutes", type=float, default=5.0, help="held-out perplexity every this many minutes")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stop after this many steps (--minutes still caps the time); runs on different "
+                         "thread counts or machines compare by step, since a step's noise comes from the seed")
+    ap.add_argument("--eval-steps", type=int, default=None, help="held-out perplexity every this many steps "
+                                                                 "(instead of --eval-minutes)")
     ap.add_argument("--windows", type=int, default=32, help="calibration windows the teacher scores")
     ap.add_argument("--k", type=int, default=64, help="teacher's top-k kept")
     ap.add_argument("--threads", type=int, default=None)
@@ -66,20 +71,27 @@ def main():
     trainer = ZOTrainer(student, train, cfg)
     points = [{"seconds": 0.0, "step": 0, "train_loss": None, **held_out(student, texts)}]
     print(json.dumps(points[-1]), flush=True)
-    spent, next_eval, losses = 0.0, a.eval_minutes * 60, []
-    while spent < a.minutes * 60:
+    spent, next_eval, losses, trace = 0.0, a.eval_minutes * 60, [], []
+    steps = a.steps if a.steps is not None else 10**9
+
+    def done() -> bool:
+        return spent >= a.minutes * 60 or trainer.step >= steps
+
+    while not done():
         t = time.time()
         info = trainer.do_step()
         spent += time.time() - t
         losses.append(info.loss)
-        if spent >= next_eval or spent >= a.minutes * 60:
+        trace.append({"loss": info.loss, "grad": info.grad})
+        due = info.step % a.eval_steps == 0 if a.eval_steps else spent >= next_eval
+        if due or done():
             next_eval += a.eval_minutes * 60
             points.append({"seconds": spent, "step": info.step, "train_loss": sum(losses[-20:]) / len(losses[-20:]),
                            **held_out(student, texts)})
             print(json.dumps(points[-1]), flush=True)
     result = {"config": {**vars(cfg)}, "student": str(a.student), "teacher": str(a.teacher),
               "teacher_seconds": teacher_s, "trained_values": trainer.params.size, "cpu": cpu_name(),
-              "threads": student.threads or "all", "points": points}
+              "threads": student.threads or "all", "points": points, "trace": trace}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     first, last = points[0], points[-1]

@@ -2,7 +2,7 @@
 (a known model's source).  Conversion options and their defaults are Recipe's."""
 from __future__ import annotations
 
-from ..convert.base import ROW_FORMATS, Recipe
+from ..convert.base import ROW_FORMATS, TUNE_GRANULARITIES, Recipe
 from .options import given, log, option
 
 
@@ -69,6 +69,7 @@ def register(sub):
     option(c, Recipe, "seed", "--seed", type=int)
     option(c, Recipe, "tune_steps", "--tune-steps", type=int)
     option(c, Recipe, "tune_lr", "--tune-lr", type=float)
+    option(c, Recipe, "tune_granularity", "--tune-granularity", choices=list(TUNE_GRANULARITIES))
     s.add_argument("--eval", metavar="TEXT_FILE", help="report perplexity before and after on this text")
     s.add_argument("--eval-tokens", type=int, default=2048, help="tokens of --eval scored (default 2048)")
     s.add_argument("-q", "--quiet", action="store_true")

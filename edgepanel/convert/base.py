@@ -177,6 +177,7 @@ def _config_summary(cfg: ModelConfig) -> str:
             f"MLP {cfg.hidden_dim}, context {cfg.max_seq_len}")
 
 
+TUNE_GRANULARITIES = ("group", "row", "column", "tensor")
 ROW_FORMATS = "int8, f16, f32, kK or kKgG (K planes, group G or the recipe's), auto"
 _ROW_PLANES = re.compile(r"k(\d+)(?:g(\d+))?")
 
@@ -237,6 +238,11 @@ class Recipe:
     tune: str = _opt("auto", "how the scales are tuned: fo (first-order, backpropagation in torch), zo "
                              "(zeroth-order kd on the C engine, torch-free), auto (fo when torch is installed, "
                              "else zo)")
+    tune_granularity: str = _opt("group", "first-order tuning: one multiplier per scale (group), per (row, plane) "
+                                          "(row), per (tensor, plane, group of inputs) shared by the rows (column) "
+                                          "or per (tensor, plane) (tensor); the coarser ones are what zeroth-order "
+                                          "steps can train, and measure how far such a parametrization can go "
+                                          "(docs/finetune.md)")
 
     def __post_init__(self):
         from .. import bits
@@ -270,6 +276,11 @@ class Recipe:
                 raise ValueError(f"{name} must be an integer in {0 if name in ('als_iters', 'tune_steps') else 1}..{hi}, got {v!r}")
         if self.tune not in ("auto", "fo", "zo"):
             raise ValueError(f"tune must be auto, fo or zo, got {self.tune!r}")
+        if self.tune_granularity not in TUNE_GRANULARITIES:
+            raise ValueError(f"tune_granularity must be one of {', '.join(TUNE_GRANULARITIES)}, got {self.tune_granularity!r}")
+        if self.tune == "zo" and self.tune_granularity != "group":
+            raise ValueError("tune_granularity applies to first-order tuning (tune fo); zeroth-order tuning "
+                             "trains one multiplier per (tensor, plane)")
         if self.scales not in ("f16", "u8"):
             raise ValueError(f"scales must be f16 or u8, got {self.scales!r}")
         for what in ("embed", "head"):
@@ -300,7 +311,8 @@ class Recipe:
             if self.tuned and self.tune_method() == "zo":
                 t += f"-tune{self.tune_steps}zo" + (f"lr{self.tune_lr:g}" if self.tune_lr else "")
             elif self.tuned:
-                t += f"-tune{self.tune_steps}lr{self.learning_rate():g}"
+                t += f"-tune{self.tune_steps}lr{self.learning_rate():g}" + (
+                    f"-{self.tune_granularity}" if self.tune_granularity != "group" else "")
         return t + ("-keep" + str(len(self.keep)) if self.keep else "")
 
     def tune_method(self) -> str:
@@ -336,4 +348,6 @@ class Recipe:
                 "act_order": self.act_order, "bits": self.bits,
                 "scales": self.scales, "bits_planes": list(self.bits_planes), "bits_groups": list(self.bits_groups),
                 "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate(),
-                **({"tune": self.tune_method()} if self.tuned else {})}
+                **({"tune": self.tune_method()} if self.tuned else {}),
+                **({"tune_granularity": self.tune_granularity}
+                   if self.tuned and self.tune_granularity != "group" and self.tune_method() == "fo" else {})}

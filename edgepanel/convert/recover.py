@@ -46,10 +46,11 @@ class _TorchModel:
     whole sequences: model.reference.block with torch arithmetic (it is the `ops`)."""
 
     def __init__(self, torch, cfg, fm, fitted: dict | None, rows: tuple[str, str] = ("int8", "int8"),
-                 fold_rotation: bool = False):
+                 fold_rotation: bool = False, granularity: str = "group"):
         """fold_rotation (the float model only): the MLP rotation folded into down_proj's weights
         (W R, exact up to rounding) rather than applied to every activation: a third of the
-        teacher's arithmetic spared; not for sensitivity(), which reads down_proj's rotated inputs."""
+        teacher's arithmetic spared; not for sensitivity(), which reads down_proj's rotated inputs.
+        granularity: what each trainable multiplier covers (mult_shape)."""
         self.torch, self.cfg = torch, cfg
         t = fm.t
         fold = fold_rotation and fitted is None and fm.rotation is not None
@@ -72,7 +73,7 @@ class _TorchModel:
                     self.lin[name] = (T(e.weight @ rot_matrix if folded else e.weight), bias)
                 continue
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
-            mult = torch.ones_like(alpha0, requires_grad=True)
+            mult = torch.ones(mult_shape(granularity, tuple(alpha0.shape)), requires_grad=True)
             # each weight's plane combination as one uint8 code (out, ng, gs), a byte a weight,
             # for linear layers and for embeddings or head stored as planes (read by rows)
             self.planes[name] = (pm, torch.from_numpy(_codes(pm)), alpha0, mult)
@@ -231,6 +232,17 @@ class _TorchModel:
         return y
 
 
+def mult_shape(granularity: str, shape: tuple) -> tuple:
+    """The multipliers' shape over scales alpha0 (k, out, n_groups), broadcast against them:
+    group, one per scale; row, one per (row, plane); column, one per (plane, group of inputs),
+    shared by the rows; tensor, one per plane."""
+    k, out, ng = shape
+    shapes = {"group": (k, out, ng), "row": (k, out, 1), "column": (k, 1, ng), "tensor": (k, 1, 1)}
+    if granularity not in shapes:
+        raise ValueError(f"granularity must be one of {', '.join(shapes)}, got {granularity!r}")
+    return shapes[granularity]
+
+
 def _combos(k: int) -> np.ndarray:
     """(2^k, k) float32: row c holds the signs of level code c, plane 0 in the code's highest bit."""
     c = np.arange(2 ** k)[:, None]
@@ -379,12 +391,13 @@ def release_rows(fm, fitted: dict, rows: tuple[str, str]):
 
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
          seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None,
-         work=None, progress: bool = False) -> dict:
+         work=None, progress: bool = False, granularity: str = "group") -> dict:
     """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
     in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
     seeded order; `rows`: the formats (int8 | f16 | f32) embeddings and head are stored in.
     (Tuning the norm weights as well gained almost nothing on SmolLM2.)  Each scale is
-    alpha0 * m with m starting at 1, so `lr` is a relative change per step.  The loss is the KL
+    alpha0 * m with m starting at 1, so `lr` is a relative change per step; `granularity`
+    (mult_shape) shares one m among a row's groups, a column's rows or a whole plane.  The loss is the KL
     from the float model over its top TEACHER_K tokens and the rest as one outcome (topk_kl), its
     targets computed before the first step, after which the float weights of the fitted layers
     are released (release_float: the float model is not held while tuning).  Returns that KL on
@@ -419,7 +432,7 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         release_float(fm, fitted)
         release_rows(fm, fitted, rows)
         memory.give_back()
-        student = _TorchModel(torch, cfg, fm, fitted, rows)
+        student = _TorchModel(torch, cfg, fm, fitted, rows, granularity=granularity)
         names = sorted(student.planes)
         mults = [student.planes[n][3] for n in names]
         opt = torch.optim.Adam(mults, lr=lr)
@@ -465,7 +478,7 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         kl_after = _mean_kl(torch, held_targets, student, held)
         with torch.no_grad():
             for name, (pm, _, alpha0, mult) in student.planes.items():
-                alpha = (alpha0 * mult).numpy()
+                alpha = (alpha0 * mult).numpy()   # broadcast: (k, out, ng) at every granularity
                 if not np.all(np.isfinite(alpha)):
                     raise FormatError(f"{name}: scale tuning diverged (lower --tune-lr)")
                 new = bits.PlaneMatrix(pm.planes, bits.tile_scales(alpha), pm.out_features, pm.in_features, pm.group)
