@@ -2,6 +2,8 @@
 forward, it lowers the KL to the float model on text it did not see, only scales change, and
 without torch the conversion tunes by zeroth-order steps instead."""
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,8 @@ from edgepanel.model.weights import Linear, load_weights
 from hf_models import add_tokenizer, build
 
 import torch  # noqa: E402  (a dev dependency: the tests need it)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def float_model(path, rotate=True):
@@ -212,6 +216,15 @@ def test_coarser_tuning_moves_scales_by_one_multiplier_per_row_column_or_plane(g
             other = {(2,): 1, (1,): 2}[shared]
             assert np.ptp(mean, axis=other).max() > 1e-3
     assert moved > 1e-3
+    # tools/scale_multipliers.py reads the same structure back from the two files
+    spec = importlib.util.spec_from_file_location("_scale_multipliers", ROOT / "tools" / "scale_multipliers.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    summary = tool.summarize(tmp_path / "plain.ep", tmp_path / "t.ep")
+    if granularity == "tensor":
+        assert summary["tensor_plane_mean_share"] > 0.99 and summary["within_sd_median"] < 2e-3
+    elif granularity == "row":
+        assert summary["within_sd_median"] > 1e-3
 
 
 def test_tuning_granularity_is_checked_and_kept_out_of_default_files():
