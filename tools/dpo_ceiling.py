@@ -31,6 +31,7 @@ from edgepanel.convert import calibrate as cal  # noqa: E402
 from edgepanel.convert import open_checked, recover  # noqa: E402
 from edgepanel.format import ModelFile  # noqa: E402
 from edgepanel.model.model import load  # noqa: E402
+from edgepanel.model.reference import log_softmax_at  # noqa: E402
 from edgepanel.model.weights import load_weights  # noqa: E402
 from edgepanel.tune import objectives, prefs  # noqa: E402
 
@@ -106,10 +107,8 @@ def main():
     ids = train[0].chosen.ids
     with torch.no_grad():
         lt = torch.log_softmax(s.logits(torch.from_numpy(ids.astype(np.int64))), -1).numpy()
-    le = model.logits(ids.tolist()).astype(np.float64)
-    le -= le.max(1, keepdims=True)
-    le -= np.log(np.exp(le).sum(1, keepdims=True))
-    check = float(np.abs(np.take_along_axis(lt[:-1], ids[1:, None], 1) - np.take_along_axis(le[:-1], ids[1:, None], 1)).mean())
+    engine_lp = log_softmax_at(model.logits(ids.tolist())[:-1], ids[1:])
+    check = float(np.abs(lt[np.arange(len(ids) - 1), ids[1:]] - engine_lp).mean())
     print(f"torch against the engine: mean |log-probability difference| of the next token {check:.4f}",
           file=sys.stderr, flush=True)
     t0 = time.time()
