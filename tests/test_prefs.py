@@ -505,6 +505,8 @@ def test_cli_pairs_dpo_best_of_refine(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rewards/accuracies" in err and "reference: log-probabilities of 24 pairs" in err
     assert (tmp_path / "ref").exists() and reward.default_beta(load(out)) == 0.2
+    run = load(out).meta.history[-1]["zo_finetune"]          # the measured recipe, under the options given
+    assert (run["noise"], run["n_perturb"], run["granularity"], run["steps"]) == ("hadamard", 32, "kind", 2)
     assert main(base) == 0
     assert "read from" in capsys.readouterr().err                          # the cache, reused
     assert main(["generate", str(out), "-p", "the cat sat", "--best-of", "3", "-n", "6", "--seed", "4"]) == 0

@@ -68,6 +68,62 @@ def test_noise_is_regenerated_exactly_from_its_key():
         zo.noise(0, 0, 0, "x", (2,), "uniform")
 
 
+def test_hadamard_directions_are_orthogonal_and_give_the_exact_gradient_of_a_quadratic():
+    """Three tensors, D = 27 values, m = 32: the 32 perturbations of a step are distinct +-1 rows
+    with sum_k z_k z_k^T = 32 I over the values of all tensors together, so the mean of g_k z_k
+    over them is the gradient of a quadratic (float64 losses; the gradient's float32 rounding
+    bounds the error). Regenerated exactly; another step draws other rows and signs."""
+    rng = np.random.default_rng(0)
+    shapes = {"layers.1.wq.scales": (2, 3, 1, 1), "layers.0.wk.scales": (4, 1, 1, 1), "norm": (17,)}
+    theta = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    where = zo.layout(theta)
+    assert where["layers.0.wk.scales"] == (0, 27) and where["norm"] == (10, 27)
+
+    def flat(step, k):
+        return np.concatenate([zo.noise(5, step, k, n, shapes[n], "hadamard", where[n]).ravel() for n in sorted(shapes)])
+
+    z = np.stack([flat(3, k) for k in range(32)])
+    assert set(np.unique(z)) == {-1.0, 1.0} and z.dtype == np.float32
+    assert len({zo.hadamard_row(5, 3, k, 27) for k in range(32)}) == 32
+    np.testing.assert_array_equal(z.T @ z, 32 * np.eye(27))
+    np.testing.assert_array_equal(z[7], flat(3, 7))
+    assert not np.array_equal(z, np.stack([flat(4, k) for k in range(32)]))
+
+    a = rng.standard_normal((27, 27))
+    A, b = a @ a.T, rng.standard_normal(27)             # L = x^T A x / 2 + b.x, in float64
+
+    def loss(th):
+        x = np.concatenate([th[n].astype(np.float64).ravel() for n in sorted(th)])
+        return 0.5 * x @ A @ x + b @ x
+
+    x0 = np.concatenate([theta[n].astype(np.float64).ravel() for n in sorted(theta)])
+    grads = []
+    for k in range(32):
+        saved = {n: t.copy() for n, t in theta.items()}
+        zo.perturb(theta, 5, 3, k, 1e-2, "hadamard")
+        lp = loss(theta)
+        zo.perturb(theta, 5, 3, k, -2e-2, "hadamard")
+        lm = loss(theta)
+        theta = saved
+        grads.append(zo.projected_gradient(lp, lm, 1e-2))
+    est = np.concatenate([zo.gradient(n, shapes[n], 5, 3, grads, "hadamard", where[n]).ravel() for n in sorted(shapes)])
+    exact = A @ x0 + b
+    # the perturbed theta is float32: its rounding (2^-24 |x|) enters L+/-, divided by 2 eps
+    assert np.abs(est - exact).max() < 1e-3 * np.abs(exact).max(), np.abs(est - exact).max()
+    iid = np.mean([np.dot(zo.noise(5, 3, k, "v", (27,)), exact) * zo.noise(5, 3, k, "v", (27,)) for k in range(32)], 0)
+    assert np.abs(iid - exact).max() > 0.1 * np.abs(exact).max()   # 32 independent directions are far off
+    with pytest.raises(ValueError, match="layout"):
+        zo.noise(0, 0, 0, "x", (2,), "hadamard")
+
+
+def test_preference_objectives_default_to_their_measured_recipe():
+    c = TuneConfig.for_objective(objective="dpo", lr=2e-3)
+    assert (c.granularity, c.noise, c.n_perturb, c.optimizer, c.eps, c.lr) == ("kind", "hadamard", 32, "adam", 0.05, 2e-3)
+    assert TuneConfig.for_objective(objective="rdpo", noise="rademacher").noise == "rademacher"
+    assert TuneConfig.for_objective(objective="nll") == TuneConfig() == TuneConfig.for_objective()
+    assert TuneConfig.for_objective(objective="ipo").granularity == TuneConfig().granularity
+
+
 def test_projected_gradient_is_clipped_and_refuses_nan():
     assert zo.projected_gradient(2.0, 1.0, 0.01) == pytest.approx(50.0)
     assert zo.projected_gradient(2.0, 1.0, 0.01, clip=5) == 5
@@ -182,12 +238,13 @@ def _train(path, steps, threads=None, **kw):
     return m, ZOTrainer(m, examples(m), cfg)
 
 
-def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
-    m1, straight = _train(tiny / "m.ep", 6, optimizer="adam")
+@pytest.mark.parametrize("noise", ["rademacher", "hadamard"])
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path, noise):
+    m1, straight = _train(tiny / "m.ep", 6, optimizer="adam", noise=noise)
     straight.run()
-    m2, first = _train(tiny / "m.ep", 3, optimizer="adam")
+    m2, first = _train(tiny / "m.ep", 3, optimizer="adam", noise=noise)
     first.run(checkpoint=tmp_path / "ck.safetensors")
-    m3, second = _train(tiny / "m.ep", 6, optimizer="adam")
+    m3, second = _train(tiny / "m.ep", 6, optimizer="adam", noise=noise)
     second.load_checkpoint(tmp_path / "ck.safetensors")
     assert second.step == 3
     second.run()

@@ -11,8 +11,9 @@
 #
 #   tools/prefs_experiment.sh                                     # the full run
 #   DPO_LR=2e-3 tools/prefs_experiment.sh                         # another DPO learning rate (its own files)
-#   DPO_ARGS="--granularity kind --tensors wq,wk --eps 0.02" DPO_TAG=lr1e-2-wqwk DPO_LR=1e-2 tools/prefs_experiment.sh
-#   N=8 TRAIN_N=16 STEPS=4 PANELS_N=4 REFINE_N=4 CRLFT_N=4 SEQ=192 OUT=/tmp/p WORK=/tmp/p tools/prefs_experiment.sh
+#   DPO_ARGS="--granularity tensor --noise rademacher --n-perturb 1 --optimizer sgd" DPO_TAG=tensor DPO_LR=2e-3 \
+#       tools/prefs_experiment.sh                                  # the first measurement's recipe
+#   N=8 TRAIN_N=16 STEPS=4 DPO_STEPS=2 PANELS_N=4 REFINE_N=4 CRLFT_N=4 SEQ=192 OUT=/tmp/p WORK=/tmp/p tools/prefs_experiment.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/data/prefs}
@@ -26,10 +27,12 @@ SEQ=${SEQ:-384}             # tokens per sequence
 BETA=${BETA:-0.1}
 LR=${LR:-6e-3}               # C-RLFT's (finetune's default)
 REFINE_LR=${REFINE_LR:-2e-3} # the loop's: 6e-3 made a 40-step round's held-out change a coin toss (docs/preferences.md)
-DPO_LR=${DPO_LR:-$LR}
-DPO_ARGS=${DPO_ARGS:-}      # more finetune options for the DPO run (e.g. --granularity kind --tensors wq,wk)
+DPO_STEPS=${DPO_STEPS:-20}  # ZO-DPO steps (each: 32 Hadamard directions, 64 forward passes of 4 pairs)
+DPO_LR=${DPO_LR:-1e-3}      # finetune's dpo recipe: kind, hadamard, 32 perturbations, Adam, eps 0.05
+DPO_ARGS=${DPO_ARGS:-}      # more finetune options for the DPO run (e.g. --granularity tensor)
 DPO_TAG=${DPO_TAG:-lr$DPO_LR}   # names the DPO run's files
 EVAL_EVERY=${EVAL_EVERY:-50}
+DPO_EVAL_EVERY=${DPO_EVAL_EVERY:-10}
 BEST_N=${BEST_N:-4}         # candidates per panel: the book's paragraph and BEST_N-1 model-written
 PANELS_N=${PANELS_N:-50}    # held-out panels for best-of-n
 REFINE_N=${REFINE_N:-200}   # training panels the loop rewrites
@@ -70,12 +73,12 @@ HELD="$WORK/panels-eval-$N.jsonl"; RTRAIN="$WORK/panels-train-$REFINE_N.jsonl"; 
 [ -s "$CTRAIN" ] || spaced $PANELS_TRAIN "$CRLFT_N" "$CTRAIN"
 
 # 1. ZO-DPO
-DPO="$WORK/dpo-$TRAIN_N-s$STEPS-$DPO_TAG.ep"
+DPO="$WORK/dpo-$TRAIN_N-s$DPO_STEPS-$DPO_TAG.ep"
 step "$OUT/pairs-base.json" python tools/prefs_eval.py pairs "$MODEL" "$EVAL" "$OUT/pairs-base.json" --seq-len "$SEQ" $T
 if [ ! -s "$DPO" ]; then
     echo "+ finetune --objective dpo"
-    edgepanel finetune "$MODEL" --objective dpo --data "$TRAIN" --eval "$EVAL" --steps "$STEPS" --seq-len "$SEQ" \
-        --beta "$BETA" --lr "$DPO_LR" --eval-every "$EVAL_EVERY" --eval-batches 4 --out "$DPO" $T $DPO_ARGS \
+    edgepanel finetune "$MODEL" --objective dpo --data "$TRAIN" --eval "$EVAL" --steps "$DPO_STEPS" --seq-len "$SEQ" \
+        --beta "$BETA" --lr "$DPO_LR" --eval-every "$DPO_EVAL_EVERY" --eval-batches 4 --out "$DPO" $T $DPO_ARGS \
         $( [ -f "$DPO.ckpt" ] && echo --resume "$DPO.ckpt" ) 2>&1 | tee "$OUT/dpo-$DPO_TAG.log"
 fi
 step "$OUT/pairs-dpo-$DPO_TAG.json" python tools/prefs_eval.py pairs "$DPO" "$EVAL" "$OUT/pairs-dpo-$DPO_TAG.json" \

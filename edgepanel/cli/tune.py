@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..tune.trainer import TuneConfig
+from ..tune.trainer import OBJECTIVE_RECIPES, TuneConfig
 from .options import given, log, option
 from .run import load_model, model_command
 
@@ -118,7 +118,9 @@ def training_options(s, leave_out=(), defaults=None):
     """TuneConfig's options (and --no-clip) on parser `s`; `defaults`: the command's own default of
     some fields, shown in their help (tune_config applies them)."""
     defaults = defaults or {}
-    g = s.add_argument_group("training (defaults: edgepanel.tune.TuneConfig)")
+    g = s.add_argument_group("training (defaults: edgepanel.tune.TuneConfig; --objective dpo and rdpo default to "
+                             "their measured recipe: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                 for k, v in OBJECTIVE_RECIPES["dpo"].items()) + ")")
     for name, typ in TRAINING_OPTIONS:
         if name in leave_out:
             continue
@@ -136,4 +138,4 @@ def tune_config(a, defaults=None) -> TuneConfig:
     options = dict(defaults or {}) | given(a, TuneConfig)
     if a.no_clip:
         options["clip"] = None
-    return TuneConfig(**options)
+    return TuneConfig.for_objective(**options)

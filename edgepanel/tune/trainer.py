@@ -47,7 +47,9 @@ class TuneConfig:
     lr: float = _opt(6e-3, "learning rate (peak, for the schedule); measured best of 2e-3, 6e-3, 1.5e-2 (docs/finetune.md)")
     eps: float = _opt(1e-2, "perturbation size (a relative change of a scale multiplier)")
     n_perturb: int = _opt(1, "perturbations averaged per step (each costs two forward passes)")
-    noise: str = _opt("rademacher", f"perturbation distribution: {', '.join(zo.DISTRIBUTIONS)}")
+    noise: str = _opt("rademacher", f"perturbation distribution: {', '.join(zo.DISTRIBUTIONS)} (hadamard: "
+                                    "orthogonal +-1 directions; with --n-perturb at the power of two >= the "
+                                    "trained values, a step's estimate is the exact central-difference gradient)")
     optimizer: str = _opt("sgd", "sgd, or adam (moments on the estimated gradient)")
     schedule: str = _opt("constant", "learning-rate schedule after warm-up: constant or cosine")
     warmup: int = _opt(0, "warm-up steps (linear from 0)")
@@ -117,6 +119,12 @@ class TuneConfig:
             return partial(f, class_weights=parse_class_weights(self.class_weights))
         return f
 
+    @classmethod
+    def for_objective(cls, **options) -> "TuneConfig":
+        """The config of `options`, where those not given take the measured recipe of their
+        objective (OBJECTIVE_RECIPES), then the field defaults."""
+        return cls(**(OBJECTIVE_RECIPES.get(options.get("objective", "nll"), {}) | options))
+
     def learning_rate(self, step: int) -> float:
         if step < self.warmup:
             return self.lr * (step + 1) / (self.warmup + 1)
@@ -124,6 +132,16 @@ class TuneConfig:
             t = (step - self.warmup) / max(1, self.steps - self.warmup)
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
         return self.lr
+
+
+# What the measurements support for an objective where it differs from the field defaults
+# (docs/preferences.md, "Orthogonal directions"): DPO on the 28 per-kind scale multipliers, with the
+# exact central-difference gradient of each step's batch from 32 Hadamard directions (64 forward
+# passes of the batch), Adam: held-out rewards/accuracies 0.717 after 10 steps, 0.733 after 20,
+# where 840 multipliers and one random direction a step stayed at 0.567.
+_PREFERENCE_RECIPE = dict(granularity="kind", noise="hadamard", n_perturb=32, optimizer="adam", lr=1e-3,
+                          eps=0.05, steps=20, eval_every=10)
+OBJECTIVE_RECIPES = {"dpo": _PREFERENCE_RECIPE, "rdpo": _PREFERENCE_RECIPE}
 
 
 @dataclass
@@ -180,8 +198,9 @@ class ZOTrainer:
             grads.append(zo.projected_gradient(lp, lm, c.eps, c.clip))
             losses.append(0.5 * (lp + lm))
         lr = c.learning_rate(t)
+        where = zo.layout(p.theta)
         for name, theta in p.theta.items():
-            g = zo.gradient(name, theta.shape, c.seed, t, grads, c.noise)
+            g = zo.gradient(name, theta.shape, c.seed, t, grads, c.noise, where[name])
             if c.weight_decay and p.decays(name):
                 g += np.float32(c.weight_decay) * (theta - np.float32(p.anchor(name)))
             if c.optimizer == "adam":
