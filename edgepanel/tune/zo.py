@@ -48,6 +48,13 @@ def _keyed(seed: int, name: str, step: int, k: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=key, counter=np.array([step, k, 0, 0], np.uint64)))
 
 
+def _parity(x: np.ndarray) -> np.ndarray:
+    """popcount(x) & 1 of uint64 values, by folding (np.bitwise_count needs NumPy 2)."""
+    for shift in (32, 16, 8, 4, 2, 1):
+        x = x ^ (x >> np.uint64(shift))
+    return x & np.uint64(1)
+
+
 def hadamard_row(seed: int, step: int, k: int, total: int) -> int:
     """r_k of the step: an affine bijection of range(m) keyed by (seed, step)."""
     m = 1 << max(0, (int(total) - 1).bit_length())
@@ -71,9 +78,9 @@ def noise(seed: int, step: int, k: int, name: str, shape, dist: str = "rademache
         offset, total = where
         n = int(np.prod(shape, dtype=np.int64))
         j = np.arange(offset, offset + n, dtype=np.uint64)
-        odd = np.bitwise_count(j & np.uint64(hadamard_row(seed, step, k, total))) & np.uint8(1)
+        odd = _parity(j & np.uint64(hadamard_row(seed, step, k, total)))
         signs = _keyed(seed, name, step, 2**63).integers(0, 2, size=n, dtype=np.int8)   # the step's s, for every k
-        return (1.0 - 2.0 * (odd ^ signs.astype(np.uint8))).astype(np.float32).reshape(shape)
+        return (1.0 - 2.0 * (odd ^ signs.astype(np.uint64))).astype(np.float32).reshape(shape)
     raise ValueError(f"noise distribution must be one of {DISTRIBUTIONS}, got {dist!r}")
 
 
