@@ -42,6 +42,7 @@ static struct {
     void *ctx;
     int64_t n;
     int nparts;
+    _Atomic int spin_after;     /* spins a worker makes after this job before sleeping */
 } pool = {.job_lock = PTHREAD_MUTEX_INITIALIZER,
         .wake_lock = PTHREAD_MUTEX_INITIALIZER,
         .wake = PTHREAD_COND_INITIALIZER};
@@ -69,8 +70,9 @@ static void *worker_main(void *arg) {
     uint64_t seen = pool.start_gen[part];  /* the job that spawned us may already be posted */
     for (;;) {
         int spins = 0;
+        const int spin_limit = atomic_load_explicit(&pool.spin_after, memory_order_relaxed);
         while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
-            if (++spins < EP_SPIN_ITERS) {
+            if (++spins < spin_limit) {
                 cpu_relax();
                 continue;
             }
@@ -101,7 +103,7 @@ int ep_cpu_count(void) {
     return c > 0 ? (int)c : 1;
 }
 
-void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx) {
+static void parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx, int spin_after) {
     if (threads <= 0) threads = ep_cpu_count();
     if (threads > EP_MAX_THREADS) threads = EP_MAX_THREADS;
     if ((int64_t)threads > n) threads = (int)n;
@@ -123,6 +125,7 @@ void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx) {
     pool.ctx = ctx;
     pool.n = n;
     pool.nparts = threads;
+    atomic_store(&pool.spin_after, spin_after);
     atomic_store(&pool.pending, threads - 1);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_seq_cst);
     if (atomic_load(&pool.sleepers) > 0) {
@@ -137,4 +140,15 @@ void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx) {
         else sched_yield();
     }
     pthread_mutex_unlock(&pool.job_lock);
+}
+
+void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx) {
+    parallel_for(threads, n, fn, ctx, EP_SPIN_ITERS);
+}
+
+/* For a call between other libraries' parallel work (the scale tuner's kernels between torch's
+ * products): the workers sleep as soon as the job is done, instead of spinning on cores the
+ * other library's threads are about to use. */
+void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx) {
+    parallel_for(threads, n, fn, ctx, 0);
 }

@@ -141,13 +141,14 @@ def kl_to(fp: Model, m: Model, ids) -> float:
     return float((np.exp(p) * (p - q)).sum(1).mean())
 
 
-def test_tuning_lowers_the_kl_on_unseen_text_and_changes_only_scales(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tuning_lowers_the_kl_on_unseen_text_and_changes_only_scales(dtype, tmp_path):
     build("llama", tmp_path / "hf", seed=5, std=0.15)   # sharp enough distributions to matter
     add_tokenizer(tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "fp.ep", Recipe(passthrough=True))
     base = dict(planes=1, group=32, calib_tokens=2048, seq_len=64)
     convert(tmp_path / "hf", tmp_path / "plain.ep", Recipe(**base, tune_steps=0))
-    rep = convert(tmp_path / "hf", tmp_path / "tuned.ep", Recipe(**base, tune_steps=40, tune_lr=1e-2))
+    rep = convert(tmp_path / "hf", tmp_path / "tuned.ep", Recipe(**base, tune_steps=40, tune_lr=1e-2, tune_dtype=dtype))
     assert rep.tuning["kl_after"] < rep.tuning["kl_before"]
     assert "scale tuning: 40 steps" in rep.table()
     fp = Model(tmp_path / "fp.ep")
@@ -159,7 +160,9 @@ def test_tuning_lowers_the_kl_on_unseen_text_and_changes_only_scales(tmp_path):
         np.testing.assert_array_equal(la.planes.planes, lb.planes.planes)
         changed += not np.array_equal(la.planes.scales, lb.planes.scales)
     assert changed == len(list(a.linears()))
-    assert ModelFile(tmp_path / "tuned.ep").meta.recipe["tune_steps"] == 40
+    recipe = ModelFile(tmp_path / "tuned.ep").meta.recipe
+    assert recipe["tune_steps"] == 40
+    assert recipe.get("tune_dtype", "float32") == dtype   # recorded when not float32
 
 
 def test_without_torch_conversion_tunes_by_zeroth_order_steps(tmp_path, monkeypatch):
@@ -269,6 +272,118 @@ def test_plane_linear_gradients_equal_the_dense_formulation(shape):
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda x, a: fn.apply(x, a, codes, combos, n_in), (x, alpha))
+
+
+def _plane_case(shape):
+    from edgepanel import quantize
+    out, n_in, k, g = shape
+    rng = np.random.default_rng(out + n_in)
+    pm = quantize.fit_planes(rng.standard_normal((out, n_in)).astype(np.float32), k, g, als_iters=1)
+    alpha = torch.from_numpy(pm.alpha().astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((2, 7, n_in)).astype(np.float32))
+    gy = torch.from_numpy(rng.standard_normal((2, 7, out)).astype(np.float32))
+    return pm, torch.from_numpy(recover._codes(pm)), torch.from_numpy(recover._combos(k)), alpha, x, gy
+
+
+def _plane_run(fn, x, alpha, codes, combos, n_in, gy):
+    x, alpha = x.clone().requires_grad_(True), alpha.clone().requires_grad_(True)
+    y = fn.apply(x, alpha, codes, combos, n_in)
+    return (y, *torch.autograd.grad(y, (x, alpha), gy))
+
+
+@pytest.mark.skipif(not recover.quantize.native_chosen(), reason="the C kernels are not built")
+@pytest.mark.parametrize("shape", [(40, 96, 3, 32), (17, 70, 2, 32), (16, 64, 4, 64), (33, 128, 1, 64), (9, 40, 4, 64)])
+def test_plane_linear_in_c_equals_torchs_gather_and_scatter(shape, monkeypatch):
+    """The C gather (plane_weights) and scatter-add (plane_bins) against torch's, float32: the
+    same output and input gradient bit for bit, the scales' gradient to float32 rounding (the
+    sums' order within a level may differ)."""
+    pm, codes, combos, alpha, x, gy = _plane_case(shape)
+    got = _plane_run(recover.plane_linear(torch), x, alpha, codes, combos, pm.in_features, gy)
+    monkeypatch.setattr(recover.quantize, "native_chosen", lambda: False)
+    want = _plane_run(recover.plane_linear(torch), x, alpha, codes, combos, pm.in_features, gy)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5 * float(want[2].abs().max()))
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("shape", [(40, 96, 3, 32), (16, 64, 4, 64)])
+def test_plane_linear_in_bfloat16_is_the_float64_layer_to_its_rounding(shape, native, monkeypatch):
+    """tune_dtype bfloat16: operands rounded to 8 significant bits, float32 sums; each result
+    within 2% (relative norm) of the float64 computation, and W is the rounded float32 W."""
+    if native and not recover.quantize.native_chosen():
+        pytest.skip("the C kernels are not built")
+    monkeypatch.setattr(recover.quantize, "native_chosen", lambda: native)
+    pm, codes, combos, alpha, x, gy = _plane_case(shape)
+    fn16 = recover.plane_linear(torch, torch.bfloat16)
+    got = _plane_run(fn16, x, alpha, codes, combos, pm.in_features, gy)
+    want = _plane_run(recover.plane_linear(torch), x.double(), alpha.double(), codes, combos.double(),
+                      pm.in_features, gy.double())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert float((a.detach().double() - b.detach()).norm() / b.detach().norm()) < 2e-2
+    w32 = recover.plane_linear(torch).built(alpha, codes, combos, pm.in_features)
+    w16 = fn16.built(alpha, codes, combos, pm.in_features)
+    assert w16.dtype == torch.bfloat16 and torch.equal(w16, w32.to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not recover.quantize.native_chosen(), reason="the C kernels are not built")
+def test_plane_kernels_check_their_arguments():
+    from edgepanel.kernels import native
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 8, (5, 3, 32)).astype(np.uint8)
+    levels = rng.standard_normal((5, 3, 8)).astype(np.float32)
+    want = np.take_along_axis(levels, codes.astype(np.int64), 2).reshape(5, 96)[:, :70]
+    np.testing.assert_array_equal(native.plane_weights(levels, codes, 70), want)
+    l16 = rng.integers(-2**15, 2**15, (5, 3, 8)).astype(np.int16)   # 16-bit values: copied as bits
+    np.testing.assert_array_equal(native.plane_weights(l16, codes, 70),
+                                  np.take_along_axis(l16, codes.astype(np.int64), 2).reshape(5, 96)[:, :70])
+    gw = rng.standard_normal((5, 70)).astype(np.float32)
+    bins = native.plane_bins(gw, codes, 3)
+    ref_bins = np.zeros((5, 3, 8))
+    for o in range(5):
+        for c in range(70):
+            ref_bins[o, c // 32, codes[o, c // 32, c % 32]] += gw[o, c]
+    np.testing.assert_allclose(bins, ref_bins, rtol=1e-5, atol=1e-6)
+    bad = codes.copy()
+    bad[4, 2, 5] = 8                                   # a code past 2^k
+    with pytest.raises(ValueError, match="level code is >= 2"):
+        native.plane_weights(levels, bad, 70)
+    with pytest.raises(ValueError, match="level code is >= 2"):
+        native.plane_bins(gw, bad, 3)
+    bad[4, 2, 5] = 0
+    bad[4, 2, 31] = 200                                # past n_in: padding, never read
+    native.plane_weights(levels, bad, 70)
+    with pytest.raises(ValueError, match="does not fit"):
+        native.plane_weights(levels, codes, 97)
+    with pytest.raises(ValueError, match="does not fit"):
+        native.plane_weights(levels, codes, 60)        # the last group would be empty
+    with pytest.raises(ValueError, match="levels must have shape"):
+        native.plane_weights(np.ascontiguousarray(levels[:, :2]), codes, 70)
+    with pytest.raises(TypeError, match="float32 or int16"):
+        native.plane_weights(levels.astype(np.float64), codes, 70)
+    with pytest.raises(ValueError, match="rows"):
+        native.plane_bins(gw[:4], codes, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        native.plane_bins(gw, codes, 9)
+
+
+def test_tune_dtype_is_checked_and_auto_follows_the_cpu(tmp_path, monkeypatch):
+    from edgepanel import kernels
+    with pytest.raises(ValueError, match="tune_dtype must be"):
+        Recipe(tune_dtype="float16")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert kernels.cpu_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert not kernels.cpu_bf16(str(info))
+    assert not kernels.cpu_bf16(str(tmp_path / "absent"))
+    for has, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(kernels, "cpu_bf16", lambda: has)
+        r = Recipe(tune_steps=5)
+        assert r.matmul_dtype() == want and Recipe(tune_steps=5, tune_dtype="float32").matmul_dtype() == "float32"
+        if recover.available():
+            assert r.to_dict().get("tune_dtype", "float32") == want
+        assert r.tag() == Recipe(tune_steps=5, tune_dtype="float32").tag()   # one cached default model
 
 
 class _Interrupt(Exception):

@@ -264,5 +264,6 @@ void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, flo
 /* Thread pool: calls fn(ctx, begin, end) on contiguous, disjoint ranges covering [0, n). */
 typedef void (*ep_range_fn)(void *ctx, int64_t begin, int64_t end);
 void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx);
+void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx);
 
 #endif

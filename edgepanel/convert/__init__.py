@@ -281,7 +281,8 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
             with memory.large_blocks_mapped():
                 report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
                                              seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log,
-                                             work=work, progress=progress, granularity=recipe.tune_granularity)
+                                             work=work, progress=progress, granularity=recipe.tune_granularity,
+                                             dtype=recipe.matmul_dtype())
         elif recipe.tuned:
             zo_teacher = _zo_teacher(fm, toks, log)   # before the float weights are replaced below
         emitted = list(fm.t.values())

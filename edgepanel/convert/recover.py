@@ -46,12 +46,13 @@ class _TorchModel:
     whole sequences: model.reference.block with torch arithmetic (it is the `ops`)."""
 
     def __init__(self, torch, cfg, fm, fitted: dict | None, rows: tuple[str, str] = ("int8", "int8"),
-                 fold_rotation: bool = False, granularity: str = "group"):
+                 fold_rotation: bool = False, granularity: str = "group", dtype=None):
         """fold_rotation (the float model only): the MLP rotation folded into down_proj's weights
         (W R, exact up to rounding) rather than applied to every activation: a third of the
         teacher's arithmetic spared; not for sensitivity(), which reads down_proj's rotated inputs.
-        granularity: what each trainable multiplier covers (mult_shape)."""
-        self.torch, self.cfg = torch, cfg
+        granularity: what each trainable multiplier covers (mult_shape).  dtype (torch.bfloat16,
+        the student only): the plane layers' and the int8 head's products in it (plane_linear)."""
+        self.torch, self.cfg, self.dtype = torch, cfg, dtype
         t = fm.t
         fold = fold_rotation and fitted is None and fm.rotation is not None
         rot_matrix = fm.rotation.matrix() if fold else None
@@ -105,7 +106,7 @@ class _TorchModel:
             # the int8 table widened a block of rows at a time (int8_head), never whole
             q, s = t["head"].int8_rows()
             self.head_q, self.head_w = (torch.from_numpy(q), torch.from_numpy(s)), None
-            self.head_fn = int8_head(torch)
+            self.head_fn = int8_head(torch, dtype=dtype)
         else:
             self.head_w = stored("head", rows[1]) if "head" in t else self.embed_w
         self.pos_embed_w = T(t["pos_embed"].weight) if "pos_embed" in t else None
@@ -120,7 +121,7 @@ class _TorchModel:
             p, m = split_pow2(fm.rotation.n)
             self.rot = (T(fm.rotation.signs), T(_hadamard(p)), T(fm.rotation.mix), p, m)
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
-        self.plane_fn = plane_linear(torch)
+        self.plane_fn = plane_linear(torch, dtype)
         self.combos = {k: torch.from_numpy(_combos(k)) for k in range(1, bits.MAX_PLANES + 1)}
 
     def weight(self, name, rows=None):
@@ -151,7 +152,7 @@ class _TorchModel:
             pm, codes, alpha0, mult = self.planes[name]
             y = self.plane_fn.apply(x, alpha0 * mult, codes, self.combos[pm.k], pm.in_features)
         else:
-            y = x @ self.weight(name).T
+            y = _mm(x, self.weight(name).T, self.dtype)
         y = y if b is None else y + b
         if self.record is not None:   # sensitivity(): inputs and output gradients of every layer
             self.record.layer(name, x, y)
@@ -226,7 +227,7 @@ class _TorchModel:
         elif self.head_name in self.planes:
             y = self.planes_head(self.head_name, h)
         else:
-            y = h @ self.weight(self.head_name).T
+            y = _mm(h, self.weight(self.head_name).T, self.dtype)
         if self.record is not None:
             self.record.layer("head", h, y)
         return y
@@ -262,12 +263,27 @@ def _codes(pm) -> np.ndarray:
     return codes.reshape(out, ng, gs)
 
 
-def plane_linear(torch):
+def _mm(a, b, dtype=None):
+    """a @ b in float32; with `dtype` (torch.bfloat16), both operands rounded to it, the product
+    (float32 accumulation in the CPU's bfloat16 instructions) widened back to float32."""
+    if dtype is None:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).float()
+
+
+def plane_linear(torch, dtype=None):
     """x @ W^T for W = sum_i S_i * alpha_i (signs fixed, scales per group), with autograd for x
     and alpha only: W is built by one gather of each group's 2^k levels by the weights' codes,
     and d alpha from d W by one scatter-add into those levels.  Nothing of size (k, out, in)
     exists at any time (the dense formulation's products, repeats and saved tensors took most of
-    the 7 GB the first-order tuning used to peak at)."""
+    the 7 GB the first-order tuning used to peak at).  When the kernels are built, the gather and
+    the scatter-add run in C (kernels.native.plane_weights / plane_bins, whose pool threads sleep
+    as soon as they are done rather than spin on the cores torch's products take next), with no
+    int64 copy of the codes (torch.gather's index: 8 bytes a weight at every call).
+    dtype (torch.bfloat16): the three matrix products of a layer take their operands in it
+    (tune_dtype); W is then built in it directly, the levels rounded before the gather."""
+    from ..kernels import native
+    native_ok = quantize.native_chosen()
 
     class PlaneLinear(torch.autograd.Function):
         @staticmethod
@@ -278,32 +294,53 @@ def plane_linear(torch):
             return w[:, :n_in].contiguous() if ng * gs != n_in else w
 
         @staticmethod
+        def built(alpha, codes, combos, n_in):
+            """weight() outside autograd, in the products' dtype (the same values: a gather
+            of rounded levels is the rounded gather)."""
+            if not native_ok or alpha.dtype != torch.float32:
+                w = PlaneLinear.weight(alpha, codes, combos, n_in)
+                return w if dtype is None else w.to(dtype)
+            levels = torch.einsum("lk,kon->onl", combos, alpha)
+            levels = (levels if dtype is None else levels.to(dtype)).contiguous()
+            if levels.dtype == torch.float32:
+                return torch.from_numpy(native.plane_weights(levels.numpy(), codes.numpy(), n_in))
+            w = native.plane_weights(levels.view(torch.int16).numpy(), codes.numpy(), n_in)
+            return torch.from_numpy(w).view(levels.dtype)      # the same bits, read as bfloat16
+
+        @staticmethod
         def forward(ctx, x, alpha, codes, combos, n_in):
-            # W is built again for the backward pass rather than kept: a gather costs ~3% of a
-            # step, keeping every layer's W would cost 4 bytes a weight until the backward pass
+            # W is built again for the backward pass rather than kept: keeping every layer's W
+            # would cost 4 bytes a weight until the backward pass
             ctx.save_for_backward(x, alpha, codes, combos)
             ctx.n_in = n_in
-            return x @ PlaneLinear.weight(alpha, codes, combos, n_in).T
+            return _mm(x, PlaneLinear.built(alpha.detach(), codes, combos, n_in).T, dtype)
 
         @staticmethod
         def backward(ctx, gy):
             x, alpha, codes, combos = ctx.saved_tensors
             out, ng, gs = codes.shape
-            gx = gy @ PlaneLinear.weight(alpha, codes, combos, ctx.n_in) if ctx.needs_input_grad[0] else None
-            gw = gy.reshape(-1, out).T @ x.reshape(-1, x.shape[-1])              # (out, in)
-            if ng * gs != gw.shape[1]:
-                gw = torch.nn.functional.pad(gw, (0, ng * gs - gw.shape[1]))
-            bins = torch.zeros(out, ng, combos.shape[0], dtype=gw.dtype)
-            bins.scatter_add_(2, codes.long(), gw.reshape(out, ng, gs))
+            gx = None
+            if ctx.needs_input_grad[0]:
+                gx = _mm(gy, PlaneLinear.built(alpha.detach(), codes, combos, ctx.n_in), dtype)
+            gw = _mm(gy.reshape(-1, out).T, x.reshape(-1, x.shape[-1]), dtype)      # (out, in) float32
+            if native_ok and gw.dtype == torch.float32:
+                bins = torch.from_numpy(native.plane_bins(gw.detach().contiguous().numpy(), codes.numpy(),
+                                                          combos.shape[1]))
+            else:
+                if ng * gs != gw.shape[1]:
+                    gw = torch.nn.functional.pad(gw, (0, ng * gs - gw.shape[1]))
+                bins = torch.zeros(out, ng, combos.shape[0], dtype=gw.dtype)
+                bins.scatter_add_(2, codes.long(), gw.reshape(out, ng, gs))
             return gx, torch.einsum("lk,onl->kon", combos.to(gw.dtype), bins), None, None, None
 
     return PlaneLinear
 
 
-def int8_head(torch, block: int = 4096):
+def int8_head(torch, block: int = 4096, dtype=None):
     """h @ W^T for the int8 rows W = q * scale (vocab, dim), with autograd for h only: W is widened
     `block` rows at a time in the forward and the backward pass, so the float table (4 bytes a
-    weight: 113 MB for SmolLM2's head) never exists."""
+    weight: 113 MB for SmolLM2's head) never exists.  dtype: as plane_linear's (each widened row,
+    q * scale in float32, then rounded to it)."""
 
     class Int8Head(torch.autograd.Function):
         @staticmethod
@@ -312,7 +349,10 @@ def int8_head(torch, block: int = 4096):
             y = h.new_empty(h.shape[:-1] + (q.shape[0],))
             for r0 in range(0, q.shape[0], block):
                 w = q[r0:r0 + block].to(h.dtype) * scale[r0:r0 + block, None]
-                torch.matmul(h, w.T, out=y[..., r0:r0 + block])
+                if dtype is None:
+                    torch.matmul(h, w.T, out=y[..., r0:r0 + block])
+                else:
+                    y[..., r0:r0 + block] = _mm(h, w.T, dtype)
             return y
 
         @staticmethod
@@ -321,7 +361,7 @@ def int8_head(torch, block: int = 4096):
             gh = None
             for r0 in range(0, q.shape[0], block):
                 w = q[r0:r0 + block].to(gy.dtype) * scale[r0:r0 + block, None]
-                part = gy[..., r0:r0 + block] @ w
+                part = _mm(gy[..., r0:r0 + block], w, dtype)
                 gh = part if gh is None else gh.add_(part)
             return gh, None, None
 
@@ -391,7 +431,7 @@ def release_rows(fm, fitted: dict, rows: tuple[str, str]):
 
 def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
          seed: int = 0, eval_seqs: int = 2, rows: tuple[str, str] = ("int8", "int8"), log=None,
-         work=None, progress: bool = False, granularity: str = "group") -> dict:
+         work=None, progress: bool = False, granularity: str = "group", dtype: str = "float32") -> dict:
     """Tune the plane scales of `fitted` (name -> (PlaneMatrix, error), as calibration returns it)
     in place for `steps` Adam steps, one calibration sequence (a row of `tokens`) per step, in a
     seeded order; `rows`: the formats (int8 | f16 | f32) embeddings and head are stored in.
@@ -404,7 +444,9 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
     the first `eval_seqs` sequences before and after, and the time taken.
     `work` (a checkpoint.WorkDir): the multipliers and Adam's state are saved there now and then,
     and a run finding them resumes, bit for bit (Adam's arithmetic does not depend on the
-    thread count; the matrix products' sums may, as for any torch run)."""
+    thread count; the matrix products' sums may, as for any torch run).
+    dtype: "bfloat16" runs the student's products (plane layers and int8 head, forward and backward)
+    on bfloat16 operands (plane_linear); the teacher, the loss and Adam stay float32."""
     torch = _require_torch()
     log = log or (lambda m: None)
     if steps <= 0:
@@ -432,7 +474,10 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         release_float(fm, fitted)
         release_rows(fm, fitted, rows)
         memory.give_back()
-        student = _TorchModel(torch, cfg, fm, fitted, rows, granularity=granularity)
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        student = _TorchModel(torch, cfg, fm, fitted, rows, granularity=granularity,
+                              dtype=torch.bfloat16 if dtype == "bfloat16" else None)
         names = sorted(student.planes)
         mults = [student.planes[n][3] for n in names]
         opt = torch.optim.Adam(mults, lr=lr)

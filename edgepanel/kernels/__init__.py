@@ -27,6 +27,21 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86 CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16), read
+    from the kernel's CPU flags (Linux); False when they cannot be read.  torch's matrix products
+    in bfloat16 are then 2.5-3.5x its float32 ones; elsewhere they are emulated, slower."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 _instances: dict[tuple[str, str | None], Backend] = {}
 _warned = False
 

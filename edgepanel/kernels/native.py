@@ -6,8 +6,9 @@ constant of the ABI is read from lib (lib.EP_TILE, lib.EP_ACT_SILU, ...), never 
 edgepanel.bits keeps the pure-Python copy of the layout's, which tests/test_c_binding.py checks
 against lib.  ERRORS names the return codes.  CBackend is the C kernels behind the Backend
 interface: pointers and workspace only, arguments arrive already checked by _backend.Backend.
-gptq_block is csrc/fit.c's GPTQ column loop, for edgepanel.quantize.gptq_planes, and rotate_rows
-csrc/forward.c's rotation, for edgepanel.convert.calibrate (each checks its own arguments).
+gptq_block is csrc/fit.c's GPTQ column loop, for edgepanel.quantize.gptq_planes, rotate_rows
+csrc/forward.c's rotation, for edgepanel.convert.calibrate, plane_weights and plane_bins the scale
+tuner's plane layers (edgepanel.convert.recover); each checks its own arguments.
 """
 from __future__ import annotations
 
@@ -128,6 +129,59 @@ def rotate_rows(signs: np.ndarray, mix: np.ndarray, x: np.ndarray, threads: int 
         raise RuntimeError(f"rotate_rows failed in C: {error_name(rc)}")
     return x
 
+
+
+def _plane_args(codes: np.ndarray, n_in: int, k: int):
+    codes = check_array("codes", codes, np.uint8, (3,))
+    out, ng, gs = codes.shape
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= 8:
+        raise ValueError(f"k must be an int in 1..8, got {k!r}")
+    if not 0 < n_in <= ng * gs or (ng > 1 and n_in <= (ng - 1) * gs):
+        raise ValueError(f"n_in {n_in} does not fit codes of shape {codes.shape} (groups of {gs})")
+    return codes, out, ng, gs
+
+
+def plane_weights(levels: np.ndarray, codes: np.ndarray, n_in: int, threads: int | None = None) -> np.ndarray:
+    """The scale tuner's weight matrix (out, n_in): weight (o, c) is level codes[o, g, c - g*gs] of
+    levels[o, g] (levels (out, ng, 2^k), codes (out, ng, gs) uint8), in C (csrc/fit.c), in the
+    levels' dtype: float32, or int16 holding any 16-bit values' bits (bfloat16 levels viewed as
+    int16).  One pass, no int64 copy of the codes (torch.gather's index must be int64)."""
+    if lib is None:
+        raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
+    if not isinstance(levels, np.ndarray) or levels.dtype not in (np.float32, np.int16):
+        raise TypeError("levels must be a float32 or int16 numpy array, got "
+                        f"{getattr(levels, 'dtype', type(levels).__name__)}")
+    levels = check_array("levels", levels, levels.dtype, (3,))
+    k = int(levels.shape[2]).bit_length() - 1
+    codes, rows, ng, gs = _plane_args(codes, n_in, k)
+    if levels.shape != (rows, ng, 1 << k):
+        raise ValueError(f"levels must have shape {(rows, ng, 1 << k)} for codes of shape {codes.shape}, "
+                         f"got {levels.shape}")
+    w = np.empty((rows, n_in), levels.dtype)
+    fn, ctype = (lib.ep_plane_weights, "float *") if levels.dtype == np.float32 else \
+        (lib.ep_plane_weights16, "uint16_t *")
+    rc = fn(_ptr(ctype, levels), _ptr("uint8_t *", codes), rows, ng, gs, n_in, k, _ptr(ctype, w), n_in,
+            check_threads(threads))
+    if rc != 0:
+        raise ValueError(f"plane_weights: a level code is >= 2^{k} ({error_name(rc)})")
+    return w
+
+
+def plane_bins(gw: np.ndarray, codes: np.ndarray, k: int, threads: int | None = None) -> np.ndarray:
+    """plane_weights' adjoint: bins (out, ng, 2^k) float32, bins[o, g, l] the sum of gw[o, c]
+    (gw (out, n_in) float32) over group g's columns whose code is l, in column order, in C."""
+    if lib is None:
+        raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
+    gw = check_array("gw", gw, np.float32, (2,))
+    codes, rows, ng, gs = _plane_args(codes, gw.shape[1], k)
+    if gw.shape[0] != rows:
+        raise ValueError(f"gw has {gw.shape[0]} rows; codes have {rows}")
+    bins = np.empty((rows, ng, 1 << k), np.float32)
+    rc = lib.ep_plane_bins(_ptr("float *", gw), gw.shape[1], _ptr("uint8_t *", codes), rows, ng, gs,
+                           gw.shape[1], k, _ptr("float *", bins), check_threads(threads))
+    if rc != 0:
+        raise ValueError(f"plane_bins: a level code is >= 2^{k} ({error_name(rc)})")
+    return bins
 
 class CBackend(Backend):
     """The C kernels of one ISA variant; `table` is its kernel table (const ep_kernels *), the
