@@ -246,9 +246,8 @@ int ep_gptq_block(double *w, int64_t out, int64_t nb, int64_t ld_w, const double
 /* ---- the scale tuner's plane layers (edgepanel/convert/recover.py's PlaneLinear) ------------- */
 
 typedef struct {
-    const void *levels;
+    const void *in;     /* levels (ep_plane_weights) or gw (ep_plane_bins) */
     const uint8_t *codes;
-    const float *gw;
     int64_t ng, gs, n_in, ld, L;
     void *out;
     atomic_int bad;     /* a code >= 2^k was met (its weight read level 0 instead) */
@@ -263,7 +262,7 @@ typedef struct {
             const uint8_t *c = j->codes + o * j->ng * j->gs;                                   \
             T *w = (T *)j->out + o * j->ld;                                                    \
             for (int64_t g = 0; g < j->ng; g++) {                                              \
-                const T *lev = (const T *)j->levels + (o * j->ng + g) * j->L;                  \
+                const T *lev = (const T *)j->in + (o * j->ng + g) * j->L;                      \
                 const int64_t c0 = g * j->gs, c1 = c0 + j->gs < j->n_in ? c0 + j->gs : j->n_in; \
                 int bad = 0;                                                                   \
                 for (int64_t i = c0; i < c1; i++) {                                            \
@@ -282,7 +281,7 @@ static void bins_rows(void *ctx, int64_t b, int64_t e) {
     plane_job *j = (plane_job *)ctx;
     for (int64_t o = b; o < e; o++) {
         const uint8_t *c = j->codes + o * j->ng * j->gs;
-        const float *gw = j->gw + o * j->ld;
+        const float *gw = (const float *)j->in + o * j->ld;
         float *bins = (float *)j->out + o * j->ng * j->L;
         memset(bins, 0, sizeof(float) * (size_t)(j->ng * j->L));
         for (int64_t g = 0; g < j->ng; g++) {
@@ -299,13 +298,14 @@ static void bins_rows(void *ctx, int64_t b, int64_t e) {
     }
 }
 
-static int plane_weights(const void *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
-                         int64_t n_in, int64_t k, void *w, int64_t ld_w, int threads, ep_range_fn rows) {
-    if (!levels || !codes || !w || out < 0 || ng <= 0 || gs <= 0 || n_in <= 0 || n_in > ng * gs ||
-        k < 1 || k > 8 || ld_w < n_in)
+/* Checks the sizes, runs `rows` over the rows; ld: the row stride of w (weights) or of gw (bins). */
+static int plane_run(const void *in, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs, int64_t n_in,
+                     int64_t k, void *dst, int64_t ld, int threads, ep_range_fn rows) {
+    if (!in || !codes || !dst || out < 0 || ng <= 0 || gs <= 0 || n_in <= 0 || n_in > ng * gs || k < 1 ||
+        k > 8 || ld < n_in)
         return EP_EINVAL;
-    plane_job j = {.levels = levels, .codes = codes, .ng = ng, .gs = gs, .n_in = n_in, .ld = ld_w,
-                   .L = (int64_t)1 << k, .out = w};
+    plane_job j = {.in = in, .codes = codes, .ng = ng, .gs = gs, .n_in = n_in, .ld = ld,
+                   .L = (int64_t)1 << k, .out = dst};
     atomic_init(&j.bad, 0);
     ep_parallel_for_brief(threads, out, rows, &j);
     return atomic_load(&j.bad) ? EP_EINVAL : EP_OK;
@@ -313,22 +313,15 @@ static int plane_weights(const void *levels, const uint8_t *codes, int64_t out, 
 
 int ep_plane_weights(const float *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                      int64_t n_in, int64_t k, float *w, int64_t ld_w, int threads) {
-    return plane_weights(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows);
+    return plane_run(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows);
 }
 
 int ep_plane_weights16(const uint16_t *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                        int64_t n_in, int64_t k, uint16_t *w, int64_t ld_w, int threads) {
-    return plane_weights(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows16);
+    return plane_run(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows16);
 }
 
 int ep_plane_bins(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                   int64_t n_in, int64_t k, float *bins, int threads) {
-    if (!gw || !codes || !bins || out < 0 || ng <= 0 || gs <= 0 || n_in <= 0 || n_in > ng * gs ||
-        k < 1 || k > 8 || ld_gw < n_in)
-        return EP_EINVAL;
-    plane_job j = {.gw = gw, .codes = codes, .ng = ng, .gs = gs, .n_in = n_in, .ld = ld_gw,
-                   .L = (int64_t)1 << k, .out = bins};
-    atomic_init(&j.bad, 0);
-    ep_parallel_for_brief(threads, out, bins_rows, &j);
-    return atomic_load(&j.bad) ? EP_EINVAL : EP_OK;
+    return plane_run(gw, codes, out, ng, gs, n_in, k, bins, ld_gw, threads, bins_rows);
 }
