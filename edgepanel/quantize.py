@@ -178,14 +178,16 @@ def int8_rows(w: np.ndarray):
 # calibration-aware fitting (issue 4): the error measured on real inputs, H = X^T X
 
 
-def weighted_error(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, block: int = 4096) -> float:
+def weighted_error(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, block: int = 4096,
+                   w_hat: np.ndarray | None = None) -> float:
     """Output error on the calibration inputs, relative: tr(E H E^T) / tr(W H W^T), E = W - W_hat;
-    `block` rows at a time (a 49152-row head's float64 products took 1 GB at once)."""
+    `block` rows at a time (a 49152-row head's float64 products took 1 GB at once).  w_hat: pm
+    dequantized (pm.dequantize_rows(0, out)), when the caller has it already."""
     num = den = 0.0
     for r0 in range(0, w.shape[0], block):
         r1 = min(r0 + block, w.shape[0])
         wb = np.asarray(w[r0:r1], np.float64)
-        e = wb - pm.dequantize_rows(r0, r1).astype(np.float64)
+        e = wb - (pm.dequantize_rows(r0, r1) if w_hat is None else w_hat[r0:r1]).astype(np.float64)
         num += float(np.sum((e @ h) * e))   # matrix products: a three-operand einsum would not use BLAS
         den += float(np.sum((wb @ h) * wb))
     return float(num / max(den, 1e-30))

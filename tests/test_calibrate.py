@@ -426,3 +426,91 @@ def test_calibration_norms_give_the_reference_bits(arch, tmp_path):
             got = ops.act(g)
         assert got.dtype == np.float32 and got.shape == g.shape
         np.testing.assert_array_equal(got, want)
+
+
+def _fitted_linear(n_in, n_out, k, seed, bias):
+    from edgepanel.model.weights import Linear
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    pm = quantize.gptq_planes(w, np.eye(n_in), k, 64)
+    b = rng.standard_normal(n_out).astype(np.float32) if bias else None
+    return Linear("layers.0.wq", n_out, n_in, planes=pm, bias=b)
+
+
+@pytest.mark.parametrize("n_in, n_out, k, rows", [(64, 24, 1, 1), (128, 96, 4, 37), (192, 64, 2, 300)])
+def test_calibration_forward_in_bfloat16_is_the_engine_product_to_its_rounding(n_in, n_out, k, rows, monkeypatch):
+    """calib_dtype bfloat16: the engine's int8 activations against the dequantized weights
+    rounded to bfloat16, in torch; within 1% (relative norm) of the same product in float64,
+    which the engine's kernel (calib_dtype float32) matches to float32 rounding; the same bits
+    with one torch thread or two; the dequantized weights handed from fit to the forward are
+    the ones the forward would compute."""
+    torch = pytest.importorskip("torch")
+    from edgepanel import kernels
+    lin = _fitted_linear(n_in, n_out, k, rows, bias=rows % 2 == 1)
+    x = (np.random.default_rng(rows).standard_normal((rows, n_in)) * 2).astype(np.float32)
+    run16 = cal._Run(None, Recipe(calib_dtype="bfloat16"), print)
+    run32 = cal._Run(None, Recipe(calib_dtype="float32"), print)
+    assert run16.torch is torch and run32.torch is None
+    q, s = kernels.get().quantize_i8(x)
+    want = (q.astype(np.float64) * s[:, None].astype(np.float64)) @ lin.planes.dequantize_rows(0, n_out).T.astype(np.float64)
+    if lin.bias is not None:
+        want += lin.bias
+    rel = lambda y: float(np.linalg.norm(y - want) / np.linalg.norm(want))   # noqa: E731
+    y32, y16 = run32.linear(lin, x), run16.linear(lin, x)
+    assert y16.dtype == np.float32 and y16.shape == (rows, n_out)
+    assert rel(y32) < 1e-5 and 1e-5 < rel(y16) < 1e-2
+    monkeypatch.setattr(kernels, "usable_cpus", lambda: 1)
+    np.testing.assert_array_equal(run16.linear(lin, x), y16)
+    run16._dense = (lin.name, lin.planes.dequantize_rows(0, n_out))
+    np.testing.assert_array_equal(run16.linear(lin, x), y16)
+    assert run16._dense is None
+
+
+def test_calib_dtype_is_checked_and_auto_follows_the_cpu_and_torch(monkeypatch):
+    from edgepanel import kernels
+    from edgepanel.convert import recover
+    with pytest.raises(ValueError, match="calib_dtype must be"):
+        Recipe(calib_dtype="int8")
+    for cpu, torch_ok, want in ((True, True, "bfloat16"), (True, False, "float32"), (False, True, "float32")):
+        monkeypatch.setattr(kernels, "cpu_bf16", lambda: cpu)
+        monkeypatch.setattr(recover, "available", lambda: torch_ok)
+        r = Recipe()
+        assert r.calib_matmul_dtype() == want
+        assert Recipe(calib_dtype="float32").calib_matmul_dtype() == "float32"
+        assert r.to_dict().get("calib_dtype", "float32") == want         # recorded (and in checkpoints' identity)
+        assert "calib_dtype" not in Recipe(calib=None).to_dict()
+        assert r.tag() == Recipe(calib_dtype="float32").tag()          # one cached default model
+
+
+def test_calibration_in_bfloat16_without_torch_is_a_clear_error(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_torch(name, *a, **k):
+        if name == "torch":
+            raise ImportError("no torch here")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(cal.FormatError, match="--calib-dtype float32"):
+        cal._Run(None, Recipe(calib_dtype="bfloat16"), print)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_conversion_calibrated_in_bfloat16_fits_as_well_as_in_float32(arch, tmp_path):
+    """The whole calibration with either forward: the same tensors fitted, the errors within 5%
+    of each other (the fitted layers see inputs that differ by bfloat16's rounding)."""
+    pytest.importorskip("torch")
+    build(arch, tmp_path / "hf")
+    add_tokenizer(tmp_path / "hf")
+    reps = {d: convert(tmp_path / "hf", tmp_path / f"{d}.ep", Recipe(planes=2, calib_tokens=512, seq_len=64,
+                                                                     tune_steps=0, calib_dtype=d))
+            for d in ("float32", "bfloat16")}
+    e32 = {r.name: r.error for r in reps["float32"].rows if r.kind == "planes"}
+    e16 = {r.name: r.error for r in reps["bfloat16"].rows if r.kind == "planes"}
+    assert e32.keys() == e16.keys() and len(e32) > 4
+    assert e32 != e16
+    a, b = np.array([e32[n] for n in e32]), np.array([e16[n] for n in e32])
+    assert abs(b.mean() / a.mean() - 1) < 0.05
+    from edgepanel.format import ModelFile
+    for d in ("float32", "bfloat16"):
+        assert ModelFile(tmp_path / f"{d}.ep").meta.recipe.get("calib_dtype", "float32") == d   # recorded when bfloat16

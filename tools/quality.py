@@ -8,7 +8,8 @@ sensitivity), plus options after ':' joined by ',':
   nocal (data-free greedy+ALS), norot (no rotation), norefit (no joint scale refit),
   tokensN (calibration tokens), dampX (GPTQ damping),
   tuneN / tunelrX (scale tuning steps, default 80; its learning rate), fp32 / bf16 (the tuning's
-  products: float32, or bfloat16; default: bfloat16 where the CPU has it), byG (one tuning
+  products: float32, or bfloat16; default: bfloat16 where the CPU has it), calfp32 / calbf16 (the
+  same for calibration's forward: the engine's kernel, or bfloat16 in torch), byG (one tuning
   multiplier per scale, row, column or tensor: the first-order ceiling of a coarser parametrization);
   for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
   gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
@@ -55,6 +56,8 @@ def parse(spec: str) -> Recipe:
             r.damp = float(o[4:])
         elif o in ("fp32", "bf16"):      # the first-order tuning's products (tune_dtype)
             r.tune_dtype = "float32" if o == "fp32" else "bfloat16"
+        elif o in ("calfp32", "calbf16"):   # calibration's forward products (calib_dtype)
+            r.calib_dtype = "float32" if o == "calfp32" else "bfloat16"
         elif o.startswith("by"):          # byrow, bycolumn, bytensor: the tuning's multipliers
             r.tune_granularity = o[2:]
         elif o.startswith("tunelr"):

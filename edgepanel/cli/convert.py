@@ -71,6 +71,7 @@ def register(sub):
     option(c, Recipe, "tune_lr", "--tune-lr", type=float)
     option(c, Recipe, "tune_granularity", "--tune-granularity", choices=list(TUNE_GRANULARITIES))
     option(c, Recipe, "tune_dtype", "--tune-dtype", choices=["auto", "float32", "bfloat16"])
+    option(c, Recipe, "calib_dtype", "--calib-dtype", choices=["auto", "float32", "bfloat16"])
     s.add_argument("--eval", metavar="TEXT_FILE", help="report perplexity before and after on this text")
     s.add_argument("--eval-tokens", type=int, default=2048, help="tokens of --eval scored (default 2048)")
     s.add_argument("-q", "--quiet", action="store_true")

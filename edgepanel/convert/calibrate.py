@@ -167,6 +167,15 @@ class _Run:
         self.fit_seconds = 0.0
         self._h_of, self._h = None, None        # the inputs H was computed on; (H, its GPTQ prep)
         self.format_of: dict[str, tuple[int, int]] = {}   # (planes, group) per tensor from a bit budget
+        self.torch = None
+        if recipe.calib_matmul_dtype() == "bfloat16":
+            try:
+                import torch
+            except ImportError:
+                raise FormatError("calibration in bfloat16 (--calib-dtype bfloat16) needs torch: pip install "
+                                  "'edgepanel[tune]' (or --calib-dtype float32)") from None
+            self.torch = torch
+        self._dense: tuple[str, np.ndarray] | None = None   # the last fitted layer's weights, dequantized
 
     def fit(self, name: str, x: np.ndarray, fmt: tuple[int, int] | None = None):
         """Binarize linear `name` on its inputs x (N, in) -- the inputs the binarized model
@@ -193,7 +202,11 @@ class _Run:
         h, prep = self._h
         k, group = fmt or self.format_of.get(name) or (self.r.planes, self.r.group_for(inp))
         pm = quantize.gptq_planes(e.weight, h, k, group, damp=self.r.damp, refit=self.r.refit, prepared=prep)
-        self.results[name] = (pm, quantize.weighted_error(e.weight, pm, h))
+        w_hat = None
+        if self.torch is not None:   # read twice: by the error and by the forward
+            w_hat = pm.dequantize_rows(0, out)
+            self._dense = (name, w_hat)
+        self.results[name] = (pm, quantize.weighted_error(e.weight, pm, h, w_hat=w_hat))
         self.fit_seconds += time.time() - t0
         return Linear(name, out, inp, planes=pm, bias=e.bias)
 
@@ -201,8 +214,35 @@ class _Run:
         if lin.planes is None:
             return ref.linear(lin, x)
         q, s = self.kern.quantize_i8(np.ascontiguousarray(x, np.float32))
-        y = self.kern.gemm_planes_i8(q, s, lin.planes)
+        if self.torch is not None:
+            y = self._gemm_bf16(q, s, lin)
+        else:
+            y = self.kern.gemm_planes_i8(q, s, lin.planes)
         return y + lin.bias if lin.bias is not None else y
+
+    def _gemm_bf16(self, q: np.ndarray, s: np.ndarray, lin: Linear) -> np.ndarray:
+        """gemm_planes_i8's product (calib_dtype bfloat16): the same int8 activations q (exact in
+        bfloat16) against the fitted weights dequantized and rounded to bfloat16, summed in
+        float32 by torch (AMX or AVX512-BF16), the product rounded to bfloat16, then times each
+        row's scale s into float32.  One dense product instead of one per plane: 2.5x the
+        engine kernel's speed on a Xeon with AMX, outputs within 0.3% (relative norm) of its."""
+        from ..kernels import usable_cpus
+        torch = self.torch
+        if self._dense is not None and self._dense[0] == lin.name:
+            w, self._dense = self._dense[1], None
+        else:
+            w = lin.planes.dequantize_rows(0, lin.out_features)
+        y = np.empty((len(q), lin.out_features), np.float32)   # NumPy's pages (huge pages where it can)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(usable_cpus())
+        try:
+            with torch.no_grad():
+                p = torch.nn.functional.linear(torch.from_numpy(q).to(torch.bfloat16),
+                                               torch.from_numpy(w).to(torch.bfloat16))
+                torch.mul(p, torch.from_numpy(s)[:, None], out=torch.from_numpy(y))
+        finally:
+            torch.set_num_threads(threads)
+        return y
 
     def stream(self, tokens: np.ndarray, fit: bool = True):
         """For tokens (S, Lq): the arithmetic (_CalibOps), every token's position and the embedded
