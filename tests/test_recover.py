@@ -247,6 +247,22 @@ def test_bad_tuning_options(bad):
         Recipe(**bad)
 
 
+@pytest.mark.parametrize("out, n_in, k, g", [(17, 70, 4, 32), (33, 130, 3, 64), (16, 40, 1, 0), (5, 300, 2, 256)])
+def test_level_codes_are_the_planes_signs(out, n_in, k, g):
+    """_codes reads the packed bits: each weight's code has bit k-1-i set where plane i is +1,
+    the padding of the last group code 0."""
+    from edgepanel import quantize
+    w = np.random.default_rng(out).standard_normal((out, n_in)).astype(np.float32)
+    pm = quantize.fit_planes(w, k, g or n_in, als_iters=1)
+    codes = recover._codes(pm)
+    gs = n_in if pm.n_groups == 1 else g
+    assert codes.dtype == np.uint8 and codes.shape == (out, pm.n_groups, gs)
+    flat = codes.reshape(out, -1)
+    want = sum((pm.signs()[i] > 0).astype(np.int64) << (k - 1 - i) for i in range(k))
+    np.testing.assert_array_equal(flat[:, :n_in], want)
+    assert not flat[:, n_in:].any()
+
+
 @pytest.mark.parametrize("shape", [(40, 96, 3, 32), (17, 70, 2, 32), (16, 64, 4, 64), (33, 128, 1, 64)])
 def test_plane_linear_gradients_equal_the_dense_formulation(shape):
     """The coded plane layer (one gather forward, one scatter-add backward) against autograd
