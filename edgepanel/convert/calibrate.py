@@ -204,7 +204,7 @@ class _Run:
         k, group = fmt or self.format_of.get(name) or (self.r.planes, self.r.group_for(inp))
         pm = quantize.gptq_planes(e.weight, h, k, group, damp=self.r.damp, refit=self.r.refit, prepared=prep)
         w_hat = None
-        if self.torch is not None:   # read twice: by the error and by the forward
+        if self.torch is not None and e.role == "linear":   # read twice: by the error and by the forward
             w_hat = pm.dequantize_rows(0, out)
             self._dense = (name, w_hat)
         self.results[name] = (pm, quantize.weighted_error(e.weight, pm, h, w_hat=w_hat))
