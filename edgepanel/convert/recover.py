@@ -257,8 +257,8 @@ def _codes(pm) -> np.ndarray:
     ng = pm.n_groups
     gs = n_in if ng == 1 else pm.group
     codes = np.zeros((out, ng * gs), np.uint8)
+    tiles, ncol = pm.planes.shape[1:3]
     for i in range(k):   # read from the packed bits (1: -1), one plane at a time (bits.unpack_planes' layout)
-        tiles, ncol = pm.planes.shape[1:3]
         rows = pm.planes[i].transpose(0, 2, 1).reshape(tiles * bits.TILE, ncol)[:out]
         neg = np.unpackbits(rows, axis=-1, bitorder="little", count=n_in)   # (out, in) 0/1
         codes[:, :n_in] |= (neg ^ 1) << np.uint8(k - 1 - i)
