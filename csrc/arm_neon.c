@@ -417,6 +417,8 @@ const ep_kernels ep_kernels_neon = {
     .dot = neon_dot,
     .attend = neon_attend,
     .silu_mul = ep_ref_silu_mul,
+    .lookup16_u16 = ep_ref_lookup16_u16,
+    .lookup16_f32 = ep_ref_lookup16_f32,
 };
 
 /* The same kernels with the dot product where it pays (i8_rows). */
@@ -434,4 +436,6 @@ const ep_kernels ep_kernels_neon_dotprod = {
     .dot = neon_dot,
     .attend = neon_attend,
     .silu_mul = ep_ref_silu_mul,
+    .lookup16_u16 = ep_ref_lookup16_u16,
+    .lookup16_f32 = ep_ref_lookup16_f32,
 };

@@ -251,11 +251,19 @@ typedef struct {
     int64_t ng, gs, n_in, ld, L;
     void *out;
     atomic_int bad;     /* a code >= 2^k was met (its weight read level 0 instead) */
+    const ep_kernels *kt;   /* its lookup16 for tables of up to 16 levels (k <= 4) */
 } plane_job;
 
+static inline uint8_t max_code(const uint8_t *c, int64_t n) {
+    uint8_t m = 0;
+    for (int64_t i = 0; i < n; i++) m = c[i] > m ? c[i] : m;
+    return m;
+}
+
 /* w[o][c] = levels[o][c / gs][codes[o][c]], for float32 (T = float) or 16-bit values (T = uint16_t:
- * bfloat16 or float16 bits, copied) */
-#define PLANE_WEIGHTS_ROWS(NAME, T)                                                            \
+ * bfloat16 or float16 bits, copied); a group whose codes are all valid, with at most 16 levels,
+ * through the ISA's LOOKUP (a table lookup in registers) */
+#define PLANE_WEIGHTS_ROWS(NAME, T, LOOKUP)                                                    \
     static void NAME(void *ctx, int64_t b, int64_t e) {                                        \
         plane_job *j = (plane_job *)ctx;                                                       \
         for (int64_t o = b; o < e; o++) {                                                      \
@@ -264,6 +272,10 @@ typedef struct {
             for (int64_t g = 0; g < j->ng; g++) {                                              \
                 const T *lev = (const T *)j->in + (o * j->ng + g) * j->L;                      \
                 const int64_t c0 = g * j->gs, c1 = c0 + j->gs < j->n_in ? c0 + j->gs : j->n_in; \
+                if (j->L <= 16 && max_code(c + c0, c1 - c0) < j->L) {                          \
+                    j->kt->LOOKUP(lev, (int)j->L, c + c0, c1 - c0, w + c0);                    \
+                    continue;                                                                  \
+                }                                                                              \
                 int bad = 0;                                                                   \
                 for (int64_t i = c0; i < c1; i++) {                                            \
                     const int64_t v = c[i];                                                    \
@@ -274,8 +286,8 @@ typedef struct {
             }                                                                                  \
         }                                                                                      \
     }
-PLANE_WEIGHTS_ROWS(weights_rows, float)
-PLANE_WEIGHTS_ROWS(weights_rows16, uint16_t)
+PLANE_WEIGHTS_ROWS(weights_rows, float, lookup16_f32)
+PLANE_WEIGHTS_ROWS(weights_rows16, uint16_t, lookup16_u16)
 
 static void bins_rows(void *ctx, int64_t b, int64_t e) {
     plane_job *j = (plane_job *)ctx;
@@ -305,7 +317,7 @@ static int plane_run(const void *in, const uint8_t *codes, int64_t out, int64_t 
         k > 8 || ld < n_in)
         return EP_EINVAL;
     plane_job j = {.in = in, .codes = codes, .ng = ng, .gs = gs, .n_in = n_in, .ld = ld,
-                   .L = (int64_t)1 << k, .out = dst};
+                   .L = (int64_t)1 << k, .out = dst, .kt = ep_kernels_get(NULL)};
     atomic_init(&j.bad, 0);
     ep_parallel_for_brief(threads, out, rows, &j);
     return atomic_load(&j.bad) ? EP_EINVAL : EP_OK;

@@ -150,6 +150,17 @@ void ep_ref_silu_mul(const float *g, float *u, int64_t n) {
     for (int64_t i = 0; i < n; i++) u[i] = (g[i] / (1.0f + ep_expf(-g[i]))) * u[i];
 }
 
+/* The scale tuner's gather: w[i] = lev[codes[i]], every code < L <= 16. */
+void ep_ref_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w) {
+    (void)L;
+    for (int64_t i = 0; i < n; i++) w[i] = lev[codes[i]];
+}
+
+void ep_ref_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w) {
+    (void)L;
+    for (int64_t i = 0; i < n; i++) w[i] = lev[codes[i]];
+}
+
 /* Softmax of one head's scores in place: e_s = ep_expf(score_s - max); the sum in 8 lanes
  * (lane s mod 8, in order of s) joined by the canonical tree; w_s = e_s * (1 / sum). */
 void ep_softmax_weights(float *scores, int64_t T) {
@@ -277,4 +288,6 @@ const ep_kernels ep_kernels_scalar = {
     .dot = ep_ref_dot,
     .attend = ep_ref_attend,
     .silu_mul = ep_ref_silu_mul,
+    .lookup16_u16 = ep_ref_lookup16_u16,
+    .lookup16_f32 = ep_ref_lookup16_f32,
 };

@@ -532,6 +532,48 @@ void ep_avx2_silu_mul(const float *g, float *u, int64_t n) {
     ep_ref_silu_mul(g + i, u + i, n - i);
 }
 
+/* ep_ref_lookup16_u16, 32 codes at a time: the table's low and high bytes looked up by pshufb
+ * (codes < 16 index a 16-byte table directly) and interleaved back into 16-bit values. */
+void ep_avx2_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w) {
+    uint16_t t16[16] = {0};
+    const uint16_t *t = lev;
+    if (L < 16) {
+        memcpy(t16, lev, sizeof(uint16_t) * (size_t)L);
+        t = t16;
+    }
+    /* the low bytes to qwords 0-1, the high bytes to qwords 2-3, each half then in both lanes */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i x = _mm256_permute4x64_epi64(
+        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)t), split), _MM_SHUFFLE(3, 1, 2, 0));
+    const __m256i tlo = _mm256_permute2x128_si256(x, x, 0x00), thi = _mm256_permute2x128_si256(x, x, 0x11);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i idx = _mm256_loadu_si256((const __m256i *)(codes + i));
+        const __m256i l = _mm256_shuffle_epi8(tlo, idx), h = _mm256_shuffle_epi8(thi, idx);
+        const __m256i a = _mm256_unpacklo_epi8(l, h);   /* codes 0-7 | 16-23 */
+        const __m256i b = _mm256_unpackhi_epi8(l, h);   /* codes 8-15 | 24-31 */
+        _mm256_storeu_si256((__m256i *)(w + i), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i *)(w + i + 16), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+    ep_ref_lookup16_u16(lev, L, codes + i, n - i, w + i);
+}
+
+/* ep_ref_lookup16_f32, 8 codes at a time: the two halves of the table permuted by the code, the
+ * half chosen by the code's bit 3. */
+void ep_avx2_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w) {
+    float t[16] = {0};
+    memcpy(t, lev, sizeof(float) * (size_t)L);
+    const __m256 t0 = _mm256_loadu_ps(t), t1 = _mm256_loadu_ps(t + 8);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
+        const __m256 a = _mm256_permutevar8x32_ps(t0, idx), b = _mm256_permutevar8x32_ps(t1, idx);
+        _mm256_storeu_ps(w + i, _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+    }
+    ep_ref_lookup16_f32(lev, L, codes + i, n - i, w + i);
+}
+
 /* ep_softmax_weights, vectorized in its own lane order */
 static void softmax256(float *w, int64_t T) {
     __m256 m = _mm256_set1_ps(-INFINITY);
@@ -665,4 +707,6 @@ const ep_kernels ep_kernels_avx2 = {
     .dot = ep_avx2_dot,
     .attend = ep_avx2_attend,
     .silu_mul = ep_avx2_silu_mul,
+    .lookup16_u16 = ep_avx2_lookup16_u16,
+    .lookup16_f32 = ep_avx2_lookup16_f32,
 };

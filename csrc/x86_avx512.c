@@ -624,6 +624,8 @@ const ep_kernels ep_kernels_avx512bw = {
     .dot = ep_avx2_dot,
     .attend = ep_avx2_attend,
     .silu_mul = ep_avx2_silu_mul,
+    .lookup16_u16 = ep_avx2_lookup16_u16,
+    .lookup16_f32 = ep_avx2_lookup16_f32,
 };
 
 const ep_kernels ep_kernels_avx512vnni = {
@@ -640,4 +642,6 @@ const ep_kernels ep_kernels_avx512vnni = {
     .dot = ep_avx2_dot,
     .attend = ep_avx2_attend,
     .silu_mul = ep_avx2_silu_mul,
+    .lookup16_u16 = ep_avx2_lookup16_u16,
+    .lookup16_f32 = ep_avx2_lookup16_f32,
 };

@@ -428,6 +428,31 @@ def test_calibration_norms_give_the_reference_bits(arch, tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])   # grouped and one key/value head per query head
+@pytest.mark.parametrize("n_seqs", [1, 3, 11])           # fewer than, and not a multiple of, 8 at once
+def test_calibration_attention_by_stacks_gives_the_reference_bits(arch, n_seqs, tmp_path):
+    """_CalibOps.attend runs several sequences in each stacked product: the same bits as
+    ref.attention sequence by sequence, and sequences of different positions one by one."""
+    build(arch, tmp_path / "hf")
+    hf_arch, hf_cfg, _, _, _ = open_hf(tmp_path / "hf")
+    a = architecture_for(hf_arch)
+    cfg = a.config(hf_cfg)
+    fm = cal.FloatModel(cfg, list(a.tensors(open_hf(tmp_path / "hf")[2], cfg, hf_cfg)))
+    Lq = 24
+    ops = cal._CalibOps(cal._Run(fm, Recipe(), print), Lq)
+    rng = np.random.default_rng(n_seqs)
+    n = n_seqs * Lq
+    q = (rng.standard_normal((n, cfg.n_heads, cfg.head_dim)) * 2).astype(np.float32)
+    k = (rng.standard_normal((n, cfg.n_kv_heads, cfg.head_dim)) * 2).astype(np.float32)
+    v = rng.standard_normal((n, cfg.n_kv_heads, cfg.head_dim)).astype(np.float32)
+    for positions in (np.tile(np.arange(Lq), n_seqs), np.arange(n) % (Lq + 5)):
+        want = np.concatenate([ref.attention(cfg, q[s:s + Lq], k[s:s + Lq], v[s:s + Lq], positions[s:s + Lq])
+                               for s in range(0, n, Lq)])
+        got = ops.attend(0, q, k, v, positions)
+        assert got.dtype == np.float32 and got.shape == q.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def _fitted_linear(n_in, n_out, k, seed, bias):
     from edgepanel.model.weights import Linear
     rng = np.random.default_rng(seed)

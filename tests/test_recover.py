@@ -50,6 +50,46 @@ def test_torch_forward_matches_the_reference(arch, fold, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_bfloat16_teacher_and_student_are_the_reference_to_their_rounding(arch, tmp_path):
+    """tune_dtype bfloat16: the teacher's weights rounded once (the MLP rotation folded), the
+    student's plane layers, Hadamard blocks and int8 head on bfloat16 operands; logits within 3%
+    (relative norm) of the float computation, the head's table exactly the rounded int8 rows."""
+    from edgepanel import quantize
+    from edgepanel.model.weights import Rows
+    build(arch, tmp_path / "hf", seed=4)
+    fm = float_model(tmp_path / "hf", rotate=cal.can_rotate(float_model(tmp_path / "hf", False).cfg))
+    ids = np.array([5, 77, 3, 140, 9, 9, 250, 31, 2, 60], np.int32)
+    x = torch.from_numpy(ids.astype(np.int64))
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
+    w = cal.to_weights(fm)
+    want = ref.forward(w, ids, ref.KVCache(w.cfg, len(ids)), all_logits=True)
+    with torch.no_grad():
+        teacher = recover._TorchModel(torch, fm.cfg, fm, None, fold_rotation=True, dtype=torch.bfloat16)
+        assert all(lw.dtype == torch.bfloat16 for lw, _ in teacher.lin.values())
+        got = teacher.logits(x).numpy()
+    assert got.dtype == np.float32 and 0 < rel(got, want) < 3e-2
+    fitted = {n: (quantize.fit_planes(e.weight, 2, 32), 0.0) for n, e in fm.t.items() if e.role == "linear"}
+    for layer in w.layers:
+        for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            lin = getattr(layer, n)
+            if lin is not None:   # GPT-2: no gate
+                setattr(layer, n, Linear(lin.name, lin.out_features, lin.in_features,
+                                         weight=fitted[lin.name][0].dequantize(), bias=lin.bias))
+    for what in ("embed", "head"):
+        if what in fm.t:
+            q, s = quantize.int8_rows(fm.t[what].weight)
+            setattr(w, what, Rows(what, *q.shape, weight=q.astype(np.float32) * s[:, None]))
+    want = ref.forward(w, ids, ref.KVCache(w.cfg, len(ids)), all_logits=True)
+    with torch.no_grad():
+        student = recover._TorchModel(torch, fm.cfg, fm, fitted, dtype=torch.bfloat16)
+        got = student.logits(x).numpy()
+    assert 0 < rel(got, want) < 3e-2
+    if student.head_q is not None:
+        q, s = student.head_q
+        assert torch.equal(student.head_w16, (q.float() * s[:, None]).to(torch.bfloat16))
+
+
 def test_student_is_the_dequantized_model(tmp_path):
     """The binarized torch model computes with sum_i alpha_i B_i and the int8 embeddings/head."""
     from edgepanel import quantize
@@ -493,6 +533,31 @@ def test_topk_kl_is_the_coarsened_kl():
             want = (np.exp(pk) * (pk - qk)).sum(1) + np.exp(pr) * (pr - qr)
             np.testing.assert_allclose(got, want.mean(), rtol=1e-5)
             assert got < full
+
+
+def test_teacher_targets_keep_the_rest_when_the_top_holds_nearly_all():
+    """The rest's log-mass is summed over the other tokens, not taken as log(1 - top mass): exact
+    (to float32) against float64 even where the top k hold all but 1e-10 of the mass, where
+    1 - top mass in float32 would be 0 or noise."""
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((5, 300)) * 2
+    z[:, :4] += np.array([[30.0], [20.0], [10.0], [3.0], [0.0]])   # from almost all mass to little
+    z32 = z.astype(np.float32)
+
+    class T:
+        def logits(self, ids):
+            return torch.from_numpy(z32.copy())
+    ids, top, rest = recover.teacher_targets(torch, T(), np.zeros(5, np.int32), 4)
+    zd = z32.astype(np.float64)
+    lse = np.log(np.exp(zd - zd.max(1, keepdims=True)).sum(1)) + zd.max(1)
+    want_ids = np.argsort(-zd, axis=1)[:, :4]
+    assert np.array_equal(np.sort(ids.numpy(), 1), np.sort(want_ids, 1))
+    np.testing.assert_allclose(top.numpy(), np.take_along_axis(zd, ids.numpy(), 1) - lse[:, None], atol=2e-5)
+    others = np.ones_like(zd, bool)
+    np.put_along_axis(others, want_ids, False, 1)
+    want_rest = np.array([np.log(np.exp(zd[i, others[i]] - lse[i]).sum()) for i in range(5)])
+    assert want_rest[0] < -24   # the top 4 hold all but e^-24 of the mass
+    np.testing.assert_allclose(rest.numpy(), want_rest, rtol=1e-5)
 
 
 def test_sensitivity_h_is_the_mean_input_outer_product_shared_by_readers(tmp_path):

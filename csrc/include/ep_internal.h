@@ -205,6 +205,11 @@ struct ep_kernels {
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
     /* The gated MLP's SiLU: u[i] = (g[i] / (1 + ep_expf(-g[i]))) * u[i] (ep_ref_silu_mul). */
     void (*silu_mul)(const float *g, float *u, int64_t n);
+    /* The scale tuner's gather (fit.c's plane weights): w[i] = lev[codes[i]] for i < n, a table of
+     * L <= 16 values (16-bit values copied as bits, or float32), every code < L (checked by the
+     * caller). */
+    void (*lookup16_u16)(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
+    void (*lookup16_f32)(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
 };
 
 /* The portable specification: every ISA file matches it bit for bit (integers and floats). */
@@ -222,6 +227,8 @@ void ep_avx2_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, co
                      const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
 float ep_avx2_dot(const float *a, const float *b, int64_t n);
 void ep_avx2_silu_mul(const float *g, float *u, int64_t n);
+void ep_avx2_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
+void ep_avx2_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
 void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch);
 #endif
@@ -244,6 +251,8 @@ float ep_ref_dot(const float *a, const float *b, int64_t n);
 void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
 void ep_ref_silu_mul(const float *g, float *u, int64_t n);
+void ep_ref_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
+void ep_ref_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
 /* the softmax weights of one head from its scores (the specification every attend follows) */
 void ep_softmax_weights(float *scores, int64_t T);
 /* exp as the softmax computes it (ref.c); the constants, for the SIMD versions */

@@ -50,8 +50,10 @@ class _TorchModel:
         """fold_rotation (the float model only): the MLP rotation folded into down_proj's weights
         (W R, exact up to rounding) rather than applied to every activation: a third of the
         teacher's arithmetic spared; not for sensitivity(), which reads down_proj's rotated inputs.
-        granularity: what each trainable multiplier covers (mult_shape).  dtype (torch.bfloat16,
-        the student only): the plane layers' and the int8 head's products in it (plane_linear)."""
+        granularity: what each trainable multiplier covers (mult_shape).  dtype (torch.bfloat16):
+        the linear layers' and the head's products in it, float32 elsewhere; the student's plane
+        layers through plane_linear, the float model's weights (and an int8 head's widened rows)
+        rounded to it once, when the model is built (2 bytes a weight)."""
         self.torch, self.cfg, self.dtype = torch, cfg, dtype
         t = fm.t
         fold = fold_rotation and fitted is None and fm.rotation is not None
@@ -71,7 +73,9 @@ class _TorchModel:
             if pm is None:
                 if e.role == "linear":
                     folded = fold and name.endswith("w_down")
-                    self.lin[name] = (T(e.weight @ rot_matrix if folded else e.weight), bias)
+                    w = T(e.weight @ rot_matrix if folded else e.weight)
+                    # the teacher in bfloat16: its weights rounded once, not at every product
+                    self.lin[name] = (w if dtype is None or fitted is not None else w.to(dtype), bias)
                 continue
             alpha0 = T(pm.alpha())                                           # (k, out, ng)
             mult = torch.ones(mult_shape(granularity, tuple(alpha0.shape)), requires_grad=True)
@@ -94,7 +98,7 @@ class _TorchModel:
             q, s = t[name].int8_rows()
             return T(q.astype(np.float32) * s[:, None])
 
-        self.embed_q = self.head_q = None
+        self.embed_q = self.head_q = self.head_w16 = None
         if fitted is not None and rows[0] == "int8" and "embed" not in self.planes and "head" in t:
             # read by rows: the rows a sequence needs are widened, never the whole table
             q, s = t["embed"].int8_rows()
@@ -107,8 +111,17 @@ class _TorchModel:
             q, s = t["head"].int8_rows()
             self.head_q, self.head_w = (torch.from_numpy(q), torch.from_numpy(s)), None
             self.head_fn = int8_head(torch, dtype=dtype)
+            if dtype is not None:
+                # in bfloat16 the widened table is 2 bytes a weight (57 MB for SmolLM2's head):
+                # rounded once here rather than widened and rounded again at every pass (the same
+                # values: each row is q * scale in float32, then rounded)
+                self.head_w16 = torch.empty(q.shape, dtype=dtype)
+                for r0 in range(0, q.shape[0], 4096):
+                    self.head_w16[r0:r0 + 4096] = self.head_q[0][r0:r0 + 4096].float() * self.head_q[1][r0:r0 + 4096, None]
         else:
             self.head_w = stored("head", rows[1]) if "head" in t else self.embed_w
+            if dtype is not None and fitted is None:
+                self.head_w16 = self.head_w.to(dtype)
         self.pos_embed_w = T(t["pos_embed"].weight) if "pos_embed" in t else None
         self.record = None
         self._rope = None   # (positions, cos, sin) of the sequence being run
@@ -119,7 +132,12 @@ class _TorchModel:
         if fm.rotation is not None and not fold:
             from ..rotation import _hadamard, split_pow2
             p, m = split_pow2(fm.rotation.n)
-            self.rot = (T(fm.rotation.signs), T(_hadamard(p)), T(fm.rotation.mix), p, m)
+            had = T(_hadamard(p))
+            if dtype is not None:
+                # in bfloat16 the Hadamard blocks' product takes its operands in it as the linear
+                # layers' do, the matrix as its entries' signs (exact), 1/sqrt(p) applied after
+                had = (had * np.float32(np.sqrt(p))).round().to(dtype)
+            self.rot = (T(fm.rotation.signs), had, T(fm.rotation.mix), p, m)
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
         self.plane_fn = plane_linear(torch, dtype)
         self.combos = {k: torch.from_numpy(_combos(k)) for k in range(1, bits.MAX_PLANES + 1)}
@@ -202,7 +220,10 @@ class _TorchModel:
         if self.rot is None:
             return u
         signs, had, mix, p, m = self.rot
-        y = ((u * signs).reshape(-1, m, p) @ had)             # each block of p by the Hadamard matrix
+        if self.dtype is None:
+            y = ((u * signs).reshape(-1, m, p) @ had)         # each block of p by the Hadamard matrix
+        else:
+            y = _mm((u * signs).reshape(-1, p), had, self.dtype).mul_(float(p) ** -0.5).reshape(-1, m, p)
         return (mix @ y).reshape(u.shape)                       # out[:, i] = sum_j mix[i, j] y[:, j]
 
     def embed(self, tokens):
@@ -222,7 +243,9 @@ class _TorchModel:
         for i in range(cfg.n_layers):
             x = ref.block(self, cfg, i, x, pos)
         h = self.norm("final_norm", x)
-        if self.head_q is not None:
+        if self.head_w16 is not None:
+            y = _mm(h, self.head_w16.T, self.dtype)
+        elif self.head_q is not None:
             y = self.head_fn.apply(h, *self.head_q)
         elif self.head_name in self.planes:
             y = self.planes_head(self.head_name, h)
@@ -381,10 +404,23 @@ def teacher_targets(torch, teacher, tokens: np.ndarray, k: int = TEACHER_K) -> t
     """The teacher's top-k next-token log-probabilities at every position of one sequence, and the
     log of the probability outside them: (ids (L, k) int64, logp (L, k), rest (L,)) tensors."""
     with torch.no_grad():
-        lp = torch.log_softmax(teacher.logits(torch.from_numpy(tokens.astype(np.int64))).double(), -1)
-        top, ids = torch.topk(lp, k, dim=-1)
-        rest = _log1mexp(torch, torch.logsumexp(top, -1))
-    return ids, top.float(), rest.float()
+        z = teacher.logits(torch.from_numpy(tokens.astype(np.int64))).float()
+        return _top_and_rest(torch, z, k)
+
+
+def _top_and_rest(torch, z, k: int) -> tuple:
+    """teacher_targets' arithmetic on logits z (L, vocab), overwritten: the top k by the logits
+    (log-softmax keeps their order), and the rest's log-mass as the log-sum-exp over the others
+    (z with the top k set to -inf) rather than log(1 - exp(their mass)), which cancels when they
+    hold nearly all of it: float32 throughout, about half the time of a float64 log-softmax of
+    the whole row."""
+    k = min(k, z.shape[-1])
+    top, ids = torch.topk(z, k, dim=-1)
+    z.scatter_(-1, ids, float("-inf"))
+    rest = torch.logsumexp(z, -1) if k < z.shape[-1] else torch.full(z.shape[:-1], float("-inf"))
+    lse = torch.logaddexp(rest, torch.logsumexp(top, -1))
+    # no mass outside: a finite log whose exp is 0, so that topk_kl's rest term is 0, not nan
+    return ids, top - lse[..., None], (rest - lse).clamp_min(-1e4)
 
 
 def _log1mexp(torch, x):
@@ -451,8 +487,9 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
     `work` (a checkpoint.WorkDir): the multipliers and Adam's state are saved there now and then,
     and a run finding them resumes, bit for bit (Adam's arithmetic does not depend on the
     thread count; the matrix products' sums may, as for any torch run).
-    dtype: "bfloat16" runs the student's products (plane layers and int8 head, forward and backward)
-    on bfloat16 operands (plane_linear); the teacher, the loss and Adam stay float32."""
+    dtype: "bfloat16" runs the linear layers' and the head's products on bfloat16 operands, the
+    student's forward and backward (plane_linear) and the teacher's, whose weights are rounded
+    once; norms, attention, the loss and Adam stay float32."""
     torch = _require_torch()
     log = log or (lambda m: None)
     if steps <= 0:
@@ -472,7 +509,13 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         # the float model's part, all at once: its targets for the sequences still to come (each is
         # read once when there are fewer steps than sequences, so this costs no more forwards than
         # computing them step by step), then its float linear weights go (see release_float)
-        teacher = _TorchModel(torch, cfg, fm, None, fold_rotation=True)
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else None
+        teacher = _TorchModel(torch, cfg, fm, None, fold_rotation=True, dtype=tdtype)
+        if tdtype is not None:   # the teacher holds its own rounded copies: the float weights can go now
+            release_float(fm, fitted)
+            memory.give_back()
         need = sorted(set(order[start:steps].tolist()))
         targets = {i: teacher_targets(torch, teacher, tokens[i]) for i in need}
         held_targets = [teacher_targets(torch, teacher, seq) for seq in held]
@@ -480,8 +523,6 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         release_float(fm, fitted)
         release_rows(fm, fitted, rows)
         memory.give_back()
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
         student = _TorchModel(torch, cfg, fm, fitted, rows, granularity=granularity,
                               dtype=torch.bfloat16 if dtype == "bfloat16" else None)
         names = sorted(student.planes)

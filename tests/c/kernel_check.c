@@ -262,6 +262,42 @@ static void check_silu(void) {
     }
 }
 
+/* The scale tuner's gather: every variant's lookup16 (16-bit and float32 tables of 2..16 levels)
+ * bit for bit with scalar, and scalar against the definition, over lengths with and without a
+ * tail (a 16-bit value's every bit copied: NaN patterns included). */
+static void check_lookup16(void) {
+    static const int64_t lens[] = {0, 1, 7, 8, 31, 32, 33, 64, 70, 200};
+    const ep_kernels *ref = ep_kernels_get("scalar");
+    for (int L = 2; L <= 16; L *= 2)
+        for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
+            const int64_t n = lens[li];
+            uint16_t lev16[16], *w16a = xalloc(n * 2 + 2), *w16b = xalloc(n * 2 + 2);
+            float lev[16], *wa = xalloc(n * 4 + 4), *wb = xalloc(n * 4 + 4);
+            uint8_t *codes = xalloc(n + 1);
+            for (int l = 0; l < L; l++) {
+                lev[l] = rndf() * 10.0f;
+                lev16[l] = (uint16_t)(rnd() >> 48);
+            }
+            for (int64_t i = 0; i < n; i++) codes[i] = (uint8_t)(rnd() % (uint64_t)L);
+            ref->lookup16_u16(lev16, L, codes, n, w16a);
+            ref->lookup16_f32(lev, L, codes, n, wa);
+            for (int64_t i = 0; i < n; i++)
+                CHECK(w16a[i] == lev16[codes[i]] && wa[i] == lev[codes[i]], "scalar lookup16 L=%d n=%lld at %lld",
+                      L, (long long)n, (long long)i);
+            char names[256];
+            snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+            for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+                const ep_kernels *kt = ep_kernels_get(name);
+                if (!kt || kt == ref) continue;
+                kt->lookup16_u16(lev16, L, codes, n, w16b);
+                kt->lookup16_f32(lev, L, codes, n, wb);
+                CHECK(memcmp(w16a, w16b, n * 2) == 0 && memcmp(wa, wb, n * 4) == 0, "%s lookup16 L=%d n=%lld differs",
+                      name, L, (long long)n);
+            }
+            free(w16a); free(w16b); free(wa); free(wb); free(codes);
+        }
+}
+
 /* The softmax's exp: within EP_EXP_MAX_ULP of exp over its range, exact at the edges. */
 static void check_expf(void) {
     float worst = 0.0f;
@@ -404,6 +440,7 @@ int main(int argc, char **argv) {
     check_dense_helpers();
     check_expf();
     check_silu();
+    check_lookup16();
     check_limits();
     printf("random cases: %d\n", cases);
     if (argc > 1) check_kat(argv[1]);
