@@ -107,14 +107,14 @@ class _TorchModel:
             self.embed_w = stored("embed", rows[0])
         self.head_name = "head" if "head" in t else "embed"
         if fitted is not None and rows[1] == "int8" and "head" in t and "head" not in self.planes:
-            # the int8 table widened a block of rows at a time (int8_head), never whole
+            # float32: the int8 table widened a block of rows at a time (int8_head), never whole;
+            # bfloat16: widened once, 2 bytes a weight (57 MB for SmolLM2's head), each row q * scale
+            # in float32, then rounded
             q, s = t["head"].int8_rows()
             self.head_q, self.head_w = (torch.from_numpy(q), torch.from_numpy(s)), None
-            self.head_fn = int8_head(torch, dtype=dtype)
-            if dtype is not None:
-                # in bfloat16 the widened table is 2 bytes a weight (57 MB for SmolLM2's head):
-                # rounded once here rather than widened and rounded again at every pass (the same
-                # values: each row is q * scale in float32, then rounded)
+            if dtype is None:
+                self.head_fn = int8_head(torch)
+            else:
                 self.head_w16 = torch.empty(q.shape, dtype=dtype)
                 for r0 in range(0, q.shape[0], 4096):
                     self.head_w16[r0:r0 + 4096] = self.head_q[0][r0:r0 + 4096].float() * self.head_q[1][r0:r0 + 4096, None]
@@ -365,11 +365,11 @@ def plane_linear(torch, dtype=None):
     return PlaneLinear
 
 
-def int8_head(torch, block: int = 4096, dtype=None):
-    """h @ W^T for the int8 rows W = q * scale (vocab, dim), with autograd for h only: W is widened
-    `block` rows at a time in the forward and the backward pass, so the float table (4 bytes a
-    weight: 113 MB for SmolLM2's head) never exists.  dtype: as plane_linear's (each widened row,
-    q * scale in float32, then rounded to it)."""
+def int8_head(torch, block: int = 4096):
+    """h @ W^T in float32 for the int8 rows W = q * scale (vocab, dim), with autograd for h only: W
+    is widened `block` rows at a time in the forward and the backward pass, so the float table (4
+    bytes a weight: 113 MB for SmolLM2's head) never exists.  (In bfloat16 the student widens the
+    table once instead: _TorchModel.head_w16.)"""
 
     class Int8Head(torch.autograd.Function):
         @staticmethod
@@ -378,10 +378,7 @@ def int8_head(torch, block: int = 4096, dtype=None):
             y = h.new_empty(h.shape[:-1] + (q.shape[0],))
             for r0 in range(0, q.shape[0], block):
                 w = q[r0:r0 + block].to(h.dtype) * scale[r0:r0 + block, None]
-                if dtype is None:
-                    torch.matmul(h, w.T, out=y[..., r0:r0 + block])
-                else:
-                    y[..., r0:r0 + block] = _mm(h, w.T, dtype)
+                torch.matmul(h, w.T, out=y[..., r0:r0 + block])
             return y
 
         @staticmethod
@@ -390,7 +387,7 @@ def int8_head(torch, block: int = 4096, dtype=None):
             gh = None
             for r0 in range(0, q.shape[0], block):
                 w = q[r0:r0 + block].to(gy.dtype) * scale[r0:r0 + block, None]
-                part = _mm(gy[..., r0:r0 + block], w, dtype)
+                part = gy[..., r0:r0 + block] @ w
                 gh = part if gh is None else gh.add_(part)
             return gh, None, None
 
