@@ -4,7 +4,19 @@
     m = edgepanel.load("model.ep")
     print(m.generate("Once upon a time", max_tokens=64))
 """
-from .errors import BackendUnavailable, EdgepanelError, EdgepanelWarning, FormatError
+import os as _os
+import sys as _sys
+
+# NumPy's OpenBLAS keeps its idle threads spinning for about 0.1 s after every product (2^28
+# cycles), on the very cores edgepanel's C kernels take next.  Calibration alternates the two
+# every few milliseconds: on 2 cores the spinning thread took a core from the fitting loop (its
+# column loop ran at half speed; the calibration, 6-16 s more of 68-76 s).  OpenBLAS reads this
+# once, when NumPy loads it: from here when edgepanel is imported first (the command line always
+# is); a value the user set wins.
+_BLAS_QUIET = "numpy" not in _sys.modules or "OPENBLAS_THREAD_TIMEOUT" in _os.environ
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # 2^4 cycles: sleep as soon as idle
+
+from .errors import BackendUnavailable, EdgepanelError, EdgepanelWarning, FormatError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -327,6 +327,11 @@ def _calibrate(fm, recipe: Recipe, run, toks: np.ndarray, work, progress: bool, 
     when the recipe asks); resumed from `work`'s checkpoint when an earlier run was interrupted.
     Returns name -> (PlaneMatrix or None, error[, how, calibrated])."""
     cfg, start, x = fm.cfg, 0, None
+    from .. import _BLAS_QUIET
+    if not _BLAS_QUIET:
+        log("note: NumPy was imported before edgepanel, so its BLAS threads spin between products on the "
+            "cores the fitting uses (calibration about 10-20% slower on 2 cores); import edgepanel first, "
+            "or set OPENBLAS_THREAD_TIMEOUT=4 before NumPy loads")
     saved = work.load("calib")
     if saved is not None:
         arrays, state = saved
