@@ -403,6 +403,48 @@ static void neon_attend(const float *q, int64_t G, const float *k, const float *
     }
 }
 
+/* ep_ref_lookup16_u16, 16 codes at a time: the table's low and high bytes, deinterleaved once,
+ * looked up by TBL (codes < 16 index a 16-byte table directly) and stored interleaved again. */
+static void neon_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w) {
+    uint16_t t[16] = {0};
+    memcpy(t, lev, sizeof(uint16_t) * (size_t)L);
+    const uint8x16x2_t tb = vld2q_u8((const uint8_t *)t);   /* val[0]: low bytes, val[1]: high */
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const uint8x16_t idx = vld1q_u8(codes + i);
+        uint8x16x2_t v;
+        v.val[0] = vqtbl1q_u8(tb.val[0], idx);
+        v.val[1] = vqtbl1q_u8(tb.val[1], idx);
+        vst2q_u8((uint8_t *)(w + i), v);
+    }
+    ep_ref_lookup16_u16(lev, L, codes + i, n - i, w + i);
+}
+
+/* ep_ref_lookup16_f32, 16 codes at a time: the 64-byte table in four registers, each output
+ * float's four bytes picked by TBL at byte indices 4 * code + 0..3. */
+static void neon_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w) {
+    float t[16] = {0};
+    memcpy(t, lev, sizeof(float) * (size_t)L);
+    const uint8x16x4_t tb = {{vld1q_u8((const uint8_t *)t), vld1q_u8((const uint8_t *)(t + 4)),
+                              vld1q_u8((const uint8_t *)(t + 8)), vld1q_u8((const uint8_t *)(t + 12))}};
+    static const uint8_t spread[4][16] = {   /* code j of 16 to bytes 4j..4j+3 of its quarter */
+        {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+        {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+        {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+        {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+    static const uint8_t byte_of[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+    const uint8x16_t off = vld1q_u8(byte_of);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const uint8x16_t c = vld1q_u8(codes + i);
+        for (int j = 0; j < 4; j++) {
+            const uint8x16_t idx = vaddq_u8(vshlq_n_u8(vqtbl1q_u8(c, vld1q_u8(spread[j])), 2), off);
+            vst1q_u8((uint8_t *)(w + i + 4 * j), vqtbl4q_u8(tb, idx));
+        }
+    }
+    ep_ref_lookup16_f32(lev, L, codes + i, n - i, w + i);
+}
+
 const ep_kernels ep_kernels_neon = {
     .name = "neon",
     .supported = neon_supported,
@@ -417,8 +459,8 @@ const ep_kernels ep_kernels_neon = {
     .dot = neon_dot,
     .attend = neon_attend,
     .silu_mul = ep_ref_silu_mul,
-    .lookup16_u16 = ep_ref_lookup16_u16,
-    .lookup16_f32 = ep_ref_lookup16_f32,
+    .lookup16_u16 = neon_lookup16_u16,
+    .lookup16_f32 = neon_lookup16_f32,
 };
 
 /* The same kernels with the dot product where it pays (i8_rows). */
@@ -436,6 +478,6 @@ const ep_kernels ep_kernels_neon_dotprod = {
     .dot = neon_dot,
     .attend = neon_attend,
     .silu_mul = ep_ref_silu_mul,
-    .lookup16_u16 = ep_ref_lookup16_u16,
-    .lookup16_f32 = ep_ref_lookup16_f32,
+    .lookup16_u16 = neon_lookup16_u16,
+    .lookup16_f32 = neon_lookup16_f32,
 };
