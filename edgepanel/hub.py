@@ -36,7 +36,7 @@ class KnownModel:
 
 
 # Intel Xeon (AVX-512) and a 2 GHz AMD EPYC Zen 1 (AVX2), 2 cores (docs/performance.md#conversion-time)
-FIRST_USE_SECONDS = (184.0, 574.0)
+FIRST_USE_SECONDS = (127.0, 574.0)
 
 MODELS = {
     "smollm2": KnownModel(
