@@ -34,7 +34,7 @@ def build(arch: str, path, seed: int = 0, ternary: bool = False, std: float = 0.
         model = T.Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = T.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=context,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=std)
         model = T.GPT2LMHeadModel(cfg)
     elif arch == "bitnet":
         cfg = T.BitNetConfig(**common)

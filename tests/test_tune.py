@@ -402,3 +402,141 @@ def test_cli_finetune_kd_against_a_teacher(tiny, tmp_path):
     assert (tmp_path / "kd.ep.teacher-top8").exists()
     assert ModelFile(out).meta.history[-1]["zo_finetune"]["objective"] == "kd"
     assert cli.main(args[:4] + args[6:]) == 1     # kd without a teacher
+
+
+# -- exact gradients (tune/backprop.py) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """Per architecture: a pass-through teacher, a binarized student (k=2) and kd examples over it."""
+    from edgepanel.tune import teacher
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            d = tmp_path_factory.mktemp("exact_" + arch)
+            checkpoint_with_tokenizer(d / "hf", arch=arch, std=0.15)   # peaked distributions
+            convert(d / "hf", d / "t.ep", Recipe(passthrough=True))
+            convert(d / "hf", d / "s.ep", Recipe(planes=2, group=32, calib_tokens=512, seq_len=64, tune_steps=0))
+            t = edgepanel.load(d / "t.ep")
+            made[arch] = (d, teacher.build(t, t.tokenizer, TEXT, seq_len=24, count=3, k=16))
+        return made[arch]
+    return get
+
+
+def _directional(arch_dir, batch, objective, granularity, kinds=("scales", "norms", "biases")):
+    """(the exact gradient along a random direction, the float64 central difference of the loss)."""
+    from edgepanel.tune.backprop import ExactGradient
+    m = edgepanel.load(arch_dir / "s.ep")
+    p = Trainable(m, kinds, granularity=granularity)
+    loss, g = ExactGradient(m, p).loss_and_grad(batch, objective)
+    rng = np.random.default_rng(1)
+    dirs = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in p.theta.items()}
+    base, f64, h = p.copy(), ExactGradient(m, p, np.float64), 1e-3
+
+    def at(sign):
+        for n in p.theta:
+            p.theta[n][...] = base[n] + np.float32(sign * h) * dirs[n]
+        return f64.loss_and_grad(batch, objective)[0]
+    fd = (at(1) - at(-1)) / (2 * h)
+    p.restore(base)
+    return m, loss, sum(float(np.vdot(g[n].astype(np.float64), dirs[n])) for n in g), fd
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bitnet"])
+@pytest.mark.parametrize("granularity", ["group", "row", "tensor", "kind"])
+def test_exact_gradient_equals_a_float64_difference(sharp, arch, granularity):
+    """Every piece of the backward pass (rotation, RoPE, grouped attention, RMS and layer norms,
+    SiLU, tanh-GELU and squared-ReLU MLPs, BitNet's sub-norms, biases, int8 head) against a central
+    difference of the float64 loss along a random direction of theta: agreement to 2e-3 relative
+    (float32 gradients; the difference's own error is about 1e-5 at h = 1e-3)."""
+    from edgepanel.tune.objectives import kd
+    d, ex = sharp(arch)
+    for objective, batch in (("kd", ex), ("nll", [data.Example(e.ids, e.mask) for e in ex])):
+        m, loss, exact, fd = _directional(d, batch, objective, granularity)
+        assert abs(fd) > 1e-4, (objective, fd)
+        assert exact == pytest.approx(fd, rel=2e-3, abs=1e-6), (objective, exact, fd)
+        # the pass models the engine except its int8 rounding of activations
+        engine = (kd if objective == "kd" else nll)(m, batch)
+        assert loss == pytest.approx(engine, rel=2e-2, abs=2e-3), objective
+
+
+def test_exact_nll_counts_the_target_tokens_only(sharp):
+    """The summed loss and gradient over targets A and B are those over A plus those over B, and
+    the mean matches the engine's (whose masks are exact: test_nll_counts_the_target_tokens_only...)."""
+    from edgepanel.tune.backprop import ExactGradient
+    d, ex = sharp("llama")
+    m = edgepanel.load(d / "s.ep")
+    eg = ExactGradient(m, Trainable(m, ("scales", "norms"), granularity="tensor"))
+    ids, n = ex[0].ids, len(ex[0].ids)
+    a, b = np.zeros(n, bool), np.zeros(n, bool)
+    a[5:12], b[12:] = True, True
+    parts = [(eg.loss_and_grad([data.Example(ids, mk)], "nll"), int(mk[1:].sum())) for mk in (a, b, a | b)]
+    (la, ga), na = parts[0]
+    (lb, gb), nb = parts[1]
+    (lab, gab), nab = parts[2]
+    assert nab == na + nb and lab * nab == pytest.approx(la * na + lb * nb, rel=1e-5)
+    for k in gab:
+        np.testing.assert_allclose(gab[k] * nab, ga[k] * na + gb[k] * nb, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert lb == pytest.approx(nll(m, [data.Example(ids, b)]), rel=2e-2)
+    with pytest.raises(ValueError, match="no target tokens"):
+        eg.loss_and_grad([data.Example(ids, np.zeros(n, bool))], "nll")
+
+
+def _exact(path, steps, **kw):
+    m = edgepanel.load(path)
+    cfg = TuneConfig.for_objective(objective="nll", gradient="exact", steps=steps, batch=2, seq_len=32,
+                                   eval_every=0, **kw)
+    return m, ZOTrainer(m, examples(m), cfg)
+
+
+def test_exact_training_lowers_the_loss_and_resumes_bit_for_bit(tiny, tmp_path):
+    m, t = _exact(tiny / "m.ep", 8, lr=3e-2, params="scales,norms")
+    assert t.cfg.granularity == "group" and t.cfg.optimizer == "adam"     # the exact recipe
+    ex = examples(m)
+    before = nll(m, ex)
+    t.run()
+    assert nll(m, ex) < before - 0.08
+    _, first = _exact(tiny / "m.ep", 4, lr=3e-2, params="scales,norms")
+    first.run(checkpoint=tmp_path / "ck.safetensors")
+    _, second = _exact(tiny / "m.ep", 8, lr=3e-2, params="scales,norms")
+    second.load_checkpoint(tmp_path / "ck.safetensors")
+    second.run()
+    for n, a in t.params.theta.items():
+        np.testing.assert_array_equal(second.params.theta[n], a, err_msg=n)
+
+
+def test_exact_training_is_the_same_on_one_and_two_threads(tiny, tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np, edgepanel\n"
+            "from edgepanel.tune import TuneConfig, ZOTrainer, data\n"
+            f"m = edgepanel.load({str(tiny / 'm.ep')!r}, threads=int(sys.argv[1]))\n"
+            f"ex = data.from_text(m.tokenizer, {TEXT!r}, 32)\n"
+            "cfg = TuneConfig.for_objective(objective='nll', gradient='exact', steps=3, batch=2, eval_every=0, lr=3e-3)\n"
+            "t = ZOTrainer(m, ex, cfg); t.run()\n"
+            "np.savez(sys.argv[2], **{k.replace('.', '_'): v for k, v in t.params.theta.items()})\n")
+    outs = []
+    for n in (1, 2):
+        env = dict(__import__("os").environ, OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+        subprocess.run([sys.executable, "-c", code, str(n), str(tmp_path / f"t{n}.npz")], check=True, env=env)
+        outs.append(np.load(tmp_path / f"t{n}.npz"))
+    assert outs[0].files
+    for k in outs[0].files:
+        np.testing.assert_array_equal(outs[0][k], outs[1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (dict(gradient="exact", objective="dpo"), "kd or nll"),
+    (dict(gradient="adjoint"), "spsa or exact"),
+])
+def test_bad_exact_options_are_named(opts, msg):
+    with pytest.raises(ValueError, match=msg):
+        TuneConfig(**opts)
+
+
+def test_exact_gradients_refuse_what_they_cannot_train(tiny):
+    from edgepanel.tune.backprop import ExactGradient
+    m = edgepanel.load(tiny / "m.ep")
+    with pytest.raises(edgepanel.EdgepanelError, match="embeddings"):
+        ExactGradient(m, Trainable(m, ("scales", "embeddings"), granularity="tensor"))

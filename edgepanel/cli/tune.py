@@ -106,7 +106,7 @@ def register(sub):
     training_options(s)
 
 
-TRAINING_OPTIONS = (("objective", str), ("params", str), ("tensors", str), ("layers", str), ("granularity", str), ("steps", int),
+TRAINING_OPTIONS = (("objective", str), ("gradient", str), ("params", str), ("tensors", str), ("layers", str), ("granularity", str), ("steps", int),
                     ("lr", float), ("eps", float), ("n_perturb", int), ("noise", str), ("optimizer", str),
                     ("schedule", str), ("warmup", int), ("weight_decay", float), ("clip", float),
                     ("batch", int), ("seq_len", int), ("seed", int), ("eval_every", int),

@@ -118,6 +118,30 @@ class Trainable:
                 else:
                     self.target[name][...] = t
 
+    def theta_grad(self, target_grads: dict[str, np.ndarray], scale: float = 1.0) -> dict[str, np.ndarray]:
+        """d loss / d theta from d loss / d (the model's parameters) (by target name; a missing
+        name has gradient 0), times `scale`: a multiplier's is the sum, over what it covers, of
+        the parameter's gradient times its base value (apply's chain rule)."""
+        out = {key: np.zeros_like(t) for key, t in self.theta.items()}
+        for key, t in self.theta.items():
+            for name in self.members[key]:
+                g = target_grads.get(name)
+                if g is None:
+                    continue
+                if key not in self.multipliers:
+                    out[key] += g
+                    continue
+                b = self.base[name]
+                gb = g * (b if isinstance(b, np.ndarray) else b.float_scales())
+                if t.ndim == 4:
+                    k = gb.shape[0]
+                    axes = tuple(a for a in range(4) if t.shape[a] == 1 and gb.shape[a] != 1)
+                    out[key][:k] += gb.sum(axis=axes, keepdims=True)
+                else:
+                    out[key] += gb.sum()
+            out[key] *= np.float32(scale)
+        return out
+
     def project(self):
         """Keep what must stay non-negative so: scale multipliers (a plane scale is a magnitude)."""
         for key in self.multipliers:

@@ -42,6 +42,9 @@ class TuneConfig:
     layers: str | None = _opt(None, "layers to train, e.g. '20-29' or '0-3,7' (default: all, and the model-level ones)")
     tensors: str | None = _opt(None, "tensor names to train among --params, comma-separated, e.g. 'wq,wk' or "
                                "'attn_norm,final_norm' (default: all)")
+    gradient: str = _opt("spsa", "spsa: zeroth-order estimates (forward passes on the C engine only); exact: the "
+                                 "gradient by backpropagation in NumPy (torch-free; kd and nll; scales, norms and "
+                                 "biases; the memory of the conversion's tuning, not inference's)")
     granularity: str = _opt("tensor", f"plane-scale multipliers: {', '.join(GRANULARITIES)} (kind: one per kind of tensor and plane, shared by every layer, norms too; shared: one per kind)")
     steps: int = _opt(100, "optimizer steps")
     lr: float = _opt(6e-3, "learning rate (peak, for the schedule); measured best of 2e-3, 6e-3, 1.5e-2 (docs/finetune.md)")
@@ -94,6 +97,10 @@ class TuneConfig:
             bad("granularity", f"must be one of {', '.join(GRANULARITIES)}")
         if self.noise not in zo.DISTRIBUTIONS:
             bad("noise", f"must be one of {', '.join(zo.DISTRIBUTIONS)}")
+        if self.gradient not in ("spsa", "exact"):
+            bad("gradient", "must be spsa or exact")
+        if self.gradient == "exact" and self.objective not in ("kd", "nll"):
+            bad("objective", "must be kd or nll with --gradient exact")
         if self.optimizer not in ("sgd", "adam"):
             bad("optimizer", "must be sgd or adam")
         if self.schedule not in ("constant", "cosine"):
@@ -123,7 +130,8 @@ class TuneConfig:
     def for_objective(cls, **options) -> "TuneConfig":
         """The config of `options`, where those not given take the measured recipe of their
         objective (OBJECTIVE_RECIPES), then the field defaults."""
-        return cls(**(OBJECTIVE_RECIPES.get(options.get("objective", "nll"), {}) | options))
+        recipe = EXACT_RECIPE if options.get("gradient") == "exact" else OBJECTIVE_RECIPES.get(options.get("objective", "nll"), {})
+        return cls(**(recipe | options))
 
     def learning_rate(self, step: int) -> float:
         if step < self.warmup:
@@ -139,6 +147,10 @@ class TuneConfig:
 # exact central-difference gradient of each step's batch from 32 Hadamard directions (64 forward
 # passes of the batch), Adam: held-out rewards/accuracies 0.717 after 10 steps, 0.733 after 20,
 # where 840 multipliers and one random direction a step stayed at 0.567.
+#
+# Exact gradients (docs/finetune.md, "Exact gradients"): every scale its own multiplier and Adam, as the
+# conversion's first-order tuning.
+EXACT_RECIPE = dict(granularity="group", optimizer="adam", lr=1e-3, batch=1, steps=80, eval_every=20)
 _PREFERENCE_RECIPE = dict(granularity="kind", noise="hadamard", n_perturb=32, optimizer="adam", lr=1e-3,
                           eps=0.05, steps=20, eval_every=10)
 OBJECTIVE_RECIPES = {"dpo": _PREFERENCE_RECIPE, "rdpo": _PREFERENCE_RECIPE}
@@ -148,7 +160,7 @@ OBJECTIVE_RECIPES = {"dpo": _PREFERENCE_RECIPE, "rdpo": _PREFERENCE_RECIPE}
 class StepInfo:
     step: int             # steps done
     loss: float           # mean of L+ and L- over the perturbations
-    grad: float           # mean projected gradient (after clipping)
+    grad: float           # mean projected gradient (after clipping); exact gradients: their norm
     lr: float
     seconds: float        # since the run (or the resume) started
     eval_loss: float | None = None
@@ -166,6 +178,10 @@ class ZOTrainer:
         self.loss_fn = self.cfg.loss_function()
         self.params = Trainable(model, self.cfg.kinds, parse_layers(self.cfg.layers, model.cfg.n_layers),
                                 self.cfg.granularity, self.cfg.tensors)
+        self.exact = None
+        if self.cfg.gradient == "exact":
+            from .backprop import ExactGradient
+            self.exact = ExactGradient(model, self.params)
         self.step = 0
         self.m = {n: np.zeros_like(a) for n, a in self.params.theta.items()} if self.cfg.optimizer == "adam" else {}
         self.v = {n: np.zeros_like(a) for n, a in self.params.theta.items()} if self.cfg.optimizer == "adam" else {}
@@ -185,6 +201,13 @@ class ZOTrainer:
     def do_step(self) -> StepInfo:
         c, p, t = self.cfg, self.params, self.step
         batch = self.batch_for(t)
+        if self.exact is not None:
+            loss, g = self.exact.loss_and_grad(batch, c.objective)
+            norm = math.sqrt(sum(float(np.vdot(a, a)) for a in g.values()))
+            lr = c.learning_rate(t)
+            self._update(t, lr, lambda name, theta: g[name])
+            self.step += 1
+            return StepInfo(self.step, loss, norm, lr, 0.0)
         saved = p.copy()                  # theta is small: restore from a copy, exactly
         grads, losses = [], []
         for k in range(c.n_perturb):
@@ -199,8 +222,16 @@ class ZOTrainer:
             losses.append(0.5 * (lp + lm))
         lr = c.learning_rate(t)
         where = zo.layout(p.theta)
+        self._update(t, lr, lambda name, theta: zo.gradient(name, theta.shape, c.seed, t, grads, c.noise, where[name]))
+        self.step += 1
+        return StepInfo(self.step, float(np.mean(losses)), float(np.mean(grads)), lr, 0.0)
+
+    def _update(self, t: int, lr: float, gradient: Callable):
+        """Step every theta along gradient(name, theta) (weight decay, SGD or Adam), then project
+        and apply."""
+        c, p = self.cfg, self.params
         for name, theta in p.theta.items():
-            g = zo.gradient(name, theta.shape, c.seed, t, grads, c.noise, where[name])
+            g = gradient(name, theta)
             if c.weight_decay and p.decays(name):
                 g += np.float32(c.weight_decay) * (theta - np.float32(p.anchor(name)))
             if c.optimizer == "adam":
@@ -216,8 +247,6 @@ class ZOTrainer:
                 theta -= np.float32(lr) * g
         p.project()
         p.apply()
-        self.step += 1
-        return StepInfo(self.step, float(np.mean(losses)), float(np.mean(grads)), lr, 0.0)
 
     def evaluate(self) -> float | None:
         """Mean target loss over the held-out examples (the first eval_batches x batch)."""
