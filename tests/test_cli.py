@@ -52,6 +52,7 @@ def test_convert_generate_perplexity_info(tiny):
     (["perplexity", "MODEL", "/nonexistent.txt"], "cannot read"),
     (["convert", "HF", "o.ep", "--planes", "9"], "planes must be in 1..4"),
     (["convert", "HF", "o.ep", "--tune-steps", "-3"], "tune_steps must be"),
+    (["convert", "HF", "o.ep", "--tune", "numpy", "--tune-granularity", "column"], "numpy trains group, row or tensor"),
 ])
 def test_errors_are_one_clear_line(tiny, args, msg):
     if not (tiny / "m.ep").exists():
@@ -60,6 +61,16 @@ def test_errors_are_one_clear_line(tiny, args, msg):
     r = run(*args)
     assert r.returncode == 1
     assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_convert_tunes_in_numpy_when_asked(tiny, tmp_path):
+    from edgepanel.format import ModelFile
+    out = tmp_path / "np.ep"
+    r = run("convert", str(tiny / "hf"), str(out), "--planes", "2", "--group", "32", "--calib-tokens", "512",
+            "--seq-len", "64", "--tune", "numpy", "--tune-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "scale tuning (first-order, NumPy): 3 steps" in r.stdout, r.stdout
+    assert ModelFile(out).meta.recipe["tune"] == "numpy"
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):

@@ -205,21 +205,24 @@ def test_tuning_lowers_the_kl_on_unseen_text_and_changes_only_scales(dtype, tmp_
     assert recipe.get("tune_dtype", "float32") == dtype   # recorded when not float32
 
 
-def test_without_torch_conversion_tunes_by_zeroth_order_steps(tmp_path, monkeypatch):
-    """No torch: --tune auto tunes the scales by zeroth-order kd on the C engine (edgepanel.tune);
-    --tune fo is a clear error."""
+@pytest.mark.parametrize("tune, tag", [("auto", "-tune30np0.001"), ("zo", "-tune30zo")])
+def test_without_torch_conversion_tunes_in_numpy_or_by_zeroth_order_steps(tmp_path, monkeypatch, tune, tag):
+    """No torch: --tune auto tunes the scales by first-order kd steps in NumPy (tune/backprop.py),
+    --tune zo by zeroth-order kd on the C engine (edgepanel.tune); --tune fo is a clear error."""
     build("llama", tmp_path / "hf", seed=5, std=0.15)     # peaked outputs: a KL worth lowering
     add_tokenizer(tmp_path / "hf")
     monkeypatch.setattr(recover, "available", lambda: False)
     logs = []
-    recipe = Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=30)
-    assert recipe.tune_method() == "zo" and recipe.tag().endswith("-tune30zo")
+    recipe = Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64, tune_steps=30, tune=tune)
+    method = "numpy" if tune == "auto" else tune
+    assert recipe.tune_method() == method and recipe.tag().endswith(tag)
     rep = convert(tmp_path / "hf", tmp_path / "t.ep", recipe, log=logs.append)
-    assert rep.tuning["method"] == "zo" and rep.tuning["steps"] == 30
-    assert rep.tuning["kl_after"] < rep.tuning["kl_before"], rep.tuning
-    assert any("zeroth-order tuning" in m for m in logs)
+    assert rep.tuning["method"] == method and rep.tuning["steps"] == 30
+    assert rep.tuning["kl_after"] < rep.tuning["kl_before"] * (0.9 if method == "numpy" else 1.0), rep.tuning
+    assert any(f"scale tuning ({method})" in m for m in logs)
     f = ModelFile(tmp_path / "t.ep")
-    assert f.meta.recipe["tune"] == "zo" and f.meta.history[-1]["zo_tune"]["steps"] == 30
+    assert f.meta.recipe["tune"] == method and f.meta.history[-1]["zo_tune"]["steps"] == 30
+    assert f.meta.history[-1]["zo_tune"]["gradient"] == ("exact" if method == "numpy" else "spsa")
     plain = convert(tmp_path / "hf", tmp_path / "p.ep", Recipe(planes=2, group=32, calib_tokens=1024, seq_len=64,
                                                                   tune_steps=0))
     assert plain.tuning is None
@@ -277,6 +280,10 @@ def test_tuning_granularity_is_checked_and_kept_out_of_default_files():
         Recipe(tune_granularity="rows")
     with pytest.raises(ValueError, match="first-order"):
         Recipe(tune="zo", tune_granularity="row")
+    with pytest.raises(ValueError, match="numpy trains group, row or tensor"):
+        Recipe(tune="numpy", tune_granularity="column")
+    with pytest.raises(ValueError, match="auto, fo, numpy or zo"):
+        Recipe(tune="adam")
     with pytest.raises(ValueError, match="granularity must be one of"):
         recover.mult_shape("plane", (2, 8, 3))
 

@@ -69,6 +69,7 @@ def register(sub):
     option(c, Recipe, "seed", "--seed", type=int)
     option(c, Recipe, "tune_steps", "--tune-steps", type=int)
     option(c, Recipe, "tune_lr", "--tune-lr", type=float)
+    option(c, Recipe, "tune", "--tune", choices=["auto", "fo", "numpy", "zo"])
     option(c, Recipe, "tune_granularity", "--tune-granularity", choices=list(TUNE_GRANULARITIES))
     option(c, Recipe, "tune_dtype", "--tune-dtype", choices=["auto", "float32", "bfloat16"])
     option(c, Recipe, "calib_dtype", "--calib-dtype", choices=["auto", "float32", "bfloat16"])

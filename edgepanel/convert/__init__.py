@@ -82,7 +82,7 @@ class ConversionReport:
                      f"{self.all_bits:.3f}; file {self.file_bytes / 2**20:.1f} MiB; {self.seconds:.1f} s{peak}")
         if self.tuning:
             t = self.tuning
-            how = " (zeroth-order)" if t.get("method") == "zo" else ""
+            how = {"zo": " (zeroth-order)", "numpy": " (first-order, NumPy)"}.get(t.get("method"), "")
             lines.append(f"scale tuning{how}: {t['steps']} steps in {t['seconds']:.0f} s; KL to the float model on "
                          f"{t['eval_tokens']} calibration tokens {t['kl_before']:.4f} -> {t['kl_after']:.4f}")
         if self.perplexity:
@@ -277,13 +277,13 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
             from . import recover
             if not recover.available():
                 raise FormatError("first-order scale tuning (--tune fo) needs torch: pip install 'edgepanel[tune]' "
-                                  "(or --tune zo, torch-free)")
+                                  "(or --tune numpy, torch-free)")
             with memory.large_blocks_mapped():
                 report.tuning = recover.tune(fm, fitted, toks, recipe.tune_steps, lr=recipe.learning_rate(),
                                              seed=recipe.seed, rows=(recipe.embed, recipe.head), log=log,
                                              work=work, progress=progress, granularity=recipe.tune_granularity,
                                              dtype=recipe.matmul_dtype())
-        elif recipe.tuned:
+        elif recipe.tuned:   # zo or numpy: on the written file, against the float model's top-k
             zo_teacher = _zo_teacher(fm, toks, log)   # before the float weights are replaced below
         emitted = list(fm.t.values())
     with ModelWriter(out) as writer:
@@ -304,7 +304,9 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
                         source={"path": str(src), "architecture": hf_arch},
                         recipe=recipe.to_dict())
         writer.close(meta, tok_json)
-    if recipe.calibrated and recipe.tuned and recipe.tune_method() == "zo":
+    if recipe.calibrated and recipe.tuned and recipe.tune_method() in ("zo", "numpy"):
+        fm = run = fitted = emitted = store = None   # the float model: the tuning reads the written file
+        memory.give_back()
         report.tuning = _zo_tune(out, zo_teacher, recipe, progress, log)
     if recipe.calibrated:
         work.clear()
@@ -392,18 +394,24 @@ def _zo_teacher(fm, toks: np.ndarray, log):
     from .calibrate import to_weights
     eng = engine.make(to_weights(fm))
     ids = toks[np.linspace(0, len(toks) - 1, min(ZO_TEACHER_WINDOWS, len(toks))).round().astype(int)]
-    log(f"zeroth-order tuning: the float model's top-{ZO_TEACHER_K} on {len(ids)} calibration windows")
+    log(f"scale tuning: the float model's top-{ZO_TEACHER_K} on {len(ids)} calibration windows")
     return teacher.examples(ids, *teacher.teacher_targets(
         lambda w: eng.forward(w, eng.new_cache(len(w)), all_logits=True), ids, ZO_TEACHER_K))
 
 
 def _zo_tune(out: Path, train, recipe: Recipe, progress: bool, log) -> dict:
-    """Tune the written model's plane scales by zeroth-order kd steps (edgepanel.tune) and write it
-    again; torch-free."""
+    """Tune the written model's plane scales by kd steps (edgepanel.tune), zeroth-order or with
+    exact gradients in NumPy (recipe.tune_method()), and write it again; torch-free."""
     from ..model import load
     from ..tune import TuneConfig, ZOTrainer
-    cfg = TuneConfig(objective="kd", steps=recipe.tune_steps, seed=recipe.seed, eval_every=0,
-                     seq_len=train[0].ids.shape[0], **({"lr": recipe.tune_lr} if recipe.tune_lr else {}))
+    method = recipe.tune_method()
+    if method == "numpy":   # the first-order recipe: every scale, Adam, one window a step
+        cfg = TuneConfig.for_objective(objective="kd", gradient="exact", steps=recipe.tune_steps, seed=recipe.seed,
+                                       eval_every=0, seq_len=train[0].ids.shape[0], lr=recipe.learning_rate(),
+                                       granularity=recipe.tune_granularity)
+    else:
+        cfg = TuneConfig(objective="kd", steps=recipe.tune_steps, seed=recipe.seed, eval_every=0,
+                         seq_len=train[0].ids.shape[0], **({"lr": recipe.tune_lr} if recipe.tune_lr else {}))
     t0 = time.time()
     m = load(out)
     trainer = ZOTrainer(m, train, cfg)
@@ -411,10 +419,11 @@ def _zo_tune(out: Path, train, recipe: Recipe, progress: bool, log) -> dict:
     before = trainer.loss(held)
     trainer.run(progress=progress)
     after = trainer.loss(held)
-    log(f"zeroth-order tuning: {cfg.steps} steps, KL {before:.4f} -> {after:.4f} ({time.time() - t0:.0f} s)")
-    m.save(out, history={"zo_tune": {"steps": cfg.steps, "lr": cfg.lr, "granularity": cfg.granularity}})
+    log(f"scale tuning ({method}): {cfg.steps} steps, KL {before:.4f} -> {after:.4f} ({time.time() - t0:.0f} s)")
+    m.save(out, history={"zo_tune": {"steps": cfg.steps, "lr": cfg.lr, "granularity": cfg.granularity,
+                                     "gradient": cfg.gradient}})
     return {"steps": cfg.steps, "seconds": time.time() - t0, "kl_before": before, "kl_after": after,
-            "eval_tokens": int(sum(e.targets for e in held)), "method": "zo"}
+            "eval_tokens": int(sum(e.targets for e in held)), "method": method}
 
 
 def evaluate(src, out, eval_file, tokens: int = 2048, window: int = 512) -> dict:

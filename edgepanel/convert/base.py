@@ -232,12 +232,12 @@ class Recipe:
     bits_groups: tuple = _opt((64, 128, 256), "the group sizes a bit budget may choose from")
     tune_steps: int = _opt(80, "after fitting, tune the plane scales against the float model's outputs "
                                "(KL, Adam) for this many steps of one calibration sequence; 0 = off; "
-                               "calibrated recipes only; needs torch")
+                               "calibrated recipes only (see tune)")
     tune_lr: float | None = _opt(None, "learning rate of the scale tuning (a relative change per step); "
-                                       "None: 1e-3 below 4 planes, 3e-4 from 4 (fo), TuneConfig's (zo)")
-    tune: str = _opt("auto", "how the scales are tuned: fo (first-order, backpropagation in torch), zo "
-                             "(zeroth-order kd on the C engine, torch-free), auto (fo when torch is installed, "
-                             "else zo)")
+                                       "None: 1e-3 below 4 planes, 3e-4 from 4 (fo, numpy), TuneConfig's (zo)")
+    tune: str = _opt("auto", "how the scales are tuned: fo (first-order, backpropagation in torch), numpy "
+                             "(first-order, backpropagation in NumPy, torch-free), zo (zeroth-order kd on the C "
+                             "engine, torch-free), auto (fo when torch is installed, else numpy)")
     tune_granularity: str = _opt("group", "first-order tuning: one multiplier per scale (group), per (row, plane) "
                                           "(row), per (tensor, plane, group of inputs) shared by the rows (column) "
                                           "or per (tensor, plane) (tensor); the coarser ones are what zeroth-order "
@@ -284,13 +284,15 @@ class Recipe:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not (0 if name in ("als_iters", "tune_steps") else 1) <= v <= hi:
                 raise ValueError(f"{name} must be an integer in {0 if name in ('als_iters', 'tune_steps') else 1}..{hi}, got {v!r}")
-        if self.tune not in ("auto", "fo", "zo"):
-            raise ValueError(f"tune must be auto, fo or zo, got {self.tune!r}")
+        if self.tune not in ("auto", "fo", "numpy", "zo"):
+            raise ValueError(f"tune must be auto, fo, numpy or zo, got {self.tune!r}")
         if self.tune_granularity not in TUNE_GRANULARITIES:
             raise ValueError(f"tune_granularity must be one of {', '.join(TUNE_GRANULARITIES)}, got {self.tune_granularity!r}")
         if self.tune == "zo" and self.tune_granularity != "group":
-            raise ValueError("tune_granularity applies to first-order tuning (tune fo); zeroth-order tuning "
-                             "trains one multiplier per (tensor, plane)")
+            raise ValueError("tune_granularity applies to first-order tuning (tune fo or numpy); zeroth-order "
+                             "tuning trains one multiplier per (tensor, plane)")
+        if self.tune == "numpy" and self.tune_granularity == "column":
+            raise ValueError("tune_granularity column is for tune fo; numpy trains group, row or tensor multipliers")
         for name in ("tune_dtype", "calib_dtype"):
             if getattr(self, name) not in ("auto", "float32", "bfloat16"):
                 raise ValueError(f"{name} must be auto, float32 or bfloat16, got {getattr(self, name)!r}")
@@ -323,17 +325,21 @@ class Recipe:
                   + (f"e{default_calib_edition()}" if self.calib == "default" else "-own"))
             if self.tuned and self.tune_method() == "zo":
                 t += f"-tune{self.tune_steps}zo" + (f"lr{self.tune_lr:g}" if self.tune_lr else "")
+            elif self.tuned and self.tune_method() == "numpy":
+                t += f"-tune{self.tune_steps}np{self.learning_rate():g}" + (
+                    f"-{self.tune_granularity}" if self.tune_granularity != "group" else "")
             elif self.tuned:
                 t += f"-tune{self.tune_steps}lr{self.learning_rate():g}" + (
                     f"-{self.tune_granularity}" if self.tune_granularity != "group" else "")
         return t + ("-keep" + str(len(self.keep)) if self.keep else "")
 
     def tune_method(self) -> str:
-        """"fo" or "zo": what tuning will run ("auto": first-order when torch can be imported)."""
+        """"fo", "numpy" or "zo": what tuning will run ("auto": first-order in torch when torch can
+        be imported, else first-order in NumPy)."""
         if self.tune != "auto":
             return self.tune
         from . import recover
-        return "fo" if recover.available() else "zo"
+        return "fo" if recover.available() else "numpy"
 
     def matmul_dtype(self) -> str:
         """"float32" or "bfloat16": the first-order tuning's products ("auto": bfloat16 when the CPU
@@ -380,7 +386,7 @@ class Recipe:
                 "seed": self.seed, "tune_steps": self.tune_steps if self.tuned else 0, "tune_lr": self.learning_rate(),
                 **({"tune": self.tune_method()} if self.tuned else {}),
                 **({"tune_granularity": self.tune_granularity}
-                   if self.tuned and self.tune_granularity != "group" and self.tune_method() == "fo" else {}),
+                   if self.tuned and self.tune_granularity != "group" and self.tune_method() in ("fo", "numpy") else {}),
                 **({"tune_dtype": "bfloat16"} if self.tuned and self.tune_method() == "fo"
                    and self.matmul_dtype() == "bfloat16" else {}),
                 **({"calib_dtype": "bfloat16"} if self.calibrated and self.calib_matmul_dtype() == "bfloat16" else {})}
