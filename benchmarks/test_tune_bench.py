@@ -1,4 +1,5 @@
-"""Zeroth-order fine-tuning cost on the default model, as ratios measured in one run:
+"""Fine-tuning cost on the default model, as ratios measured in one run, for zeroth-order steps and
+for exact-gradient steps (backpropagation in NumPy, `--gradient exact`):
 
 - time: one ZO step (two scorings of the batch, perturbation, restore, update) against one scoring
   of the same batch, alternating the two for several rounds and taking the median of the per-round
@@ -38,13 +39,21 @@ def _batch(model):
     return data.from_text(model.tokenizer, DEFAULT_CALIB.read_text(encoding="utf-8"), SEQ)[:BATCH]
 
 
-def test_zo_step_against_scoring(benchmark, default_model):
+def _config(gradient):
+    from edgepanel.tune import TuneConfig
+    if gradient == "exact":   # its own recipe: a multiplier per scale, Adam
+        return TuneConfig.for_objective(gradient="exact", batch=BATCH, seq_len=SEQ, steps=10**6)
+    return TuneConfig(batch=BATCH, seq_len=SEQ, steps=10**6, granularity="row")
+
+
+@pytest.mark.parametrize("gradient", ["spsa", "exact"])
+def test_zo_step_against_scoring(benchmark, default_model, gradient):
     import edgepanel
-    from edgepanel.tune import TuneConfig, ZOTrainer
+    from edgepanel.tune import ZOTrainer
     from edgepanel.tune.objectives import nll
     m = edgepanel.load(default_model, threads=2)
     batch = _batch(m)
-    trainer = ZOTrainer(m, batch, TuneConfig(batch=BATCH, seq_len=SEQ, steps=10**6, granularity="row"))
+    trainer = ZOTrainer(m, batch, _config(gradient))
     rounds = 1 if benchmark.disabled else 7
     ratios, steps, scores = [], [], []
     for _ in range(rounds):
@@ -55,7 +64,7 @@ def test_zo_step_against_scoring(benchmark, default_model):
         trainer.do_step()
         steps.append(time.perf_counter() - t)
         ratios.append(steps[-1] / scores[-1])
-    benchmark.group = "zeroth-order step"
+    benchmark.group = f"fine-tuning step ({gradient})"
     benchmark.extra_info.update(model=default_model.name, batch=BATCH, seq_len=SEQ, rounds=rounds,
                                 score_s=float(np.median(scores)), step_s=float(np.median(steps)),
                                 step_over_score=float(np.median(ratios)), trained=trainer.params.size)
@@ -65,9 +74,9 @@ def test_zo_step_against_scoring(benchmark, default_model):
 
 PEAK = """
 import sys, edgepanel
-from edgepanel.tune import TuneConfig, ZOTrainer
+from edgepanel.tune import ZOTrainer
 sys.path.insert(0, {bench!r})
-from test_tune_bench import _batch
+from test_tune_bench import _batch, _config
 m = edgepanel.load({path!r}, threads=2)
 batch = _batch(m)
 def hwm():
@@ -80,7 +89,7 @@ try:   # the peak of the phase below alone (Linux: 5 resets VmHWM to the current
 except OSError:
     pass
 if {train}:
-    t = ZOTrainer(m, batch, TuneConfig(batch={batch}, seq_len={seq}, steps=10**6, granularity="row"))
+    t = ZOTrainer(m, batch, _config({gradient!r}))
     for _ in range(2):
         t.do_step()
 else:
@@ -91,14 +100,15 @@ print(max(loaded, hwm()), hwm())
 """
 
 
-def test_zo_training_peak_memory_against_scoring(benchmark, default_model):
+@pytest.mark.parametrize("gradient", ["spsa", "exact"])
+def test_zo_training_peak_memory_against_scoring(benchmark, default_model, gradient):
     def peak(train):
-        code = PEAK.format(bench=os.path.dirname(__file__), path=str(default_model), train=train, batch=BATCH, seq=SEQ)
+        code = PEAK.format(bench=os.path.dirname(__file__), path=str(default_model), train=train, gradient=gradient)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         return [int(v) for v in r.stdout.strip().splitlines()[-1].split()]
 
     (score, score_phase), (train, train_phase) = peak(False), peak(True)
-    benchmark.group = "zeroth-order memory"
+    benchmark.group = f"fine-tuning memory ({gradient})"
     info = dict(score_peak_rss=score, train_peak_rss=train, train_over_score=train / score,
                 score_phase_peak_rss=score_phase, train_phase_peak_rss=train_phase,
                 phase_train_over_score=train_phase / score_phase)

@@ -30,7 +30,12 @@ def main():
         run = json.loads(path.read_text())
         cpu = cpu or run.get("cpu")
         c = run["config"]
-        label = f"ZO {c['granularity']}, {c['optimizer']}, lr {c['lr']:g}, b{c['batch']}x{c['seq_len']}"
+        how = "exact gradients (NumPy)" if c.get("gradient") == "exact" else "ZO"
+        label = f"{how} {c['granularity']}, {c['optimizer']}, lr {c['lr']:g}, b{c['batch']}x{c['seq_len']}"
+        if c.get("schedule", "constant") != "constant":
+            label += f", {c['schedule']} over {c['steps']} steps"
+        if run.get("windows"):
+            label += f", {run['windows']} windows"
         for ax, name in zip(axes, TEXTS):
             xs = [p["seconds"] / 60 for p in run["points"]]
             ax.plot(xs, [p[name] for p in run["points"]], marker="o", ms=3, label=label)

@@ -10,7 +10,8 @@ sensitivity), plus options after ':' joined by ',':
   tuneN / tunelrX (scale tuning steps, default 80; its learning rate), fp32 / bf16 (the tuning's
   products: float32, or bfloat16; default: bfloat16 where the CPU has it), calfp32 / calbf16 (the
   same for calibration's forward: the engine's kernel, or bfloat16 in torch), byG (one tuning
-  multiplier per scale, row, column or tensor: the first-order ceiling of a coarser parametrization);
+  multiplier per scale, row, column or tensor: the first-order ceiling of a coarser parametrization),
+  fo / np / zo (the tuning: first-order in torch, first-order in NumPy, zeroth-order);
   for budgets: ksKK (plane counts to choose from, e.g. ks34), gsG-G (group sizes, e.g.
   gs64-128-256), rows (embeddings and head chosen by the budget too); embedF / headF (their
   formats: int8, f16, f32, kK, kKgG); s8 (8-bit scales).
@@ -58,6 +59,8 @@ def parse(spec: str) -> Recipe:
             r.tune_dtype = "float32" if o == "fp32" else "bfloat16"
         elif o in ("calfp32", "calbf16"):   # calibration's forward products (calib_dtype)
             r.calib_dtype = "float32" if o == "calfp32" else "bfloat16"
+        elif o in ("fo", "np", "zo"):     # how the scales are tuned: torch, NumPy, zeroth-order
+            r.tune = {"np": "numpy"}.get(o, o)
         elif o.startswith("by"):          # byrow, bycolumn, bytensor: the tuning's multipliers
             r.tune_granularity = o[2:]
         elif o.startswith("tunelr"):

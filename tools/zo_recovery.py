@@ -54,12 +54,14 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, required=True)
     g = ap.add_argument_group("training (TuneConfig)")
-    for name, typ in (("params", str), ("layers", str), ("granularity", str), ("lr", float), ("eps", float),
-                      ("n_perturb", int), ("noise", str), ("optimizer", str), ("weight_decay", float),
+    for name, typ in (("gradient", str), ("params", str), ("layers", str), ("granularity", str), ("lr", float), ("eps", float),
+                      ("n_perturb", int), ("noise", str), ("optimizer", str), ("schedule", str), ("warmup", int), ("weight_decay", float),
                       ("clip", float), ("batch", int), ("seq_len", int), ("seed", int)):
         option(g, TuneConfig, name, "--" + name.replace("_", "-"), type=typ)
     a = ap.parse_args()
-    cfg = TuneConfig(**{**given(a, TuneConfig), "objective": "kd", "steps": 10**9, "eval_every": 0})
+    # --steps is the run's length, which a cosine schedule decays over
+    cfg = TuneConfig.for_objective(**{**given(a, TuneConfig), "objective": "kd", "steps": a.steps or 10**9,
+                                      "eval_every": 0})
     texts = {n: fn() for n, fn in TEXTS.items()}
     student = load(a.student, threads=a.threads)
     cache = hub.cache_dir() / "quality" / f"teacher-top{a.k}-w{a.windows}-s{cfg.seq_len}.cache"
@@ -90,7 +92,7 @@ def main():
                            **held_out(student, texts)})
             print(json.dumps(points[-1]), flush=True)
     result = {"config": {**vars(cfg)}, "student": str(a.student), "teacher": str(a.teacher),
-              "teacher_seconds": teacher_s, "trained_values": trainer.params.size, "cpu": cpu_name(),
+              "teacher_seconds": teacher_s, "windows": len(train), "k": a.k, "trained_values": trainer.params.size, "cpu": cpu_name(),
               "threads": student.threads or "all", "points": points, "trace": trace}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
