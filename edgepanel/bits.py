@@ -148,6 +148,27 @@ def untile_scales(scales: np.ndarray, n_out: int) -> np.ndarray:
     return scales.transpose(0, 1, 3, 2).reshape(k, tiles * TILE, ng)[:, :n_out]
 
 
+def level_signs(k: int) -> np.ndarray:
+    """(2^k, k) float32: row c holds the signs of level code c, plane 0 in the code's highest bit."""
+    c = np.arange(2 ** k)[:, None]
+    return np.where((c >> (k - 1 - np.arange(k))[None, :]) & 1, 1.0, -1.0).astype(np.float32)
+
+
+def level_codes(pm: "PlaneMatrix") -> np.ndarray:
+    """(out, n_groups, group) uint8: each weight's level code (bit k-1-i set where plane i is +1),
+    the inputs padded to whole groups with code 0; weight (o, c) is then
+    sum_i level_signs(k)[code, i] * alpha[i, o, group of c] (the scale tuners build W this way)."""
+    k, out, n_in, ng = pm.k, pm.out_features, pm.in_features, pm.n_groups
+    gs = n_in if ng == 1 else pm.group
+    codes = np.zeros((out, ng * gs), np.uint8)
+    tiles, ncol = pm.planes.shape[1:3]
+    for i in range(k):   # read from the packed bits (1: -1), one plane at a time
+        rows = pm.planes[i].transpose(0, 2, 1).reshape(tiles * TILE, ncol)[:out]
+        neg = np.unpackbits(rows, axis=-1, bitorder="little", count=n_in)   # (out, in) 0/1
+        codes[:, :n_in] |= (neg ^ 1) << np.uint8(k - 1 - i)
+    return codes.reshape(out, ng, gs)
+
+
 def pack_act_bits(x: np.ndarray) -> np.ndarray:
     """Signs of activations x (n, in) -> (n, in_pad/8) uint8, bit 1 where x < 0."""
     return _pack_bits_rows(np.asarray(x) < 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgepanel import bits
 from edgepanel.convert import Recipe, convert
 from edgepanel.convert import calibrate as cal
 from edgepanel.convert import recover
@@ -296,12 +297,12 @@ def test_bad_tuning_options(bad):
 
 @pytest.mark.parametrize("out, n_in, k, g", [(17, 70, 4, 32), (33, 130, 3, 64), (16, 40, 1, 0), (5, 300, 2, 256)])
 def test_level_codes_are_the_planes_signs(out, n_in, k, g):
-    """_codes reads the packed bits: each weight's code has bit k-1-i set where plane i is +1,
+    """bits.level_codes reads the packed bits: each weight's code has bit k-1-i set where plane i is +1,
     the padding of the last group code 0."""
     from edgepanel import quantize
     w = np.random.default_rng(out).standard_normal((out, n_in)).astype(np.float32)
     pm = quantize.fit_planes(w, k, g or n_in, als_iters=1)
-    codes = recover._codes(pm)
+    codes = bits.level_codes(pm)
     gs = n_in if pm.n_groups == 1 else g
     assert codes.dtype == np.uint8 and codes.shape == (out, pm.n_groups, gs)
     flat = codes.reshape(out, -1)
@@ -318,8 +319,8 @@ def test_plane_linear_gradients_equal_the_dense_formulation(shape):
     out, n_in, k, g = shape
     rng = np.random.default_rng(out)
     pm = quantize.fit_planes(rng.standard_normal((out, n_in)).astype(np.float32), k, g, als_iters=1)
-    codes = torch.from_numpy(recover._codes(pm))
-    combos = torch.from_numpy(recover._combos(k)).double()
+    codes = torch.from_numpy(bits.level_codes(pm))
+    combos = torch.from_numpy(bits.level_signs(k)).double()
     fn = recover.plane_linear(torch)
     alpha = torch.from_numpy(pm.alpha().astype(np.float64)).requires_grad_(True)
     x = torch.from_numpy(rng.standard_normal((5, n_in))).requires_grad_(True)
@@ -345,7 +346,7 @@ def _plane_case(shape):
     alpha = torch.from_numpy(pm.alpha().astype(np.float32))
     x = torch.from_numpy(rng.standard_normal((2, 7, n_in)).astype(np.float32))
     gy = torch.from_numpy(rng.standard_normal((2, 7, out)).astype(np.float32))
-    return pm, torch.from_numpy(recover._codes(pm)), torch.from_numpy(recover._combos(k)), alpha, x, gy
+    return pm, torch.from_numpy(bits.level_codes(pm)), torch.from_numpy(bits.level_signs(k)), alpha, x, gy
 
 
 def _plane_run(fn, x, alpha, codes, combos, n_in, gy):

@@ -81,7 +81,7 @@ class _TorchModel:
             mult = torch.ones(mult_shape(granularity, tuple(alpha0.shape)), requires_grad=True)
             # each weight's plane combination as one uint8 code (out, ng, gs), a byte a weight,
             # for linear layers and for embeddings or head stored as planes (read by rows)
-            self.planes[name] = (pm, torch.from_numpy(_codes(pm)), alpha0, mult)
+            self.planes[name] = (pm, torch.from_numpy(bits.level_codes(pm)), alpha0, mult)
             self.lin[name] = (None, bias)
         self.norms = {}
         for name, e in t.items():
@@ -140,7 +140,7 @@ class _TorchModel:
             self.rot = (T(fm.rotation.signs), had, T(fm.rotation.mix), p, m)
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
         self.plane_fn = plane_linear(torch, dtype)
-        self.combos = {k: torch.from_numpy(_combos(k)) for k in range(1, bits.MAX_PLANES + 1)}
+        self.combos = {k: torch.from_numpy(bits.level_signs(k)) for k in range(1, bits.MAX_PLANES + 1)}
 
     def weight(self, name, rows=None):
         """The (out, in) weight, or only its rows `rows` (a tensor of indices)."""
@@ -265,27 +265,6 @@ def mult_shape(granularity: str, shape: tuple) -> tuple:
     if granularity not in shapes:
         raise ValueError(f"granularity must be one of {', '.join(shapes)}, got {granularity!r}")
     return shapes[granularity]
-
-
-def _combos(k: int) -> np.ndarray:
-    """(2^k, k) float32: row c holds the signs of level code c, plane 0 in the code's highest bit."""
-    c = np.arange(2 ** k)[:, None]
-    return np.where((c >> (k - 1 - np.arange(k))[None, :]) & 1, 1.0, -1.0).astype(np.float32)
-
-
-def _codes(pm) -> np.ndarray:
-    """(out, ng, gs) uint8: each weight's level code (bit k-1-i set when plane i is +1), the
-    inputs padded to whole groups with code 0 (their weights are sliced off)."""
-    k, out, n_in = pm.k, pm.out_features, pm.in_features
-    ng = pm.n_groups
-    gs = n_in if ng == 1 else pm.group
-    codes = np.zeros((out, ng * gs), np.uint8)
-    tiles, ncol = pm.planes.shape[1:3]
-    for i in range(k):   # read from the packed bits (1: -1), one plane at a time (bits.unpack_planes' layout)
-        rows = pm.planes[i].transpose(0, 2, 1).reshape(tiles * bits.TILE, ncol)[:out]
-        neg = np.unpackbits(rows, axis=-1, bitorder="little", count=n_in)   # (out, in) 0/1
-        codes[:, :n_in] |= (neg ^ 1) << np.uint8(k - 1 - i)
-    return codes.reshape(out, ng, gs)
 
 
 def _mm(a, b, dtype=None):

@@ -34,33 +34,13 @@ OBJECTIVES = ("kd", "nll")
 _HEAD_BLOCK = 8192   # head rows widened to float32 at a time (never the whole table)
 
 
-def _combos(k: int) -> np.ndarray:
-    """(2^k, k) float32: row c holds the signs of level code c, plane 0 in the code's highest bit."""
-    c = np.arange(2 ** k)[:, None]
-    return np.where((c >> (k - 1 - np.arange(k))[None, :]) & 1, 1.0, -1.0).astype(np.float32)
-
-
-def level_codes(pm: bits.PlaneMatrix) -> np.ndarray:
-    """(out, n_groups, group) uint8: each weight's level code (bit k-1-i set where plane i is +1),
-    the inputs padded to whole groups with code 0."""
-    k, out, n_in, ng = pm.k, pm.out_features, pm.in_features, pm.n_groups
-    gs = n_in if ng == 1 else pm.group
-    codes = np.zeros((out, ng * gs), np.uint8)
-    tiles, ncol = pm.planes.shape[1:3]
-    for i in range(k):
-        rows = pm.planes[i].transpose(0, 2, 1).reshape(tiles * bits.TILE, ncol)[:out]
-        neg = np.unpackbits(rows, axis=-1, bitorder="little", count=n_in)   # 1: -1
-        codes[:, :n_in] |= (neg ^ 1) << np.uint8(k - 1 - i)
-    return codes.reshape(out, ng, gs)
-
-
 class _Planes:
     """One binarized matrix for the pass: its codes, and W and the scales' gradient through them."""
 
     def __init__(self, pm: bits.PlaneMatrix):
         self.k, self.out, self.n_in = pm.k, pm.out_features, pm.in_features
-        self.codes = level_codes(pm)
-        self.combos = _combos(pm.k)
+        self.codes = bits.level_codes(pm)
+        self.combos = bits.level_signs(pm.k)
 
     def weight(self, pm: bits.PlaneMatrix) -> np.ndarray:
         """W (out, in) float32 from the current scales."""
