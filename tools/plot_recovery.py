@@ -51,7 +51,7 @@ def main():
     axes[0].set_ylabel("perplexity")
     handles, labels = axes[0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)
+    fig.legend(uniq.values(), uniq.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8)
     fig.suptitle(f"SmolLM2-135M at k=2, group 64: recovery by training time ({cpu})", fontsize=10)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110, bbox_inches="tight")
