@@ -159,7 +159,7 @@ OBJECTIVE_RECIPES = {"dpo": _PREFERENCE_RECIPE, "rdpo": _PREFERENCE_RECIPE}
 @dataclass
 class StepInfo:
     step: int             # steps done
-    loss: float           # mean of L+ and L- over the perturbations
+    loss: float           # mean of L+ and L- over the perturbations; exact gradients: the float pass's loss
     grad: float           # mean projected gradient (after clipping); exact gradients: their norm
     lr: float
     seconds: float        # since the run (or the resume) started
