@@ -27,7 +27,7 @@ import numpy as np
 from .. import bits
 from ..errors import EdgepanelError
 from ..model import names as N
-from ..model.weights import Linear, Rows
+from ..model.weights import Linear
 
 SUPPORTED_KINDS = ("scales", "norms", "biases")
 OBJECTIVES = ("kd", "nll")
@@ -120,12 +120,11 @@ class ExactGradient:
         """dtype: the pass's arithmetic (float64: a reference for tests; the weights are the same)."""
         self.model, self.cfg, self.params, self.dtype = model, model.cfg, params, np.dtype(dtype)
         w = model.weights
-        kinds = {_kind(n) for n in params.target}
-        bad = sorted(kinds - set(SUPPORTED_KINDS))
+        kind_of = {name: kind for name, kind, *_ in w.named_parameters()}
+        bad = sorted({kind_of[n] for n in params.target} - set(SUPPORTED_KINDS))
         if bad:
             raise EdgepanelError(f"exact gradients train {', '.join(SUPPORTED_KINDS)}, not {', '.join(bad)}")
-        if self.cfg.act not in ("silu", "gelu_tanh", "relu", "relu2"):
-            _act(self.cfg.act, np.zeros(1, np.float32))
+        _act(self.cfg.act, np.zeros(1, np.float32))   # an activation without a derivative here: said now
         self.planes: dict[str, _Planes] = {}
         for lin in w.linears():
             if lin.planes is not None:
@@ -367,14 +366,6 @@ class ExactGradient:
         if not count:
             raise ValueError("the batch has no target tokens")
         return total / count, self.params.theta_grad(grads, 1.0 / count)
-
-
-def _kind(name: str) -> str:
-    if name.endswith(".scales"):
-        return "embeddings" if name.startswith("embed") else "head" if name.startswith("head") else "scales"
-    if name.endswith(".row_scale") or name.startswith(("embed.", "head.")):
-        return "embeddings" if name.startswith("embed") else "head"
-    return "norms" if "norm" in name else "biases"
 
 
 def _add(grads: dict, name: str, g: np.ndarray):
