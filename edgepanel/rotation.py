@@ -87,6 +87,18 @@ class Rotation:
                 out[:, i] += y[:, j] * self.mix[i, j]
         return out.reshape(x.shape)
 
+    def apply_rows(self, x: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """T (or its transpose, S H M^T: H is symmetric) on the last axis of x, in x's dtype, the
+        Hadamard blocks as one matrix product: the scale tuner's forward and backward passes
+        (float64 where tests check gradients against differences)."""
+        p, m = split_pow2(self.n)
+        had = _hadamard(p).astype(x.dtype)
+        if not transpose:
+            y = ((x * self.signs).reshape(-1, p) @ had).reshape(-1, m, p)
+            return np.einsum("ij,bjp->bip", self.mix, y).reshape(x.shape)
+        y = np.einsum("ji,bjp->bip", self.mix, x.reshape(-1, m, p)).reshape(-1, p) @ had
+        return y.reshape(x.shape) * self.signs
+
     def matrix(self) -> np.ndarray:
         """T as an n x n matrix A with T(x) = A x."""
         return self.apply(np.eye(self.n, dtype=np.float32)).T

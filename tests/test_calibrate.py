@@ -247,6 +247,21 @@ def test_rotation_as_matrix_products_matches_the_butterflies(n):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
 
+@pytest.mark.parametrize("n", [1, 7, 96, 576])
+def test_rotation_on_rows_and_its_transpose_keep_the_dtype(n):
+    """The scale tuner's rotation (apply_rows): T as the butterflies compute it, and T's transpose,
+    in float64 to float64 rounding, checked against the transform's matrix."""
+    from edgepanel.rotation import Rotation
+    r = Rotation.random(n, 5)
+    x = np.random.default_rng(n).standard_normal((40, n))
+    a = r.matrix().astype(np.float64)                          # T(x) = A x
+    fwd, back = r.apply_rows(x), r.apply_rows(x, transpose=True)
+    assert fwd.dtype == back.dtype == np.float64
+    np.testing.assert_allclose(fwd, x @ a.T, atol=1e-5)       # the matrix itself is float32
+    np.testing.assert_allclose(back, x @ a, atol=1e-5)
+    np.testing.assert_allclose(r.apply_rows(fwd, transpose=True), x, atol=1e-6)    # orthogonal (float32 mix)
+
+
 def rotation_matrix64(r) -> np.ndarray:
     """The transform as an exact float64 matrix, built apart from the butterflies:
     A = kron(mix, H_p / sqrt(p)) diag(signs), H_p the Sylvester Hadamard matrix (rotation.py)."""

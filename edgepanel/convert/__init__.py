@@ -284,7 +284,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
                                              work=work, progress=progress, granularity=recipe.tune_granularity,
                                              dtype=recipe.matmul_dtype())
         elif recipe.tuned:   # zo or numpy: on the written file, against the float model's top-k
-            zo_teacher = _zo_teacher(fm, toks, log)   # before the float weights are replaced below
+            teacher_targets = _file_teacher(fm, toks, log)   # before the float weights are replaced below
         emitted = list(fm.t.values())
     with ModelWriter(out) as writer:
         store = _Store(writer, recipe, report)
@@ -307,7 +307,7 @@ def convert(src, out, recipe: Recipe | None = None, progress: bool = False, log=
     if recipe.calibrated and recipe.tuned and recipe.tune_method() in ("zo", "numpy"):
         fm = run = fitted = emitted = store = None   # the float model: the tuning reads the written file
         memory.give_back()
-        report.tuning = _zo_tune(out, zo_teacher, recipe, progress, log)
+        report.tuning = _tune_file(out, teacher_targets, recipe, progress, log)
     if recipe.calibrated:
         work.clear()
     report.file_bytes = out.stat().st_size
@@ -386,7 +386,7 @@ def _check_destination(src: Path, out: Path):
 ZO_TEACHER_WINDOWS, ZO_TEACHER_K = 32, 64
 
 
-def _zo_teacher(fm, toks: np.ndarray, log):
+def _file_teacher(fm, toks: np.ndarray, log):
     """The float model's top-k next-token log-probabilities on calibration windows, run in the C
     engine over the float weights in memory (the student's rotation leaves its logits as they are)."""
     from ..model import engine
@@ -399,7 +399,7 @@ def _zo_teacher(fm, toks: np.ndarray, log):
         lambda w: eng.forward(w, eng.new_cache(len(w)), all_logits=True), ids, ZO_TEACHER_K))
 
 
-def _zo_tune(out: Path, train, recipe: Recipe, progress: bool, log) -> dict:
+def _tune_file(out: Path, train, recipe: Recipe, progress: bool, log) -> dict:
     """Tune the written model's plane scales by kd steps (edgepanel.tune), zeroth-order or with
     exact gradients in NumPy (recipe.tune_method()), and write it again; torch-free."""
     from ..model import load

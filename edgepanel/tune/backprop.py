@@ -38,7 +38,7 @@ class _Planes:
     """One binarized matrix for the pass: its codes, and W and the scales' gradient through them."""
 
     def __init__(self, pm: bits.PlaneMatrix):
-        self.k, self.out, self.n_in = pm.k, pm.out_features, pm.in_features
+        self.k, self.n_in = pm.k, pm.in_features
         self.codes = bits.level_codes(pm)
         self.combos = bits.level_signs(pm.k)
 
@@ -182,19 +182,8 @@ class ExactGradient:
         return np.concatenate([x1 * cos - x2 * s, x2 * cos + x1 * s], axis=-1)
 
     def _rotate(self, u, transpose=False):
-        """The MLP rotation T(u) = M H S u (edgepanel.rotation: signs S, orthonormal Hadamard blocks
-        H, the blocks' mix M) on the rows of u, or its transpose S H M^T (H is symmetric)."""
         rot = self.model.weights.mlp_rotation
-        if rot is None:
-            return u
-        from ..rotation import _hadamard, split_pow2
-        p, m = split_pow2(rot.n)
-        had = _hadamard(p).astype(u.dtype)
-        if not transpose:
-            y = ((u * rot.signs).reshape(-1, p) @ had).reshape(-1, m, p)
-            return np.einsum("ij,bjp->bip", rot.mix, y).reshape(u.shape)
-        y = np.einsum("ji,bjp->bip", rot.mix, u.reshape(-1, m, p)).reshape(-1, p) @ had
-        return y.reshape(u.shape) * rot.signs
+        return u if rot is None else rot.apply_rows(u, transpose)
 
     def _head_blocks(self):
         """(r0, r1, W rows r0:r1 as float32) of the output layer, a block at a time."""
@@ -226,7 +215,7 @@ class ExactGradient:
         cfg = self.cfg
         L = lambda p: N.layer(i, p)  # noqa: E731
         n, H, Hkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        s = {"x0": x}
+        s = {}
         h, s["n1"] = self._norm(L("attn_norm"), x)
         s["h"] = h
         q = self._linear(L("wq"), h).reshape(n, H, hd)
