@@ -170,18 +170,51 @@ EP_INLINE void load_scales(const ep_gemm_args *a, int64_t i, int64_t t, int64_t 
                                                  : vld1q_f32((const float *)a->scales + idx + 4 * u);
 }
 
-/* d = count0 - 2*m per row, then f += alpha * d (fused, as fmaf) */
-EP_INLINE void fma_rows(float32x4_t f[4], const float32x4_t alpha[4], int32_t base, const int32x4_t m[4]) {
-    const int32x4_t s = vdupq_n_s32(base);
-    for (int u = 0; u < 4; u++)
-        f[u] = vfmaq_f32(f[u], alpha[u], vcvtq_f32_s32(vsubq_s32(s, vshlq_n_s32(m[u], 1))));
+/* One (plane, group) for TB tokens: d = count0 - 2*m per row, then in the specification's order
+ * f += alpha * d (fused, as fmaf), or with integer 8-bit scales (int_scales) e += code * d, which
+ * group_pass adds once the group's planes are done. */
+EP_INLINE void plane_pass(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j, int64_t tok0, const int TB,
+                          int32x4_t m[][4], int32x4_t e[][4], float32x4_t f[][4]) {
+    if (a->int_scales) {
+        const uint8x16_t c = vld1q_u8((const uint8_t *)a->scales + ep_scale_index(a, i, t, j));
+        const uint16x8_t c0 = vmovl_u8(vget_low_u8(c)), c1 = vmovl_u8(vget_high_u8(c));
+        const int32x4_t w[4] = {vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(c0))), vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(c0))),
+                                vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(c1))), vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(c1)))};
+        for (int b = 0; b < TB; b++) {
+            const int32x4_t s = vdupq_n_s32(a->gsum[(tok0 + b) * a->ng + j]);
+            for (int u = 0; u < 4; u++) e[b][u] = vmlaq_s32(e[b][u], w[u], vsubq_s32(s, vshlq_n_s32(m[b][u], 1)));
+        }
+        return;
+    }
+    float32x4_t alpha[4];
+    load_scales(a, i, t, j, alpha);
+    for (int b = 0; b < TB; b++) {
+        const int32x4_t s = vdupq_n_s32(a->gsum[(tok0 + b) * a->ng + j]);
+        for (int u = 0; u < 4; u++)
+            f[b][u] = vfmaq_f32(f[b][u], alpha[u], vcvtq_f32_s32(vsubq_s32(s, vshlq_n_s32(m[b][u], 1))));
+    }
+}
+
+/* The end of a group under int_scales: f += scale_rows * E, E reset. */
+EP_INLINE void group_pass(const ep_gemm_args *a, int64_t t, const int TB, int32x4_t e[][4], float32x4_t f[][4]) {
+    if (!a->int_scales) return;
+    for (int u = 0; u < 4; u++) {
+        const float32x4_t r = vld1q_f32(a->scale_rows + t * EP_TILE + 4 * u);
+        for (int b = 0; b < TB; b++) {
+            f[b][u] = vfmaq_f32(f[b][u], r, vcvtq_f32_s32(e[b][u]));
+            e[b][u] = vdupq_n_s32(0);
+        }
+    }
 }
 
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
     const uint8x16_t m0f = vdupq_n_u8(0x0f);
     const int8x8_t sixteen = vdup_n_s8(16);
     float32x4_t f[4][4];
+    int32x4_t e[4][4];
     load_acc(a, t, tok0, TB, f, j0 == 0);
+    for (int b = 0; b < TB; b++)
+        for (int u = 0; u < 4; u++) e[b][u] = vdupq_n_s32(0);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -218,10 +251,9 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
                     m[b][3] = vaddw_s16(m[b][3], vget_high_s16(s[b][1]));
                 }
             }
-            float32x4_t alpha[4];
-            load_scales(a, i, t, j, alpha);
-            for (int b = 0; b < TB; b++) fma_rows(f[b], alpha, a->gsum[(tok0 + b) * a->ng + j], m[b]);
+            plane_pass(a, i, t, j, tok0, TB, m, e, f);
         }
+        group_pass(a, t, TB, e, f);
     }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
@@ -243,7 +275,10 @@ static void neon_xnor_tables(const uint8_t *bits, int64_t in, int64_t group, uin
 
 EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1) {
     float32x4_t f[4][4];
+    int32x4_t e[4][4];
     load_acc(a, t, tok0, TB, f, j0 == 0);
+    for (int b = 0; b < TB; b++)
+        for (int u = 0; u < 4; u++) e[b][u] = vdupq_n_s32(0);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -271,10 +306,9 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
                     p[b][3] = vreinterpretq_s32_u32(vaddw_u16(vreinterpretq_u32_s32(p[b][3]), vget_high_u16(hi)));
                 }
             }
-            float32x4_t alpha[4];
-            load_scales(a, i, t, j, alpha);
-            for (int b = 0; b < TB; b++) fma_rows(f[b], alpha, a->gsum[(tok0 + b) * a->ng + j], p[b]);
+            plane_pass(a, i, t, j, tok0, TB, p, e, f);
         }
+        group_pass(a, t, TB, e, f);
     }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }

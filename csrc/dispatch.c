@@ -107,6 +107,11 @@ typedef struct {
 static void tables_range(void *ctx, int64_t b, int64_t e) {
     gemm_job *job = (gemm_job *)ctx;
     ep_gemm_args *a = &job->a;
+    if (a->x16) {  /* i16_tiles: the activations widened, in the table area */
+        for (int64_t t = b; t < e; t++)
+            ep_widen_i8((const int8_t *)job->act + t * a->in, a->in, a->in_pad, (int16_t *)a->x16 + t * a->in_pad);
+        return;
+    }
     for (int64_t t = b; t < e; t++) {
         uint8_t *tab = (uint8_t *)a->tab + t * a->tab_stride;
         int32_t *gs = (int32_t *)a->gsum + t * a->ng;
@@ -122,6 +127,8 @@ static void tiles_range(void *ctx, int64_t b, int64_t e) {
     gemm_job *job = (gemm_job *)ctx;
     if (job->xnor)
         job->kt->xnor_tiles(&job->a, b, e);
+    else if (job->a.x16)
+        job->kt->i16_tiles(&job->a, b, e);
     else
         job->kt->i8_tiles(&job->a, b, e);
 }
@@ -153,6 +160,7 @@ static int gemm(const ep_kernels *kt, int xnor, const void *act, const float *as
     a->acc = (float *)w;
     a->ascale = ascale;
     a->y = y;
+    if (!xnor && ep_use_i16(kt, a)) a->x16 = (const int16_t *)a->tab;  /* n * in_pad * 2 bytes: within */
     ep_parallel_for(threads, n, tables_range, &job);
     ep_parallel_for(threads, a->tiles, tiles_range, &job);
     return EP_OK;

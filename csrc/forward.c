@@ -31,6 +31,7 @@ typedef struct {
     int8_t *qa;
     float *qs;
     uint8_t *tab;
+    int16_t *x16;         /* the activations widened, for i16_tiles (n, in_pad) */
     int32_t *gsum;        /* MAX_CONCURRENT * n * ng_max */
     float *acc;           /* partial sums of chunked GEMMs, per matrix */
     int64_t tab_stride, ng_max, acc_per_mat;
@@ -67,6 +68,7 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
     TAKE(qa, int8_t, n * dmax);
     TAKE(qs, float, n);
     TAKE(tab, uint8_t, n * ep_tab_stride(dmax));
+    TAKE(x16, int16_t, n * ep_in_pad(dmax));
     TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
     TAKE(acc, float, acc_total);
 #undef TAKE
@@ -108,7 +110,10 @@ static void products_range(void *ctx, int64_t b, int64_t e) {
             const ep_matrix *mt = p->mat[i];
             int64_t u0 = lo - base, u1 = hi - base;
             if (mt->kind == EP_MAT_PLANES) {
-                kt->i8_tiles(&p->args[i], u0, u1);
+                if (p->args[i].x16)
+                    kt->i16_tiles(&p->args[i], u0, u1);
+                else
+                    kt->i8_tiles(&p->args[i], u0, u1);
             } else {
                 int64_t r0 = u0 * UNIT_ROWS, r1 = ep_min64(u1 * UNIT_ROWS, mt->rows);
                 if (mt->kind == EP_MAT_I8ROWS)
@@ -122,7 +127,8 @@ static void products_range(void *ctx, int64_t b, int64_t e) {
     }
 }
 
-/* Per token: the int8 activations, then (group > 0) their tables and group sums (ng a token). */
+/* Per token: the int8 activations, then (group > 0) their tables and group sums (ng a token),
+ * and (x16) the same activations widened for i16_tiles. */
 typedef struct {
     const ep_kernels *kt;
     const float *x;
@@ -133,6 +139,7 @@ typedef struct {
     int64_t stride;
     int32_t *gsum;
     int64_t ng;
+    int16_t *x16;
 } tab_job;
 
 static void tables_range(void *ctx, int64_t b, int64_t e) {
@@ -141,6 +148,7 @@ static void tables_range(void *ctx, int64_t b, int64_t e) {
         j->kt->quantize_i8(j->x + t * j->in, j->in, j->qa + t * j->in, j->qs + t);
         if (j->group)
             j->kt->i8_tables(j->qa + t * j->in, j->in, j->group, j->tab + t * j->stride, j->gsum + t * j->ng);
+        if (j->x16) ep_widen_i8(j->qa + t * j->in, j->in, ep_in_pad(j->in), j->x16 + t * ep_in_pad(j->in));
     }
 }
 
@@ -161,24 +169,38 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     p.count = count;
     p.x = x;
     p.in = in;
-    int need_q = 0, tables_group = 0;
+    int need_q = 0, tables_group = 0, wide = 0;
     for (int i = 0; i < count; i++) {
-        p.mat[i] = mats[i];
+        const ep_matrix *mt = mats[i];
+        p.mat[i] = mt;
         p.y[i] = ys[i];
-        if (mats[i]->kind == EP_MAT_PLANES || mats[i]->kind == EP_MAT_I8ROWS) need_q = 1;
-        if (mats[i]->kind == EP_MAT_PLANES && !tables_group) tables_group = (int)mats[i]->group;
+        if (mt->kind == EP_MAT_PLANES || mt->kind == EP_MAT_I8ROWS) need_q = 1;
+        if (mt->kind != EP_MAT_PLANES) continue;
+        ep_gemm_args *a = &p.args[i];  /* the arguments were checked on entry (planes_ok) */
+        ep_gemm_args_init(a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows, mt->k, mt->rows, in, mt->group, n);
+        if (ep_use_i16(kt, a)) {
+            a->x16 = f->x16;
+            wide = 1;
+        } else if (!tables_group) {
+            tables_group = (int)mt->group;
+        }
     }
-    if (need_q) {  /* tables once for every planes matrix, their group sums in gsum's first slot */
+    if (need_q) {  /* tables once for every planes matrix that reads them, their group sums in gsum's first slot */
         tab_job tj = {kt, x, f->qa, f->qs, in, tables_group, f->tab, f->tab_stride, f->gsum,
-                      tables_group ? ep_groups(in, tables_group) : 0};
+                      tables_group ? ep_groups(in, tables_group) : 0, wide ? f->x16 : NULL};
         ep_parallel_for(f->threads, n, tables_range, &tj);
     }
     for (int i = 0; i < count; i++) {
         const ep_matrix *mt = mats[i];
         if (mt->kind == EP_MAT_PLANES) {
-            ep_gemm_args *a = &p.args[i];  /* the arguments were checked on entry (planes_ok) */
-            ep_gemm_args_init(a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows, mt->k, mt->rows, in,
-                              mt->group, n);
+            ep_gemm_args *a = &p.args[i];
+            if (a->x16) {
+                a->ascale = f->qs;
+                a->acc = f->acc + (int64_t)i * f->acc_per_mat;
+                a->y = ys[i];
+                p.units[i] = a->tiles;
+                continue;
+            }
             a->tab = f->tab;
             a->tab_stride = f->tab_stride;
             int32_t *gs = f->gsum;   /* the tables' sums, ng a token, when the groups match */

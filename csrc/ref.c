@@ -5,6 +5,11 @@
  *     acc = 0; for each group j: for each plane i: acc = fmaf(alpha[i][row][j], (float)D, acc);
  *     y = acc * activation_scale
  * where D is the exact integer dot product of the plane's signs with the activations of group j.
+ * 8-bit scales (codes c times a row multiplier m) sum each group's planes as integers first
+ * (ep_int_scales: when the sum fits int32, always at the converter's group sizes):
+ *     acc = 0; for each group j: E = sum over planes i of c[i][row][j] * D; acc = fmaf(m[row], (float)E, acc);
+ * E is then the exact integer dot product of the group's weight codes, sum_i c_i * sign_i, with
+ * the activations, which a kernel may also compute from those codes widened to 16 bits.
  * Written for clarity, not speed; it calls nothing outside this file but ep_internal.h's inline
  * helpers. */
 #include <math.h>
@@ -219,6 +224,11 @@ static inline float plane_scale(const ep_gemm_args *a, int64_t i, int64_t r, int
     return ep_scale_value(a->scales, a->scales_kind, a->scale_rows, idx, r);
 }
 
+/* The 8-bit code of (plane i, row r, group j): int_scales only. */
+static inline uint8_t plane_code(const ep_gemm_args *a, int64_t i, int64_t r, int64_t j) {
+    return ((const uint8_t *)a->scales)[ep_scale_index(a, i, r / EP_TILE, j) + r % EP_TILE];
+}
+
 static inline int64_t group_end(const ep_gemm_args *a, int64_t j) {
     return ep_min64(a->ng == 1 ? a->in : (j + 1) * a->group, a->in);
 }
@@ -233,12 +243,17 @@ static void ref_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
                 float s = 0.0f;
                 if (r < a->out) {
                     for (int64_t j = 0; j < a->ng; j++) {
+                        int32_t e = 0;
                         for (int64_t i = 0; i < a->k; i++) {
                             int32_t d = 0;  /* bit 1 means -1 */
                             for (int64_t u = j * a->group; u < group_end(a, j); u++)
                                 d += plane_bit(a, i, r, u) ? -q[u] : q[u];
-                            s = fmaf(plane_scale(a, i, r, j), (float)d, s);
+                            if (a->int_scales)
+                                e += (int32_t)plane_code(a, i, r, j) * d;
+                            else
+                                s = fmaf(plane_scale(a, i, r, j), (float)d, s);
                         }
+                        if (a->int_scales) s = fmaf(a->scale_rows[r], (float)e, s);
                     }
                 }
                 acc[rr] = s;
@@ -258,13 +273,18 @@ static void ref_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
                 float s = 0.0f;
                 if (r < a->out) {
                     for (int64_t j = 0; j < a->ng; j++) {
+                        int32_t e = 0;
                         for (int64_t i = 0; i < a->k; i++) {
                             int32_t differ = 0;
                             for (int64_t u = j * a->group; u < group_end(a, j); u++)
                                 differ += plane_bit(a, i, r, u) ^ ((x[u >> 3] >> (u & 7)) & 1);
                             int32_t d = a->gsum[tok * a->ng + j] - 2 * differ;
-                            s = fmaf(plane_scale(a, i, r, j), (float)d, s);
+                            if (a->int_scales)
+                                e += (int32_t)plane_code(a, i, r, j) * d;
+                            else
+                                s = fmaf(plane_scale(a, i, r, j), (float)d, s);
                         }
+                        if (a->int_scales) s = fmaf(a->scale_rows[r], (float)e, s);
                     }
                 }
                 acc[rr] = s;

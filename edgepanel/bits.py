@@ -19,7 +19,8 @@ A weight matrix W (out x in) is stored as k binary planes: W ~ sum_i alpha_i * B
 * Scales: ``scales[k, out_pad // 16, n_groups, 16]``, float16 or float32: alpha of plane i,
   row 16t+r, group j is ``scales[i, t, j, r]``; padding rows hold 0.  Or 8-bit: ``scales`` uint8
   codes and ``scale_rows[out_pad // 16, 16]`` float32, one multiplier per row, with
-  ``alpha = float32(code) * scale_rows[t, r]`` (one float32 product, the same in every kernel).
+  ``alpha = code * scale_rows[t, r]``; the C kernels add each group's planes as exact integers
+  (sum of code * D) before one float32 multiply-add by the row's multiplier (csrc/ref.c).
   8-bit scales are non-negative: a negative scale is stored as its magnitude with that plane's
   signs flipped over the group (exact).  Group j covers inputs
   ``[j*g, min((j+1)*g, in))`` for g in GROUP_SIZES, or g = in (one group per row).

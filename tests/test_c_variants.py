@@ -227,3 +227,17 @@ def test_kernel_counts_isolate_one_product(tmp_path):
     runs = [kc.count(exe, "neon", "cortex-a72", shape, reps) for reps in (1, 2, 3)]
     assert kc.count(exe, "neon", "cortex-a72", shape, 2) == runs[1]
     assert runs[2] - runs[1] == runs[1] - runs[0] > 1000
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="x86-64 host")
+def test_llama_bench_builds_an_avx2_only_llama_cpp_on_request():
+    """tools/llama_bench.py --isa avx2 compares on an AVX-512 machine as on an AVX2-only one:
+    llama.cpp's build turns AVX-512 and VNNI off (and AMX, always)."""
+    lb = load_file(ROOT / "tools" / "llama_bench.py")
+    flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    if "avx2" not in flags:
+        pytest.skip("no AVX2 here")
+    opts = lb.isa_options("avx2")
+    assert "-DGGML_AVX2=ON" in opts and "-DGGML_NATIVE=OFF" in opts
+    assert {"-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_INT8=OFF"} <= set(opts)
+    assert ("-DGGML_AVX512=ON" in lb.isa_options()) == ("avx512f" in flags)

@@ -87,7 +87,12 @@ def test_parameters_have_no_side_effects_and_no_stale_engine(files, name):
     p = m.parameters()
     assert m.engine is engine
     assert all(a.dtype == np.float32 and a.flags.writeable for a in p.values())
-    np.testing.assert_array_equal(m.logits(IDS), before)     # stored scales widened exactly
+    if name == "u8.ep":   # 8-bit codes become their float32 values: each plane rounds (Model.parameters)
+        widened = m.logits(IDS)
+        assert not np.array_equal(widened, before)
+        np.testing.assert_allclose(widened, before, rtol=0, atol=1e-5 * np.abs(before).max())
+        before = widened
+    np.testing.assert_array_equal(m.logits(IDS), before)     # float16 scales widened exactly; then no change
     cache = engine.new_cache(len(IDS))
     np.testing.assert_array_equal(engine.forward(IDS, cache, all_logits=True), before)
     p["layers.1.wq.scales"] *= 1.5     # in place, as a zeroth-order perturbation does

@@ -226,19 +226,63 @@ def test_c_variants_are_bit_identical(rng):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("case", CASES[::3], ids=case_id)
-def test_u8_scales_give_the_bits_of_their_float_products(backend, rng, case):
-    """8-bit scales (codes times a float32 multiplier per row) give exactly the outputs of the
-    float32 scales they stand for, code * multiplier, in every kernel."""
-    n, k, n_out, n_in, group = case
+def u8_matrix(rng, k, n_out, n_in, group):
+    """A random matrix with 8-bit scales: codes and a float32 multiplier per row."""
     w = random_matrix(rng, k, n_out, n_in, group)
     codes = rng.integers(0, 256, w.scales.shape, dtype=np.uint8)
     rows = bits.tile_rows(rng.uniform(1e-3, 2e-2, n_out).astype(np.float32))
-    w8 = PlaneMatrix(w.planes, codes, n_out, n_in, group, rows)
-    wf = PlaneMatrix(w.planes, w8.float_scales(), n_out, n_in, group)
+    return PlaneMatrix(w.planes, codes, n_out, n_in, group, rows)
+
+
+def u8_exact(act: np.ndarray, ascale: np.ndarray, w: PlaneMatrix) -> np.ndarray:
+    """float64: each group's exact integer sum of code * (signs . act) over the planes, times
+    the row's multiplier, summed over groups, times the activation scale."""
+    codes = bits.untile_scales(w.scales, w.out_features).astype(np.int64)   # (k, out, ng)
+    signs = w.signs().astype(np.int64)
+    a = np.asarray(act, np.int64)
+    rows = w.scale_rows.reshape(-1)[:w.out_features].astype(np.float64)
+    y = np.zeros((a.shape[0], w.out_features))
+    for j, (s, e) in enumerate(bits.group_bounds(w.in_features, w.group)):
+        d = np.einsum("nu,kru->knr", a[:, s:e], signs[:, :, s:e])
+        y += (d * codes[:, None, :, j]).sum(axis=0) * rows
+    return y * np.asarray(ascale, np.float64)[:, None]
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=case_id)
+def test_u8_scales_sum_each_group_exactly(backend, rng, case):
+    """8-bit scales (codes times a float32 multiplier per row) sum each group's planes as exact
+    integers before one float multiply-add per group: every backend within float32 rounding of
+    that sum in float64, and of the float32 scales the codes stand for."""
+    n, k, n_out, n_in, group = case
+    w8 = u8_matrix(rng, k, n_out, n_in, group)
+    wf = PlaneMatrix(w8.planes, w8.float_scales(), n_out, n_in, group)
     assert w8.scales_kind == bits.SCALES_U8 and wf.scales_kind == bits.SCALES_F32
     x = (rng.standard_normal((n, n_in)) * 3).astype(np.float32)
     q, qs = backend.quantize_i8(x)
-    np.testing.assert_array_equal(backend.gemm_planes_i8(q, qs, w8), backend.gemm_planes_i8(q, qs, wf))
     b, bs = backend.binarize(x)
-    np.testing.assert_array_equal(backend.gemm_xnor(b, bs, w8), backend.gemm_xnor(b, bs, wf))
+    act = np.where(bits._unpack_bits_rows(b, n_in), -1, 1)
+    for got, want, near in ((backend.gemm_planes_i8(q, qs, w8), u8_exact(q, qs, w8), backend.gemm_planes_i8(q, qs, wf)),
+                            (backend.gemm_xnor(b, bs, w8), u8_exact(act, bs, w8), backend.gemm_xnor(b, bs, wf))):
+        top = max(np.abs(want).max(), 1e-30)
+        assert np.abs(got - want).max() <= 1e-6 * top * (1 + bits.n_groups(n_in, group) / 8)
+        assert np.abs(got - near).max() <= 1e-5 * top
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 64, 130])
+@pytest.mark.parametrize("shape", [(4, 1536, 576, 64), (3, 40, 333, 32), (2, 17, 2100, 128), (4, 20, 1000, 1000)])
+def test_u8_scales_bit_identical_in_every_c_variant_and_token_count(rng, n, shape):
+    """With 8-bit scales every C variant gives the scalar specification's bits, and each token
+    the bits it gets alone, whether the product takes the table lookups or (from
+    i16_min_tokens tokens on) the weight codes widened to 16 bits."""
+    isas = [i for b, i in kernels.available() if b == "c"]
+    k, n_out, n_in, group = shape
+    w = u8_matrix(rng, k, n_out, n_in, group)
+    x = (rng.standard_normal((n, n_in)) * 3).astype(np.float32)
+    ref = kernels.get("c", "scalar")
+    q, qs = ref.quantize_i8(x)
+    want = ref.gemm_planes_i8(q, qs, w)
+    for isa in isas:
+        be = kernels.get("c", isa)
+        np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w), want, err_msg=isa)
+        np.testing.assert_array_equal(be.gemm_planes_i8(q[-1:], qs[-1:], w), want[-1:], err_msg=isa)
+        np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w, threads=2), want, err_msg=isa)

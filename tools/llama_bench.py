@@ -4,6 +4,7 @@ with the same threads, prompt and generation lengths, in one table.
     python tools/llama_bench.py                       # edgepanel k=1..4 beside llama.cpp Q4_0, Q8_0, Q4_1
     python tools/llama_bench.py -t 1,2 -p 128 -n 64 -r 5 --recipes k2g64 k4g64:s8 --json both.json
     python tools/llama_bench.py --dry-run             # print what would be built and run
+    python tools/llama_bench.py --isa avx2            # both sides held to AVX2 on an AVX-512 machine
 
 llama.cpp is built once, for this CPU's ISA (cmake; isa_options), from the source distribution of
 `llama-cpp-python` on PyPI (which vendors llama.cpp), into $EDGEPANEL_HOME/llama.cpp/VERSION/
@@ -64,16 +65,22 @@ def unpack(sdist: Path, src: Path) -> Path:
     return src
 
 
-def isa_options() -> list[str]:
+AVX512_FLAGS = ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16", "avx_vnni")
+
+
+def isa_options(isa: str | None = None) -> list[str]:
     """ggml's x86 ISA options from the CPU's flags, AMX left out: -DGGML_NATIVE=ON compiled AMX
     code on a KVM guest whose CPUID lists AMX, and llama-bench died with SIGILL on its first
-    product (Intel Xeon, this project's development machine).  Elsewhere: the native build."""
+    product (Intel Xeon, this project's development machine).  Elsewhere: the native build.
+    isa "avx2": AVX-512 and VNNI off too, as on an AVX2-only core (a Zen 3, most laptops)."""
     try:
         flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
         return ["-DGGML_NATIVE=ON"]
     if "avx2" not in flags:
         return ["-DGGML_NATIVE=ON"]
+    if isa == "avx2":
+        flags -= set(AVX512_FLAGS)
     opts = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX512": "avx512f",
             "AVX512_VNNI": "avx512_vnni", "AVX512_VBMI": "avx512vbmi", "AVX512_BF16": "avx512_bf16",
             "AVX_VNNI": "avx_vnni"}
@@ -81,10 +88,10 @@ def isa_options() -> list[str]:
         [f"-DGGML_AMX_{k}=OFF" for k in ("TILE", "INT8", "BF16")]
 
 
-def build(version: str, jobs: int, dry: bool) -> Path:
-    """The directory holding llama-bench and llama-quantize, built once per version."""
+def build(version: str, jobs: int, dry: bool, isa: str | None = None) -> Path:
+    """The directory holding llama-bench and llama-quantize, built once per version (and ISA)."""
     home = hub.cache_dir() / "llama.cpp" / version
-    bins = home / "build" / "bin"
+    bins = home / ("build" if isa is None else f"build-{isa}") / "bin"
     if all((bins / t).exists() for t in TARGETS):
         return bins
     dl, src = home / "download", home / "src"
@@ -101,16 +108,16 @@ def build(version: str, jobs: int, dry: bool) -> Path:
     if not sdists:
         raise SystemExit(f"pip downloaded no llama-cpp-python sdist into {dl}")
     root = llama_cpp_root(unpack(sdists[0], src))
-    sh(["cmake", "-S", root, "-B", home / "build", "-DCMAKE_BUILD_TYPE=Release", *isa_options(),
+    sh(["cmake", "-S", root, "-B", bins.parent, "-DCMAKE_BUILD_TYPE=Release", *isa_options(isa),
         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
         "-DBUILD_SHARED_LIBS=OFF"], dry)
-    sh(["cmake", "--build", home / "build", "--config", "Release", "-j", str(jobs), "--target", *TARGETS], dry)
+    sh(["cmake", "--build", bins.parent, "--config", "Release", "-j", str(jobs), "--target", *TARGETS], dry)
     return bins
 
 
 def quantize(bins: Path, src: Path, dry: bool) -> list[Path]:
     """Q4_0 and Q8_0 GGUF files made from the source model (cached beside the builds)."""
-    out_dir = bins.parents[1] / "models"
+    out_dir = bins.parents[1] / "models"   # shared by the ISA builds: the files do not depend on it
     outs = []
     for q in QUANTS:
         out = out_dir / src.name.replace("Q4_1", q)
@@ -195,10 +202,14 @@ def main():
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
     ap.add_argument("--json", type=Path, help="write both sides' raw records")
     ap.add_argument("--dry-run", action="store_true", help="print the steps, build and run nothing")
+    ap.add_argument("--isa", choices=["avx2"], help="hold both sides to this ISA (llama.cpp built without "
+                    "AVX-512, edgepanel with EDGEPANEL_ISA); default: the best each has here")
     a = ap.parse_args()
+    if a.isa:
+        os.environ["EDGEPANEL_ISA"] = a.isa
     config = bench.BenchConfig(prompt_tokens=a.p, gen_tokens=a.n, threads=a.threads, repetitions=a.r)
     src = hub.fetch("smollm2")
-    bins = build(a.llama_cpp_python, a.jobs, a.dry_run)
+    bins = build(a.llama_cpp_python, a.jobs, a.dry_run, a.isa)
     ggufs = quantize(bins, src, a.dry_run)
     models = edgepanel_models(a.recipes, src, a.dry_run)
     lc, depth = llama_bench(bins, ggufs, config.threads, a.p, a.n, a.r, a.dry_run)

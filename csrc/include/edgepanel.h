@@ -69,7 +69,9 @@ int ep_binarize(const ep_kernels *kt, const float *x, int64_t n, int64_t in, uin
 
 /* How plane scales are stored: (k, out_pad/16, n_groups, 16) float32, float16 (widened exactly:
  * the same results for the same values), or uint8 codes with a float32 multiplier per row,
- * scale_rows (out_pad/16, 16): alpha = (float)code * scale_rows[row], one float32 product. */
+ * scale_rows (out_pad/16, 16): alpha = code * scale_rows[row].  With codes, each group's planes
+ * add as exact integers, sum of code * D, before one float32 multiply-add by the row's multiplier
+ * (csrc/ref.c), so the results round less than those of the float32 products code * multiplier. */
 enum { EP_SCALES_F32 = 0, EP_SCALES_F16 = 1, EP_SCALES_U8 = 2 };
 
 /* y (n, out) float32 = activations (n, in) times the k-plane matrix transposed, k in

@@ -43,7 +43,25 @@ typedef struct {
     const float *ascale;    /* (n,) activation scales */
     float *acc;             /* (n, tiles*16): partial sums between group chunks */
     float *y;               /* (n, out) */
+    int int_scales;         /* 8-bit scales summed as integers per group (ep_int_scales) */
+    const int16_t *x16;     /* i16_tiles: the activations widened, (n, in_pad), zero past `in` */
 } ep_gemm_args;
+
+#define EP_I16_CHUNK 2048  /* inputs an i16_tiles kernel widens at a time: 64 KiB of int16 codes */
+
+/* Longest group of a row: the last one runs to in_pad. */
+static inline int64_t ep_longest_group(int64_t in_pad, int64_t group, int64_t ng) {
+    const int64_t last = in_pad - (ng - 1) * group;
+    return last > group ? last : group;
+}
+
+/* 8-bit scales are integers: alpha = code * scale_rows[row].  Each group's planes then combine
+ * exactly, E = sum over planes of code * D, when |E| <= k * glen * 255 * 127 fits int32; the
+ * float pass is then one fused multiply-add per group, acc = fmaf(scale_rows[row], (float)E, acc).
+ * Longer groups (one group over a very wide row) keep the per-plane pass. */
+static inline int ep_int_scales(int kind, int64_t k, int64_t glen) {
+    return kind == EP_SCALES_U8 && k * glen * 255 * 127 <= (int64_t)2147483647;
+}
 
 /* Check one planes matrix's arguments and fill the matrix part of *a (the rest zeroed; the caller
  * points tab, tab_stride, gsum, ascale, acc and y at its buffers): EP_OK or EP_EINVAL.
@@ -69,6 +87,7 @@ static inline int ep_gemm_args_init(ep_gemm_args *a, const uint8_t *planes, cons
     a->tiles = ep_out_pad(out) / EP_TILE;
     a->ncol = a->in_pad / 8;
     a->n = n;
+    a->int_scales = ep_int_scales(scales_kind, k, ep_longest_group(a->in_pad, a->group, a->ng));
     return EP_OK;
 }
 
@@ -187,6 +206,13 @@ struct ep_kernels {
                         int32_t *nvalid);
     /* tiles [t0, t1) for all tokens */
     void (*i8_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+    /* The same product as i8_tiles for int_scales matrices whose groups fit EP_I16_CHUNK, from
+     * a->x16 instead of tables: each tile's weight codes widened to int16 once per call, then
+     * multiplied with every token's activations: its cost does not grow with k as the lookups'
+     * does.  NULL where the ISA has none; the callers (ep_use_i16) take it for k planes from
+     * i16_min_tokens[k] tokens on (0: never), where it measured faster than i8_tiles. */
+    void (*i16_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+    int i16_min_tokens[EP_MAX_PLANES + 1];
     void (*xnor_tiles)(const ep_gemm_args *a, int64_t t0, int64_t t1);
     /* rows [r0, r1) of dense products for n tokens, y[t * ldy + r]:
      * dense_rows: x (n, in) float32 times W (out, in) float32 or float16 (f16 != 0);
@@ -211,6 +237,18 @@ struct ep_kernels {
     void (*lookup16_u16)(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
     void (*lookup16_f32)(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
 };
+
+/* Whether a product (a: a planes matrix over n tokens of int8 activations) takes kt->i16_tiles. */
+static inline int ep_use_i16(const ep_kernels *kt, const ep_gemm_args *a) {
+    return kt->i16_tiles && a->int_scales && kt->i16_min_tokens[a->k] > 0 && a->n >= kt->i16_min_tokens[a->k] &&
+           ep_longest_group(a->in_pad, a->group, a->ng) <= EP_I16_CHUNK;
+}
+
+/* One token's int8 activations widened for i16_tiles: x16 (in_pad), zero past `in`. */
+static inline void ep_widen_i8(const int8_t *q, int64_t in, int64_t in_pad, int16_t *x16) {
+    for (int64_t u = 0; u < in; u++) x16[u] = q[u];
+    for (int64_t u = in; u < in_pad; u++) x16[u] = 0;
+}
 
 /* The portable specification: every ISA file matches it bit for bit (integers and floats). */
 extern const ep_kernels ep_kernels_scalar;

@@ -35,7 +35,7 @@ class Scales:
         return cls(codes=np.ascontiguousarray(s), rows=np.ascontiguousarray(pm.scale_rows.reshape(-1)[:pm.out_features]))
 
     def alpha(self) -> np.ndarray:
-        """float32 (k, out, ng), one float32 product per u8 scale, as every kernel computes it."""
+        """float32 (k, out, ng): the scales, one float32 product per u8 code."""
         if self.codes is None:
             return self.values.astype(np.float32)
         return (self.codes.astype(np.float32) * self.rows[None, :, None]).astype(np.float32)

@@ -155,8 +155,9 @@ class Weights:
         indices, and the model-level parameters are left out), as float32 arrays the engines read
         at every call: change them in place and the next forward pass sees it.  Plane scales stored
         as float16 or 8-bit codes are widened to float32 copies the first time they are asked for
-        (exactly: the same results); `version` counts such changes of storage, so an engine holding
-        pointers knows to rebuild (see CEngine)."""
+        (float16 exactly, the same results; 8-bit codes to code * row, whose products then round
+        each plane: see Model.parameters); `version` counts such changes of storage, so an engine
+        holding pointers knows to rebuild (see CEngine)."""
         kinds = set(PARAMETER_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
         unknown = kinds - set(PARAMETER_KINDS)
         if unknown:

@@ -165,6 +165,13 @@ def source_ids(model, source, budget: int | None = None, chat: bool | None = Non
     return model.prompt_ids(source, chat)
 
 
+def as_parameters(model) -> None:
+    """Put the model's scales in the float32 form the reference is applied in (Model.parameters
+    widens 8-bit codes once, which moves the outputs in their last bits): the policy and its
+    reference then score with the same arithmetic, and a first call as every later one."""
+    model.parameters()
+
+
 def score_candidates(model, source, texts, beta: float | None = None, chat: bool | None = None,
                      prompt: list[int] | None = None, seq_len: int | None = None) -> list[Candidate]:
     """Each text's log-probabilities after `source` under the model and its reference, and its
@@ -172,6 +179,7 @@ def score_candidates(model, source, texts, beta: float | None = None, chat: bool
     seq_len: tokenized as training pairs are (each text at most seq_len/2 tokens, the panel
     shortened into the rest); None: the whole context."""
     from .prefs import sequence
+    as_parameters(model)
     beta = default_beta(model) if beta is None else float(beta)
     conts = [model.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     if seq_len is not None:
@@ -219,6 +227,7 @@ def pair_reference_logps(model, pairs, policy: np.ndarray | None = None) -> np.n
     pairs' log-probabilities under the model, returned as they are when the model is its own
     reference (no second scoring)."""
     from .prefs import reference_logps
+    as_parameters(model)
     with reference_applied(model) as differs:
         if not differs and policy is not None:
             return np.array(policy, np.float64)
@@ -286,5 +295,6 @@ def best_of(model, source, n: int = 4, *, seed: int | None = 0, beta: float | No
     if stop:
         sampling.setdefault("stop", stop)
     seeds = candidate_seeds(seed, n)
+    as_parameters(model)   # before sampling too: the same candidates at the first call as at later ones
     texts = [model.generate(ids, max_tokens=max_tokens, seed=s, **sampling) for s in seeds]
     return rank(model, ids, texts, seeds, beta)
