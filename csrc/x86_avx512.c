@@ -92,14 +92,23 @@ EP_INLINE __m512 scales_at512(const ep_gemm_args *a, int64_t idx, int64_t t) {
     return _mm512_loadu_ps((const float *)a->scales + idx);
 }
 
+#if defined(EP_SIMDE)  /* SIMDe lacks the masked 16-bit subtract, and its _mm512_madd_epi16 alias takes 4 arguments */
+#define EP_MASK_SUB16(v, m, c) _mm512_sub_epi16(v, _mm512_and_si512(c, _mm512_movm_epi16(m)))
+#define EP_MADD16(a, b) simde_mm512_madd_epi16(a, b)
+#else
+#define EP_MASK_SUB16(v, m, c) _mm512_mask_sub_epi16(v, m, v, c)
+#define EP_MADD16(a, b) _mm512_madd_epi16(a, b)
+#endif
+
 /* One (plane, group)'s exact integers d for TB tokens into the running sums, in the
  * specification's order: f += alpha * d, or with integer 8-bit scales (int_scales) e += code * d,
  * which group_pass512 adds once the group's planes are done. */
 EP_INLINE void plane_pass512(const ep_gemm_args *a, int64_t sidx, int64_t t, const int TB, const __m512i *d,
                              __m512i *e, __m512 *f) {
-    if (a->int_scales) {
+    if (a->int_scales) {  /* dword lane r: (code, 0) as two int16, so pmaddwd gives code * D when D fits int16 */
         const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)a->scales + sidx)));
-        for (int b = 0; b < TB; b++) e[b] = _mm512_add_epi32(e[b], _mm512_mullo_epi32(c, d[b]));
+        for (int b = 0; b < TB; b++)
+            e[b] = _mm512_add_epi32(e[b], a->short_groups ? EP_MADD16(d[b], c) : _mm512_mullo_epi32(c, d[b]));
     } else {
         const __m512 alpha = scales_at512(a, sidx, t);
         for (int b = 0; b < TB; b++) f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d[b]), f[b]);
@@ -320,14 +329,6 @@ static void avx512_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
  * (a->x16, pairs broadcast) multiply it, 32 weights an instruction: at k = 4 fewer operations
  * than the four planes' lookups, and the same E, so the same float pass and bits as ref.c. */
 
-#if defined(EP_SIMDE)  /* SIMDe lacks the masked 16-bit subtract, and its _mm512_madd_epi16 alias takes 4 arguments */
-#define EP_MASK_SUB16(v, m, c) _mm512_sub_epi16(v, _mm512_and_si512(c, _mm512_movm_epi16(m)))
-#define EP_MADD16(a, b) simde_mm512_madd_epi16(a, b)
-#else
-#define EP_MASK_SUB16(v, m, c) _mm512_mask_sub_epi16(v, m, v, c)
-#define EP_MADD16(a, b) _mm512_madd_epi16(a, b)
-#endif
-
 /* Groups [j0, j1) of tile t widened into buf: pair p of the chunk at buf + 16 p. */
 EP_INLINE void widen_codes512(const ep_gemm_args *a, int64_t t, int64_t j0, int64_t j1, int32_t *buf) {
     int64_t cbase, cend;
@@ -511,6 +512,45 @@ EP_INLINE void vnni_i8_pair(const uint8_t *w, const uint8_t *tab, int64_t ts, in
     }
 }
 
+/* Groups [j, jfast) of GB blocks each (GB > 0), planes k: IS, integer 8-bit scales whose D fit
+ * int16 (short_groups), e += code * D in one vpdpwssd (lane (code, 0)); else f += alpha * D.
+ * Specialized on IS so that neither branch sits in the loop (a decode step measured 16% slower
+ * with the choice made per plane).  Returns jfast. */
+EP_INLINE int64_t vnni_i8_groups(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j, int64_t jfast,
+                                 const int GB, int64_t k, __m512i perm, __m512i *e, __m512 *f, const int IS) {
+    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t ts = a->tab_stride;
+    const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
+    const int64_t sstride = a->tiles * a->ng * EP_TILE;     /* scales between planes */
+    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const __m512 rows = IS ? _mm512_loadu_ps(a->scale_rows + t * EP_TILE) : _mm512_setzero_ps();
+    for (; j < jfast; j++) {
+        const int64_t cc = j * 4 * GB, sidx = ep_scale_index(a, 0, t, j);
+        for (int64_t i = 0; i < k; i++) {
+            __m512i m[4];
+            for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
+            for (int u = 0; u < GB; u += 2) vnni_i8_pair(w0 + i * pstride, tab, ts, cc + 4 * u, TB, GB > 1, perm, m);
+            if (IS) {
+                const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)a->scales + sidx + i * sstride)));
+                for (int b = 0; b < TB; b++)
+                    e[b] = _mm512_dpwssd_epi32(e[b], _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), m[b]), c);
+            } else {
+                const __m512 alpha = scales_at512(a, sidx + i * sstride, t);
+                for (int b = 0; b < TB; b++) {
+                    __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), m[b]);
+                    f[b] = ep_fmadd512(alpha, _mm512_cvtepi32_ps(d), f[b]);
+                }
+            }
+        }
+        if (IS)
+            for (int b = 0; b < TB; b++) {
+                f[b] = ep_fmadd512(rows, _mm512_cvtepi32_ps(e[b]), f[b]);
+                e[b] = _mm512_setzero_si512();
+            }
+    }
+    return j;
+}
+
 /* GB > 0: every group but the last is GB blocks (unrolled, pointers stepped); the last group
  * and GB == 0 take the general path.  K > 0: the plane count, known at compile time. */
 EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
@@ -519,7 +559,6 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride, k = K ? K : a->k;
     const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
-    const int64_t sstride = a->tiles * a->ng * EP_TILE;     /* scales between planes */
     const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
     __m512 f[4];
     __m512i e[4];
@@ -527,17 +566,10 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
     const int64_t jfast = GB > 0 ? ep_min64(j1, a->ng - 1) : j0;
     int64_t j = j0;
-    for (; j < jfast; j++) {
-        const int64_t cc = j * 4 * GB, sidx = ep_scale_index(a, 0, t, j);
-        for (int64_t i = 0; i < k; i++) {
-            __m512i m[4];
-            for (int b = 0; b < TB; b++) m[b] = _mm512_setzero_si512();
-            for (int u = 0; u < GB; u += 2) vnni_i8_pair(w0 + i * pstride, tab, ts, cc + 4 * u, TB, GB > 1, perm, m);
-            for (int b = 0; b < TB; b++) m[b] = _mm512_sub_epi32(_mm512_set1_epi32(a->gsum[(tok0 + b) * a->ng + j]), m[b]);
-            plane_pass512(a, sidx + i * sstride, t, TB, m, e, f);
-        }
-        group_pass512(a, t, TB, e, f);
-    }
+    if (GB > 0 && a->int_scales && a->short_groups)
+        j = vnni_i8_groups(a, t, tok0, TB, j, jfast, GB, k, perm, e, f, 1);
+    else if (GB > 0)
+        j = vnni_i8_groups(a, t, tok0, TB, j, jfast, GB, k, perm, e, f, 0);
     for (; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);

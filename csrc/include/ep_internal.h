@@ -44,6 +44,7 @@ typedef struct {
     float *acc;             /* (n, tiles*16): partial sums between group chunks */
     float *y;               /* (n, out) */
     int int_scales;         /* 8-bit scales summed as integers per group (ep_int_scales) */
+    int short_groups;       /* every group's D fits int16 (at most 258 inputs): code * D by pmaddwd */
     const int16_t *x16;     /* i16_tiles: the activations widened, (n, in_pad), zero past `in` */
 } ep_gemm_args;
 
@@ -88,6 +89,7 @@ static inline int ep_gemm_args_init(ep_gemm_args *a, const uint8_t *planes, cons
     a->ncol = a->in_pad / 8;
     a->n = n;
     a->int_scales = ep_int_scales(scales_kind, k, ep_longest_group(a->in_pad, a->group, a->ng));
+    a->short_groups = (a->ng == 1 ? in : group) <= 258;   /* |D| <= 127 * inputs < 2^15: padding adds 0 */
     return EP_OK;
 }
 
