@@ -493,23 +493,7 @@ EP_INLINE void i16_block(const ep_gemm_args *a, const int32_t *buf, int64_t t, i
 
 static void avx2_i16_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
     _Alignas(64) int32_t buf[EP_I16_CHUNK / 2 * EP_TILE];
-    /* groups a chunk holds: the last group of a row may run 63 inputs past the group size */
-    const int64_t gpc = a->ng == 1 || a->group > EP_I16_CHUNK - 64 ? 1 : (EP_I16_CHUNK - 64) / a->group;
-    for (int64_t t = t0; t < t1; t++)
-        for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {
-            const int64_t j1 = ep_min64(j0 + gpc, a->ng);
-            widen_codes(a, t, j0, j1, buf);
-            int64_t tok0 = 0;
-            for (; tok0 + EP_I16_TB <= a->n; tok0 += EP_I16_TB) i16_block(a, buf, t, tok0, EP_I16_TB, j0, j1);
-            switch (a->n - tok0) {
-            case 0: break;
-            case 1: i16_block(a, buf, t, tok0, 1, j0, j1); break;
-            case 2: i16_block(a, buf, t, tok0, 2, j0, j1); break;
-            case 3: i16_block(a, buf, t, tok0, 3, j0, j1); break;
-            case 4: i16_block(a, buf, t, tok0, 4, j0, j1); break;
-            default: i16_block(a, buf, t, tok0, 5, j0, j1); break;
-            }
-        }
+    EP_I16_LOOP(a, t0, t1, buf, EP_I16_TB, widen_codes, i16_block);
 }
 
 static const uint8_t popcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};

@@ -130,6 +130,13 @@ EP_INLINE void load_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int T
         f[b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(a->acc + ((tok0 + b) * a->tiles + t) * EP_TILE);
 }
 
+/* A tile's running sums for TB tokens from groups j0 on: f as the previous chunk left them (zero
+ * at the first), the integer group sums e zero. */
+EP_INLINE void start_tile512(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, __m512 *f, __m512i *e) {
+    load_acc512(a, t, tok0, TB, f, j0 == 0);
+    for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
+}
+
 EP_INLINE void store_acc512(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, const __m512 *f, int last) {
     for (int b = 0; b < TB; b++) {
         int64_t tok = tok0 + b;
@@ -193,8 +200,7 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
     const __m512i mul = _mm512_set1_epi16(0x1001);
     __m512 f[4];
     __m512i e[4];
-    load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
+    start_tile512(a, t, tok0, TB, j0, f, e);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -277,8 +283,7 @@ EP_INLINE void xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const i
     const __m512i m0f = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
     __m512 f[4];
     __m512i e[4];
-    load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
+    start_tile512(a, t, tok0, TB, j0, f, e);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -360,51 +365,38 @@ EP_INLINE void widen_codes512(const ep_gemm_args *a, int64_t t, int64_t j0, int6
     }
 }
 
-/* Tokens tok0 .. tok0+TB-1 over the widened groups [j0, j1) of tile t (buf from cbase). */
-EP_INLINE void i16_block512(const ep_gemm_args *a, const int32_t *buf, int64_t t, int64_t tok0, const int TB, int64_t j0,
-                    int64_t j1) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
-    const __m512 m = _mm512_loadu_ps(a->scale_rows + t * EP_TILE);
-    const int32_t *x = (const int32_t *)(a->x16 + tok0 * a->in_pad);  /* pair p at x[p] */
-    const int64_t xs = a->in_pad / 2;
-    __m512 f[EP_I16_TB];
-    load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int64_t j = j0; j < j1; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        __m512i e[EP_I16_TB];
-        for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
-        for (int64_t p = c0 * 4; p < c1 * 4; p++) {
-            const __m512i w = _mm512_load_si512((const void *)(buf + (p - cbase * 4) * EP_TILE));
-            for (int b = 0; b < TB; b++) e[b] = _mm512_add_epi32(e[b], EP_MADD16(w, _mm512_set1_epi32(x[b * xs + p])));
-        }
-        for (int b = 0; b < TB; b++) f[b] = ep_fmadd512(m, _mm512_cvtepi32_ps(e[b]), f[b]);
+/* Tokens tok0 .. tok0+TB-1 over the widened groups [j0, j1) of tile t (buf from the chunk's
+ * first column); DP(e, w, x) adds w . x per 32-bit lane (two int16 products). */
+#define EP_I16_BLOCK512(NAME, DP)                                                                             \
+    EP_INLINE void NAME(const ep_gemm_args *a, const int32_t *buf, int64_t t, int64_t tok0, const int TB,      \
+                        int64_t j0, int64_t j1) {                                                             \
+        int64_t cbase, cend;                                                                                  \
+        ep_group_cols(a, j0, &cbase, &cend);                                                                  \
+        const __m512 m = _mm512_loadu_ps(a->scale_rows + t * EP_TILE);                                        \
+        const int32_t *x = (const int32_t *)(a->x16 + tok0 * a->in_pad); /* pair p at x[p] */                 \
+        const int64_t xs = a->in_pad / 2;                                                                     \
+        __m512 f[EP_I16_TB];                                                                                  \
+        load_acc512(a, t, tok0, TB, f, j0 == 0);                                                              \
+        for (int64_t j = j0; j < j1; j++) {                                                                   \
+            int64_t c0, c1;                                                                                   \
+            ep_group_cols(a, j, &c0, &c1);                                                                    \
+            __m512i e[EP_I16_TB];                                                                             \
+            for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();                                       \
+            for (int64_t p = c0 * 4; p < c1 * 4; p++) {                                                       \
+                const __m512i w = _mm512_load_si512((const void *)(buf + (p - cbase * 4) * EP_TILE));         \
+                for (int b = 0; b < TB; b++) e[b] = DP(e[b], w, _mm512_set1_epi32(x[b * xs + p]));            \
+            }                                                                                                 \
+            for (int b = 0; b < TB; b++) f[b] = ep_fmadd512(m, _mm512_cvtepi32_ps(e[b]), f[b]);               \
+        }                                                                                                     \
+        store_acc512(a, t, tok0, TB, f, j1 == a->ng);                                                         \
     }
-    store_acc512(a, t, tok0, TB, f, j1 == a->ng);
-}
+
+#define EP_DP_MADD(e, w, x) _mm512_add_epi32(e, EP_MADD16(w, x))
+EP_I16_BLOCK512(i16_block512, EP_DP_MADD)
 
 static void avx512_i16_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
     _Alignas(64) int32_t buf[EP_I16_CHUNK / 2 * EP_TILE];
-    /* groups a chunk holds: the last group of a row may run 63 inputs past the group size */
-    const int64_t gpc = a->ng == 1 || a->group > EP_I16_CHUNK - 64 ? 1 : (EP_I16_CHUNK - 64) / a->group;
-    for (int64_t t = t0; t < t1; t++)
-        for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {
-            const int64_t j1 = ep_min64(j0 + gpc, a->ng);
-            widen_codes512(a, t, j0, j1, buf);
-            int64_t tok0 = 0;
-            for (; tok0 + EP_I16_TB <= a->n; tok0 += EP_I16_TB) i16_block512(a, buf, t, tok0, EP_I16_TB, j0, j1);
-            switch (a->n - tok0) {
-            case 0: break;
-            case 1: i16_block512(a, buf, t, tok0, 1, j0, j1); break;
-            case 2: i16_block512(a, buf, t, tok0, 2, j0, j1); break;
-            case 3: i16_block512(a, buf, t, tok0, 3, j0, j1); break;
-            case 4: i16_block512(a, buf, t, tok0, 4, j0, j1); break;
-            case 5: i16_block512(a, buf, t, tok0, 5, j0, j1); break;
-            case 6: i16_block512(a, buf, t, tok0, 6, j0, j1); break;
-            default: i16_block512(a, buf, t, tok0, 7, j0, j1); break;
-            }
-        }
+    EP_I16_LOOP(a, t0, t1, buf, EP_I16_TB, widen_codes512, i16_block512);
 }
 
 EP_TARGET_POP()
@@ -562,8 +554,7 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
     __m512 f[4];
     __m512i e[4];
-    load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
+    start_tile512(a, t, tok0, TB, j0, f, e);
     const int64_t jfast = GB > 0 ? ep_min64(j1, a->ng - 1) : j0;
     int64_t j = j0;
     if (GB > 0 && a->int_scales && a->short_groups)
@@ -706,8 +697,7 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
     const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
     __m512 f[4];
     __m512i e[4];
-    load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
+    start_tile512(a, t, tok0, TB, j0, f, e);
     const int64_t jfast = GB > 0 ? ep_min64(j1, a->ng - 1) : j0;
     int64_t j = j0;
     for (; j < jfast; j++) {
@@ -758,51 +748,11 @@ static void avx512vnni_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1)
 #undef CALL
 }
 
-/* Tokens tok0 .. tok0+TB-1 over the widened groups [j0, j1) of tile t (buf from cbase). */
-EP_INLINE void vnni_i16_block(const ep_gemm_args *a, const int32_t *buf, int64_t t, int64_t tok0, const int TB, int64_t j0,
-                    int64_t j1) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
-    const __m512 m = _mm512_loadu_ps(a->scale_rows + t * EP_TILE);
-    const int32_t *x = (const int32_t *)(a->x16 + tok0 * a->in_pad);  /* pair p at x[p] */
-    const int64_t xs = a->in_pad / 2;
-    __m512 f[EP_I16_TB];
-    load_acc512(a, t, tok0, TB, f, j0 == 0);
-    for (int64_t j = j0; j < j1; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        __m512i e[EP_I16_TB];
-        for (int b = 0; b < TB; b++) e[b] = _mm512_setzero_si512();
-        for (int64_t p = c0 * 4; p < c1 * 4; p++) {
-            const __m512i w = _mm512_load_si512((const void *)(buf + (p - cbase * 4) * EP_TILE));
-            for (int b = 0; b < TB; b++) e[b] = _mm512_dpwssd_epi32(e[b], w, _mm512_set1_epi32(x[b * xs + p]));
-        }
-        for (int b = 0; b < TB; b++) f[b] = ep_fmadd512(m, _mm512_cvtepi32_ps(e[b]), f[b]);
-    }
-    store_acc512(a, t, tok0, TB, f, j1 == a->ng);
-}
+EP_I16_BLOCK512(vnni_i16_block, _mm512_dpwssd_epi32)
 
 static void avx512vnni_i16_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
     _Alignas(64) int32_t buf[EP_I16_CHUNK / 2 * EP_TILE];
-    /* groups a chunk holds: the last group of a row may run 63 inputs past the group size */
-    const int64_t gpc = a->ng == 1 || a->group > EP_I16_CHUNK - 64 ? 1 : (EP_I16_CHUNK - 64) / a->group;
-    for (int64_t t = t0; t < t1; t++)
-        for (int64_t j0 = 0; j0 < a->ng; j0 += gpc) {
-            const int64_t j1 = ep_min64(j0 + gpc, a->ng);
-            widen_codes512(a, t, j0, j1, buf);
-            int64_t tok0 = 0;
-            for (; tok0 + EP_I16_TB <= a->n; tok0 += EP_I16_TB) vnni_i16_block(a, buf, t, tok0, EP_I16_TB, j0, j1);
-            switch (a->n - tok0) {
-            case 0: break;
-            case 1: vnni_i16_block(a, buf, t, tok0, 1, j0, j1); break;
-            case 2: vnni_i16_block(a, buf, t, tok0, 2, j0, j1); break;
-            case 3: vnni_i16_block(a, buf, t, tok0, 3, j0, j1); break;
-            case 4: vnni_i16_block(a, buf, t, tok0, 4, j0, j1); break;
-            case 5: vnni_i16_block(a, buf, t, tok0, 5, j0, j1); break;
-            case 6: vnni_i16_block(a, buf, t, tok0, 6, j0, j1); break;
-            default: vnni_i16_block(a, buf, t, tok0, 7, j0, j1); break;
-            }
-        }
+    EP_I16_LOOP(a, t0, t1, buf, EP_I16_TB, widen_codes512, vnni_i16_block);
 }
 
 EP_TARGET_POP()

@@ -246,6 +246,36 @@ static inline int ep_use_i16(const ep_kernels *kt, const ep_gemm_args *a) {
            ep_longest_group(a->in_pad, a->group, a->ng) <= EP_I16_CHUNK;
 }
 
+/* Groups an i16_tiles chunk holds (at most EP_I16_CHUNK inputs): the last group of a row may run
+ * 63 inputs past the group size. */
+static inline int64_t ep_i16_chunk_groups(const ep_gemm_args *a) {
+    return a->ng == 1 || a->group > EP_I16_CHUNK - 64 ? 1 : (EP_I16_CHUNK - 64) / a->group;
+}
+
+/* i16_tiles' loops: per tile and chunk of groups, WIDEN(a, t, j0, j1, buf), then the tokens in
+ * blocks of TBMAX and the rest through BLOCK(a, buf, t, tok0, TB, j0, j1), TB a constant. */
+#define EP_I16_LOOP(a, t0, t1, buf, TBMAX, WIDEN, BLOCK)                                        \
+    do {                                                                                         \
+        const int64_t ep_gpc_ = ep_i16_chunk_groups(a);                                          \
+        for (int64_t t = (t0); t < (t1); t++)                                                    \
+            for (int64_t j0 = 0; j0 < (a)->ng; j0 += ep_gpc_) {                                  \
+                const int64_t j1 = ep_min64(j0 + ep_gpc_, (a)->ng);                              \
+                WIDEN(a, t, j0, j1, buf);                                                        \
+                int64_t tok0 = 0;                                                                \
+                for (; tok0 + (TBMAX) <= (a)->n; tok0 += (TBMAX)) BLOCK(a, buf, t, tok0, (TBMAX), j0, j1); \
+                switch ((a)->n - tok0) {  /* the rest: fewer than TBMAX tokens */                \
+                case 0: break;                                                                   \
+                case 1: BLOCK(a, buf, t, tok0, 1, j0, j1); break;                                \
+                case 2: BLOCK(a, buf, t, tok0, 2 < (TBMAX) ? 2 : 1, j0, j1); break;              \
+                case 3: BLOCK(a, buf, t, tok0, 3 < (TBMAX) ? 3 : 1, j0, j1); break;              \
+                case 4: BLOCK(a, buf, t, tok0, 4 < (TBMAX) ? 4 : 1, j0, j1); break;              \
+                case 5: BLOCK(a, buf, t, tok0, 5 < (TBMAX) ? 5 : 1, j0, j1); break;              \
+                case 6: BLOCK(a, buf, t, tok0, 6 < (TBMAX) ? 6 : 1, j0, j1); break;              \
+                default: BLOCK(a, buf, t, tok0, 7 < (TBMAX) ? 7 : 1, j0, j1); break;             \
+                }                                                                                \
+            }                                                                                    \
+    } while (0)
+
 /* One token's int8 activations widened for i16_tiles: x16 (in_pad), zero past `in`. */
 static inline void ep_widen_i8(const int8_t *q, int64_t in, int64_t in_pad, int16_t *x16) {
     for (int64_t u = 0; u < in; u++) x16[u] = q[u];
