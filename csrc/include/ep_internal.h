@@ -253,9 +253,11 @@ static inline int64_t ep_i16_chunk_groups(const ep_gemm_args *a) {
 }
 
 /* i16_tiles' loops: per tile and chunk of groups, WIDEN(a, t, j0, j1, buf), then the tokens in
- * blocks of TBMAX and the rest through BLOCK(a, buf, t, tok0, TB, j0, j1), TB a constant. */
+ * blocks of TBMAX (at most 8) and the rest through BLOCK(a, buf, t, tok0, TB, j0, j1), TB a
+ * constant. */
 #define EP_I16_LOOP(a, t0, t1, buf, TBMAX, WIDEN, BLOCK)                                        \
     do {                                                                                         \
+        _Static_assert((TBMAX) >= 1 && (TBMAX) <= 8, "the rest's cases cover up to 7 tokens");   \
         const int64_t ep_gpc_ = ep_i16_chunk_groups(a);                                          \
         for (int64_t t = (t0); t < (t1); t++)                                                    \
             for (int64_t j0 = 0; j0 < (a)->ng; j0 += ep_gpc_) {                                  \
