@@ -167,7 +167,7 @@ def source_ids(model, source, budget: int | None = None, chat: bool | None = Non
 
 def as_parameters(model) -> None:
     """Put the model's scales in the float32 form the reference is applied in (Model.parameters
-    widens 8-bit codes once, which moves the outputs in their last bits): the policy and its
+    widens 8-bit codes once, which changes their rounding): the policy and its
     reference then score with the same arithmetic, and a first call as every later one."""
     model.parameters()
 
