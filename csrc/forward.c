@@ -194,21 +194,16 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
         const ep_matrix *mt = mats[i];
         if (mt->kind == EP_MAT_PLANES) {
             ep_gemm_args *a = &p.args[i];
-            if (a->x16) {
-                a->ascale = f->qs;
-                a->acc = f->acc + (int64_t)i * f->acc_per_mat;
-                a->y = ys[i];
-                p.units[i] = a->tiles;
-                continue;
+            if (!a->x16) {  /* the lookups: tables and group sums (i16_tiles reads x16 alone) */
+                a->tab = f->tab;
+                a->tab_stride = f->tab_stride;
+                int32_t *gs = f->gsum;   /* the tables' sums, ng a token, when the groups match */
+                if (mt->group != tables_group) {
+                    gs = f->gsum + (int64_t)i * n * f->ng_max;   /* slot i > 0: the first such matrix matches */
+                    for (int64_t t = 0; t < n; t++) ep_ref_group_sums(f->qa + t * in, in, a->group, gs + t * a->ng);
+                }
+                a->gsum = gs;
             }
-            a->tab = f->tab;
-            a->tab_stride = f->tab_stride;
-            int32_t *gs = f->gsum;   /* the tables' sums, ng a token, when the groups match */
-            if (mt->group != tables_group) {
-                gs = f->gsum + (int64_t)i * n * f->ng_max;   /* slot i > 0: the first planes matrix matches */
-                for (int64_t t = 0; t < n; t++) ep_ref_group_sums(f->qa + t * in, in, a->group, gs + t * a->ng);
-            }
-            a->gsum = gs;
             a->ascale = f->qs;
             a->acc = f->acc + (int64_t)i * f->acc_per_mat;
             a->y = ys[i];
