@@ -276,13 +276,17 @@ typedef struct {
     const fwd *f;
     const float *kc, *vc;  /* this layer's cache of sequence 0; sequence s is seq_stride further */
     int64_t seq_stride, max_t;
+    int64_t split;         /* tasks per key/value head: 1, or G (one query head each) */
     int failed;
 } attn_job;
 
 /* One task per (token, key/value head): the query heads of its group share the keys; a token
  * sees its own sequence's positions 0..tok_pos.  Tasks visit the tokens from both ends in turn
  * (0, n-1, 1, n-2, ...), so that contiguous ranges of tasks hold similar numbers of keys to read:
- * in token order, a causal prefill's second half costs three times its first. */
+ * in token order, a causal prefill's second half costs three times its first.  With fewer such
+ * tasks than twice the threads (decode: 3 key heads for SmolLM2), each query head is a task of
+ * its own (split = G): 9 tasks share 2 threads 5/4 where 3 shared them 2/1.  Every kernel
+ * computes a query head alone, whatever G: the same bits either way. */
 static void attention_range(void *ctx, int64_t b, int64_t e) {
     attn_job *j = (attn_job *)ctx;
     const fwd *f = j->f;
@@ -294,12 +298,13 @@ static void attention_range(void *ctx, int64_t b, int64_t e) {
         j->failed = 1;
         return;
     }
+    const int64_t split = j->split, per = G / split;
     for (int64_t task = b; task < e; task++) {
-        const int64_t u = task / Hkv, kh = task % Hkv, t = (u & 1) ? f->n - 1 - u / 2 : u / 2;
-        const int64_t T = f->tok_pos[t] + 1;
+        const int64_t head = task / split, u = head / Hkv, kh = head % Hkv, t = (u & 1) ? f->n - 1 - u / 2 : u / 2;
+        const int64_t T = f->tok_pos[t] + 1, g0 = kh * G + task % split * per;
         const int64_t off = f->tok_seq[t] * j->seq_stride + kh * hd;
-        f->kt->attend(f->q + (t * H + kh * G) * hd, G, j->kc + off, j->vc + off, Hkv * hd, T, hd, scale,
-                      f->att + (t * H + kh * G) * hd, scratch);
+        f->kt->attend(f->q + (t * H + g0) * hd, per, j->kc + off, j->vc + off, Hkv * hd, T, hd, scale,
+                      f->att + (t * H + g0) * hd, scratch);
     }
     free(scratch);
 }
@@ -519,8 +524,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
             memcpy(kc + at, f.k + t * kv_dim, len);
             memcpy(vc + at, f.v + t * kv_dim, len);
         }
-        attn_job aj = {&f, kc, vc, seq_stride, max_t, 0};
-        ep_parallel_for(threads, n * Hkv, attention_range, &aj);
+        const int64_t nt = threads > 0 ? threads : ep_cpu_count();
+        const int64_t split = nt > 1 && n * Hkv < 2 * nt ? H / Hkv : 1;
+        attn_job aj = {&f, kc, vc, seq_stride, max_t, split, 0};
+        ep_parallel_for(threads, n * Hkv * split, attention_range, &aj);
         if (aj.failed) return EP_ENOMEM;
         const float *a_in = f.att;
         if (L->attn_sub_norm.weight) {

@@ -801,10 +801,51 @@ void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, i
     }
 }
 
+/* One token (decode's output layer: a fifth of the step's bytes, read once): four rows at a time
+ * share each load of x, |x| times w with x's sign (w in -127..127, as the format stores it: its
+ * sign can be taken), summed pairwise in int16, then in int32; the four sums reduce together.
+ * The rows two blocks ahead are prefetched: streamed from memory, the hardware prefetcher alone
+ * left a core at 26 GB/s where it reads 35 (Xeon 207, 49152 x 576: 1.36x). */
+static void i8_rows_one(const int8_t *q, float qs, int64_t in, const int8_t *w, const float *ws, float *y,
+                        int64_t r0, int64_t r1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const int8_t *w0 = w + r * in, *ahead = w0 + 8 * in;
+        __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        int64_t u = 0;
+        for (; u + 32 <= in; u += 32) {  /* the block's 4 * in bytes, two lines an iteration */
+            _mm_prefetch((const char *)(ahead + 4 * u), _MM_HINT_T0);
+            _mm_prefetch((const char *)(ahead + 4 * u + 64), _MM_HINT_T0);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(q + u)), xa = _mm256_abs_epi8(xv);
+            for (int i = 0; i < 4; i++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + i * in + u));
+                a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xv)), ones));
+            }
+        }
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+        int32_t d[4];
+        _mm_storeu_si128((__m128i *)d, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+        for (int i = 0; i < 4; i++) {
+            for (int64_t v = u; v < in; v++) d[i] += (int32_t)q[v] * w0[i * in + v];
+            y[r + i] = ((float)d[i] * ws[r + i]) * qs;
+        }
+    }
+    for (; r < r1; r++) {
+        int32_t d = 0;
+        for (int64_t v = 0; v < in; v++) d += (int32_t)q[v] * w[r * in + v];
+        y[r] = ((float)d * ws[r]) * qs;
+    }
+}
+
 /* Exact int8 dots: |w| times x with w's sign, summed pairwise in int16 (|w|, |x| <= 127: no
  * saturation), then in int32. */
 void ep_avx2_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
                      const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (n == 1) {
+        i8_rows_one(q, qs[0], in, w, ws, y, r0, r1);
+        return;
+    }
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *wr = w + r * in;

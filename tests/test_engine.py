@@ -62,6 +62,9 @@ def test_prefill_equals_decode_steps_and_threads(binarized):
     for threads in (2, 3):   # 3 threads on 2 cores: any split of the ranges, the same values
         for _ in range(2):
             np.testing.assert_array_equal(Model(binarized, engine="c", threads=threads).logits(IDS), full)
+        mt = Model(binarized, engine="c", threads=threads)   # decode: a task per query head, not per key head
+        cache = mt.engine.new_cache(len(IDS))
+        np.testing.assert_array_equal(np.stack([mt.engine.forward(IDS[i:i + 1], cache) for i in range(len(IDS))]), full)
     m2 = Model(binarized, engine="c", threads=2)
     cache = m2.engine.new_cache(len(IDS))
     half = m2.engine.forward(IDS[:5], cache, all_logits=True)

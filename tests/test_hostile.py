@@ -288,6 +288,21 @@ def test_non_finite_parameters_are_refused_at_load(small, tmp_path, name, value)
         edgepanel.load(tmp_path / "m.ep")
 
 
+@pytest.mark.parametrize("name", ["embed.q", "head.q"])
+def test_int8_rows_holding_minus_128_are_refused_at_load(small, tmp_path, name):
+    f = ModelFile(small)
+    tensors = {n: np.array(a) for n, a in f.tensors.items()}
+    if name not in tensors:
+        pytest.fail(f"the small model has no {name}: {sorted(tensors)[:8]}")
+    tensors[name].flat[7] = -128   # the kernels take the sign of the weights: -128 has no positive twin
+    write_tensors(tmp_path / "m.ep", tensors, f.metadata)
+    with pytest.raises(FormatError, match=f"'{name}' holds -128; int8 rows are stored in -127..127"):
+        edgepanel.load(tmp_path / "m.ep")
+    tensors[name].flat[7] = -127
+    write_tensors(tmp_path / "ok.ep", tensors, f.metadata)
+    edgepanel.load(tmp_path / "ok.ep")
+
+
 def test_token_ids_to_a_model_without_a_tokenizer(tmp_path):
     m = edgepanel.load(seeds.model_file(tmp_path / "m.ep", "planes_u8", tokenizer=False))
     assert len(m.generate_ids([1, 2, 3], max_tokens=3, temperature=0)) == 3

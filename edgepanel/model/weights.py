@@ -233,8 +233,10 @@ class _Reader:
     def rows(self, name: str, rows: int, cols: int) -> Rows:
         r = self.recipe(name)
         if r["kind"] == "int8_rows":
-            return Rows(name, rows, cols, q=self.f.get(name + ".q", np.int8, (rows, cols)),
-                        row_scale=self.vec(name + ".row_scale", rows))
+            q = self.f.get(name + ".q", np.int8, (rows, cols))
+            if q.size and int(q.min()) < -127:   # the kernels take the sign of w (format: clip to +-127)
+                raise FormatError(f"{self.f.path}: '{name}.q' holds -128; int8 rows are stored in -127..127")
+            return Rows(name, rows, cols, q=q, row_scale=self.vec(name + ".row_scale", rows))
         if r["kind"] == "dense":
             return Rows(name, rows, cols, weight=self.f.get(name + ".weight", (np.float32, np.float16), (rows, cols)))
         if r["kind"] == "planes":

@@ -225,6 +225,12 @@ static void check_dense_helpers(void) {
             kt->i8_rows(q, qs, n, in, w8, ws, y1, out, 0, out);
             CHECK(memcmp(y0, y1, n * out * 4) == 0, "%s i8_rows in=%lld%s differs", name, (long long)in,
                   extreme ? " (extreme bytes)" : "");
+            for (int64_t t = 0; t < n; t++) {  /* one token (decode's blocks of rows), in two ranges */
+                kt->i8_rows(q + t * in, qs + t, 1, in, w8, ws, y1, out, 5, out);
+                kt->i8_rows(q + t * in, qs + t, 1, in, w8, ws, y1, out, 0, 5);
+                CHECK(memcmp(y0 + t * out, y1, out * 4) == 0, "%s i8_rows one token t=%lld in=%lld%s differs", name,
+                      (long long)t, (long long)in, extreme ? " (extreme bytes)" : "");
+            }
             float d0 = ref->dot(x, wf, in), d1 = kt->dot(x, wf, in);
             CHECK(memcmp(&d0, &d1, 4) == 0, "%s dot in=%lld: %g != %g", name, (long long)in, d1, d0);
         }
