@@ -227,6 +227,11 @@ def test_kernel_counts_isolate_one_product(tmp_path):
     runs = [kc.count(exe, "neon", "cortex-a72", shape, reps) for reps in (1, 2, 3)]
     assert kc.count(exe, "neon", "cortex-a72", shape, 2) == runs[1]
     assert runs[2] - runs[1] == runs[1] - runs[0] > 1000
+    # the default model's 8-bit scales take the integer pass: another count, as exact
+    u8 = [kc.count(exe, "neon", "cortex-a72", shape, reps, "u8") for reps in (1, 2, 2)]
+    assert u8[1] == u8[2] and u8[1] - u8[0] > 1000 and u8[1] - u8[0] != runs[1] - runs[0]
+    with pytest.raises(SystemExit, match="scales: f32, f16 or u8, not f64"):
+        kc.count(exe, "neon", "cortex-a72", shape, 1, "f64")
 
 
 @pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="x86-64 host")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edgepanel.errors import NonFiniteError
-from edgepanel.sample import Sampler, Sampling, nucleus
+from edgepanel.sample import Sampler, Sampling, draw, nucleus
 
 
 def full_sort_nucleus(probs, top_p):
@@ -70,6 +70,48 @@ def test_sampler_draws_as_the_reference():
             hist.append(a)
 
 
+@pytest.mark.parametrize("params", [Sampling(seed=7), Sampling(seed=8, min_p=0.3, top_p=0.6),
+                                    Sampling(seed=9, min_p=0.01, top_p=0.9999999, temperature=2.0)])
+def test_min_p_then_top_p_on_ties_and_flat_distributions(params):
+    """min-p's kept set sorted alone (within_top_p) against the full sort, on the distributions
+    with ties at every level and across the candidates' edge."""
+    for x in distributions():
+        s, ref = Sampler(params), np.random.default_rng(params.seed)
+        for _ in range(3):
+            assert s(x.astype(np.float32), []) == reference_draw(x.astype(np.float32), [], params, ref)
+
+
 def test_non_finite_logits_are_refused():
     with pytest.raises(NonFiniteError, match="non-finite"):
         Sampler(Sampling(seed=0))(np.array([0.0, np.nan, 1.0], np.float32), [])
+
+
+def test_draw_picks_as_numpys_choice_over_the_nonzero_entries():
+    """draw() walks the nonzero probabilities only; the index must be rng.choice's, whatever the
+    sparsity (one entry, the first or last index, ties, mass spread over thousands)."""
+    gen = np.random.default_rng(11)
+    cases = [np.eye(1, 300, 0)[0], np.eye(1, 300, 299)[0], np.full(8, 0.125)]
+    for _ in range(300):
+        n = int(gen.integers(1, 6000))
+        p = gen.random(n) ** gen.uniform(1, 12)
+        p[gen.random(n) < gen.uniform(0, 0.999)] = 0
+        if not p.any():
+            p[gen.integers(n)] = 1.0
+        cases.append(p / p.sum())
+    for i, probs in enumerate(cases):
+        a, b = np.random.default_rng(i), np.random.default_rng(i)
+        for _ in range(4):
+            assert draw(a, probs) == int(b.choice(probs.size, p=probs))
+        assert a.random() == b.random()     # one uniform a draw, as choice takes
+
+
+def test_sampler_leaves_the_logits_alone_and_follows_a_new_vocabulary_size():
+    s = Sampler(Sampling(seed=2))
+    x = np.linspace(-3, 3, 500).astype(np.float32)
+    before = x.copy()
+    first = s(x, [])
+    np.testing.assert_array_equal(x, before)
+    y = np.linspace(3, -3, 70).astype(np.float32)       # another size: the working copy follows
+    ref = np.random.default_rng(2)
+    assert first == reference_draw(x, [], Sampling(seed=2), ref)
+    assert s(y, []) == reference_draw(y, [], Sampling(seed=2), ref) < 70

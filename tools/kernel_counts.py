@@ -3,11 +3,13 @@ instruction a translation block of its own, `-singlestep -d nochain,exec`, one l
 the x86 AVX2 variant under callgrind, for SmolLM2-135M's matrix shapes.  The counts repeat
 exactly, so a change on the board's path shows here without a board; they are not speeds.
 
-    python tools/kernel_counts.py [--k 1 2 4] [--tokens 1 4] [--json OUT.json]
+    python tools/kernel_counts.py [--k 1 2 4] [--tokens 1 4] [--scales f32] [--json OUT.json]
 
 tools/c/product_count.c runs one product `reps` times; each count is that of reps = 2 minus
 reps = 1, so set-up and exit are left out.  Needs gcc-aarch64-linux-gnu, qemu-user and valgrind
 (Debian packages); the AVX-512 variants are not counted (valgrind does not decode AVX-512).
+--scales u8 counts the default model's 8-bit scales (each group's planes summed as integers, one
+float multiply-add per group); f32 and f16 take the per-plane float pass.
 Output: one table, instructions per product and per weight-token (divided by out x in x tokens,
 whatever k).
 """
@@ -44,8 +46,8 @@ def build(tmp: Path, machine: str) -> Path:
     return exe
 
 
-def count(exe: Path, variant: str, cpu: str | None, args: list[int], reps: int) -> int:
-    argv = [str(exe), variant, *map(str, args), str(reps)]
+def count(exe: Path, variant: str, cpu: str | None, args: list[int], reps: int, scales: str = "f32") -> int:
+    argv = [str(exe), variant, *map(str, args), str(reps), scales]
     if cpu is not None:   # one log line per executed instruction, counted as it streams
         proc = subprocess.Popen(["qemu-aarch64", "-cpu", cpu, "-singlestep", "-d", "nochain,exec",
                                  "-D", "/dev/stdout", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -70,6 +72,8 @@ def main():
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="plane counts")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="tokens per product (1: decode)")
     ap.add_argument("--variants", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--scales", default="f32", choices=["f32", "f16", "u8"],
+                    help="scale storage (u8: the default model's 8-bit codes, integer arithmetic)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     for tool, pkg in (("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user"),
@@ -84,11 +88,13 @@ def main():
         for name, (out, n_in) in SHAPES.items():
             for k in args.k:
                 for n in args.tokens:
-                    row = {"shape": name, "out": out, "in": n_in, "k": k, "group": GROUP, "tokens": n}
+                    row = {"shape": name, "out": out, "in": n_in, "k": k, "group": GROUP, "tokens": n,
+                           "scales": args.scales}
                     for v in args.variants:
                         machine, cpu = RUNS[v]
                         shape = [n, k, out, n_in, GROUP]
-                        row[v] = count(exes[machine], v, cpu, shape, 2) - count(exes[machine], v, cpu, shape, 1)
+                        row[v] = (count(exes[machine], v, cpu, shape, 2, args.scales)
+                                  - count(exes[machine], v, cpu, shape, 1, args.scales))
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     head = "| shape | k | tokens | " + " | ".join(f"{v}: per product | per weight-token" for v in args.variants) + " |"
