@@ -580,12 +580,12 @@ const ep_kernels ep_kernels_neon = {
     .xnor_tables = neon_xnor_tables,
     .i8_tiles = neon_i8_tiles,
     .i16_tiles = neon_i16_tiles,
-    /* by k, from instruction counts (qemu, cortex-a72, 8-bit scales, 32-64 rows x 576, group 64;
-     * lookups / widened): k = 1 1.10 at 16 tokens, 1.20 at 64; k = 2 0.92 at 8, 1.06 at 16, 1.48
-     * at 32; k = 3 1.08 at 8, 1.30 at 16; k = 4 0.82 at 4, 1.20 at 8, 1.51 at 16.  Taken where
-     * it runs a third fewer instructions or better: SMLAL issues no faster than TBL on the Pi's
-     * cores, and no board has timed either. */
-    .i16_min_tokens = {0, 0, 32, 16, 16},
+    /* by k, from instruction counts (qemu, cortex-a72, 8-bit scales, 576 x 576, group 64;
+     * lookups / widened): k = 2 0.88 at 32 tokens, 0.92 at 64 (an SMLAL per 4 weight-tokens costs
+     * what two planes of lookups do: never); k = 3 1.06 at 16, 1.20 at 32, about 1.29 at 64; k = 4
+     * 1.02 at 8, 1.28 at 16, 1.50 at 32.  Taken from a quarter fewer instructions: SMLAL issues no
+     * faster than TBL on the Pi's cores, and no board has timed either. */
+    .i16_min_tokens = {0, 0, 0, 64, 16},
     .xnor_tiles = neon_xnor_tiles,
     .dense_rows = neon_dense_rows,
     .i8_rows = neon_i8_rows,
@@ -606,7 +606,7 @@ const ep_kernels ep_kernels_neon_dotprod = {
     .xnor_tables = neon_xnor_tables,
     .i8_tiles = neon_i8_tiles,
     .i16_tiles = neon_i16_tiles,
-    .i16_min_tokens = {0, 0, 32, 16, 16},  /* as neon's */
+    .i16_min_tokens = {0, 0, 0, 64, 16},  /* as neon's */
     .xnor_tiles = neon_xnor_tiles,
     .dense_rows = neon_dense_rows,
     .i8_rows = neon_dotprod_i8_rows,

@@ -83,7 +83,8 @@ def main():
     if platform.machine() != "x86_64" and "avx2" in args.variants:
         raise SystemExit("the x86 count runs natively: an x86-64 host")
     rows = []
-    with tempfile.TemporaryDirectory() as d:
+    git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as d:   # the revision built, not the one at the end of a long run
         exes = {m: build(Path(d), m) for m in {RUNS[v][0] for v in args.variants}}
         for name, (out, n_in) in SHAPES.items():
             for k in args.k:
@@ -106,8 +107,7 @@ def main():
               + " | ".join(f"{r[v]:,} | {r[v] / per:.3f}" for v in args.variants) + " |")
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(["python", "tools/kernel_counts.py", *sys.argv[1:]]),
-                                         "git": subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                                                               capture_output=True, text=True).stdout.strip(),
+                                         "git": git,
                                          "rows": rows}, indent=1) + "\n")
 
 
