@@ -101,7 +101,7 @@ enum {
     EP_MAT_PLANES = 1,   /* planes (k, out_pad/16, in_pad/8, 16) + scales as scales_kind says */
     EP_MAT_F32 = 2,      /* dense float32 (out, in) */
     EP_MAT_F16 = 3,      /* dense float16 (out, in) */
-    EP_MAT_I8ROWS = 4    /* int8 (out, in) + row_scale float32 (out) */
+    EP_MAT_I8ROWS = 4    /* int8 (out, in), entries in -127..127 (the kernels take w's sign) + row_scale float32 (out) */
 };
 /* Norms and activations: EP_NORM_<NAME> and EP_ACT_<NAME> for the names of edgepanel/model/config.py's
  * NORMS and ACTS (upper-cased), numbered in their order; the binding looks them up by name. */
