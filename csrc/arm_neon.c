@@ -274,10 +274,8 @@ static void neon_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 
 /* Groups [j0, j1) of tile t widened into buf: W = sum of codes - 2 * (codes whose bit says -1). */
 static void neon_widen_codes(const ep_gemm_args *a, int64_t t, int64_t j0, int64_t j1, int16_t *buf) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE;
-    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const int64_t cbase = ep_group_col0(a, j0), pstride = ep_plane_stride(a);
+    const uint8_t *w0 = ep_tile_planes(a, t);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -325,8 +323,7 @@ static void neon_widen_codes(const ep_gemm_args *a, int64_t t, int64_t j0, int64
 /* Tokens tok0 .. tok0+TB-1 over the widened groups [j0, j1) of tile t. */
 EP_INLINE void neon_i16_block(const ep_gemm_args *a, const int16_t *buf, int64_t t, int64_t tok0, const int TB,
                               int64_t j0, int64_t j1) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
+    const int64_t cbase = ep_group_col0(a, j0);
     float32x4_t f[EP_I16_TB][4];
     load_acc(a, t, tok0, TB, f, j0 == 0);
     for (int64_t j = j0; j < j1; j++) {

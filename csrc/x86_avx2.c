@@ -419,10 +419,8 @@ EP_INLINE __m256i dup_words(__m256i v) { return _mm256_or_si256(v, _mm256_slli_e
 
 /* Groups [j0, j1) of tile t widened into buf. */
 EP_INLINE void widen_codes(const ep_gemm_args *a, int64_t t, int64_t j0, int64_t j1, int32_t *buf) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE;
-    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const int64_t cbase = ep_group_col0(a, j0), pstride = ep_plane_stride(a);
+    const uint8_t *w0 = ep_tile_planes(a, t);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -461,8 +459,7 @@ EP_INLINE void widen_codes(const ep_gemm_args *a, int64_t t, int64_t j0, int64_t
 /* Tokens tok0 .. tok0+TB-1 over the widened groups [j0, j1) of tile t. */
 EP_INLINE void i16_block(const ep_gemm_args *a, const int32_t *buf, int64_t t, int64_t tok0, const int TB, int64_t j0,
                          int64_t j1) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
+    const int64_t cbase = ep_group_col0(a, j0);
     const float *mr = a->scale_rows + t * EP_TILE;
     const __m256 m0 = _mm256_loadu_ps(mr), m1 = _mm256_loadu_ps(mr + 8);
     const int32_t *x = (const int32_t *)(a->x16 + tok0 * a->in_pad);  /* pair p at x[p] */

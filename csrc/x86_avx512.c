@@ -336,10 +336,8 @@ static void avx512_xnor_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 
 /* Groups [j0, j1) of tile t widened into buf: pair p of the chunk at buf + 16 p. */
 EP_INLINE void widen_codes512(const ep_gemm_args *a, int64_t t, int64_t j0, int64_t j1, int32_t *buf) {
-    int64_t cbase, cend;
-    ep_group_cols(a, j0, &cbase, &cend);
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE;
-    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const int64_t cbase = ep_group_col0(a, j0), pstride = ep_plane_stride(a);
+    const uint8_t *w0 = ep_tile_planes(a, t);
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
@@ -370,8 +368,7 @@ EP_INLINE void widen_codes512(const ep_gemm_args *a, int64_t t, int64_t j0, int6
 #define EP_I16_BLOCK512(NAME, DP)                                                                             \
     EP_INLINE void NAME(const ep_gemm_args *a, const int32_t *buf, int64_t t, int64_t tok0, const int TB,      \
                         int64_t j0, int64_t j1) {                                                             \
-        int64_t cbase, cend;                                                                                  \
-        ep_group_cols(a, j0, &cbase, &cend);                                                                  \
+        const int64_t cbase = ep_group_col0(a, j0);                                                           \
         const __m512 m = _mm512_loadu_ps(a->scale_rows + t * EP_TILE);                                        \
         const int32_t *x = (const int32_t *)(a->x16 + tok0 * a->in_pad); /* pair p at x[p] */                 \
         const int64_t xs = a->in_pad / 2;                                                                     \
@@ -512,9 +509,9 @@ EP_INLINE int64_t vnni_i8_groups(const ep_gemm_args *a, int64_t t, int64_t tok0,
                                  const int GB, int64_t k, __m512i perm, __m512i *e, __m512 *f, const int IS) {
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride;
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
+    const int64_t pstride = ep_plane_stride(a);
     const int64_t sstride = a->tiles * a->ng * EP_TILE;     /* scales between planes */
-    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const uint8_t *w0 = ep_tile_planes(a, t);
     const __m512 rows = IS ? _mm512_loadu_ps(a->scale_rows + t * EP_TILE) : _mm512_setzero_ps();
     for (; j < jfast; j++) {
         const int64_t cc = j * 4 * GB, sidx = ep_scale_index(a, 0, t, j);
@@ -550,8 +547,8 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword);
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride, k = K ? K : a->k;
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
-    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const int64_t pstride = ep_plane_stride(a);
+    const uint8_t *w0 = ep_tile_planes(a, t);
     __m512 f[4];
     __m512i e[4];
     start_tile512(a, t, tok0, TB, j0, f, e);
@@ -692,9 +689,9 @@ EP_INLINE void vnni_xnor_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, co
     const __m512i perm = _mm512_loadu_si512((const void *)rows_by_dword), minus2 = _mm512_set1_epi8(-2);
     const uint8_t *tab = a->tab + tok0 * a->tab_stride;
     const int64_t ts = a->tab_stride;
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE;   /* bytes between planes */
+    const int64_t pstride = ep_plane_stride(a);
     const int64_t sstride = a->tiles * a->ng * EP_TILE;     /* scales between planes */
-    const uint8_t *w0 = a->planes + t * a->ncol * EP_TILE;
+    const uint8_t *w0 = ep_tile_planes(a, t);
     __m512 f[4];
     __m512i e[4];
     start_tile512(a, t, tok0, TB, j0, f, e);

@@ -100,6 +100,12 @@ static inline void ep_group_cols(const ep_gemm_args *a, int64_t j, int64_t *c0, 
     *c1 = (j == a->ng - 1) ? a->ncol : (j + 1) * (a->group / 8);
 }
 
+/* The first byte column of group j; the bytes between one plane and the next; tile t's bytes of
+ * plane 0 (planes are (k, tiles, ncol, 16)). */
+static inline int64_t ep_group_col0(const ep_gemm_args *a, int64_t j) { return j * (a->group / 8); }
+static inline int64_t ep_plane_stride(const ep_gemm_args *a) { return a->tiles * a->ncol * EP_TILE; }
+static inline const uint8_t *ep_tile_planes(const ep_gemm_args *a, int64_t t) { return a->planes + t * a->ncol * EP_TILE; }
+
 /* The 16 scales of plane i, tile t, group j start at this element index. */
 static inline int64_t ep_scale_index(const ep_gemm_args *a, int64_t i, int64_t t, int64_t j) {
     return ((i * a->tiles + t) * a->ng + j) * EP_TILE;
