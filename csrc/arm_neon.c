@@ -503,27 +503,56 @@ EP_DOTPROD static void neon_dotprod_i8_rows(const int8_t *q, const float *qs, in
     }
 }
 
-/* Attention (specification: ep_ref_attend), two keys at a time. */
-static void neon_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+/* hd (a multiple of 8) float16 values widened to float32 */
+static inline void neon_widen_row(const float16_t *p, int64_t hd, float *row) {
+    for (int64_t i = 0; i < hd; i += 8) {
+        const float16x8_t h = vld1q_f16(p + i);
+        vst1q_f32(row + i, vcvt_f32_f16(vget_low_f16(h)));
+        vst1q_f32(row + i + 4, vcvt_f32_f16(vget_high_f16(h)));
+    }
+}
+
+/* Attention (specification: ep_ref_attend).  Keys and values in float16 are widened a row at a
+ * time into a buffer (exact), then read as float32 rows are. */
+static void neon_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
                         int64_t T, int64_t hd, float scale, float *out, float *scratch) {
     if (hd % 8 || hd > 256) {
-        ep_ref_attend(q, G, k, v, kstride, T, hd, scale, out, scratch);
+        ep_ref_attend(q, G, k, v, f16, kstride, T, hd, scale, out, scratch);
         return;
     }
+    float row[256];
     for (int64_t g = 0; g < G; g++) {
         const float *qg = q + g * hd;
         float *w = scratch + g * T;
-        for (int64_t s = 0; s < T; s++) w[s] = neon_dot(qg, k + s * kstride, hd) * scale;
+        for (int64_t s = 0; s < T; s++) {
+            const float *ks = (const float *)k + s * kstride;
+            if (f16) {
+                neon_widen_row((const float16_t *)k + s * kstride, hd, row);
+                ks = row;
+            }
+            w[s] = neon_dot(qg, ks, hd) * scale;
+        }
         ep_softmax_weights(w, T);
         float32x4_t o[64];
         const int64_t nv = hd / 4;
         for (int64_t j = 0; j < nv; j++) o[j] = vdupq_n_f32(0.0f);
         for (int64_t s = 0; s < T; s++) {
-            const float *vs = v + s * kstride;
+            const float *vs = (const float *)v + s * kstride;
+            if (f16) {
+                neon_widen_row((const float16_t *)v + s * kstride, hd, row);
+                vs = row;
+            }
             for (int64_t j = 0; j < nv; j++) o[j] = vfmaq_n_f32(o[j], vld1q_f32(vs + 4 * j), w[s]);
         }
         for (int64_t j = 0; j < nv; j++) vst1q_f32(out + g * hd + 4 * j, o[j]);
     }
+}
+
+/* ep_ref_to_half, 4 at a time (FCVTN rounds to nearest even, as the reference) */
+static void neon_to_half(const float *x, int64_t n, uint16_t *h) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_f16((float16_t *)(h + i), vcvt_f16_f32(vld1q_f32(x + i)));
+    ep_ref_to_half(x + i, n - i, h + i);
 }
 
 /* ep_ref_lookup16_u16, 16 codes at a time: the table's low and high bytes, deinterleaved once,
@@ -588,6 +617,8 @@ const ep_kernels ep_kernels_neon = {
     .i8_rows = neon_i8_rows,
     .dot = neon_dot,
     .attend = neon_attend,
+    .to_half = neon_to_half,
+    .rotate_row = ep_ref_rotate_row,
     .silu_mul = ep_ref_silu_mul,
     .lookup16_u16 = neon_lookup16_u16,
     .lookup16_f32 = neon_lookup16_f32,
@@ -609,6 +640,8 @@ const ep_kernels ep_kernels_neon_dotprod = {
     .i8_rows = neon_dotprod_i8_rows,
     .dot = neon_dot,
     .attend = neon_attend,
+    .to_half = neon_to_half,
+    .rotate_row = ep_ref_rotate_row,
     .silu_mul = ep_ref_silu_mul,
     .lookup16_u16 = neon_lookup16_u16,
     .lookup16_f32 = neon_lookup16_f32,

@@ -274,7 +274,8 @@ static void rope_rows(const fwd *f, float *x, int64_t heads) {
 
 typedef struct {
     const fwd *f;
-    const float *kc, *vc;  /* this layer's cache of sequence 0; sequence s is seq_stride further */
+    const void *kc, *vc;   /* this layer's cache of sequence 0; sequence s is seq_stride elements on */
+    int f16;               /* the cache holds float16 (else float32) */
     int64_t seq_stride, max_t;
     int64_t split;         /* tasks per key/value head: 1, or G (one query head each) */
     int failed;
@@ -303,59 +304,16 @@ static void attention_range(void *ctx, int64_t b, int64_t e) {
         const int64_t head = task / split, u = head / Hkv, kh = head % Hkv, t = (u & 1) ? f->n - 1 - u / 2 : u / 2;
         const int64_t T = f->tok_pos[t] + 1, g0 = kh * G + task % split * per;
         const int64_t off = f->tok_seq[t] * j->seq_stride + kh * hd;
-        f->kt->attend(f->q + (t * H + g0) * hd, per, j->kc + off, j->vc + off, Hkv * hd, T, hd, scale,
-                      f->att + (t * H + g0) * hd, scratch);
+        const int64_t at = off * (j->f16 ? 2 : 4);
+        f->kt->attend(f->q + (t * H + g0) * hd, per, (const char *)j->kc + at, (const char *)j->vc + at, j->f16,
+                      Hkv * hd, T, hd, scale, f->att + (t * H + g0) * hd, scratch);
     }
     free(scratch);
 }
 
-/* ---- the rotation ----------------------------------------------------------------------------
- * v <- mix(FWHT(signs * v)) for one row of D = P * M, as edgepanel/rotation.py: butterflies over
- * distances 1, 2, 4, ... within each block of P, scaled by 1/sqrt(P), then the M x M mix of the
- * blocks, each output the sum over k = 0..M-1 in order from 0.0f.  tmp: D floats (M > 1). */
-static void rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp) {
-    const int64_t D = P * M;
-    const float norm = 1.0f / sqrtf((float)P);
-    for (int64_t i = 0; i < D; i++) v[i] *= signs[i];
-    for (int64_t b = 0; b < M; b++) {
-        float *blk = v + b * P;
-        int64_t h = 1;
-        if (P >= 4) {   /* distances 1 and 2 in one pass over each 4 entries: the same sums */
-            for (int64_t s = 0; s < P; s += 4) {
-                const float a0 = blk[s] + blk[s + 1], a1 = blk[s] - blk[s + 1];
-                const float a2 = blk[s + 2] + blk[s + 3], a3 = blk[s + 2] - blk[s + 3];
-                blk[s] = a0 + a2;
-                blk[s + 1] = a1 + a3;
-                blk[s + 2] = a0 - a2;
-                blk[s + 3] = a1 - a3;
-            }
-            h = 4;
-        }
-        for (; h < P; h *= 2)
-            for (int64_t s = 0; s < P; s += 2 * h)
-                for (int64_t i = s; i < s + h; i++) {
-                    float a = blk[i], c = blk[i + h];
-                    blk[i] = a + c;
-                    blk[i + h] = a - c;
-                }
-    }
-    for (int64_t i = 0; i < D; i++) v[i] *= norm;
-    if (M > 1) {
-        for (int64_t i = 0; i < M; i++) {   /* k outer, j inner: contiguous rows, the same order per output */
-            float *o = tmp + i * P;
-            for (int64_t j = 0; j < P; j++) o[j] = 0.0f;
-            for (int64_t k = 0; k < M; k++) {
-                const float c = mix[i * M + k], *src = v + k * P;
-                for (int64_t j = 0; j < P; j++) o[j] += c * src[j];
-            }
-        }
-        memcpy(v, tmp, sizeof(float) * (size_t)D);
-    } else if (mix[0] != 1.0f) {
-        for (int64_t i = 0; i < D; i++) v[i] *= mix[0];
-    }
-}
-
+/* ---- the rotation (kt->rotate_row on each row) ------------------------------------------- */
 typedef struct {
+    const ep_kernels *kt;
     const float *signs, *mix;
     int64_t P, M;
     float *x;
@@ -371,14 +329,14 @@ static void rotate_range(void *ctx, int64_t b, int64_t e) {
         j->failed = 1;
         return;
     }
-    for (int64_t t = b; t < e; t++) rotate_row(j->signs, j->mix, j->P, j->M, j->x + t * D, tmp);
+    for (int64_t t = b; t < e; t++) j->kt->rotate_row(j->signs, j->mix, j->P, j->M, j->x + t * D, tmp);
     if (!j->tmp) free(tmp);
 }
 
 int ep_rotate_rows(const float *signs, const float *mix, int64_t n, float *x, int64_t rows, int threads) {
     if (!signs || !mix || !x || n <= 0 || rows < 0) return EP_EINVAL;
     const int64_t P = n & -n;
-    rotate_job j = {signs, mix, P, n / P, x, NULL, 0};
+    rotate_job j = {ep_kernels_get(NULL), signs, mix, P, n / P, x, NULL, 0};
     ep_parallel_for(threads, rows, rotate_range, &j);
     return j.failed ? EP_ENOMEM : EP_OK;
 }
@@ -457,12 +415,12 @@ static int all_planes_ok(const ep_model *m) {
     return 1;
 }
 
-int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, void *v_cache, int32_t kv_type, int64_t cap,
                      const int32_t *tokens, int64_t n, const int64_t *seq_len, const int64_t *seq_pos,
                      int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
                      float *out, void *work, int64_t work_bytes, int threads) {
     if (!kt) kt = ep_kernels_get(NULL);
-    if (!m || !k_cache || !v_cache || !tokens || !out || !seq_len || !seq_pos || n <= 0 || n_seqs <= 0 ||
+    if (!m || !k_cache || !v_cache || (kv_type != EP_KV_F32 && kv_type != EP_KV_F16) || !tokens || !out || !seq_len || !seq_pos || n <= 0 || n_seqs <= 0 ||
         n_seqs > n || out_kind < EP_OUT_LAST || out_kind > EP_OUT_LOGPROB || (out_kind == EP_OUT_LOGPROB && (!targets || n_targets < 1)) ||
         !all_planes_ok(m))
         return EP_EINVAL;
@@ -510,7 +468,9 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
 
     for (int32_t li = 0; li < m->n_layers; li++) {
         const ep_layer *L = &m->layers[li];
-        float *kc = k_cache + (int64_t)li * layer_stride, *vc = v_cache + (int64_t)li * layer_stride;
+        const int f16 = kv_type == EP_KV_F16;
+        const int64_t es = f16 ? 2 : 4;
+        char *kc = (char *)k_cache + (int64_t)li * layer_stride * es, *vc = (char *)v_cache + (int64_t)li * layer_stride * es;
         norm_rows(m, &L->attn_norm, m->norm, f.x, f.h, n, D);
         const ep_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {f.q, f.k, f.v};
@@ -520,13 +480,18 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
             rope_rows(&f, f.k, Hkv);
         }
         for (int64_t s = 0, t = 0; s < n_seqs; t += seq_len[s], s++) {
-            const int64_t at = s * seq_stride + seq_pos[s] * kv_dim, len = sizeof(float) * (size_t)(seq_len[s] * kv_dim);
-            memcpy(kc + at, f.k + t * kv_dim, len);
-            memcpy(vc + at, f.v + t * kv_dim, len);
+            const int64_t at = (s * seq_stride + seq_pos[s] * kv_dim) * es, len = seq_len[s] * kv_dim;
+            if (f16) {
+                kt->to_half(f.k + t * kv_dim, len, (uint16_t *)(kc + at));
+                kt->to_half(f.v + t * kv_dim, len, (uint16_t *)(vc + at));
+            } else {
+                memcpy(kc + at, f.k + t * kv_dim, sizeof(float) * (size_t)len);
+                memcpy(vc + at, f.v + t * kv_dim, sizeof(float) * (size_t)len);
+            }
         }
         const int64_t nt = threads > 0 ? threads : ep_cpu_count();
         const int64_t split = nt > 1 && n * Hkv < 2 * nt ? H / Hkv : 1;
-        attn_job aj = {&f, kc, vc, seq_stride, max_t, split, 0};
+        attn_job aj = {&f, kc, vc, f16, seq_stride, max_t, split, 0};
         ep_parallel_for(threads, n * Hkv * split, attention_range, &aj);
         if (aj.failed) return EP_ENOMEM;
         const float *a_in = f.att;
@@ -557,7 +522,7 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
             d_in = f.g;
         }
         if (m->rot_signs) {
-            rotate_job rj = {m->rot_signs, m->rot_mix, m->rot_p, m->rot_m, d_in, d_in == f.u ? f.g : f.u, 0};
+            rotate_job rj = {kt, m->rot_signs, m->rot_mix, m->rot_p, m->rot_m, d_in, d_in == f.u ? f.g : f.u, 0};
             ep_parallel_for(threads, n, rotate_range, &rj);   /* rows apart: the same values */
         }
         run_one(&f, d_in, F, &L->w_down, f.o);
@@ -588,10 +553,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, fl
     return EP_OK;
 }
 
-int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+int ep_forward(const ep_kernels *kt, const ep_model *m, void *k_cache, void *v_cache, int32_t kv_type, int64_t cap,
                const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
                void *work, int64_t work_bytes, int threads) {
     const int64_t len = n, at = pos;
-    return ep_forward_batch(kt, m, k_cache, v_cache, cap, tokens, n, &len, &at, 1,
+    return ep_forward_batch(kt, m, k_cache, v_cache, kv_type, cap, tokens, n, &len, &at, 1,
                             all_logits ? EP_OUT_ALL : EP_OUT_LAST, NULL, 0, logits, work, work_bytes, threads);
 }

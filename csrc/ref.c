@@ -93,6 +93,32 @@ float ep_half_to_float(uint16_t h) {
     return f;
 }
 
+/* float32 to float16, rounded to nearest even, as F16C's vcvtps2ph and NEON's fcvtn do (and
+ * NumPy's astype(float16)): overflow to infinity, float16 subnormals kept, a NaN stays a quiet NaN
+ * with its payload's high bits. */
+uint16_t ep_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);   /* >= 65520: rounds past 65504 */
+    uint32_t h, rem, half;
+    if (ax >= 0x38800000u) {   /* normal: rebias the exponent, keep 10 of 23 mantissa bits */
+        h = (ax - (112u << 23)) >> 13;
+        rem = ax & 0x1fffu;
+        half = 0x1000u;
+    } else {                   /* subnormal in float16: units of 2^-24 */
+        const uint32_t e = ax >> 23, shift = 126u - e;
+        if (shift > 24) return (uint16_t)sign;
+        const uint32_t man = (ax & 0x7fffffu) | 0x800000u;
+        h = man >> shift;
+        rem = man & ((1u << shift) - 1u);
+        half = 1u << (shift - 1u);
+    }
+    if (rem > half || (rem == half && (h & 1u))) h++;   /* a carry moves into the exponent */
+    return (uint16_t)(sign | h);
+}
+
 /* Dot products in a fixed order, so that every ISA gives the same bits: eight lanes, lane l
  * accumulating a[i]*b[i] for i = l, l+8, ... with one fused multiply-add each, combined as
  * ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)). */
@@ -180,16 +206,76 @@ void ep_softmax_weights(float *scores, int64_t T) {
     for (int64_t s = 0; s < T; s++) scores[s] *= inv;
 }
 
-void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+/* Element i of a cache row: float32, or float16 widened. */
+static inline float kv_value(const void *p, int f16, int64_t i) {
+    return f16 ? ep_half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+void ep_ref_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch) {
     for (int64_t g = 0; g < G; g++) {
         float *w = scratch + g * T, *o = out + g * hd;
-        for (int64_t s = 0; s < T; s++) w[s] = ep_ref_dot(q + g * hd, k + s * kstride, hd) * scale;
+        const float *qg = q + g * hd;
+        for (int64_t s = 0; s < T; s++) {   /* ep_ref_dot of q and the widened key */
+            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t i = 0; i < hd; i++) lane[i & 7] = fmaf(qg[i], kv_value(k, f16, s * kstride + i), lane[i & 7]);
+            w[s] = (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) * scale;
+        }
         ep_softmax_weights(w, T);
         for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
         for (int64_t s = 0; s < T; s++)
-            for (int64_t i = 0; i < hd; i++) o[i] = fmaf(w[s], v[s * kstride + i], o[i]);
+            for (int64_t i = 0; i < hd; i++) o[i] = fmaf(w[s], kv_value(v, f16, s * kstride + i), o[i]);
     }
+}
+
+/* The rotation: v <- mix(FWHT(signs * v)) for one row of D = P * M, as edgepanel/rotation.py:
+ * butterflies over distances 1, 2, 4, ... within each block of P, scaled by 1/sqrt(P), then the
+ * M x M mix of the blocks, each output the sum over k = 0..M-1 in order from 0.0f.  tmp: D floats
+ * (M > 1). */
+void ep_ref_rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp) {
+    const int64_t D = P * M;
+    const float norm = 1.0f / sqrtf((float)P);
+    for (int64_t i = 0; i < D; i++) v[i] *= signs[i];
+    for (int64_t b = 0; b < M; b++) {
+        float *blk = v + b * P;
+        int64_t h = 1;
+        if (P >= 4) {   /* distances 1 and 2 in one pass over each 4 entries: the same sums */
+            for (int64_t s = 0; s < P; s += 4) {
+                const float a0 = blk[s] + blk[s + 1], a1 = blk[s] - blk[s + 1];
+                const float a2 = blk[s + 2] + blk[s + 3], a3 = blk[s + 2] - blk[s + 3];
+                blk[s] = a0 + a2;
+                blk[s + 1] = a1 + a3;
+                blk[s + 2] = a0 - a2;
+                blk[s + 3] = a1 - a3;
+            }
+            h = 4;
+        }
+        for (; h < P; h *= 2)
+            for (int64_t s = 0; s < P; s += 2 * h)
+                for (int64_t i = s; i < s + h; i++) {
+                    float a = blk[i], c = blk[i + h];
+                    blk[i] = a + c;
+                    blk[i + h] = a - c;
+                }
+    }
+    for (int64_t i = 0; i < D; i++) v[i] *= norm;
+    if (M > 1) {
+        for (int64_t i = 0; i < M; i++) {   /* k outer, j inner: contiguous rows, the same order per output */
+            float *o = tmp + i * P;
+            for (int64_t j = 0; j < P; j++) o[j] = 0.0f;
+            for (int64_t k = 0; k < M; k++) {
+                const float c = mix[i * M + k], *src = v + k * P;
+                for (int64_t j = 0; j < P; j++) o[j] += c * src[j];
+            }
+        }
+        memcpy(v, tmp, sizeof(float) * (size_t)D);
+    } else if (mix[0] != 1.0f) {
+        for (int64_t i = 0; i < D; i++) v[i] *= mix[0];
+    }
+}
+
+void ep_ref_to_half(const float *x, int64_t n, uint16_t *h) {
+    for (int64_t i = 0; i < n; i++) h[i] = ep_float_to_half(x[i]);
 }
 
 static int ref_supported(void) { return 1; }
@@ -307,6 +393,8 @@ const ep_kernels ep_kernels_scalar = {
     .i8_rows = ep_ref_i8_rows,
     .dot = ep_ref_dot,
     .attend = ep_ref_attend,
+    .to_half = ep_ref_to_half,
+    .rotate_row = ep_ref_rotate_row,
     .silu_mul = ep_ref_silu_mul,
     .lookup16_u16 = ep_ref_lookup16_u16,
     .lookup16_f32 = ep_ref_lookup16_f32,

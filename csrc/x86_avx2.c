@@ -740,62 +740,204 @@ static void softmax256(float *w, int64_t T) {
     for (; s < T; s++) w[s] *= inv;
 }
 
-/* out (64 floats) = sum over s of w[s] * v_s[0..64), in order of s, accumulators in registers;
- * the value rows (from DRAM at decode: the weights have streamed through the caches) prefetched
- * a few positions ahead. */
-EP_INLINE void weighted_values64(const float *w, const float *v, int64_t kstride, int64_t T, int64_t width,
-                                 float *out) {
+/* 8 floats of a cache row: float32, or float16 widened (exact) */
+EP_INLINE __m256 load_kv8(const void *p, int f16, int64_t i) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+               : _mm256_loadu_ps((const float *)p + i);
+}
+
+/* out (64 floats) = sum over s of w[s] * v_s[c0..c0+64), in order of s, accumulators in
+ * registers; the value rows (from DRAM at decode: the weights have streamed through the caches)
+ * prefetched a few positions ahead.  f16 is a constant where this is inlined. */
+EP_INLINE void weighted_values64(const float *w, const void *v, int f16, int64_t kstride, int64_t c0, int64_t T,
+                                 int64_t width, float *out) {
     __m256 o[8];
     const int nv = (int)(width / 8);
+    const int64_t es = f16 ? 2 : 4, row_bytes = width * es;
     for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
     for (int64_t s = 0; s < T; s++) {
-        const float *vs = v + s * kstride;
+        const int64_t at = s * kstride + c0;
         if (s + 6 < T)
-            for (int j = 0; j < nv; j += 2) _mm_prefetch((const char *)(vs + 6 * kstride + 8 * j), _MM_HINT_T0);
+            for (int64_t b = 0; b < row_bytes; b += 64)
+                _mm_prefetch((const char *)v + (at + 6 * kstride) * es + b, _MM_HINT_T0);
         const __m256 ws = _mm256_set1_ps(w[s]);
         if (nv == 8) {
-            for (int j = 0; j < 8; j++) o[j] = ep_fmadd256(ws, _mm256_loadu_ps(vs + 8 * j), o[j]);
+            for (int j = 0; j < 8; j++) o[j] = ep_fmadd256(ws, load_kv8(v, f16, at + 8 * j), o[j]);
         } else {
-            for (int j = 0; j < nv; j++) o[j] = ep_fmadd256(ws, _mm256_loadu_ps(vs + 8 * j), o[j]);
+            for (int j = 0; j < nv; j++) o[j] = ep_fmadd256(ws, load_kv8(v, f16, at + 8 * j), o[j]);
         }
     }
     for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + 8 * j, o[j]);
 }
 
-/* Attention of G query heads over one key/value head (specification: ep_ref_attend).  Scores
- * 8 keys at a time, each block of keys read from L1 by all G heads (the next block
- * prefetched); values in 64-wide column strips, each strip's sums held in registers. */
-void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
-                    int64_t T, int64_t hd, float scale, float *out, float *scratch) {
-    if (hd % 8 || hd > 256) {
-        ep_ref_attend(q, G, k, v, kstride, T, hd, scale, out, scratch);
-        return;
+/* out_g[0..32) = sum over s of w_g[s] * v_s[c0..c0+32) for GN heads at once (w_g = w + g * T,
+ * out_g = out + g * hd), in order of s: each value row is read (and widened) once for all of
+ * them.  GN and f16 are constants where this is inlined. */
+EP_INLINE void weighted_values32_heads(const float *w, int64_t T, int GN, const void *v, int f16, int64_t kstride,
+                                       int64_t c0, float *out, int64_t hd) {
+    __m256 o[3][4];
+    const int64_t es = f16 ? 2 : 4;
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < 4; j++) o[g][j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < T; s++) {
+        const int64_t at = s * kstride + c0;
+        if (s + 6 < T)
+            for (int64_t b = 0; b < 32 * es; b += 64) _mm_prefetch((const char *)v + (at + 6 * kstride) * es + b, _MM_HINT_T0);
+        __m256 x[4];
+        for (int j = 0; j < 4; j++) x[j] = load_kv8(v, f16, at + 8 * j);
+        for (int g = 0; g < GN; g++) {
+            const __m256 ws = _mm256_broadcast_ss(w + g * T + s);
+            for (int j = 0; j < 4; j++) o[g][j] = ep_fmadd256(ws, x[j], o[g][j]);
+        }
     }
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + g * hd + 8 * j, o[g][j]);
+}
+
+/* The scores of G query heads over keys [0, T) (scratch[g * T + s]), 8 keys at a time, each block
+ * of keys read from L1 by all G heads (the next block prefetched).  mode 0: float32 keys; 1:
+ * float16 keys widened a block at a time into kw (8 x hd floats), then read as float32 rows are
+ * (several heads); 2: float16 keys widened as they are read (one head).  A constant where this
+ * is inlined. */
+EP_INLINE void attend_scores(const float *q, int64_t G, const void *k, int mode, int64_t kstride, int64_t T,
+                             int64_t hd, float scale, float *scratch) {
     const __m256 vscale = _mm256_set1_ps(scale);
+    const int64_t es = mode ? 2 : 4;
+    float kw[8 * 256];
     int64_t s = 0;
     for (; s + 8 <= T; s += 8) {
-        const float *kb = k + s * kstride;
+        const char *kb0 = (const char *)k + s * kstride * es;
         if (s + 16 <= T)
             for (int j = 0; j < 8; j++)
-                for (int64_t i = 0; i < hd; i += 16) _mm_prefetch((const char *)(kb + (8 + j) * kstride + i), _MM_HINT_T0);
+                for (int64_t b = 0; b < hd * es; b += 64) _mm_prefetch(kb0 + (8 + j) * kstride * es + b, _MM_HINT_T0);
+        const void *kb = kb0;
+        int64_t ks = kstride;
+        if (mode == 1) {
+            for (int j = 0; j < 8; j++)
+                for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(kw + j * hd + i, load_kv8(kb0, 1, j * kstride + i));
+            kb = kw;
+            ks = hd;
+        }
         for (int64_t g = 0; g < G; g++) {
             const float *qg = q + g * hd;
             __m256 a[8];
             for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
             for (int64_t i = 0; i < hd; i += 8) {
                 const __m256 qv = _mm256_loadu_ps(qg + i);
-                for (int j = 0; j < 8; j++) a[j] = ep_fmadd256(qv, _mm256_loadu_ps(kb + j * kstride + i), a[j]);
+                for (int j = 0; j < 8; j++) a[j] = ep_fmadd256(qv, load_kv8(kb, mode == 2, j * ks + i), a[j]);
             }
             _mm256_storeu_ps(scratch + g * T + s, _mm256_mul_ps(finish8(a), vscale));
         }
     }
-    for (; s < T; s++)
-        for (int64_t g = 0; g < G; g++) scratch[g * T + s] = ep_avx2_dot(q + g * hd, k + s * kstride, hd) * scale;
-    for (int64_t g = 0; g < G; g++) {
-        softmax256(scratch + g * T, T);
-        for (int64_t c = 0; c < hd; c += 64)
-            weighted_values64(scratch + g * T, v + c, kstride, T, ep_min64(64, hd - c), out + g * hd + c);
+    for (; s < T; s++) {
+        const float *row = (const float *)k + s * kstride;
+        if (mode) {
+            for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(kw + i, load_kv8(k, 1, s * kstride + i));
+            row = kw;
+        }
+        for (int64_t g = 0; g < G; g++) scratch[g * T + s] = ep_avx2_dot(q + g * hd, row, hd) * scale;
     }
+}
+
+/* Attention of G query heads over one key/value head (specification: ep_ref_attend): the scores
+ * (attend_scores), each head's softmax, then the values: one head in 64-wide column strips, its
+ * sums in registers; several heads up to three at a time in 32-wide strips, each value row read
+ * once for the three (float16 rows widened once). */
+void ep_avx2_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+                    int64_t T, int64_t hd, float scale, float *out, float *scratch) {
+    if (hd % 8 || hd > 256) {
+        ep_ref_attend(q, G, k, v, f16, kstride, T, hd, scale, out, scratch);
+        return;
+    }
+    if (!f16)
+        attend_scores(q, G, k, 0, kstride, T, hd, scale, scratch);
+    else if (G > 1)
+        attend_scores(q, G, k, 1, kstride, T, hd, scale, scratch);
+    else
+        attend_scores(q, G, k, 2, kstride, T, hd, scale, scratch);
+    for (int64_t g = 0; g < G; g++) softmax256(scratch + g * T, T);
+    int64_t g = 0;
+    if (G > 1 && hd % 32 == 0)
+        for (; g < G; g += 3) {
+            const int gn = (int)ep_min64(3, G - g);
+            for (int64_t c = 0; c < hd; c += 32) {
+                const float *w = scratch + g * T;
+                float *o = out + g * hd + c;
+                if (f16)
+                    gn == 3 ? weighted_values32_heads(w, T, 3, v, 1, kstride, c, o, hd)
+                    : gn == 2 ? weighted_values32_heads(w, T, 2, v, 1, kstride, c, o, hd)
+                              : weighted_values32_heads(w, T, 1, v, 1, kstride, c, o, hd);
+                else
+                    gn == 3 ? weighted_values32_heads(w, T, 3, v, 0, kstride, c, o, hd)
+                    : gn == 2 ? weighted_values32_heads(w, T, 2, v, 0, kstride, c, o, hd)
+                              : weighted_values32_heads(w, T, 1, v, 0, kstride, c, o, hd);
+            }
+        }
+    for (; g < G; g++)
+        for (int64_t c = 0; c < hd; c += 64) {
+            const int64_t width = ep_min64(64, hd - c);
+            if (f16)
+                weighted_values64(scratch + g * T, v, 1, kstride, c, T, width, out + g * hd + c);
+            else
+                weighted_values64(scratch + g * T, v, 0, kstride, c, T, width, out + g * hd + c);
+        }
+}
+
+/* ep_ref_rotate_row, 8 floats a vector (P >= 8): the signs, then distances 1, 2 and 4 within
+ * each vector (a permuted copy added, and subtracted from, the blend keeping each element's
+ * reference operation: a + c where it receives the sum, a - c the difference), the longer
+ * distances a vector pair at a time, the scale, then the mix: every element sees the reference's
+ * operations in its order. */
+void ep_avx2_rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp) {
+    if (P < 8) {
+        ep_ref_rotate_row(signs, mix, P, M, v, tmp);
+        return;
+    }
+    const int64_t D = P * M;
+    const __m256 norm = _mm256_set1_ps(1.0f / sqrtf((float)P));
+    for (int64_t b = 0; b < M; b++) {
+        float *blk = v + b * P;
+        const float *sg = signs + b * P;
+        for (int64_t s = 0; s < P; s += 8) {
+            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(blk + s), _mm256_loadu_ps(sg + s));
+            __m256 p = _mm256_permute_ps(x, 0xB1);                           /* pairs swapped */
+            x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0xAA);
+            p = _mm256_permute_ps(x, 0x4E);                                  /* pairs of pairs */
+            x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0xCC);
+            p = _mm256_permute2f128_ps(x, x, 0x01);                          /* halves */
+            x = _mm256_blend_ps(_mm256_add_ps(x, p), _mm256_sub_ps(p, x), 0xF0);
+            _mm256_storeu_ps(blk + s, x);
+        }
+        for (int64_t h = 8; h < P; h *= 2)
+            for (int64_t s = 0; s < P; s += 2 * h)
+                for (int64_t i = s; i < s + h; i += 8) {
+                    const __m256 a = _mm256_loadu_ps(blk + i), c = _mm256_loadu_ps(blk + i + h);
+                    _mm256_storeu_ps(blk + i, _mm256_add_ps(a, c));
+                    _mm256_storeu_ps(blk + i + h, _mm256_sub_ps(a, c));
+                }
+    }
+    for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(v + i), norm));
+    if (M > 1) {
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < P; j += 8) {
+                __m256 o = _mm256_setzero_ps();
+                for (int64_t k = 0; k < M; k++)
+                    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(mix[i * M + k]), _mm256_loadu_ps(v + k * P + j)));
+                _mm256_storeu_ps(tmp + i * P + j, o);
+            }
+        memcpy(v, tmp, sizeof(float) * (size_t)D);
+    } else if (mix[0] != 1.0f) {
+        const __m256 c = _mm256_set1_ps(mix[0]);
+        for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(v + i), c));
+    }
+}
+
+/* ep_ref_to_half, 8 at a time: F16C's conversion rounds to nearest even, as the reference */
+void ep_avx2_to_half(const float *x, int64_t n, uint16_t *h) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    ep_ref_to_half(x + i, n - i, h + i);
 }
 
 /* One token (decode's output layer: a fifth of the step's bytes, read once): four rows at a time
@@ -890,6 +1032,8 @@ const ep_kernels ep_kernels_avx2 = {
     .i8_rows = ep_avx2_i8_rows,
     .dot = ep_avx2_dot,
     .attend = ep_avx2_attend,
+    .to_half = ep_avx2_to_half,
+    .rotate_row = ep_avx2_rotate_row,
     .silu_mul = ep_avx2_silu_mul,
     .lookup16_u16 = ep_avx2_lookup16_u16,
     .lookup16_f32 = ep_avx2_lookup16_f32,

@@ -60,6 +60,7 @@ class BenchConfig:
     threads: tuple = _opt((1, 2), "thread counts to measure, comma-separated")
     repetitions: int = _opt(5, "timed runs after one warm-up run (mean and standard deviation)")
     breakdown_rounds: int = _opt(15, "rounds of the decode-step breakdown (medians)")
+    kv_dtype: str = _opt("float16", "what the key/value cache holds: float16 or float32")
 
     def __post_init__(self):
         for name, flag, lo, hi in (("prompt_tokens", "-p", 1, 1 << 20), ("gen_tokens", "-n", 1, 1 << 20),
@@ -68,6 +69,8 @@ class BenchConfig:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"{name} ({flag}) must be an integer in {lo}..{hi}, got {v!r}")
         self.threads = parse_threads(self.threads)
+        if self.kv_dtype not in ("float16", "float32"):
+            raise ValueError(f"kv_dtype (--kv-dtype) must be float16 or float32, got {self.kv_dtype!r}")
 
 
 def parse_threads(spec) -> tuple[int, ...]:
@@ -225,7 +228,7 @@ def measure(path, threads: int, config: BenchConfig, tick=lambda stage: None) ->
     load_avg = os.getloadavg()[0]     # other work on the machine when this started
     rss_before = _status_bytes("VmRSS")
     t0 = time.perf_counter()
-    m = load(path, threads=threads)
+    m = load(path, threads=threads, kv_dtype=config.kv_dtype)
     load_s = time.perf_counter() - t0
     tick("load")
     cfg, eng = m.cfg, m.engine
@@ -282,7 +285,7 @@ def measure(path, threads: int, config: BenchConfig, tick=lambda stage: None) ->
         "tpot_ms": {"p50": float(np.percentile(tpot, 50)), "p95": float(np.percentile(tpot, 95)),
                     "mean": float(tpot.mean())},
         "memory": {"peak_rss": peak, "before_load": rss_before, "model_mapped": mapped,
-                   "kv_bytes_per_token": kv_per_token, "kv_cache": kv, "workspace": workspace,
+                   "kv_dtype": config.kv_dtype, "kv_bytes_per_token": kv_per_token, "kv_cache": kv, "workspace": workspace,
                    "other": peak - rss_before - mapped - kv - workspace,
                    "bound": bound, "within_bound": peak <= bound},
     }
@@ -365,7 +368,7 @@ def _head_timer(eng, tok: np.ndarray):
     kv, out = np.zeros(1, np.float32), np.empty(eng.w.cfg.vocab_size, np.float32)
     keep += [kv, out, tok]
     f32 = lambda a: ffi.cast("float *", a.ctypes.data)  # noqa: E731
-    args = (eng.kt, headless, f32(kv), f32(kv), 1, ffi.cast("int32_t *", tok.ctypes.data), 1, 0, 0, f32(out),
+    args = (eng.kt, headless, f32(kv), f32(kv), lib.EP_KV_F32, 1, ffi.cast("int32_t *", tok.ctypes.data), 1, 0, 0, f32(out),
             work, nbytes, eng.threads)
 
     def head():
@@ -566,7 +569,7 @@ def render(results: list[dict], markdown: bool = False) -> str:
     for r in results:
         m = r["memory"]
         mem.append([r["model_name"], str(r["threads"])] + [f"{m[k] / MiB:.1f}" for k in (
-            "peak_rss", "before_load", "model_mapped")] + [f"{m['kv_cache'] / MiB:.2f} ({m['kv_bytes_per_token'] / 1024:.1f} KiB/token)",
+            "peak_rss", "before_load", "model_mapped")] + [f"{m['kv_cache'] / MiB:.2f} ({m['kv_bytes_per_token'] / 1024:.1f} KiB/token, {m.get('kv_dtype', 'float32')})",
             f"{m['workspace'] / MiB:.2f}", f"{m['other'] / MiB:.1f}", f"{m['bound'] / MiB:.1f}",
             "yes" if m["within_bound"] else "NO"])
     parts = ("products", "attention", "head", "norms_and_rest", "sampling")

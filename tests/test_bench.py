@@ -40,10 +40,11 @@ def tiny(tmp_path_factory):
     return d, report
 
 
-def kv_bytes_per_token(path) -> int:
-    """Keys and values of one position, float32, from the model's own config (not the engine)."""
+def kv_bytes_per_token(path, itemsize: int = 2) -> int:
+    """Keys and values of one position (float16 by default: 2 bytes each), from the model's own
+    config (not the engine)."""
     c = edgepanel.load(path).cfg
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * itemsize
 
 
 def test_fields_outputs_and_plot(tiny):
@@ -83,7 +84,7 @@ def test_fields_outputs_and_plot(tiny):
         m = x["memory"]
         assert m["peak_rss"] > size and m["peak_rss"] > m["before_load"] > 0
         assert 0 < m["model_mapped"] <= size + 4096
-        assert m["kv_bytes_per_token"] == kv and m["kv_cache"] == kv * 36
+        assert m["kv_dtype"] == "float16" and m["kv_bytes_per_token"] == kv and m["kv_cache"] == kv * 36
         assert m["workspace"] > 0 and m["bound"] == size + kv * 36 + bench.MEMORY_ALLOWANCE
         assert m["within_bound"] is True
         # the decode step taken apart

@@ -28,6 +28,12 @@ def test_concurrent_callers_get_single_threaded_results(path):
     seqs = [np.array([5, 61, 88, 13, 2, 40 + i, 77, 9] * (1 + i % 3), np.int32) for i in range(8)]
     want_gen = [m.generate_ids(p, max_tokens=24, temperature=0.9, seed=i) for i, p in enumerate(prompts)]
     want_lp = [m.token_logprobs(s) for s in seqs]
+    # widened 8-bit scales are float32 products code * multiplier, which round differently from
+    # the codes' integer sums: a call sees one state or the other, whole
+    widened = edgepanel.load(path, threads=2)
+    widened.parameters()
+    after_gen = [widened.generate_ids(p, max_tokens=24, temperature=0.9, seed=i) for i, p in enumerate(prompts)]
+    after_lp = [widened.token_logprobs(s) for s in seqs]
     got_gen, got_lp, errors = {}, {}, []
 
     def worker(k):
@@ -48,7 +54,9 @@ def test_concurrent_callers_get_single_threaded_results(path):
         t.join()
     assert not errors, errors
     for (rep, i), ids in got_gen.items():
-        assert ids == want_gen[i], (rep, i)
+        assert ids in (want_gen[i], after_gen[i]), (rep, i)
+        assert rep < 2 or i % 4 != 0 or ids == after_gen[i], (rep, i)   # thread 0 widened after its rep 1
     for (rep, i), lp in got_lp.items():
-        np.testing.assert_array_equal(lp, want_lp[i])
+        assert np.array_equal(lp, want_lp[i]) or np.array_equal(lp, after_lp[i]), (rep, i)
+    assert any(not np.array_equal(a, b) for a, b in zip(want_lp, after_lp))   # the two states differ
     assert len(got_gen) == 24

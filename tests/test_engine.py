@@ -47,8 +47,10 @@ def per_position_rel(a, b):
 
 def test_c_matches_reference_binarized(binarized):
     """Same integers, float sums in another order: positions agree to float32 rounding, except
-    where that rounding moves an activation across an int8 rounding boundary (rare, small)."""
-    ref, c = Model(binarized, engine="reference"), Model(binarized, engine="c")
+    where that rounding moves an activation across an int8 rounding boundary (rare, small).
+    float32 caches: a float16 cache would round both engines' keys, and a last-bit difference
+    there can land on either side of a float16 midpoint (the float16 test below)."""
+    ref, c = Model(binarized, engine="reference", kv_dtype="float32"), Model(binarized, engine="c", kv_dtype="float32")
     err = per_position_rel(c.logits(IDS), ref.logits(IDS))
     assert np.median(err) < 1e-5 and err.max() < 2e-2, err
 
@@ -70,6 +72,34 @@ def test_prefill_equals_decode_steps_and_threads(binarized):
     half = m2.engine.forward(IDS[:5], cache, all_logits=True)
     rest = m2.engine.forward(IDS[5:], cache, all_logits=True)
     np.testing.assert_array_equal(np.concatenate([half, rest]), full)
+
+
+def test_float16_cache_stores_numpys_rounding_and_halves_the_memory(binarized):
+    """The default cache holds float16: layer 0's keys and values (which no attention has touched
+    yet) are NumPy's float16 rounding of the float32 cache's, bit for bit; the logits stay near
+    float32's (the activations after attention are quantized to int8 again, so a relative 2^-11
+    moves a few of their roundings: about 1% on these tiny random models); the reference engine's float16 cache gives the C engine's
+    logits; a cache of another type, or an unknown kv_dtype, is refused by name."""
+    m16, m32 = Model(binarized, engine="c"), Model(binarized, engine="c", kv_dtype="float32")
+    c16, c32 = m16.engine.new_cache(len(IDS)), m32.engine.new_cache(len(IDS))
+    l16, l32 = m16.engine.forward(IDS, c16, all_logits=True), m32.engine.forward(IDS, c32, all_logits=True)
+    assert c16.k.dtype == np.float16 and c32.k.dtype == np.float32 and 2 * c16.k.nbytes == c32.k.nbytes
+    for a16, a32 in ((c16.k, c32.k), (c16.v, c32.v)):
+        np.testing.assert_array_equal(a16[0].view(np.uint16), a32[0].astype(np.float16).view(np.uint16))
+        assert not np.array_equal(a16[0].astype(np.float32), a32[0])     # something was rounded
+    err = per_position_rel(l16, l32)
+    assert 0 < err.max() < 3e-2 and np.median(err) < 1.5e-2, err   # float16's 2^-11 moves some int8 roundings
+    ref = Model(binarized, engine="reference")
+    assert ref.engine.kv_dtype == "float16" and ref.engine.new_cache(1).k.dtype == np.float16
+    err = per_position_rel(l16, ref.logits(IDS))
+    assert err.max() < 3e-2 and np.median(err) < 1.5e-2, err
+    bad = m16.engine.new_cache(len(IDS))
+    bad.k = bad.k.astype(np.float64)
+    with pytest.raises(ValueError, match="float16 or float32"):
+        m16.engine.forward(IDS, bad)
+    for engine in ("c", "reference"):
+        with pytest.raises(ValueError, match="kv_dtype must be one of float16, float32, got 'bfloat16'"):
+            Model(binarized, engine=engine, kv_dtype="bfloat16")
 
 
 def test_isa_variants_give_identical_logits(binarized):
@@ -109,9 +139,9 @@ def test_parameters_are_read_at_call_time(binarized):
 def test_numba_fallback_engine(binarized, monkeypatch):
     """Without the C kernels (here: EDGEPANEL_BACKEND=numba) the NumPy forward pass runs the
     products on the Numba kernels; it agrees with the C engine like the reference does."""
-    c = Model(binarized, engine="c").logits(IDS)
+    c = Model(binarized, engine="c", kv_dtype="float32").logits(IDS)
     monkeypatch.setenv("EDGEPANEL_BACKEND", "numba")
-    m = Model(binarized)
+    m = Model(binarized, kv_dtype="float32")
     assert m.engine.name == "reference" and m.engine.backend.name == "numba"
     err = per_position_rel(m.logits(IDS), c)
     assert np.median(err) < 1e-5 and err.max() < 2e-2, err
@@ -177,7 +207,7 @@ def test_edgepanel_isa_reaches_the_c_engine(monkeypatch, tmp_path):
     seen = {}
 
     class Fake:
-        def __init__(self, weights, threads=None, isa=None):
+        def __init__(self, weights, threads=None, isa=None, kv_dtype=None):
             seen["isa"] = isa
     monkeypatch.setattr("edgepanel.model.cengine.CEngine", Fake)
     monkeypatch.setenv("EDGEPANEL_ISA", "scalar")

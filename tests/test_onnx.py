@@ -46,8 +46,9 @@ def rel_per_position(a, b):
 
 def c_and_onnx_logits(ep, onnx_path, seed=0, dec=None):
     """Logits (PREFILL + DECODE, vocab) of the C engine and of ONNX Runtime: a prefill of PREFILL
-    random tokens, then DECODE cached steps on the engine's greedy tokens."""
-    m = edgepanel.load(ep, threads=1, engine="c")
+    random tokens, then DECODE cached steps on the engine's greedy tokens.  The engine's cache is
+    float32, as the graph's."""
+    m = edgepanel.load(ep, threads=1, engine="c", kv_dtype="float32")
     ids = np.random.default_rng(seed).integers(0, m.cfg.vocab_size, PREFILL)
     cache = m.engine.new_cache(PREFILL + DECODE)
     want = [m.engine.forward(ids, cache, all_logits=True)]

@@ -151,10 +151,14 @@ typedef struct {
 /* Bytes of workspace a forward pass over n tokens needs (EP_WORK_ALIGN-byte aligned buffer). */
 int64_t ep_forward_workspace(const ep_model *m, int64_t n, int threads);
 
+/* What a key/value cache holds: float32, or float16 (half the bytes; each key and value rounded
+ * to nearest even once, when it is stored, and widened exactly when attention reads it). */
+enum { EP_KV_F32 = 0, EP_KV_F16 = 1 };
+
 /* Run tokens[0..n) at positions pos..pos+n-1.  k_cache, v_cache: (n_layers, cap, n_kv_heads,
- * head_dim) float32, positions < pos already filled.  logits: (n, vocab) when all_logits, else
- * (vocab,) for the last token. */
-int ep_forward(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+ * head_dim) of kv_type's elements, positions < pos already filled.  logits: (n, vocab) when
+ * all_logits, else (vocab,) for the last token. */
+int ep_forward(const ep_kernels *kt, const ep_model *m, void *k_cache, void *v_cache, int32_t kv_type, int64_t cap,
                const int32_t *tokens, int64_t n, int64_t pos, int32_t all_logits, float *logits,
                void *work, int64_t work_bytes, int threads);
 
@@ -170,7 +174,7 @@ enum {
  * at positions seq_pos[s].., with its own cache, k_cache/v_cache + s * n_layers*cap*kv_dim
  * (n_seqs, n_layers, cap, n_kv_heads, head_dim).  Every product runs over all n tokens at once;
  * attention stays within a sequence.  The same results as one ep_forward per sequence. */
-int ep_forward_batch(const ep_kernels *kt, const ep_model *m, float *k_cache, float *v_cache, int64_t cap,
+int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, void *v_cache, int32_t kv_type, int64_t cap,
                      const int32_t *tokens, int64_t n, const int64_t *seq_len, const int64_t *seq_pos,
                      int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
                      float *out, void *work, int64_t work_bytes, int threads);

@@ -112,6 +112,7 @@ static inline int64_t ep_scale_index(const ep_gemm_args *a, int64_t i, int64_t t
 }
 
 float ep_half_to_float(uint16_t h);
+uint16_t ep_float_to_half(float f);
 
 /* One plane scale: element idx of `scales` (kind EP_SCALES_*), for row `row` (its multiplier
  * when the scales are codes).  The specification every vectorized load reproduces. */
@@ -232,11 +233,19 @@ struct ep_kernels {
                     const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
     float (*dot)(const float *a, const float *b, int64_t n);
     /* Attention of G query heads sharing one key/value head over positions 0..T-1: q (G, hd);
-     * key and value of position s at k + s*kstride and v + s*kstride; out (G, hd); scratch >= G*T.
-     * Specification (ep_ref_attend): score = dot(q, k_s) * scale (the canonical dot), softmax with
-     * expf after subtracting the max, w_s = e_s * (1 / sum), out = fmaf(w_s, v_s, out) over s. */
-    void (*attend)(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+     * key and value of position s at k + s*kstride and v + s*kstride elements, float32, or float16
+     * when f16 (widened exactly, so the same results as float32 holding the same values); out
+     * (G, hd); scratch >= G*T floats.  Specification (ep_ref_attend): score = dot(q, k_s) * scale
+     * (the canonical dot), softmax with expf after subtracting the max, w_s = e_s * (1 / sum),
+     * out = fmaf(w_s, v_s, out) over s. */
+    void (*attend)(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
+    /* h[i] = x[i] as float16, rounded to nearest even (overflow to infinity, subnormals kept):
+     * ep_float_to_half, the cache's store when it holds float16. */
+    void (*to_half)(const float *x, int64_t n, uint16_t *h);
+    /* One row of the MLP's rotation, in place (edgepanel/rotation.py; ep_ref_rotate_row): v (D =
+     * P * M) <- mix(FWHT_P(signs * v) / sqrt(P)), P a power of two; tmp: D floats when M > 1. */
+    void (*rotate_row)(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp);
     /* The gated MLP's SiLU: u[i] = (g[i] / (1 + ep_expf(-g[i]))) * u[i] (ep_ref_silu_mul). */
     void (*silu_mul)(const float *g, float *u, int64_t n);
     /* The scale tuner's gather (fit.c's plane weights): w[i] = lev[codes[i]] for i < n, a table of
@@ -307,8 +316,10 @@ float ep_avx2_dot(const float *a, const float *b, int64_t n);
 void ep_avx2_silu_mul(const float *g, float *u, int64_t n);
 void ep_avx2_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
 void ep_avx2_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
-void ep_avx2_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
+void ep_avx2_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch);
+void ep_avx2_to_half(const float *x, int64_t n, uint16_t *h);
+void ep_avx2_rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp);
 #endif
 #if defined(__aarch64__)
 extern const ep_kernels ep_kernels_neon;
@@ -326,8 +337,10 @@ void ep_ref_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int
 void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
                     const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
 float ep_ref_dot(const float *a, const float *b, int64_t n);
-void ep_ref_attend(const float *q, int64_t G, const float *k, const float *v, int64_t kstride,
-                   int64_t T, int64_t hd, float scale, float *out, float *scratch);
+void ep_ref_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
+void ep_ref_to_half(const float *x, int64_t n, uint16_t *h);
+void ep_ref_rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp);
 void ep_ref_silu_mul(const float *g, float *u, int64_t n);
 void ep_ref_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
 void ep_ref_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);

@@ -36,6 +36,7 @@ def register(sub):
            help=BenchConfig.__dataclass_fields__["threads"].metadata["help"] + f" (default: {threads})")
     option(s, BenchConfig, "repetitions", "-r", "--repetitions", type=int)
     option(s, BenchConfig, "breakdown_rounds", "--breakdown-rounds", type=int)
+    option(s, BenchConfig, "kv_dtype", "--kv-dtype", choices=("float16", "float32"))
     s.add_argument("--json", metavar="OUT", help="write every result (with per-run values) as JSON")
     s.add_argument("--csv", metavar="OUT", help="write one CSV row per model and thread count")
     s.add_argument("--markdown", action="store_true", help="print the tables as markdown")

@@ -19,6 +19,8 @@ def model_command(sub, name: str, help_: str, func, model_required: bool = False
     else:
         s.add_argument("model", nargs="?", help="model file (.ep) or a known model name (default: smollm2)")
     s.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    s.add_argument("--kv-dtype", choices=("float16", "float32"), default=None,
+                   help="what the key/value cache holds (default: float16, half the memory of float32)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     s.set_defaults(func=func)
@@ -31,7 +33,7 @@ def load_model(a):
     quiet = getattr(a, "quiet", False)
     path = hub.resolve_model(a.model, log=None if quiet else log, progress=not quiet)
     t = time.time()
-    m = load(path, threads=a.threads)
+    m = load(path, threads=a.threads, kv_dtype=getattr(a, "kv_dtype", None))
     if getattr(a, "verbose", False):
         log(f"loaded {path} in {time.time() - t:.2f} s: {m}")
     return m

@@ -14,19 +14,23 @@ from ..errors import BackendUnavailable
 from ..kernels import native
 from .engine import check_owners
 from .reference import KVCache
+from .reference import kv_dtype as kv_dtype_of
 from .weights import Linear, Norm, Rows, Weights
 
 
 class CEngine:
     name = "c"
 
-    def __init__(self, weights: Weights, threads: int | None = None, isa: str | None = None):
+    def __init__(self, weights: Weights, threads: int | None = None, isa: str | None = None,
+                 kv_dtype: str | None = None):
         if native.lib is None:
             raise BackendUnavailable(f"the C kernels are not built ({native.IMPORT_ERROR})")
         self.ffi, self.lib = native.ffi, native.lib
         self.kt = native.CBackend(isa).table
         self.w = weights
         self.threads = threads or 0
+        self._kv = kv_dtype_of(kv_dtype)
+        self.kv_dtype = np.dtype(self._kv).name
         self._lock = threading.Lock()
         self._local = threading.local()     # per-thread workspace
         self._keep: list = []               # what the structs being built point to
@@ -122,7 +126,14 @@ class CEngine:
 
     # -- running ----------------------------------------------------------------------------
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.w.cfg, capacity)
+        return KVCache(self.w.cfg, capacity, self.kv_dtype)
+
+    def _kv_type(self, k, v) -> int:
+        """The C cache kind of arrays k, v (float16 or float32, C-contiguous, alike)."""
+        if k.dtype != v.dtype or k.dtype not in (np.float16, np.float32) or not (k.flags.c_contiguous and v.flags.c_contiguous):
+            raise ValueError(f"a cache's keys and values must be C-contiguous float16 or float32 arrays of one type, "
+                             f"got {k.dtype} and {v.dtype}")
+        return self.lib.EP_KV_F16 if k.dtype == np.float16 else self.lib.EP_KV_F32
 
     def _workspace(self, model, n: int):
         need = self.lib.ep_forward_workspace(model, n, self.threads)
@@ -141,8 +152,9 @@ class CEngine:
         built = self._structs()
         work, nbytes = self._workspace(built[0], n)
         ffi = self.ffi
-        rc = self.lib.ep_forward(self.kt, built[0], ffi.cast("float *", cache.k.ctypes.data),
-                                 ffi.cast("float *", cache.v.ctypes.data), cache.capacity,
+        kv = self._kv_type(cache.k, cache.v)
+        rc = self.lib.ep_forward(self.kt, built[0], ffi.cast("void *", cache.k.ctypes.data),
+                                 ffi.cast("void *", cache.v.ctypes.data), kv, cache.capacity,
                                  ffi.cast("int32_t *", tokens.ctypes.data), n, cache.length, int(all_logits),
                                  ffi.cast("float *", logits.ctypes.data), work, nbytes, self.threads)
         if rc != 0:
@@ -178,7 +190,7 @@ class CEngine:
             tg = np.ascontiguousarray(np.concatenate([np.concatenate([np.asarray(t, np.int32), pad]) for t in targets]))
         c = self.w.cfg
         shape = (len(seqs), c.n_layers, cap, c.n_kv_heads, c.head_dim)
-        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        k, v = np.empty(shape, self._kv), np.empty(shape, self._kv)
         if prefixes is not None and pre:
             pk, pv = self._prefill(pre)
             for i, o in enumerate(owners):
@@ -197,7 +209,7 @@ class CEngine:
         built = self._structs()
         work, nbytes = self._workspace(built[0], len(tokens))
         p = lambda t, a: self.ffi.cast(t, a.ctypes.data)  # noqa: E731
-        rc = self.lib.ep_forward_batch(self.kt, built[0], p("float *", k), p("float *", v), cap,
+        rc = self.lib.ep_forward_batch(self.kt, built[0], p("void *", k), p("void *", v), self._kv_type(k, v), cap,
                                        p("int32_t *", tokens), len(tokens), p("int64_t *", lens), p("int64_t *", pos),
                                        len(lens), kind, self.ffi.NULL if tg is None else p("int32_t *", tg), kt,
                                        p("float *", out), work, nbytes, self.threads)
@@ -211,7 +223,7 @@ class CEngine:
         cap = int(lens.max())
         c = self.w.cfg
         shape = (len(prefixes), c.n_layers, cap, c.n_kv_heads, c.head_dim)
-        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        k, v = np.empty(shape, self._kv), np.empty(shape, self._kv)
         out = np.empty((len(prefixes), c.vocab_size), np.float32)
         self._batch(k, v, cap, np.concatenate(prefixes), lens, np.zeros(len(prefixes), np.int64),
                     self.lib.EP_OUT_LAST, None, 0, out)

@@ -27,13 +27,15 @@ class ReferenceEngine:
 
     name = "reference"
 
-    def __init__(self, weights, threads=None, backend=None):
+    def __init__(self, weights, threads=None, backend=None, kv_dtype: str | None = None):
         self.w = weights
         self.threads = threads
         self.backend = backend
+        reference.kv_dtype(kv_dtype)
+        self.kv_dtype = kv_dtype or reference.KV_DEFAULT
 
     def new_cache(self, capacity: int):
-        return reference.KVCache(self.w.cfg, capacity)
+        return reference.KVCache(self.w.cfg, capacity, self.kv_dtype)
 
     def _linear(self, lin, x):
         if lin.planes is None or self.backend is None:
@@ -77,21 +79,23 @@ class ReferenceEngine:
         return out
 
 
-def make(weights, threads=None, name=None):
+def make(weights, threads=None, name=None, kv_dtype: str | None = None):
     """`name`: "c", "reference", or None: C when the default kernels are the C ones (see
-    edgepanel.kernels: EDGEPANEL_BACKEND), else the NumPy pass on the default kernels."""
+    edgepanel.kernels: EDGEPANEL_BACKEND), else the NumPy pass on the default kernels.
+    `kv_dtype`: what its caches hold, "float16" (None: the default) or "float32"."""
     from .. import kernels
 
+    reference.kv_dtype(kv_dtype)
     if name is None:
         backend = kernels.get()
         if backend.name != "c":
-            return ReferenceEngine(weights, threads, backend if backend.name == "numba" else None)
+            return ReferenceEngine(weights, threads, backend if backend.name == "numba" else None, kv_dtype)
         name = "c"
     if name == "reference":
-        return ReferenceEngine(weights, threads)
+        return ReferenceEngine(weights, threads, kv_dtype=kv_dtype)
     if name == "c":
         import os
 
         from .cengine import CEngine
-        return CEngine(weights, threads, os.environ.get("EDGEPANEL_ISA") or None)   # None: the best here
+        return CEngine(weights, threads, os.environ.get("EDGEPANEL_ISA") or None, kv_dtype)   # None: the best here
     raise ValueError(f"unknown engine {name!r}; choose c or reference")

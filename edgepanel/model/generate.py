@@ -123,17 +123,20 @@ def text_stream(tokens: Iterable[int], tokenizer, stop: list[str]) -> Iterator[s
 
 class SlotCache:
     """The KV caches of up to `slots` sequences in one array, as the C engine's batched forward
-    reads them: k, v (slots, n_layers, capacity, n_kv_heads, head_dim) float32, sequence s at
+    reads them: k, v (slots, n_layers, capacity, n_kv_heads, head_dim) of `dtype` (the engine's
+    kv_dtype: "float16" or "float32"), sequence s at
     offset s * n_layers * capacity * kv_dim.  A batched call runs sequences 0..m-1, so live
     sequences occupy the first slots (move() closes a gap).  The array starts empty and grows
     (reserve(), at least doubling, up to max_capacity) to the longest sequence admitted: memory
     follows the requests served, not the model's context."""
 
-    def __init__(self, cfg, slots: int, max_capacity: int):
+    def __init__(self, cfg, slots: int, max_capacity: int, dtype: str = "float16"):
+        from .reference import kv_dtype
         self.shape = (slots, cfg.n_layers, 0, cfg.n_kv_heads, cfg.head_dim)
         self.max_capacity = max_capacity
-        self.k = np.empty(self.shape, np.float32)
-        self.v = np.empty(self.shape, np.float32)
+        self.dtype = kv_dtype(dtype)
+        self.k = np.empty(self.shape, self.dtype)
+        self.v = np.empty(self.shape, self.dtype)
         self.lengths = np.zeros(slots, np.int64)   # positions filled per slot
 
     @property
@@ -148,7 +151,7 @@ class SlotCache:
             return
         new = min(max(capacity, 2 * self.capacity), self.max_capacity)
         shape = self.shape[:2] + (new,) + self.shape[3:]
-        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        k, v = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
         for s, n in enumerate(self.lengths):
             k[s, :, :n], v[s, :, :n] = self.k[s, :, :n], self.v[s, :, :n]
         self.k, self.v = k, v
@@ -193,8 +196,8 @@ def forward_slots(engine, cache: SlotCache, tokens: list[np.ndarray]) -> np.ndar
     built = engine._structs()          # held for the length of the call (see CEngine._structs)
     work, nbytes = engine._workspace(built[0], len(flat))
     p = lambda t, a: engine.ffi.cast(t, a.ctypes.data)  # noqa: E731
-    rc = engine.lib.ep_forward_batch(engine.kt, built[0], p("float *", cache.k), p("float *", cache.v),
-                                     cache.capacity, p("int32_t *", flat), len(flat), p("int64_t *", lens),
+    rc = engine.lib.ep_forward_batch(engine.kt, built[0], p("void *", cache.k), p("void *", cache.v),
+                                     engine._kv_type(cache.k, cache.v), cache.capacity, p("int32_t *", flat), len(flat), p("int64_t *", lens),
                                      p("int64_t *", pos), m, engine.lib.EP_OUT_LAST, engine.ffi.NULL, 0,
                                      p("float *", out), work, nbytes, engine.threads)
     if rc != 0:

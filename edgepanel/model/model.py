@@ -27,13 +27,13 @@ class ContextOverflow(EdgepanelError, ValueError):
     """The prompt does not fit the model's context."""
 
 
-def _engine(weights, threads, name):
+def _engine(weights, threads, name, kv_dtype=None):
     from . import engine
-    return engine.make(weights, threads, name)
+    return engine.make(weights, threads, name, kv_dtype)
 
 
 class Model:
-    def __init__(self, path, threads: int | None = None, engine: str | None = None):
+    def __init__(self, path, threads: int | None = None, engine: str | None = None, kv_dtype: str | None = None):
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                     or not 0 <= threads <= MAX_THREADS):
             raise ValueError(f"threads must be an integer in 0..{MAX_THREADS} (0 or None: all cores), got {threads!r}")
@@ -43,7 +43,7 @@ class Model:
         self.cfg = self.weights.cfg
         self.meta = self.file.meta
         self.tokenizer = Tokenizer(self.file.tokenizer_json, self.meta.tokenizer, where=str(self.path))
-        self.engine = _engine(self.weights, threads, engine)
+        self.engine = _engine(self.weights, threads, engine, kv_dtype)
 
     def __repr__(self):
         c = self.cfg
@@ -325,6 +325,8 @@ def _sampling(max_tokens, options: dict) -> Sampling:
     return Sampling(**options) if max_tokens is None else Sampling(max_tokens=max_tokens, **options)
 
 
-def load(path, threads: int | None = None, engine: str | None = None) -> Model:
-    """Load an edgepanel model file (memory-mapped)."""
-    return Model(path, threads=threads, engine=engine)
+def load(path, threads: int | None = None, engine: str | None = None, kv_dtype: str | None = None) -> Model:
+    """Load an edgepanel model file (memory-mapped).  `kv_dtype`: what the engine's key/value
+    caches hold: "float16" (the default: half the memory and the bytes attention reads) or
+    "float32"."""
+    return Model(path, threads=threads, engine=engine, kv_dtype=kv_dtype)

@@ -30,13 +30,28 @@ from .config import ModelConfig
 from .weights import Linear, Norm, Rows, Weights
 
 
-class KVCache:
-    """Keys and values per layer: (n_layers, capacity, n_kv_heads, head_dim) float32."""
+KV_DTYPES = {"float16": np.float16, "float32": np.float32}
+KV_DEFAULT = "float16"    # what the engines' caches hold unless told otherwise
 
-    def __init__(self, cfg: ModelConfig, capacity: int):
+
+def kv_dtype(name) -> type:
+    """The NumPy type of a cache holding `name` ("float16" or "float32"; None: KV_DEFAULT)."""
+    name = KV_DEFAULT if name is None else name
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+    return KV_DTYPES[name]
+
+
+class KVCache:
+    """Keys and values per layer: (n_layers, capacity, n_kv_heads, head_dim), float32 or float16
+    ("float16": each key and value rounded to nearest even when it is stored, half the bytes;
+    attention widens them back exactly)."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: str = "float32"):
         shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        t = kv_dtype(dtype)
+        self.k = np.zeros(shape, t)
+        self.v = np.zeros(shape, t)
         self.length = 0
 
     @property
@@ -193,7 +208,8 @@ class CacheOps:
         c, p0 = self.cache, self.cache.length
         c.k[i, p0:p0 + len(q)] = k
         c.v[i, p0:p0 + len(q)] = v
-        return attention(self.cfg, q, c.k[i, :p0 + len(q)], c.v[i, :p0 + len(q)], positions)
+        k_all, v_all = c.k[i, :p0 + len(q)], c.v[i, :p0 + len(q)]
+        return attention(self.cfg, q, k_all.astype(np.float32, copy=False), v_all.astype(np.float32, copy=False), positions)
 
     def act(self, x):
         return activation(self.cfg, x)

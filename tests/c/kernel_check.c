@@ -236,10 +236,11 @@ static void check_dense_helpers(void) {
         }
         free(x); free(wf); free(ws); free(qs); free(wh); free(q); free(w8); free(y0); free(y1);
     }
-    /* attention: heads 1 and 3 per key head, head sizes 64 and 24 (the fallback), T from 1 to
-     * past several blocks of 8 keys; queries up to 40 wide, so scores span exp's whole range */
+    /* attention: 1 to 5 heads per key head (values three heads at a time, then the rest), head
+     * sizes 64 and 24 (the fallback), T from 1 to past several blocks of 8 keys; queries up to 40
+     * wide, so scores span exp's whole range; keys and values float32 and float16 */
     for (int64_t hd = 24; hd <= 64; hd += 40)
-        for (int64_t G = 1; G <= 3; G += 2)
+        for (int64_t G = 1; G <= 5; G++)
             for (int64_t T = 1; T <= 140; T += (T < 20 ? 1 : 23)) {
                 int64_t kstride = 2 * hd;  /* two key heads interleaved, as in the cache */
                 float *q = xalloc(G * hd * 4), *k = xalloc(T * kstride * 4), *v = xalloc(T * kstride * 4);
@@ -247,18 +248,95 @@ static void check_dense_helpers(void) {
                 const float qscale = T % 3 == 0 ? 40.0f : 1.0f;
                 for (int64_t i = 0; i < G * hd; i++) q[i] = rndf() * qscale;
                 for (int64_t i = 0; i < T * kstride; i++) { k[i] = rndf(); v[i] = rndf(); }
-                ref->attend(q, G, k, v, kstride, T, hd, 0.125f, o0, sc);
+                /* the same keys and values as float16, and widened back: float16 attention is
+                 * float32 attention over the widened values */
+                uint16_t *kh = xalloc(T * kstride * 2), *vh = xalloc(T * kstride * 2);
+                float *kw = xalloc(T * kstride * 4), *vw = xalloc(T * kstride * 4), *oh = xalloc(G * hd * 4);
+                ref->to_half(k, T * kstride, kh);
+                ref->to_half(v, T * kstride, vh);
+                for (int64_t i = 0; i < T * kstride; i++) { kw[i] = ep_half_to_float(kh[i]); vw[i] = ep_half_to_float(vh[i]); }
+                ref->attend(q, G, kw, vw, 0, kstride, T, hd, 0.125f, oh, sc);
+                ref->attend(q, G, kh, vh, 1, kstride, T, hd, 0.125f, o1, sc);
+                CHECK(memcmp(oh, o1, G * hd * 4) == 0, "scalar float16 attend hd=%lld G=%lld T=%lld is not float32's over the widened values",
+                      (long long)hd, (long long)G, (long long)T);
+                ref->attend(q, G, k, v, 0, kstride, T, hd, 0.125f, o0, sc);
                 char names[256];
                 snprintf(names, sizeof names, "%s", ep_kernels_compiled());
                 for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
                     const ep_kernels *kt = ep_kernels_get(name);
                     if (!kt || kt == ref) continue;
-                    kt->attend(q, G, k, v, kstride, T, hd, 0.125f, o1, sc);
+                    kt->attend(q, G, k, v, 0, kstride, T, hd, 0.125f, o1, sc);
                     CHECK(memcmp(o0, o1, G * hd * 4) == 0, "%s attend hd=%lld G=%lld T=%lld differs", name,
                           (long long)hd, (long long)G, (long long)T);
+                    kt->attend(q, G, kh, vh, 1, kstride, T, hd, 0.125f, o1, sc);
+                    CHECK(memcmp(oh, o1, G * hd * 4) == 0, "%s float16 attend hd=%lld G=%lld T=%lld differs", name,
+                          (long long)hd, (long long)G, (long long)T);
                 }
-                free(q); free(k); free(v); free(o0); free(o1); free(sc);
+                free(q); free(k); free(v); free(o0); free(o1); free(sc); free(kh); free(vh); free(kw); free(vw); free(oh);
             }
+}
+
+/* float32 -> float16 (the cache's store): every float16 value comes back as itself; a value
+ * halfway between two neighbours rounds to the even one, a hair either side to the nearer; past
+ * 65520 to infinity; and every variant gives the scalar bits on a run with a tail. */
+static void check_to_half(void) {
+    const ep_kernels *ref = ep_kernels_get("scalar");
+    for (uint32_t h = 0; h < 0x10000u; h++) {
+        if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu)) continue;   /* NaN */
+        const float f = ep_half_to_float((uint16_t)h);
+        CHECK(ep_float_to_half(f) == h, "to_half(%g) != 0x%04x", f, h);
+        if ((h & 0x7fffu) >= 0x7bffu) continue;                   /* the largest finite, infinity */
+        const float g = ep_half_to_float((uint16_t)(h + 1));      /* the next away from zero */
+        const double mid = ((double)f + (double)g) / 2;
+        const float fm = (float)mid, lo = nextafterf(fm, f), hi = nextafterf(fm, g);
+        CHECK((double)fm == mid, "midpoint of 0x%04x not a float", h);
+        CHECK(ep_float_to_half(fm) == ((h & 1u) ? h + 1 : h), "to_half(midpoint after 0x%04x) not even", h);
+        CHECK(ep_float_to_half(lo) == h && ep_float_to_half(hi) == h + 1, "to_half near 0x%04x", h);
+    }
+    CHECK(ep_float_to_half(65519.99f) == 0x7bffu && ep_float_to_half(65520.0f) == 0x7c00u &&
+          ep_float_to_half(-1e30f) == 0xfc00u && ep_float_to_half(1e-30f) == 0, "to_half's ends");
+    enum { N = 1029 };
+    float x[N];
+    uint16_t h0[N], h1[N];
+    for (int i = 0; i < N; i++) x[i] = rndf() * (i % 7 == 0 ? 1e5f : i % 5 == 0 ? 1e-6f : 3.0f);
+    ref->to_half(x, N, h0);
+    char names[256];
+    snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+    for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+        const ep_kernels *kt = ep_kernels_get(name);
+        if (!kt || kt == ref) continue;
+        kt->to_half(x, N, h1);
+        CHECK(memcmp(h0, h1, sizeof h0) == 0, "%s to_half differs", name);
+    }
+}
+
+/* The MLP's rotation: every variant bit for bit with scalar, blocks of 4 (the scalar fallback)
+ * to 512, one block and three mixed, a lone block scaled or not. */
+static void check_rotate(void) {
+    static const int64_t ps[] = {4, 8, 16, 64, 512};
+    static const struct { int64_t M; int unit; } cases[] = {{1, 0}, {1, 1}, {3, 0}};   /* unit: mix[0] = 1 */
+    const ep_kernels *ref = ep_kernels_get("scalar");
+    for (size_t pi = 0; pi < sizeof ps / sizeof *ps; pi++)
+        for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+            const int64_t P = ps[pi], M = cases[ci].M, D = P * M;
+            float *signs = xalloc(D * 4), *mix = xalloc(M * M * 4), *x = xalloc(D * 4), *y0 = xalloc(D * 4),
+                  *y1 = xalloc(D * 4), *tmp = xalloc(D * 4);
+            for (int64_t i = 0; i < D; i++) { signs[i] = rndf() < 0 ? -1.0f : 1.0f; x[i] = rndf() * 3.0f; }
+            for (int64_t i = 0; i < M * M; i++) mix[i] = rndf();
+            if (cases[ci].unit) mix[0] = 1.0f;
+            memcpy(y0, x, D * 4);
+            ref->rotate_row(signs, mix, P, M, y0, tmp);
+            char names[256];
+            snprintf(names, sizeof names, "%s", ep_kernels_compiled());
+            for (char *name = strtok(names, ","); name; name = strtok(NULL, ",")) {
+                const ep_kernels *kt = ep_kernels_get(name);
+                if (!kt || kt == ref) continue;
+                memcpy(y1, x, D * 4);
+                kt->rotate_row(signs, mix, P, M, y1, tmp);
+                CHECK(memcmp(y0, y1, D * 4) == 0, "%s rotate_row P=%lld M=%lld differs", name, (long long)P, (long long)M);
+            }
+            free(signs); free(mix); free(x); free(y0); free(y1); free(tmp);
+        }
 }
 
 /* The gated MLP's SiLU: every variant bit for bit with scalar, over lengths with and without a
@@ -482,6 +560,8 @@ int main(int argc, char **argv) {
     check_dense_helpers();
     check_expf();
     check_silu();
+    check_to_half();
+    check_rotate();
     check_lookup16();
     check_limits();
     printf("random cases: %d\n", cases);
