@@ -179,8 +179,9 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, voi
                      int64_t n_seqs, int32_t out_kind, const int32_t *targets, int64_t n_targets,
                      float *out, void *work, int64_t work_bytes, int threads);
 
-/* The rotation of edgepanel/rotation.py on rows (csrc/forward.c, the arithmetic of ep_forward's
- * rotation of the MLP's inner activations): x (rows, n) float32 <- T(x) row by row, in place;
+/* The rotation of edgepanel/rotation.py on rows (the best kernel variant's rotate_row, the
+ * arithmetic of ep_forward's rotation of the MLP's inner activations, every variant's bits the
+ * same): x (rows, n) float32 <- T(x) row by row, in place;
  * n = p * m with p the largest power of two dividing n, signs (n,) float32, mix (m, m) float32
  * row-major.  threads <= 0: all processors; the results do not depend on it.  EP_ENOMEM: a thread
  * could not allocate n floats. */
