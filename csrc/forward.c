@@ -466,10 +466,10 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, voi
                 f.rope_cs[t * hd + hd / 2 + i] = sinf(fr);
             }
 
+    const int f16 = kv_type == EP_KV_F16;
+    const int64_t es = f16 ? 2 : 4;   /* bytes of a cache element */
     for (int32_t li = 0; li < m->n_layers; li++) {
         const ep_layer *L = &m->layers[li];
-        const int f16 = kv_type == EP_KV_F16;
-        const int64_t es = f16 ? 2 : 4;
         char *kc = (char *)k_cache + (int64_t)li * layer_stride * es, *vc = (char *)v_cache + (int64_t)li * layer_stride * es;
         norm_rows(m, &L->attn_norm, m->norm, f.x, f.h, n, D);
         const ep_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};

@@ -29,8 +29,7 @@ class CEngine:
         self.kt = native.CBackend(isa).table
         self.w = weights
         self.threads = threads or 0
-        self._kv = kv_dtype_of(kv_dtype)
-        self.kv_dtype = np.dtype(self._kv).name
+        self.kv_dtype = np.dtype(kv_dtype_of(kv_dtype)).name
         self._lock = threading.Lock()
         self._local = threading.local()     # per-thread workspace
         self._keep: list = []               # what the structs being built point to
@@ -190,7 +189,7 @@ class CEngine:
             tg = np.ascontiguousarray(np.concatenate([np.concatenate([np.asarray(t, np.int32), pad]) for t in targets]))
         c = self.w.cfg
         shape = (len(seqs), c.n_layers, cap, c.n_kv_heads, c.head_dim)
-        k, v = np.empty(shape, self._kv), np.empty(shape, self._kv)
+        k, v = np.empty(shape, self.kv_dtype), np.empty(shape, self.kv_dtype)
         if prefixes is not None and pre:
             pk, pv = self._prefill(pre)
             for i, o in enumerate(owners):
@@ -223,7 +222,7 @@ class CEngine:
         cap = int(lens.max())
         c = self.w.cfg
         shape = (len(prefixes), c.n_layers, cap, c.n_kv_heads, c.head_dim)
-        k, v = np.empty(shape, self._kv), np.empty(shape, self._kv)
+        k, v = np.empty(shape, self.kv_dtype), np.empty(shape, self.kv_dtype)
         out = np.empty((len(prefixes), c.vocab_size), np.float32)
         self._batch(k, v, cap, np.concatenate(prefixes), lens, np.zeros(len(prefixes), np.int64),
                     self.lib.EP_OUT_LAST, None, 0, out)

@@ -124,13 +124,13 @@ def text_stream(tokens: Iterable[int], tokenizer, stop: list[str]) -> Iterator[s
 class SlotCache:
     """The KV caches of up to `slots` sequences in one array, as the C engine's batched forward
     reads them: k, v (slots, n_layers, capacity, n_kv_heads, head_dim) of `dtype` (the engine's
-    kv_dtype: "float16" or "float32"), sequence s at
+    kv_dtype: "float16" or "float32"; None: the engines' default), sequence s at
     offset s * n_layers * capacity * kv_dim.  A batched call runs sequences 0..m-1, so live
     sequences occupy the first slots (move() closes a gap).  The array starts empty and grows
     (reserve(), at least doubling, up to max_capacity) to the longest sequence admitted: memory
     follows the requests served, not the model's context."""
 
-    def __init__(self, cfg, slots: int, max_capacity: int, dtype: str = "float16"):
+    def __init__(self, cfg, slots: int, max_capacity: int, dtype: str | None = None):
         from .reference import kv_dtype
         self.shape = (slots, cfg.n_layers, 0, cfg.n_kv_heads, cfg.head_dim)
         self.max_capacity = max_capacity

@@ -141,7 +141,7 @@ class Scheduler:
 
     def __init__(self, model, slots: int, ctx: int, max_queue: int, on_done: Callable = lambda job: None):
         self.model, self.slots, self.ctx, self.max_queue, self.on_done = model, slots, ctx, max_queue, on_done
-        self.cache = SlotCache(model.cfg, slots, ctx, getattr(model.engine, "kv_dtype", "float16"))
+        self.cache = SlotCache(model.cfg, slots, ctx, model.engine.kv_dtype)
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []          # running[s] lives in cache slot s
         self.calls: deque[Call] = deque()     # run before the next step
