@@ -110,12 +110,14 @@ static void neon_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
         for (int n = 0; n < 16; n++) m[n] = (n >> b) & 1 ? 0xFF : 0;
         mask[b] = vld1q_u8(m);
     }
+    ep_group_walk gw = ep_group_walk_start(in, group);
     for (int64_t c = 0; c < ncol; c++) {
         int8_t x8[16] = {0};
         int64_t left = in - 8 * c;
         if (left >= 8) memcpy(x8, q + 8 * c, 8);
         else if (left > 0) memcpy(x8, q + 8 * c, (size_t)left);
         int8x16_t x = vld1q_s8(x8);
+        ep_group_walk_add(&gw, 8 * c, gsum, vaddlvq_s8(x));   /* the 8 inputs' sum (the rest are zero) */
         uint8x16_t l = vreinterpretq_u8_s8(vandq_s8(x, vdupq_n_s8(0x0f)));
         uint8x16_t h = vreinterpretq_u8_s8(vshrq_n_s8(x, 4));  /* arithmetic: h in [-8, 7] */
         uint8x16_t t[4] = {vdupq_n_u8(0), vdupq_n_u8(0), vdupq_n_u8(0), vdupq_n_u8(0)};
@@ -128,7 +130,7 @@ static void neon_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
         }
         for (int u = 0; u < 4; u++) vst1q_u8(tab + c * 64 + 16 * u, t[u]);
     }
-    ep_ref_group_sums(q, in, group, gsum);
+    ep_group_walk_end(&gw, gsum);
 }
 
 EP_INLINE void load_acc(const ep_gemm_args *a, int64_t t, int64_t tok0, int TB, float32x4_t f[][4], int first) {

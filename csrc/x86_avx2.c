@@ -102,6 +102,8 @@ static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
         pick[b] = _mm256_setr_m128i(_mm_set1_epi8((char)b), _mm_set1_epi8((char)(8 + b)));
     }
     const __m256i four = _mm256_set1_epi8(4), h_bias = _mm256_set1_epi8(32);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    ep_group_walk gw = ep_group_walk_start(in, group);
     for (int64_t j = 0; j < in_pad; j += 16) {
         __m128i x16;
         if (j + 16 <= in) {
@@ -110,6 +112,10 @@ static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
             int8_t tmp[16] = {0};
             if (j < in) memcpy(tmp, q + j, (size_t)(in - j));
             x16 = _mm_loadu_si128((const __m128i *)tmp);
+        }
+        {   /* the 16 inputs' sum: (x + 128) summed unsigned by vpsadbw, less 16 * 128 */
+            const __m128i sad = _mm_sad_epu8(_mm_xor_si128(x16, flip), _mm_setzero_si128());
+            ep_group_walk_add(&gw, j, gsum, _mm_cvtsi128_si32(sad) + _mm_extract_epi16(sad, 4) - 16 * 128);
         }
         __m128i l = _mm_and_si128(x16, m0f);
         __m128i h = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(x16, 4), m0f), eight), eight);
@@ -128,7 +134,7 @@ static void avx2_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t *
         __m256i *dst = (__m256i *)(tab + j * 8);
         for (int u = 0; u < 4; u++) _mm256_store_si256(dst + u, t[u]);
     }
-    ep_ref_group_sums(q, in, group, gsum);
+    ep_group_walk_end(&gw, gsum);
 }
 
 EP_INLINE __m256i sum_halves_epi16(__m256i s) {
@@ -400,7 +406,115 @@ I8_TILE_FNS(4)
 #undef I8_TILE_FN
 #define I8_TILE(a, t, tok0, TB, j0, j1, GB) i8_tile_##TB##_##GB(a, t, tok0, j0, j1)
 
+/* ---- one token over rows of whole groups (decode): i8_dec ---------------------------------
+ * i8_tile_body's sums for TB = 1 in the same order, every tile of [t0, t1) in one call, with the
+ * scales' kind a constant (SK) and the planes, tables and scales reached by stepped pointers.  The
+ * general body spent about 95 instructions a 32-input block at k = 1, group 64 (callgrind), most
+ * of them bookkeeping per (group, plane) around the block's 28. */
+enum { SK_F32, SK_F16, SK_U8 };   /* SK_U8: int_scales and short_groups (every unrolled group) */
+
+EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int GB, const int SK) {
+    const int64_t ng = a->ng, k = a->k, pstride = ep_plane_stride(a), sstride = a->tiles * ng * EP_TILE;
+    const int64_t gbytes = 4 * GB * EP_TILE;   /* a group's bytes in a plane row of a tile, and /16 * 64 of tables */
+    const __m256 qs = _mm256_set1_ps(a->ascale[0]);
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *w = ep_tile_planes(a, t), *tab = a->tab;
+        const int32_t *gs = a->gsum;
+        int64_t si = ep_scale_index(a, 0, t, 0);
+        __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), m0 = f0, m1 = f0;
+        if (SK == SK_U8) {
+            m0 = _mm256_loadu_ps(a->scale_rows + t * EP_TILE);
+            m1 = _mm256_loadu_ps(a->scale_rows + t * EP_TILE + 8);
+        }
+        for (int64_t j = 0; j < ng; j++, w += gbytes, tab += 4 * gbytes, si += EP_TILE) {
+            const __m256i S = _mm256_set1_epi32(gs[j] + 8192 * GB);
+            __m256i e0 = _mm256_setzero_si256(), e1 = e0;
+            const uint8_t *wp = w;
+            int64_t sp = si;
+            for (int64_t i = 0; i < k; i++, wp += pstride, sp += sstride) {
+                __m256i s[1][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()}}, m[2];
+                const uint8_t *tb = tab;
+                __asm__("" : "+r"(tb));  /* the group's tables are read per plane, as in i8_tile_body */
+                for (int u = 0; u < GB; u++) i8_block(wp + u * 4 * EP_TILE, tb + u * 256, 0, 1, GB <= 4, s);
+                widen_run(s[0], m);
+                if (GB > 4) {
+                    m[0] = _mm256_slli_epi32(m[0], 1);
+                    m[1] = _mm256_slli_epi32(m[1], 1);
+                }
+                const __m256i d0 = _mm256_sub_epi32(S, m[0]), d1 = _mm256_sub_epi32(S, m[1]);
+                if (SK == SK_U8) {
+                    const __m128i c = _mm_loadu_si128((const __m128i *)((const uint8_t *)a->scales + sp));
+                    e0 = _mm256_add_epi32(e0, _mm256_madd_epi16(d0, _mm256_cvtepu8_epi32(c)));
+                    e1 = _mm256_add_epi32(e1, _mm256_madd_epi16(d1, _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))));
+                } else {
+                    __m256 al0, al1;
+                    if (SK == SK_F16) {
+                        const uint16_t *p = (const uint16_t *)a->scales + sp;
+                        al0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+                        al1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+                    } else {
+                        const float *p = (const float *)a->scales + sp;
+                        al0 = _mm256_loadu_ps(p);
+                        al1 = _mm256_loadu_ps(p + 8);
+                    }
+                    f0 = ep_fmadd256(al0, _mm256_cvtepi32_ps(d0), f0);
+                    f1 = ep_fmadd256(al1, _mm256_cvtepi32_ps(d1), f1);
+                }
+            }
+            if (SK == SK_U8) {
+                f0 = ep_fmadd256(m0, _mm256_cvtepi32_ps(e0), f0);
+                f1 = ep_fmadd256(m1, _mm256_cvtepi32_ps(e1), f1);
+            }
+        }
+        if ((t + 1) * EP_TILE <= a->out) {
+            _mm256_storeu_ps(a->y + t * EP_TILE, _mm256_mul_ps(f0, qs));
+            _mm256_storeu_ps(a->y + t * EP_TILE + 8, _mm256_mul_ps(f1, qs));
+        } else {
+            float tmp[EP_TILE];
+            _mm256_storeu_ps(tmp, f0);
+            _mm256_storeu_ps(tmp + 8, f1);
+            ep_store_tile(a->y, a->out, t, tmp, a->ascale[0]);
+        }
+    }
+}
+
+#define I8_DEC_FN(GB, SK) \
+    static __attribute__((noinline)) void i8_dec_##GB##_##SK(const ep_gemm_args *a, int64_t t0, int64_t t1) { \
+        i8_dec(a, t0, t1, GB, SK);                                                                    \
+    }
+#define I8_DEC_FNS(SK) I8_DEC_FN(1, SK) I8_DEC_FN(2, SK) I8_DEC_FN(4, SK) I8_DEC_FN(8, SK)
+I8_DEC_FNS(SK_F32)
+I8_DEC_FNS(SK_F16)
+I8_DEC_FNS(SK_U8)
+#undef I8_DEC_FNS
+#undef I8_DEC_FN
+
+/* The decode kernel for a's shape, or NULL: one token, unrolled groups that fill the padded row,
+ * and 8-bit scales only when summed as integers in int16-sized groups. */
+typedef void (*i8_dec_fn)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+static i8_dec_fn i8_dec_for(const ep_gemm_args *a) {
+    const int gb = ep_blocks_per_group(a);
+    if (a->n != 1 || gb == 0 || a->ncol != a->ng * 4 * gb) return NULL;
+    if (a->scales_kind == EP_SCALES_U8 && !(a->int_scales && a->short_groups)) return NULL;
+#define PICK(SK)                                                                     \
+    switch (gb) {                                                                    \
+    case 1: return i8_dec_1_##SK;                                                    \
+    case 2: return i8_dec_2_##SK;                                                    \
+    case 4: return i8_dec_4_##SK;                                                    \
+    default: return i8_dec_8_##SK;                                                   \
+    }
+    if (a->scales_kind == EP_SCALES_U8) PICK(SK_U8)
+    if (a->scales_kind == EP_SCALES_F16) PICK(SK_F16)
+    PICK(SK_F32)
+#undef PICK
+}
+
 static void avx2_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
+    const i8_dec_fn dec = i8_dec_for(a);
+    if (dec) {
+        dec(a, t0, t1);
+        return;
+    }
     const int gb = ep_blocks_per_group(a);
 #define CALL(TB) EP_SWITCH_GB(I8_TILE, a, t, tok0, TB, j0, j1)
     EP_TILE_LOOP(a, t0, t1, 8, CALL);

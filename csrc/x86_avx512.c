@@ -44,6 +44,8 @@ static void avx512_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t
             _mm256_setr_m128i(_mm_set1_epi8((char)b), _mm_set1_epi8((char)(8 + b))), 1);
     }
     const __m512i four = _mm512_set1_epi8(4);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    ep_group_walk gw = ep_group_walk_start(in, group);
     for (int64_t j = 0; j < in_pad; j += 32) {
         __m256i x32;
         if (j + 32 <= in) {
@@ -52,6 +54,11 @@ static void avx512_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t
             int8_t tmp[32] = {0};
             if (j < in) memcpy(tmp, q + j, (size_t)(in - j));
             x32 = _mm256_loadu_si256((const __m256i *)tmp);
+        }
+        {   /* the 32 inputs' sum: (x + 128) summed unsigned by vpsadbw, less 32 * 128 (groups are whole 32s) */
+            const __m256i sad = _mm256_sad_epu8(_mm256_xor_si256(x32, flip), _mm256_setzero_si256());
+            const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
+            ep_group_walk_add(&gw, j, gsum, _mm_cvtsi128_si32(s2) + _mm_extract_epi16(s2, 4) - 32 * 128);
         }
         __m256i l = _mm256_and_si256(x32, m0f);
         __m256i h = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(x32, 4), m0f), eight), eight);
@@ -68,7 +75,7 @@ static void avx512_i8_tables(const int8_t *q, int64_t in, int64_t group, uint8_t
         uint8_t *dst = tab + j * 8;
         for (int u = 0; u < 4; u++) _mm512_store_si512((void *)(dst + 64 * u), t[u]);
     }
-    ep_ref_group_sums(q, in, group, gsum);
+    ep_group_walk_end(&gw, gsum);
 }
 
 /* int16 lanes [Q0 r0-7 | Q1 r0-7 | Q2 r0-7 | Q3 r0-7] -> int32 rows 0-7, quarters summed */

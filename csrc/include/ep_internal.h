@@ -332,6 +332,26 @@ void ep_ref_binarize(const float *x, int64_t in, uint8_t *bits, float *scale);
 float ep_ref_abs_mean(const float *x, int64_t in);
 void ep_ref_group_sums(const int8_t *q, int64_t in, int64_t group, int32_t *gsum);
 void ep_ref_group_valid(int64_t in, int64_t group, int32_t *nvalid);
+
+/* ep_ref_group_sums from the sums of consecutive chunks of inputs, as a table builder reads them
+ * (chunks of 8, 16 or 32: a group, whole 32s when there are several, never splits one; chunks
+ * past `in` sum to zero and fall into the last group). */
+typedef struct { int64_t ng, glen, end, g; int32_t s; } ep_group_walk;
+static inline ep_group_walk ep_group_walk_start(int64_t in, int64_t group) {
+    const int64_t ng = ep_groups(in, group);
+    ep_group_walk w = {ng, ng == 1 ? INT64_MAX : group, ng == 1 ? INT64_MAX : group, 0, 0};
+    return w;
+}
+/* the chunk starting at input j sums to s */
+static inline void ep_group_walk_add(ep_group_walk *w, int64_t j, int32_t *gsum, int32_t s) {
+    if (j == w->end && w->g < w->ng - 1) {
+        gsum[w->g++] = w->s;
+        w->s = 0;
+        w->end += w->glen;
+    }
+    w->s += s;
+}
+static inline void ep_group_walk_end(ep_group_walk *w, int32_t *gsum) { gsum[w->g] = w->s; }
 void ep_ref_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int f16, float *y,
                        int64_t ldy, int64_t r0, int64_t r1);
 void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,

@@ -536,6 +536,15 @@ int main(int argc, char **argv) {
             check_shape(&s, 0);
             cases++;
         }
+    /* one token over the model's widths, every unrolled group (the decode kernels when the groups
+     * fill the padded row: all but 576 in groups of 128 or 256), 1, 2 and 4 planes, a partial tile */
+    for (size_t gi = 0; gi < 4; gi++)
+        for (int64_t in = 576; in <= 1536; in += 960)
+            for (int64_t k = 1; k <= 4; k *= 2) {
+                shape s = {1, k, 40, in, groups[gi]};
+                check_shape(&s, 0);
+                cases++;
+            }
     /* one token, one plane, rows wider than L1's tables: tiles walked side by side (1 and 6 tiles) */
     for (size_t gi = 0; gi < 5; gi++)
         for (int64_t out = 16; out <= 83; out += 67) {
