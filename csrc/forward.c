@@ -2,7 +2,8 @@
  * ISA kernels (ep_kernels) for every product.  Mirrors edgepanel/model/reference.py step by step:
  * embed; per layer: norm, q/k/v, RoPE, attention over the cache, (sub-norm), o, residual, norm,
  * MLP, (sub-norm), residual; final norm; head.  Products that read the same input (q/k/v,
- * gate/up) share one activation quantization and one set of tables and run in one parallel pass.
+ * gate/up) share one activation quantization and one set of tables and run in one parallel pass
+ * (one token: each thread builds the tables it reads, products_team).
  * Longer than 400 lines on purpose: one pass read top to bottom, as the reference it mirrors. */
 #include <math.h>
 #include <stdlib.h>
@@ -15,6 +16,11 @@
 #define HEAD_ROWS 32  /* tokens per pass of the output head (bounds its buffers) */
 
 static int64_t align64(int64_t v) { return (v + 63) & ~(int64_t)63; }
+/* the threads a pass may use: threads <= 0 means every processor (as ep_parallel_for reads it) */
+static int team_threads(int threads) {
+    const int t = threads > 0 ? threads : ep_cpu_count();
+    return t < EP_MAX_THREADS ? t : EP_MAX_THREADS;
+}
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 typedef struct {
@@ -34,10 +40,14 @@ typedef struct {
     int16_t *x16;         /* the activations widened, for i16_tiles (n, in_pad) */
     int32_t *gsum;        /* MAX_CONCURRENT * n * ng_max */
     float *acc;           /* partial sums of chunked GEMMs, per matrix */
+    /* one token: each further thread's own quantized input, tables and group sums (products_team) */
+    int8_t *team_qa;
+    uint8_t *team_tab;
+    int32_t *team_gsum;
     int64_t tab_stride, ng_max, acc_per_mat;
 } fwd;
 
-static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *base) {
+static int64_t workspace_layout(const ep_model *m, int64_t n, int threads, fwd *f, uint8_t *base) {
     int64_t q_dim = (int64_t)m->n_heads * m->head_dim, kv_dim = (int64_t)m->n_kv_heads * m->head_dim;
     int64_t dmax = max64(max64(m->dim, q_dim), m->hidden_dim);
     int64_t omax = max64(q_dim, max64(m->hidden_dim, m->dim));  /* the head runs in chunks */
@@ -71,6 +81,10 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
     TAKE(x16, int16_t, n * ep_in_pad(dmax));
     TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
     TAKE(acc, float, acc_total);
+    const int64_t others = n == 1 ? (int64_t)team_threads(threads) - 1 : 0;   /* a decode step's team */
+    TAKE(team_qa, int8_t, others * ep_in_pad(dmax));
+    TAKE(team_tab, uint8_t, others * ep_tab_stride(dmax));
+    TAKE(team_gsum, int32_t, others * ng_max);
 #undef TAKE
     if (f) {
         f->dmax = dmax;
@@ -82,9 +96,8 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, fwd *f, uint8_t *b
 }
 
 int64_t ep_forward_workspace(const ep_model *m, int64_t n, int threads) {
-    (void)threads;
     if (!m || n <= 0) return 0;
-    return workspace_layout(m, n, NULL, NULL);
+    return workspace_layout(m, n, threads, NULL, NULL);
 }
 
 /* ---- products ------------------------------------------------------------------------------ */
@@ -152,6 +165,46 @@ static void tables_range(void *ctx, int64_t b, int64_t e) {
     }
 }
 
+/* One token's products as a team (ep_parallel_team): part 0 quantizes the input and builds its
+ * tables into the shared buffers, every other part the same into its own (the same bits), then each
+ * runs the share of the products' units ep_parallel_for would give it.  The tables are built on
+ * every core at once, and no core reads another's: a decode step measured 1.04x faster at 2 threads
+ * than with the tables built on one core first (a few KiB each pass, crossing between cores, and a
+ * core waiting meanwhile). */
+typedef struct {
+    const products *p;
+    const tab_job *tj;
+    int64_t total;
+} team_job;
+
+static void products_team(void *ctx, int part, int parts) {
+    const team_job *j = (const team_job *)ctx;
+    const tab_job *tj = j->tj;
+    const fwd *f = j->p->f;
+    const int64_t b = j->total * part / parts, e = j->total * (part + 1) / parts;
+    if (part == 0) {
+        tables_range((void *)tj, 0, 1);
+        if (b < e) products_range((void *)j->p, b, e);
+        return;
+    }
+    const int o = part - 1;
+    tab_job own = *tj;
+    float own_scale;
+    own.qa = f->team_qa + o * ep_in_pad(f->dmax);
+    own.qs = &own_scale;
+    own.tab = f->team_tab + o * ep_tab_stride(f->dmax);
+    own.gsum = f->team_gsum + o * f->ng_max;
+    tables_range(&own, 0, 1);
+    products p = *j->p;
+    for (int i = 0; i < p.count; i++)
+        if (p.mat[i]->kind == EP_MAT_PLANES) {
+            p.args[i].tab = own.tab;
+            p.args[i].gsum = own.gsum;
+            p.args[i].ascale = own.qs;
+        }
+    if (b < e) products_range(&p, b, e);
+}
+
 typedef struct { const ep_kernels *kt; const float *g; float *u; int64_t d; } silu_job;
 
 static void silu_range(void *ctx, int64_t b, int64_t e) {
@@ -169,12 +222,14 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     p.count = count;
     p.x = x;
     p.in = in;
-    int need_q = 0, tables_group = 0, wide = 0;
+    int need_q = 0, tables_group = 0, wide = 0, other_groups = 0, has_i8rows = 0;
     for (int i = 0; i < count; i++) {
         const ep_matrix *mt = mats[i];
         p.mat[i] = mt;
         p.y[i] = ys[i];
         if (mt->kind == EP_MAT_PLANES || mt->kind == EP_MAT_I8ROWS) need_q = 1;
+        if (mt->kind == EP_MAT_PLANES && tables_group && mt->group != tables_group) other_groups = 1;
+        if (mt->kind == EP_MAT_I8ROWS) has_i8rows = 1;
         if (mt->kind != EP_MAT_PLANES) continue;
         ep_gemm_args *a = &p.args[i];  /* the arguments were checked on entry (planes_ok) */
         ep_gemm_args_init(a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows, mt->k, mt->rows, in, mt->group, n);
@@ -185,11 +240,12 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
             tables_group = (int)mt->group;
         }
     }
-    if (need_q) {  /* tables once for every planes matrix that reads them, their group sums in gsum's first slot */
-        tab_job tj = {kt, x, f->qa, f->qs, in, tables_group, f->tab, f->tab_stride, f->gsum,
-                      tables_group ? ep_groups(in, tables_group) : 0, wide ? f->x16 : NULL};
+    tab_job tj = {kt, x, f->qa, f->qs, in, tables_group, f->tab, f->tab_stride, f->gsum,
+                  tables_group ? ep_groups(in, tables_group) : 0, wide ? f->x16 : NULL};
+    /* one token over planes matrices that read one set of tables: tables and products as a team */
+    const int team = n == 1 && team_threads(f->threads) > 1 && tables_group && !wide && !other_groups && !has_i8rows;
+    if (need_q && !team)  /* tables once for every planes matrix that reads them, their group sums in gsum's first slot */
         ep_parallel_for(f->threads, n, tables_range, &tj);
-    }
     for (int i = 0; i < count; i++) {
         const ep_matrix *mt = mats[i];
         if (mt->kind == EP_MAT_PLANES) {
@@ -214,7 +270,12 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     }
     int64_t total = 0;
     for (int i = 0; i < count; i++) total += p.units[i];
-    ep_parallel_for(f->threads, total, products_range, &p);
+    if (team) {
+        team_job tm = {&p, &tj, total};
+        ep_parallel_team(f->threads, products_team, &tm);
+    } else {
+        ep_parallel_for(f->threads, total, products_range, &p);
+    }
     for (int i = 0; i < count; i++)
         if (mats[i]->bias)
             for (int64_t t = 0; t < n; t++)
@@ -444,7 +505,7 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, voi
     f.m = m;
     f.threads = threads;
     f.n = n;
-    workspace_layout(m, n, &f, (uint8_t *)work);
+    workspace_layout(m, n, threads, &f, (uint8_t *)work);
     const int64_t D = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
     const int64_t q_dim = H * hd, kv_dim = Hkv * hd, F = m->hidden_dim;
     const int64_t layer_stride = cap * kv_dim, seq_stride = (int64_t)m->n_layers * layer_stride;

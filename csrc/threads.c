@@ -16,7 +16,6 @@
 
 #include "ep_internal.h"
 
-#define EP_MAX_THREADS 256
 #define EP_SPIN_ITERS 20000
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -39,6 +38,7 @@ static struct {
     _Atomic int pending;        /* participating workers not yet done */
     _Atomic int sleepers;
     ep_range_fn fn;
+    ep_team_fn team;            /* set: a team job, fn(ctx, part, nparts) on every part */
     void *ctx;
     int64_t n;
     int nparts;
@@ -61,6 +61,10 @@ static void pool_reset_in_child(void) {
 static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_reset_in_child); }
 
 static void run_part(int part) {
+    if (pool.team) {
+        pool.team(pool.ctx, part, pool.nparts);
+        return;
+    }
     int64_t b = pool.n * part / pool.nparts, e = pool.n * (part + 1) / pool.nparts;
     if (e > b) pool.fn(pool.ctx, b, e);
 }
@@ -103,12 +107,16 @@ int ep_cpu_count(void) {
     return c > 0 ? (int)c : 1;
 }
 
-static void parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx, int spin_after) {
+/* One job on the pool: fn over [0, n) in ranges, or team on every part. */
+static void run_job(int threads, int64_t n, ep_range_fn fn, ep_team_fn team, void *ctx, int spin_after) {
     if (threads <= 0) threads = ep_cpu_count();
     if (threads > EP_MAX_THREADS) threads = EP_MAX_THREADS;
     if ((int64_t)threads > n) threads = (int)n;
     if (threads <= 1 || pthread_mutex_trylock(&pool.job_lock) != 0) {
-        if (n > 0) fn(ctx, 0, n);
+        if (team)
+            team(ctx, 0, 1);
+        else if (n > 0)
+            fn(ctx, 0, n);
         return;
     }
     pthread_once(&atfork_once, register_atfork);
@@ -122,6 +130,7 @@ static void parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx, int 
     }
     if (threads - 1 > pool.nworkers) threads = pool.nworkers + 1;
     pool.fn = fn;
+    pool.team = team;
     pool.ctx = ctx;
     pool.n = n;
     pool.nparts = threads;
@@ -143,12 +152,16 @@ static void parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx, int 
 }
 
 void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx) {
-    parallel_for(threads, n, fn, ctx, EP_SPIN_ITERS);
+    run_job(threads, n, fn, NULL, ctx, EP_SPIN_ITERS);
+}
+
+void ep_parallel_team(int threads, ep_team_fn fn, void *ctx) {
+    run_job(threads, EP_MAX_THREADS, NULL, fn, ctx, EP_SPIN_ITERS);
 }
 
 /* For a call between other libraries' parallel work (the scale tuner's kernels between torch's
  * products): the workers sleep as soon as the job is done, instead of spinning on cores the
  * other library's threads are about to use. */
 void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx) {
-    parallel_for(threads, n, fn, ctx, 0);
+    run_job(threads, n, fn, NULL, ctx, 0);
 }

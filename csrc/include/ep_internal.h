@@ -381,9 +381,15 @@ float ep_expf(float x);
 /* Store the final outputs of one tile for one token: y_row[r] = acc[r] * s for rows < out. */
 void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, float s);
 
+#define EP_MAX_THREADS 256  /* the pool's threads at most */
+
 /* Thread pool: calls fn(ctx, begin, end) on contiguous, disjoint ranges covering [0, n). */
 typedef void (*ep_range_fn)(void *ctx, int64_t begin, int64_t end);
 void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx);
 void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx);
+/* A team: fn(ctx, part, parts) on every part at once (parts = 1, inline, when threads is 1 or the
+ * pool is busy). */
+typedef void (*ep_team_fn)(void *ctx, int part, int parts);
+void ep_parallel_team(int threads, ep_team_fn fn, void *ctx);
 
 #endif
