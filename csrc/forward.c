@@ -44,6 +44,7 @@ typedef struct {
     int8_t *team_qa;
     uint8_t *team_tab;
     int32_t *team_gsum;
+    int team_parts;       /* the parts those buffers serve: 1 + the further threads */
     int64_t tab_stride, ng_max, acc_per_mat;
 } fwd;
 
@@ -81,7 +82,7 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, int threads, fwd *
     TAKE(x16, int16_t, n * ep_in_pad(dmax));
     TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
     TAKE(acc, float, acc_total);
-    const int64_t others = n == 1 ? (int64_t)team_threads(threads) - 1 : 0;   /* a decode step's team */
+    const int64_t others = (int64_t)team_threads(threads) - 1;   /* a one-token pass's team (the last token's head too) */
     TAKE(team_qa, int8_t, others * ep_in_pad(dmax));
     TAKE(team_tab, uint8_t, others * ep_tab_stride(dmax));
     TAKE(team_gsum, int32_t, others * ng_max);
@@ -91,6 +92,7 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, int threads, fwd *
         f->tab_stride = ep_tab_stride(dmax);
         f->ng_max = ng_max;
         f->acc_per_mat = acc_per_mat;
+        f->team_parts = (int)others + 1;
     }
     return off;
 }
@@ -243,7 +245,7 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     tab_job tj = {kt, x, f->qa, f->qs, in, tables_group, f->tab, f->tab_stride, f->gsum,
                   tables_group ? ep_groups(in, tables_group) : 0, wide ? f->x16 : NULL};
     /* one token over planes matrices that read one set of tables: tables and products as a team */
-    const int team = n == 1 && team_threads(f->threads) > 1 && tables_group && !wide && !other_groups && !has_i8rows;
+    const int team = n == 1 && f->team_parts > 1 && tables_group && !wide && !other_groups && !has_i8rows;
     if (need_q && !team)  /* tables once for every planes matrix that reads them, their group sums in gsum's first slot */
         ep_parallel_for(f->threads, n, tables_range, &tj);
     for (int i = 0; i < count; i++) {
@@ -272,7 +274,7 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     for (int i = 0; i < count; i++) total += p.units[i];
     if (team) {
         team_job tm = {&p, &tj, total};
-        ep_parallel_team(f->threads, products_team, &tm);
+        ep_parallel_team(f->team_parts, products_team, &tm);   /* at most the parts the workspace serves */
     } else {
         ep_parallel_for(f->threads, total, products_range, &p);
     }

@@ -67,6 +67,8 @@ def test_prefill_equals_decode_steps_and_threads(binarized):
         mt = Model(binarized, engine="c", threads=threads)   # decode: a task per query head, not per key head
         cache = mt.engine.new_cache(len(IDS))
         np.testing.assert_array_equal(np.stack([mt.engine.forward(IDS[i:i + 1], cache) for i in range(len(IDS))]), full)
+        # a prompt's last logits: its head (planes in the -rows variants) reads one token, as a team
+        np.testing.assert_array_equal(mt.engine.forward(IDS, mt.engine.new_cache(len(IDS))), full[-1])
     m2 = Model(binarized, engine="c", threads=2)
     cache = m2.engine.new_cache(len(IDS))
     half = m2.engine.forward(IDS[:5], cache, all_logits=True)
