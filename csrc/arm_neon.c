@@ -264,8 +264,6 @@ EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int
  * every tile of [t0, t1) in one call, the scales' kind a constant (SK) and the planes, tables and
  * scales reached by stepped pointers, a group (at most 256 inputs) one int16 run; as x86_avx2.c's
  * i8_dec. */
-enum { SK_F32, SK_F16, SK_U8 };   /* SK_U8: int_scales */
-
 EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int GB, const int SK) {
     const uint8x16_t m0f = vdupq_n_u8(0x0f);
     const int8x8_t sixteen = vdup_n_s8(16);
@@ -277,7 +275,7 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
         float32x4_t f[4], r[4];
         for (int u = 0; u < 4; u++) {
             f[u] = vdupq_n_f32(0.0f);
-            r[u] = SK == SK_U8 ? vld1q_f32(a->scale_rows + t * EP_TILE + 4 * u) : f[u];
+            r[u] = SK == EP_SK_U8 ? vld1q_f32(a->scale_rows + t * EP_TILE + 4 * u) : f[u];
         }
         for (int64_t j = 0; j < ng; j++, w += gcols * EP_TILE, tab += gcols * 64, si += EP_TILE) {
             const int32x4_t S = vdupq_n_s32(a->gsum[j]);
@@ -301,7 +299,7 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
                 }
                 const int32x4_t m[4] = {vmovl_s16(vget_low_s16(s0)), vmovl_s16(vget_high_s16(s0)),
                                         vmovl_s16(vget_low_s16(s1)), vmovl_s16(vget_high_s16(s1))};
-                if (SK == SK_U8) {
+                if (SK == EP_SK_U8) {
                     const uint8x16_t c = vld1q_u8((const uint8_t *)a->scales + sp);
                     const uint16x8_t c0 = vmovl_u8(vget_low_u8(c)), c1 = vmovl_u8(vget_high_u8(c));
                     const int32x4_t cw[4] = {vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(c0))), vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(c0))),
@@ -309,13 +307,13 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
                     for (int u = 0; u < 4; u++) e[u] = vmlaq_s32(e[u], cw[u], vsubq_s32(S, vshlq_n_s32(m[u], 1)));
                 } else {
                     for (int u = 0; u < 4; u++) {
-                        const float32x4_t al = SK == SK_F16 ? vcvt_f32_f16(vld1_f16((const float16_t *)a->scales + sp + 4 * u))
+                        const float32x4_t al = SK == EP_SK_F16 ? vcvt_f32_f16(vld1_f16((const float16_t *)a->scales + sp + 4 * u))
                                                             : vld1q_f32((const float *)a->scales + sp + 4 * u);
                         f[u] = vfmaq_f32(f[u], al, vcvtq_f32_s32(vsubq_s32(S, vshlq_n_s32(m[u], 1))));
                     }
                 }
             }
-            if (SK == SK_U8)
+            if (SK == EP_SK_U8)
                 for (int u = 0; u < 4; u++) f[u] = vfmaq_f32(f[u], r[u], vcvtq_f32_s32(e[u]));
         }
         if ((t + 1) * EP_TILE <= a->out) {
@@ -328,39 +326,10 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
     }
 }
 
-#define I8_DEC_FN(GB, SK) \
-    static __attribute__((noinline)) void i8_dec_##GB##_##SK(const ep_gemm_args *a, int64_t t0, int64_t t1) { \
-        i8_dec(a, t0, t1, GB, SK);                                                                    \
-    }
-#define I8_DEC_FNS(SK) I8_DEC_FN(1, SK) I8_DEC_FN(2, SK) I8_DEC_FN(4, SK) I8_DEC_FN(8, SK)
-I8_DEC_FNS(SK_F32)
-I8_DEC_FNS(SK_F16)
-I8_DEC_FNS(SK_U8)
-#undef I8_DEC_FNS
-#undef I8_DEC_FN
-
-/* The decode kernel for a's shape, or NULL: one token, unrolled groups that fill the padded row,
- * 8-bit scales only when summed as integers. */
-typedef void (*i8_dec_fn)(const ep_gemm_args *a, int64_t t0, int64_t t1);
-static i8_dec_fn i8_dec_for(const ep_gemm_args *a) {
-    const int gb = ep_blocks_per_group(a);
-    if (a->n != 1 || gb == 0 || a->ncol != a->ng * 4 * gb) return NULL;
-    if (a->scales_kind == EP_SCALES_U8 && !a->int_scales) return NULL;
-#define PICK(SK)                                                                     \
-    switch (gb) {                                                                    \
-    case 1: return i8_dec_1_##SK;                                                    \
-    case 2: return i8_dec_2_##SK;                                                    \
-    case 4: return i8_dec_4_##SK;                                                    \
-    default: return i8_dec_8_##SK;                                                   \
-    }
-    if (a->scales_kind == EP_SCALES_U8) PICK(SK_U8)
-    if (a->scales_kind == EP_SCALES_F16) PICK(SK_F16)
-    PICK(SK_F32)
-#undef PICK
-}
+EP_DEC_KERNELS(i8_dec)
 
 static void neon_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
-    const i8_dec_fn dec = i8_dec_for(a);
+    const ep_dec_fn dec = i8_dec_for(a);
     if (dec) {
         dec(a, t0, t1);
         return;

@@ -411,8 +411,6 @@ I8_TILE_FNS(4)
  * scales' kind a constant (SK) and the planes, tables and scales reached by stepped pointers.  The
  * general body spent about 95 instructions a 32-input block at k = 1, group 64 (callgrind), most
  * of them bookkeeping per (group, plane) around the block's 28. */
-enum { SK_F32, SK_F16, SK_U8 };   /* SK_U8: int_scales and short_groups (every unrolled group) */
-
 EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int GB, const int SK) {
     const int64_t ng = a->ng, k = a->k, pstride = ep_plane_stride(a), sstride = a->tiles * ng * EP_TILE;
     const int64_t gbytes = 4 * GB * EP_TILE;   /* a group's bytes in a plane row of a tile, and /16 * 64 of tables */
@@ -422,7 +420,7 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
         const int32_t *gs = a->gsum;
         int64_t si = ep_scale_index(a, 0, t, 0);
         __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), m0 = f0, m1 = f0;
-        if (SK == SK_U8) {
+        if (SK == EP_SK_U8) {
             m0 = _mm256_loadu_ps(a->scale_rows + t * EP_TILE);
             m1 = _mm256_loadu_ps(a->scale_rows + t * EP_TILE + 8);
         }
@@ -442,13 +440,13 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
                     m[1] = _mm256_slli_epi32(m[1], 1);
                 }
                 const __m256i d0 = _mm256_sub_epi32(S, m[0]), d1 = _mm256_sub_epi32(S, m[1]);
-                if (SK == SK_U8) {
+                if (SK == EP_SK_U8) {
                     const __m128i c = _mm_loadu_si128((const __m128i *)((const uint8_t *)a->scales + sp));
                     e0 = _mm256_add_epi32(e0, _mm256_madd_epi16(d0, _mm256_cvtepu8_epi32(c)));
                     e1 = _mm256_add_epi32(e1, _mm256_madd_epi16(d1, _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))));
                 } else {
                     __m256 al0, al1;
-                    if (SK == SK_F16) {
+                    if (SK == EP_SK_F16) {
                         const uint16_t *p = (const uint16_t *)a->scales + sp;
                         al0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
                         al1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
@@ -461,7 +459,7 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
                     f1 = ep_fmadd256(al1, _mm256_cvtepi32_ps(d1), f1);
                 }
             }
-            if (SK == SK_U8) {
+            if (SK == EP_SK_U8) {
                 f0 = ep_fmadd256(m0, _mm256_cvtepi32_ps(e0), f0);
                 f1 = ep_fmadd256(m1, _mm256_cvtepi32_ps(e1), f1);
             }
@@ -478,39 +476,10 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
     }
 }
 
-#define I8_DEC_FN(GB, SK) \
-    static __attribute__((noinline)) void i8_dec_##GB##_##SK(const ep_gemm_args *a, int64_t t0, int64_t t1) { \
-        i8_dec(a, t0, t1, GB, SK);                                                                    \
-    }
-#define I8_DEC_FNS(SK) I8_DEC_FN(1, SK) I8_DEC_FN(2, SK) I8_DEC_FN(4, SK) I8_DEC_FN(8, SK)
-I8_DEC_FNS(SK_F32)
-I8_DEC_FNS(SK_F16)
-I8_DEC_FNS(SK_U8)
-#undef I8_DEC_FNS
-#undef I8_DEC_FN
-
-/* The decode kernel for a's shape, or NULL: one token, unrolled groups that fill the padded row,
- * and 8-bit scales only when summed as integers in int16-sized groups. */
-typedef void (*i8_dec_fn)(const ep_gemm_args *a, int64_t t0, int64_t t1);
-static i8_dec_fn i8_dec_for(const ep_gemm_args *a) {
-    const int gb = ep_blocks_per_group(a);
-    if (a->n != 1 || gb == 0 || a->ncol != a->ng * 4 * gb) return NULL;
-    if (a->scales_kind == EP_SCALES_U8 && !(a->int_scales && a->short_groups)) return NULL;
-#define PICK(SK)                                                                     \
-    switch (gb) {                                                                    \
-    case 1: return i8_dec_1_##SK;                                                    \
-    case 2: return i8_dec_2_##SK;                                                    \
-    case 4: return i8_dec_4_##SK;                                                    \
-    default: return i8_dec_8_##SK;                                                   \
-    }
-    if (a->scales_kind == EP_SCALES_U8) PICK(SK_U8)
-    if (a->scales_kind == EP_SCALES_F16) PICK(SK_F16)
-    PICK(SK_F32)
-#undef PICK
-}
+EP_DEC_KERNELS(i8_dec)
 
 static void avx2_i8_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
-    const i8_dec_fn dec = i8_dec_for(a);
+    const ep_dec_fn dec = i8_dec_for(a);
     if (dec) {
         dec(a, t0, t1);
         return;

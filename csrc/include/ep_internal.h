@@ -204,6 +204,36 @@ static inline int ep_blocks_per_group(const ep_gemm_args *a) {
     default: call(__VA_ARGS__, 0); break;                                                \
     }
 
+/* The decode kernels (i8_dec in x86_avx2.c and arm_neon.c): one token over rows whose unrolled
+ * groups fill the padded row, each instantiated per group length (GB blocks) and scales kind (SK),
+ * 8-bit scales taken only when summed as integers (groups of at most 256 inputs: short_groups too). */
+enum { EP_SK_F32, EP_SK_F16, EP_SK_U8 };
+typedef void (*ep_dec_fn)(const ep_gemm_args *a, int64_t t0, int64_t t1);
+static inline int ep_dec_blocks(const ep_gemm_args *a) {
+    const int gb = ep_blocks_per_group(a);
+    if (a->n != 1 || gb == 0 || a->ncol != a->ng * 4 * gb) return 0;
+    return a->scales_kind == EP_SCALES_U8 && !(a->int_scales && a->short_groups) ? 0 : gb;
+}
+#define EP_DEC_FN(KERNEL, GB, SK)                                                                 \
+    static __attribute__((noinline)) void KERNEL##_##GB##_##SK(const ep_gemm_args *a, int64_t t0, int64_t t1) { \
+        KERNEL(a, t0, t1, GB, SK);                                                                \
+    }
+#define EP_DEC_FNS(KERNEL, SK) EP_DEC_FN(KERNEL, 1, SK) EP_DEC_FN(KERNEL, 2, SK) EP_DEC_FN(KERNEL, 4, SK) EP_DEC_FN(KERNEL, 8, SK)
+#define EP_DEC_ROW(KERNEL, SK) {KERNEL##_1_##SK, KERNEL##_2_##SK, KERNEL##_4_##SK, KERNEL##_8_##SK}
+/* KERNEL's instances and KERNEL_for(a): the instance for a's shape, or NULL */
+#define EP_DEC_KERNELS(KERNEL)                                                                    \
+    EP_DEC_FNS(KERNEL, EP_SK_F32)                                                                 \
+    EP_DEC_FNS(KERNEL, EP_SK_F16)                                                                 \
+    EP_DEC_FNS(KERNEL, EP_SK_U8)                                                                  \
+    static ep_dec_fn KERNEL##_for(const ep_gemm_args *a) {                                        \
+        static const ep_dec_fn table[3][4] = {EP_DEC_ROW(KERNEL, EP_SK_F32), EP_DEC_ROW(KERNEL, EP_SK_F16), \
+                                              EP_DEC_ROW(KERNEL, EP_SK_U8)};                     \
+        const int gb = ep_dec_blocks(a);                                                          \
+        if (!gb) return NULL;                                                                     \
+        const int sk = a->scales_kind == EP_SCALES_U8 ? EP_SK_U8 : a->scales_kind == EP_SCALES_F16 ? EP_SK_F16 : EP_SK_F32; \
+        return table[sk][gb == 1 ? 0 : gb == 2 ? 1 : gb == 4 ? 2 : 3];                            \
+    }
+
 struct ep_kernels {
     const char *name;
     int (*supported)(void);
