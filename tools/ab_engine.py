@@ -10,9 +10,12 @@ to trust is the median over rounds of old time / new time (above 1: the new buil
 
 --old is a git revision of this repository: its tree is exported to
 ~/.cache/edgepanel/ab/<commit>/ and its extension built there in place (once, then reused).
---new is a source tree (default: this checkout, built in place if its extension is missing or older
-than csrc/; an in-place build, edgepanel/kernels/_ep.cpython-*.so, takes precedence over an
-installed _ep.abi3.so until it is deleted). Each round times, in each process: one decode step at position 32, the output layer,
+--new is a source tree, built in place if its extension is missing or older than csrc/ (an in-place
+build, edgepanel/kernels/_ep.cpython-*.so, takes precedence over an installed _ep.abi3.so until it
+is deleted).  Without --new, this checkout's tracked files as they are now (uncommitted changes
+included, untracked files not: `git add` new sources) are exported to ~/.cache/edgepanel/ab/<tree>/
+and built there, so that the checkout never gets an in-place build that would shadow the next
+`pip install -e`. Each round times, in each process: one decode step at position 32, the output layer,
 the decode step's products, and a prefill of 128 tokens.
 """
 from __future__ import annotations
@@ -77,9 +80,10 @@ def build(tree: Path):
         raise SystemExit(f"{tree}: the build wrote no extension")
 
 
-def export(rev: str) -> Path:
-    """The tree of revision `rev` under the cache, with its extension built."""
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+def export(rev: str, by_tree: bool = False) -> Path:
+    """The tree of revision `rev` under the cache (named by the commit, or by its tree's hash), with
+    its extension built."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{{'tree' if by_tree else 'commit'}}}"],
                             capture_output=True, text=True)
     if commit.returncode:
         raise SystemExit(f"--old {rev!r}: not a revision of {ROOT} ({commit.stderr.strip()})")
@@ -96,11 +100,18 @@ def export(rev: str) -> Path:
     return tree
 
 
+def working_state() -> Path:
+    """This checkout's tracked files as they are now, exported and built under the cache."""
+    stash = subprocess.run(["git", "-C", str(ROOT), "stash", "create"], capture_output=True, text=True, check=True)
+    return export(stash.stdout.strip() or "HEAD", by_tree=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("--old", required=True, help="git revision of the old build")
-    ap.add_argument("--new", type=Path, default=ROOT, help="source tree of the new build (default: this checkout)")
+    ap.add_argument("--new", type=Path, help="source tree of the new build (default: this checkout's tracked files, "
+                                              "exported to the cache)")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cores", default="0", help="taskset's CPU list for both processes, e.g. 0 or 0,1")
@@ -110,7 +121,7 @@ def main():
         raise SystemExit(f"{a.model}: no such model file")
     if a.rounds < 2:
         raise SystemExit("--rounds must be at least 2")
-    trees = {"old": export(a.old), "new": a.new.resolve()}
+    trees = {"old": export(a.old), "new": a.new.resolve() if a.new else working_state()}
     build(trees["new"])
     procs, info = {}, {}
     for side, tree in trees.items():
