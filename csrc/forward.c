@@ -170,9 +170,9 @@ static void tables_range(void *ctx, int64_t b, int64_t e) {
 /* One token's products as a team (ep_parallel_team): part 0 quantizes the input and builds its
  * tables into the shared buffers, every other part the same into its own (the same bits), then each
  * runs the share of the products' units ep_parallel_for would give it.  The tables are built on
- * every core at once, and no core reads another's: a decode step measured 1.04x (k=2) to 1.08x (k=1)
- * faster at 2 threads than with the tables built on one core first (a few KiB each pass, crossing between cores, and a
- * core waiting meanwhile). */
+ * every core at once, and no core reads another's: a decode step measured 1.04x (k=2) to 1.08x
+ * (k=1) faster at 2 threads than with the tables built on one core first (a few KiB each pass,
+ * crossing between cores, and a core waiting meanwhile). */
 typedef struct {
     const products *p;
     const tab_job *tj;
