@@ -16,11 +16,6 @@
 #define HEAD_ROWS 32  /* tokens per pass of the output head (bounds its buffers) */
 
 static int64_t align64(int64_t v) { return (v + 63) & ~(int64_t)63; }
-/* the threads a pass may use: threads <= 0 means every processor (as ep_parallel_for reads it) */
-static int team_threads(int threads) {
-    const int t = threads > 0 ? threads : ep_cpu_count();
-    return t < EP_MAX_THREADS ? t : EP_MAX_THREADS;
-}
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 typedef struct {
@@ -82,7 +77,7 @@ static int64_t workspace_layout(const ep_model *m, int64_t n, int threads, fwd *
     TAKE(x16, int16_t, n * ep_in_pad(dmax));
     TAKE(gsum, int32_t, MAX_CONCURRENT * n * ng_max);
     TAKE(acc, float, acc_total);
-    const int64_t others = (int64_t)team_threads(threads) - 1;   /* a one-token pass's team (the last token's head too) */
+    const int64_t others = (int64_t)ep_pool_threads(threads) - 1;   /* a one-token pass's team (the last token's head too) */
     TAKE(team_qa, int8_t, others * ep_in_pad(dmax));
     TAKE(team_tab, uint8_t, others * ep_tab_stride(dmax));
     TAKE(team_gsum, int32_t, others * ng_max);
@@ -552,7 +547,7 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, voi
                 memcpy(vc + at, f.v + t * kv_dim, sizeof(float) * (size_t)len);
             }
         }
-        const int64_t nt = threads > 0 ? threads : ep_cpu_count();
+        const int64_t nt = ep_pool_threads(threads);
         const int64_t split = nt > 1 && n * Hkv < 2 * nt ? H / Hkv : 1;
         attn_job aj = {&f, kc, vc, f16, seq_stride, max_t, split, 0};
         ep_parallel_for(threads, n * Hkv * split, attention_range, &aj);

@@ -107,10 +107,14 @@ int ep_cpu_count(void) {
     return c > 0 ? (int)c : 1;
 }
 
+int ep_pool_threads(int threads) {
+    if (threads <= 0) threads = ep_cpu_count();
+    return threads < EP_MAX_THREADS ? threads : EP_MAX_THREADS;
+}
+
 /* One job on the pool: fn over [0, n) in ranges, or team on every part. */
 static void run_job(int threads, int64_t n, ep_range_fn fn, ep_team_fn team, void *ctx, int spin_after) {
-    if (threads <= 0) threads = ep_cpu_count();
-    if (threads > EP_MAX_THREADS) threads = EP_MAX_THREADS;
+    threads = ep_pool_threads(threads);
     if ((int64_t)threads > n) threads = (int)n;
     if (threads <= 1 || pthread_mutex_trylock(&pool.job_lock) != 0) {
         if (team)

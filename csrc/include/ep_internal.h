@@ -415,6 +415,8 @@ void ep_store_tile(float *y_row, int64_t out, int64_t t, const float *acc16, flo
 
 /* Thread pool: calls fn(ctx, begin, end) on contiguous, disjoint ranges covering [0, n). */
 typedef void (*ep_range_fn)(void *ctx, int64_t begin, int64_t end);
+/* The threads a pass may use: threads, or every processor when threads <= 0, at most EP_MAX_THREADS. */
+int ep_pool_threads(int threads);
 void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx);
 void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx);
 /* A team: fn(ctx, part, parts) on every part at once (parts = 1, inline, when threads is 1 or the
