@@ -5,8 +5,9 @@
 # 2. edgepanel installed there from this checkout, its C extension compiled there by the root's gcc
 #    for baseline armv8-a, then disassembled here: nothing beyond armv8-a outside the dotprod code;
 # 3. a smoke set run twice, as a Raspberry Pi 4 (QEMU_CPU=cortex-a72: no dot product) and as a Pi 5
-#    (cortex-a76): kernel tests, convert, generate, bench, three fine-tuning steps, and the logits of
-#    one tiny model file, which must equal this x86 host's bit for bit; no step may die of SIGILL.
+#    (cortex-a76): kernel tests, convert, generate (greedy and sampled), bench, three fine-tuning
+#    steps, and the logits of one tiny model file, which must equal this x86 host's bit for bit; no
+#    step may die of SIGILL.
 # Needs root (chroot, mount) and debootstrap, qemu-user-static, binfmt-support, gcc-aarch64-linux-gnu,
 # binutils-aarch64-linux-gnu (.ci/run installs them), and the dev extra on the host (torch builds
 # the tiny checkpoint).  Locally the root with its venv is cached in ~/.cache/edgepanel-ci/ (one
@@ -189,12 +190,15 @@ done >"$HOST/train.txt"
 # records the source path as given
 CONVERT=(convert hf m.ep --planes 2 --group 32 --no-calib --scales u8 -q)
 GENERATE=(generate m.ep -p "once upon a time" -n 12 --temperature 0 -q -t 1)
+# sampled: the C sampler's exp and sums are the same operations on every machine
+SAMPLED=(generate m.ep -p "once upon a time" -n 24 --temperature 1.2 --top-p 0.9 --min-p 0.02 --seed 7 -q -t 1)
 FINETUNE=(finetune m.ep --data train.txt --out tuned.ep --steps 3 --batch 2 --seq-len 32 --eval-every 0 --seed 1 -q -t 1)
 host_python() { (cd "$HOST" && PYTHONPATH="$SRC" python "$@"); }
 host_python -c 'from edgepanel.kernels import native; assert native.lib is not None' 2>/dev/null ||
     die "this checkout's C extension is not built for the host (pip install -e . builds it)"
 host_python -m edgepanel "${CONVERT[@]}"
 host_python -m edgepanel "${GENERATE[@]}" >"$HOST/generate.txt"
+host_python -m edgepanel "${SAMPLED[@]}" >"$HOST/sampled.txt"
 host_python -m edgepanel "${FINETUNE[@]}"
 host_python "$SRC/.ci/arm64_smoke.py" logits m.ep logits.npy \
     --isa "$(host_python -c 'from edgepanel import kernels; print(kernels.info().split("/")[1])')"
@@ -251,6 +255,7 @@ assert ('neon_dotprod' in native.runnable_isas()) == ('$isa' == 'neon_dotprod')"
     # the logits the one converted on x86
     step "$cpu" "convert" env -C "$out" edgepanel "${CONVERT[@]}"
     step "$cpu" "generate" env -C "$out" sh -c 'edgepanel "$@" >generate.txt' sh "${GENERATE[@]}"
+    step "$cpu" "sampled generation" env -C "$out" sh -c 'edgepanel "$@" >sampled.txt' sh "${SAMPLED[@]}"
     if [ -f "$SRC/edgepanel/cli/bench.py" ]; then  # the checkout has the command: it must work
         step "$cpu" "bench" env -C "$out" edgepanel bench m.ep -p 16 -n 8 -t 1 -r 2 --breakdown-rounds 2 --json bench.json
         step "$cpu" "bench results" python /src/.ci/arm64_smoke.py bench "$out/bench.json" --isa "$isa" --machine aarch64
@@ -273,5 +278,6 @@ same() {  # same WHAT NAME: $HOST/NAME, $A72/NAME and $A76/NAME equal bit for bi
 same "the logits of the model file converted on x86 (the C engine)" logits.npy
 same "the converted model file (NumPy $(python -c 'import numpy; print(numpy.__version__)') on both)" m.ep
 same "greedy generation" generate.txt
+same "sampled generation (seed 7)" sampled.txt
 same "the model after three fine-tuning steps" tuned.ep
 say "arm64 stage done in $((SECONDS - start)) s (removing the root follows)"

@@ -1,5 +1,7 @@
 """Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition penalty,
 reproducible with a seed.  Order: repetition penalty, temperature, top-k, top-p, min-p, draw.
+`Sampler` runs it in C (csrc/sample.c, a third of NumPy's time) when the kernels are built, and
+in NumPy (below: the reference the C follows) otherwise.
 
 `Sampling` is the one home of the generation defaults: `Model.generate`, `edgepanel generate`
 and `edgepanel chat` all read them from here (the command line builds its options from the
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import NonFiniteError
+from .kernels import native
 
 
 def _opt(default, help: str, **kw):
@@ -64,14 +67,27 @@ class Sampling:
 
 
 class Sampler:
-    def __init__(self, params: Sampling):
+    """Draws tokens with one Sampling's parameters and its own random stream (one uniform number
+    per token drawn; none for greedy).  In C (csrc/sample.c) when the kernels are built and the
+    logits are float32, else in NumPy (`native=False` forces NumPy); both follow the same order
+    of operations in float64 and differ only in the rounding of exp and of the sums, about 1e-15
+    of a probability, so they draw the same tokens for a seed (tests/test_sample.py)."""
+
+    def __init__(self, params: Sampling, native: bool | None = None):
         self.p = params
         self.rng = np.random.default_rng(params.seed)
         self._x = np.empty(0)   # the float64 working copy, reused: a fresh 400 KB array page-faults every token
+        self.native = native_available() if native is None else bool(native)
+        if self.native and not native_available():
+            raise native.BackendUnavailable(f"the C kernels are not built ({native.IMPORT_ERROR})")
+        self._work = None
+        self._hist = np.empty(0, np.int64)
 
     def __call__(self, logits: np.ndarray, history) -> int:
         p = self.p
         logits = np.asarray(logits)
+        if self.native and logits.dtype == np.float32 and logits.ndim == 1:
+            return self._native(np.ascontiguousarray(logits), history)
         if self._x.shape != logits.shape:
             self._x = np.empty(logits.shape, np.float64)
         x = self._x
@@ -105,6 +121,34 @@ class Sampler:
             probs[drop] = 0
         probs /= probs.sum()
         return draw(self.rng, probs)
+
+
+    def _native(self, logits: np.ndarray, history) -> int:
+        p, n = self.p, logits.shape[0]
+        if self._work is None or self._work.n != n:
+            self._work = native.SampleWork(n)
+        hist = self._history(history) if p.repetition_penalty != 1.0 else self._hist[:0]
+        u = self.rng.random() if p.temperature != 0 else 0.0
+        tok = native.sample(logits, hist, float(p.temperature), int(p.top_k), float(p.top_p),
+                            float(p.min_p), float(p.repetition_penalty), u, self._work)
+        if tok < 0:
+            raise NonFiniteError(f"the model produced {-1 - tok} non-finite logits: its parameters "
+                                 "are not finite or out of range")
+        return tok
+
+    def _history(self, history) -> np.ndarray:
+        """history as int64, in a buffer kept between tokens (a list grows by one a token)."""
+        m = len(history)
+        if self._hist.size < m:
+            self._hist = np.empty(max(m, 2 * self._hist.size, 256), np.int64)
+        h = self._hist[:m]
+        h[:] = history
+        return h
+
+
+def native_available() -> bool:
+    """Whether Sampler can draw in C (the kernels are built)."""
+    return native.lib is not None
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray) -> int:

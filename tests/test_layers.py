@@ -7,8 +7,8 @@ PKG = Path(__file__).resolve().parents[1] / "edgepanel"
 
 # lowest first; a module may import from its own layer and the layers before it
 LAYERS = [
-    {"errors", "progress", "bits", "format", "rotation", "tokenizer", "sample", "assets"},
-    {"kernels"},
+    {"errors", "progress", "bits", "format", "rotation", "tokenizer", "assets"},
+    {"kernels", "sample"},        # the sampler draws in C when the kernels are built
     {"model"},
     {"quantize"},
     {"panels"},

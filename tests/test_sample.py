@@ -1,9 +1,16 @@
-"""The sampler against a float64 reference written out here: the full stable sort for top-p."""
+"""The sampler against a float64 reference written out here: the full stable sort for top-p.
+Both of its paths, NumPy's and C's (csrc/sample.c), against that reference and each other."""
 import numpy as np
 import pytest
 
 from edgepanel.errors import NonFiniteError
-from edgepanel.sample import Sampler, Sampling, draw, nucleus
+from edgepanel.kernels import native
+from edgepanel.sample import Sampler, Sampling, draw, native_available, nucleus
+
+# every Sampler test runs on both paths; the C one is the default wherever the kernels are built
+# (CI builds them: a missing build fails test_c_binding, not a skip here)
+PATHS = [False] + ([True] if native_available() else [])
+paths = pytest.mark.parametrize("native_path", PATHS, ids=lambda v: "c" if v else "numpy")
 
 
 def full_sort_nucleus(probs, top_p):
@@ -17,6 +24,7 @@ def reference_draw(logits, history, p: Sampling, rng):
     x = np.asarray(logits, np.float64).copy()
     if p.repetition_penalty != 1.0 and len(history):
         seen = np.unique(np.asarray(history, np.int64))
+        seen = seen[(seen >= 0) & (seen < x.size)]     # ids outside the vocabulary are ignored
         v = x[seen]
         x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
     if p.temperature == 0:
@@ -58,32 +66,42 @@ def test_nucleus_is_the_full_sorts_set(top_p):
         assert probs[got].sum() >= min(top_p, probs.sum()) - 1e-12 or got.size == probs.size
 
 
-def test_sampler_draws_as_the_reference():
+@paths
+def test_sampler_draws_as_the_reference(native_path):
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal((40, 4000)) * rng.uniform(0.5, 6, (40, 1))).astype(np.float32)
     for params in (Sampling(seed=3), Sampling(seed=4, top_p=0.5, min_p=0.0, temperature=1.3),
-                   Sampling(seed=5, top_k=40, top_p=0.99), Sampling(seed=6, temperature=0)):
-        s, ref_rng, hist = Sampler(params), np.random.default_rng(params.seed), [1, 2, 3, 2]
+                   Sampling(seed=5, top_k=40, top_p=0.99), Sampling(seed=6, temperature=0),
+                   Sampling(seed=10, top_p=1.0, min_p=0.0, repetition_penalty=0.8),
+                   Sampling(seed=11, top_k=4000, top_p=1.0, min_p=0.2, temperature=0.3)):
+        s, ref_rng, hist = Sampler(params, native_path), np.random.default_rng(params.seed), [1, 2, 3, 2, -5, 10**6]
         for row in logits:
             a, b = s(row, hist), reference_draw(row, hist, params, ref_rng)
             assert a == b
             hist.append(a)
 
 
+@paths
 @pytest.mark.parametrize("params", [Sampling(seed=7), Sampling(seed=8, min_p=0.3, top_p=0.6),
-                                    Sampling(seed=9, min_p=0.01, top_p=0.9999999, temperature=2.0)])
-def test_min_p_then_top_p_on_ties_and_flat_distributions(params):
+                                    Sampling(seed=9, min_p=0.01, top_p=0.9999999, temperature=2.0),
+                                    Sampling(seed=12, min_p=0.0, top_p=0.9),
+                                    Sampling(seed=13, min_p=0.0, top_p=1.0, top_k=70)])
+def test_min_p_then_top_p_on_ties_and_flat_distributions(params, native_path):
     """min-p's kept set sorted alone (within_top_p) against the full sort, on the distributions
     with ties at every level and across the candidates' edge."""
     for x in distributions():
-        s, ref = Sampler(params), np.random.default_rng(params.seed)
+        s, ref = Sampler(params, native_path), np.random.default_rng(params.seed)
         for _ in range(3):
             assert s(x.astype(np.float32), []) == reference_draw(x.astype(np.float32), [], params, ref)
 
 
-def test_non_finite_logits_are_refused():
-    with pytest.raises(NonFiniteError, match="non-finite"):
-        Sampler(Sampling(seed=0))(np.array([0.0, np.nan, 1.0], np.float32), [])
+@paths
+def test_non_finite_logits_are_refused(native_path):
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(NonFiniteError, match="model produced 2 non-finite"):
+            Sampler(Sampling(seed=0), native_path)(np.array([0.0, bad, 1.0, bad], np.float32), [])
+        with pytest.raises(NonFiniteError, match="model produced 1 non-finite"):
+            Sampler(Sampling(temperature=0), native_path)(np.array([0.0, bad, 1.0], np.float32), [])
 
 
 def test_draw_picks_as_numpys_choice_over_the_nonzero_entries():
@@ -105,8 +123,9 @@ def test_draw_picks_as_numpys_choice_over_the_nonzero_entries():
         assert a.random() == b.random()     # one uniform a draw, as choice takes
 
 
-def test_sampler_leaves_the_logits_alone_and_follows_a_new_vocabulary_size():
-    s = Sampler(Sampling(seed=2))
+@paths
+def test_sampler_leaves_the_logits_alone_and_follows_a_new_vocabulary_size(native_path):
+    s = Sampler(Sampling(seed=2), native_path)
     x = np.linspace(-3, 3, 500).astype(np.float32)
     before = x.copy()
     first = s(x, [])
@@ -115,3 +134,71 @@ def test_sampler_leaves_the_logits_alone_and_follows_a_new_vocabulary_size():
     ref = np.random.default_rng(2)
     assert first == reference_draw(x, [], Sampling(seed=2), ref)
     assert s(y, []) == reference_draw(y, [], Sampling(seed=2), ref) < 70
+
+
+CONFIGS = [Sampling(seed=20), Sampling(seed=21, temperature=0), Sampling(seed=22, top_k=50),
+           Sampling(seed=23, top_p=0.5, min_p=0.0, temperature=1.3),
+           Sampling(seed=24, top_p=1.0, min_p=0.0, repetition_penalty=1.0),
+           Sampling(seed=25, top_k=3000, top_p=0.99, min_p=0.0, repetition_penalty=0.7),
+           Sampling(seed=26, min_p=0.5, top_p=1.0, temperature=3.0)]
+
+
+@pytest.mark.skipif(not native_available(), reason="the C kernels are not built")
+@pytest.mark.parametrize("params", CONFIGS, ids=lambda p: f"seed{p.seed}")
+def test_c_and_numpy_draw_the_same_tokens_over_a_real_vocabulary(params):
+    """49152 logits shaped like a model's (a few leaders over a wide normal body), 400 steps with
+    the history growing: the C path and NumPy's choose the same token at every step.  They
+    differ only in the rounding of exp and of the sums (about 1e-15 of a probability), so a
+    mismatch means a step done differently."""
+    rng = np.random.default_rng(params.seed)
+    a, b = Sampler(params, True), Sampler(params, False)
+    hist = list(rng.integers(0, 49152, 30))
+    for step in range(400):
+        x = rng.standard_normal(49152) * rng.uniform(1, 4)
+        x[rng.integers(0, 49152, 8)] += rng.uniform(0, 12, 8)
+        x = x.astype(np.float32)
+        ta, tb = a(x, hist), b(x, hist)
+        assert ta == tb, f"step {step}"
+        hist.append(ta)
+    assert a.rng.random() == b.rng.random()     # the same uniforms taken
+
+
+@pytest.mark.skipif(not native_available(), reason="the C kernels are not built")
+def test_c_sampler_refuses_bad_arguments_by_name():
+    w = native.SampleWork(10)
+    x, h = np.zeros(10, np.float32), np.zeros(0, np.int64)
+    assert native.sample(x, h, 1.0, 0, 1.0, 0.0, 1.0, 0.5, w) in range(10)
+    for args in ((-1.0, 0, 1.0, 0.0, 1.0, 0.5), (1.0, -1, 1.0, 0.0, 1.0, 0.5), (1.0, 0, 0.0, 0.0, 1.0, 0.5),
+                 (1.0, 0, 1.0, 1.0, 1.0, 0.5), (1.0, 0, 1.0, 0.0, 0.0, 0.5), (1.0, 0, 1.0, 0.0, 1.0, 1.0),
+                 (float("nan"), 0, 1.0, 0.0, 1.0, 0.5)):
+        with pytest.raises(ValueError, match="EP_EINVAL"):
+            native.sample(x, h, *args, w)
+    with pytest.raises(ValueError, match="workspace is for 10 logits, got 11"):
+        native.sample(np.zeros(11, np.float32), h, 1.0, 0, 1.0, 0.0, 1.0, 0.5, w)
+    with pytest.raises(ValueError, match="float32"):
+        native.sample(x.astype(np.float64), h, 1.0, 0, 1.0, 0.0, 1.0, 0.5, w)
+
+
+@pytest.mark.skipif(not native_available(), reason="the C kernels are not built")
+def test_c_sampler_probabilities_match_float64():
+    """The C path's exp and sums, seen through its draws: with every cut off, the draw switches
+    from token j to the next where u crosses the float64 cumulative probability of tokens 0..j.
+    u just below (1e-12 relative) gives j, just above the next: the C probabilities agree with
+    float64's to about 1e-12 over five temperatures (an exp off by 1e-9 fails)."""
+    rng = np.random.default_rng(5)
+    n = 300
+    x = (rng.standard_normal(n) * 2).astype(np.float32)
+    w, h = native.SampleWork(n), np.zeros(0, np.int64)
+    for t in (0.3, 0.7, 1.0, 3.0, 20.0):
+        z = x.astype(np.float64) / t
+        p = np.exp(z - z.max())
+        cdf = np.cumsum(p / p.sum())
+        checked = 0
+        for j in range(n - 1):
+            if p[j] / p.sum() < 1e-9 or p[j + 1] / p.sum() < 1e-9:
+                continue        # a boundary too close to its neighbours for the 1e-12 probe
+            below, above = cdf[j] * (1 - 1e-12), cdf[j] * (1 + 1e-12)
+            assert native.sample(x, h, t, 0, 1.0, 0.0, 1.0, below, w) == j
+            assert native.sample(x, h, t, 0, 1.0, 0.0, 1.0, above, w) == j + 1
+            checked += 1
+        assert checked > 20

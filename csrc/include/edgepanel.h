@@ -216,6 +216,20 @@ int ep_plane_weights16(const uint16_t *levels, const uint8_t *codes, int64_t out
 int ep_plane_bins(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                   int64_t n_in, int64_t k, float *bins, int threads);
 
+/* ---- sampling (csrc/sample.c) ----------------------------------------------------------------
+ * ep_sample: the next token from logits (n,) float32, as edgepanel/sample.py's Sampler chooses it
+ * (its order of operations, in float64): the repetition penalty on each distinct token of
+ * history[0..n_history) within [0, n); temperature 0: the first largest logit; else division by
+ * the temperature, top-k (0: off), exp, min-p (0: off), top-p (1: off; over min-p's kept set, or
+ * the nucleus), and the draw with u in [0, 1) (one uniform number: the first kept token in index
+ * order whose normalized running sum exceeds u).  Returns the token (>= 0), or EP_EINVAL for an
+ * argument out of range or a non-finite logit (*nonfinite: how many), EP_ENOMEM when work_bytes
+ * is under ep_sample_work_bytes(n).  One thread; the same bits on every machine. */
+int64_t ep_sample_work_bytes(int64_t n);
+int64_t ep_sample(const float *logits, int64_t n, const int64_t *history, int64_t n_history,
+                  double temperature, int64_t top_k, double top_p, double min_p, double penalty,
+                  double u, void *work, int64_t work_bytes, int64_t *nonfinite);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,7 +16,8 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "csrc" / "include" / "edgepanel.h"
 
-COMMON_SOURCES = ["csrc/dispatch.c", "csrc/ref.c", "csrc/threads.c", "csrc/forward.c", "csrc/fit.c"]
+COMMON_SOURCES = ["csrc/dispatch.c", "csrc/ref.c", "csrc/threads.c", "csrc/forward.c", "csrc/fit.c",
+                  "csrc/sample.c"]
 ISA_SOURCES = {
     "x86_64": ["csrc/x86_avx2.c", "csrc/x86_avx512.c"],
     "aarch64": ["csrc/arm_neon.c"],

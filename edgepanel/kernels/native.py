@@ -183,6 +183,41 @@ def plane_bins(gw: np.ndarray, codes: np.ndarray, k: int, threads: int | None = 
         raise ValueError(f"plane_bins: a level code is >= 2^{k} ({error_name(rc)})")
     return bins
 
+
+class SampleWork:
+    """ep_sample's workspace for one vocabulary size, kept between calls (a fresh 1 MB buffer
+    page-faults every token)."""
+
+    def __init__(self, n: int):
+        if lib is None:
+            raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
+        self.n = n
+        self.buf = np.empty(lib.ep_sample_work_bytes(n), np.uint8)
+        self.bad = ffi.new("int64_t *")
+
+
+def sample(logits: np.ndarray, history: np.ndarray, temperature: float, top_k: int, top_p: float,
+           min_p: float, penalty: float, u: float, work: SampleWork) -> int:
+    """csrc/sample.c's ep_sample: the token edgepanel.sample.Sampler would draw from logits (n,)
+    float32 with history (int64 token ids) and the uniform number u.  Returns the token id, or -1
+    - (the count of non-finite logits) when there are any.  The caller checks the parameters."""
+    n = logits.shape[0]
+    if logits.dtype != np.float32 or logits.ndim != 1 or not logits.flags.c_contiguous:
+        raise ValueError(f"sample: logits must be one contiguous float32 row, got {logits.dtype} {logits.shape}")
+    if history.dtype != np.int64 or history.ndim != 1 or not history.flags.c_contiguous:
+        raise ValueError("sample: history must be a contiguous int64 vector")
+    if work.n != n:
+        raise ValueError(f"sample: the workspace is for {work.n} logits, got {n}")
+    rc = lib.ep_sample(_ptr("float *", logits), n, _ptr("int64_t *", history), history.shape[0],
+                       temperature, top_k, top_p, min_p, penalty, u, _ptr("void *", work.buf),
+                       work.buf.nbytes, work.bad)
+    if rc < 0:
+        if work.bad[0]:
+            return -1 - int(work.bad[0])
+        raise ValueError(f"sample: an argument is out of range ({error_name(int(rc))})")
+    return int(rc)
+
+
 class CBackend(Backend):
     """The C kernels of one ISA variant; `table` is its kernel table (const ep_kernels *), the
     first argument of every C entry point."""
