@@ -260,10 +260,13 @@ int64_t ep_sample(const float *logits, int64_t n, const int64_t *history, int64_
             x[t] = x[t] > 0 ? x[t] / penalty : x[t] * penalty;
         }
     }
-    if (temperature == 0)                         /* greedy: the first largest */
-        return next_at_least(x, 0, n, max_of(x, n));
-    div_pass(x, n, temperature);
-    const double mx = max_of(x, n);
+    const double top = max_of(x, n);
+    /* Greedy at temperature 0, and where x / temperature leaves the doubles (a temperature so
+     * small that the largest is +-inf after it: the limit of the distribution is the first
+     * largest, as greedy picks). */
+    const double mx = temperature == 0 ? INFINITY : top / temperature;
+    if (!isfinite(mx)) return next_at_least(x, 0, n, top);
+    div_pass(x, n, temperature);                  /* mx is their largest: division keeps order */
     if (top_k && top_k < n) {
         const double kth = kth_largest(x, n, top_k, v);
         for (int64_t i = 0; i < n; i++)

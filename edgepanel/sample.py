@@ -102,6 +102,9 @@ class Sampler:
             x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(x))
+        if not np.isfinite(float(x.max()) / p.temperature):   # x / T overflows: T -> 0 is greedy
+            self.rng.random()                          # (the draw's uniform, as the C path takes)
+            return int(np.argmax(x))
         x /= p.temperature
         if p.top_k and p.top_k < x.size:
             kth = np.partition(x, -p.top_k)[-p.top_k]

@@ -202,3 +202,18 @@ def test_c_sampler_probabilities_match_float64():
             assert native.sample(x, h, t, 0, 1.0, 0.0, 1.0, above, w) == j + 1
             checked += 1
         assert checked > 20
+
+
+@paths
+def test_a_temperature_so_small_that_the_logits_overflow_is_greedy(native_path):
+    """x / T past the doubles (T = 1e-308): the limit of the distribution as T -> 0, the first
+    largest logit, whatever the cuts; one uniform is still taken, so both paths stay in step."""
+    x = np.array([-3.0, 5.0, 2.0, 5.0, -40.0], np.float32)
+    for params in (Sampling(seed=1, temperature=1e-308), Sampling(seed=1, temperature=1e-308, min_p=0.0, top_p=1.0),
+                   Sampling(seed=1, temperature=1e-308, top_k=2)):
+        s = Sampler(params, native_path)
+        assert s(x, []) == 1
+        assert s(-np.abs(x), []) == 2           # every logit negative: -inf after the division
+        rng = np.random.default_rng(1)
+        rng.random(), rng.random()
+        assert s.rng.random() == rng.random()

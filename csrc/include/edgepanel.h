@@ -219,10 +219,11 @@ int ep_plane_bins(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t 
 /* ---- sampling (csrc/sample.c) ----------------------------------------------------------------
  * ep_sample: the next token from logits (n,) float32, as edgepanel/sample.py's Sampler chooses it
  * (its order of operations, in float64): the repetition penalty on each distinct token of
- * history[0..n_history) within [0, n); temperature 0: the first largest logit; else division by
- * the temperature, top-k (0: off), exp, min-p (0: off), top-p (1: off; over min-p's kept set, or
- * the nucleus), and the draw with u in [0, 1) (one uniform number: the first kept token in index
- * order whose normalized running sum exceeds u).  Returns the token (>= 0), or EP_EINVAL for an
+ * history[0..n_history) within [0, n); temperature 0, or one so small that the largest logit over
+ * it is +-inf: the first largest logit; else division by the temperature, top-k (0: off), exp,
+ * min-p (0: off), top-p (1: off; over min-p's kept set, or the nucleus), and the draw with u in
+ * [0, 1) (one uniform number: the first kept token in index order whose normalized running sum
+ * exceeds u).  Returns the token (>= 0), or EP_EINVAL for an
  * argument out of range or a non-finite logit (*nonfinite: how many), EP_ENOMEM when work_bytes
  * is under ep_sample_work_bytes(n).  One thread; the same bits on every machine. */
 int64_t ep_sample_work_bytes(int64_t n);
