@@ -146,32 +146,24 @@ static double sum8(const double *x, int64_t n) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+/* Min-heap h[0..k): v settles down from position j. */
+static inline void sift_down(double *h, int64_t k, int64_t j, double v) {
+    for (int64_t c; (c = 2 * j + 1) < k; j = c) {
+        if (c + 1 < k && h[c + 1] < h[c]) c++;
+        if (!(h[c] < v)) break;
+        h[j] = h[c];
+    }
+    h[j] = v;
+}
+
 /* The k-th largest of x[0..n) (1 <= k <= n), ties counted: a min-heap of the k largest seen so
  * far, in h[0..k).  On a shuffled vocabulary few values displace its root (about k ln(n/k)), so
  * this is a scan of x plus little; NumPy's partition moves every value. */
 static double kth_largest(const double *x, int64_t n, int64_t k, double *h) {
     memcpy(h, x, (size_t)k * sizeof *h);
-    for (int64_t i = k / 2 - 1; i >= 0; i--) {          /* heapify */
-        int64_t j = i;
-        const double v = h[j];
-        for (int64_t c; (c = 2 * j + 1) < k; j = c) {
-            if (c + 1 < k && h[c + 1] < h[c]) c++;
-            if (!(h[c] < v)) break;
-            h[j] = h[c];
-        }
-        h[j] = v;
-    }
-    for (int64_t i = k; i < n; i++) {
-        if (!(x[i] > h[0])) continue;
-        int64_t j = 0;
-        const double v = x[i];
-        for (int64_t c; (c = 2 * j + 1) < k; j = c) {
-            if (c + 1 < k && h[c + 1] < h[c]) c++;
-            if (!(h[c] < v)) break;
-            h[j] = h[c];
-        }
-        h[j] = v;
-    }
+    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(h, k, i, h[i]);     /* heapify */
+    for (int64_t i = k; i < n; i++)
+        if (x[i] > h[0]) sift_down(h, k, 0, x[i]);
     return h[0];
 }
 
