@@ -4,10 +4,10 @@
 
 Builds the cffi extension from csrc/ with -fsanitize=address,undefined (errors fatal: any report
 ends the process with a non-zero status) into a temporary copy of the package, then, with the ASan
-runtime preloaded into Python, runs the kernel tests on every ISA variant this CPU runs and a
-forward pass, generation, batched scoring and four threads on tiny models of every kind of
-tensor (tests/fuzz/seeds.py).  Exit status 0 means zero reports.  Needs gcc; about 2-4 minutes on
-two cores.
+runtime preloaded into Python, runs the kernel tests on every ISA variant this CPU runs, the
+sampler's tests (every path of csrc/sample.c), and a forward pass, generation, batched scoring
+and four threads on tiny models of every kind of tensor (tests/fuzz/seeds.py).  Exit status 0
+means zero reports.  Needs gcc; about 2-4 minutes on two cores.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
-KERNEL_TESTS = [str(ROOT / "tests" / t) for t in ("test_kernels.py", "test_kernel_errors.py", "test_c_binding.py")]
+KERNEL_TESTS = [str(ROOT / "tests" / t) for t in ("test_kernels.py", "test_kernel_errors.py", "test_c_binding.py",
+                                                  "test_sample.py")]
 
 FORWARD = r'''
 import sys, tempfile, threading
