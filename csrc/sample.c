@@ -65,7 +65,7 @@ static inline double exp_nonpositive(double x) {
 /* The two passes over the whole vocabulary that cost most, compiled for AVX-512 and AVX2 as well
  * on x86-64 (the loader picks the widest this CPU runs): the same operations in the same order,
  * so the same bits, with 8 or 4 lanes instead of 2. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)   /* ifunc: glibc */
 #define EP_WIDE __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define EP_WIDE
