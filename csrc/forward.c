@@ -169,19 +169,19 @@ static void tables_range(void *ctx, int64_t b, int64_t e) {
  * (k=1) faster at 2 threads than with the tables built on one core first (a few KiB each pass,
  * crossing between cores, and a core waiting meanwhile). */
 typedef struct {
-    const products *p;
-    const tab_job *tj;
+    products *p;        /* the ranges' contexts (ep_parallel_for's callbacks take them writable) */
+    tab_job *tj;
     int64_t total;
 } team_job;
 
 static void products_team(void *ctx, int part, int parts) {
     const team_job *j = (const team_job *)ctx;
-    const tab_job *tj = j->tj;
+    tab_job *tj = j->tj;
     const fwd *f = j->p->f;
     const int64_t b = j->total * part / parts, e = j->total * (part + 1) / parts;
     if (part == 0) {
-        tables_range((void *)tj, 0, 1);
-        if (b < e) products_range((void *)j->p, b, e);
+        tables_range(tj, 0, 1);
+        if (b < e) products_range(j->p, b, e);
         return;
     }
     const int o = part - 1;
