@@ -7,10 +7,11 @@
  * as sample.nucleus), and the draw: the running sums over the kept tokens in index order,
  * normalized by their last, the first above u.
  *
- * What differs from NumPy is only the rounding of two operations: exp (here a polynomial whose
- * error is a few units in the last place, the same bits on every machine since the build keeps
- * multiplications and additions apart) and the sums (here in a fixed order of eight running
- * sums, where NumPy sums pairwise).  The probabilities then agree with NumPy's to about 1e-15
+ * What differs from NumPy is only rounding: exp (here a polynomial whose error is a few units in
+ * the last place, the same bits on every machine since the build keeps multiplications and
+ * additions apart), the sums (here in a fixed order of eight running sums, where NumPy sums
+ * pairwise), and, in the draw over the whole vocabulary, a multiplication by the total's
+ * reciprocal where NumPy divides.  The probabilities then agree with NumPy's to about 1e-15
  * relative, so the same tokens come out for a seed unless u falls that close to a boundary of the
  * running sums (tests/test_sample.py compares the two over thousands of draws).
  *
