@@ -8,9 +8,15 @@ from edgepanel.kernels import native
 from edgepanel.sample import Sampler, Sampling, draw, native_available, nucleus
 
 # every Sampler test runs on both paths; the C one is the default wherever the kernels are built
-# (CI builds them: a missing build fails test_c_binding, not a skip here)
+# (they are wherever pip installs edgepanel with a compiler: test_the_c_sampler_is_built fails,
+# as tests/test_fit.py does, when they are not; the skips below only keep the rest readable then)
 PATHS = [False] + ([True] if native_available() else [])
 paths = pytest.mark.parametrize("native_path", PATHS, ids=lambda v: "c" if v else "numpy")
+
+
+def test_the_c_sampler_is_built_and_is_the_default():
+    assert native_available(), f"the C kernels are not built ({native.IMPORT_ERROR}); pip install -e . builds them"
+    assert Sampler(Sampling()).native
 
 
 def full_sort_nucleus(probs, top_p):
