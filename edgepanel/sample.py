@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import NonFiniteError
-from .kernels import native
+from .errors import BackendUnavailable, NonFiniteError
+from .kernels import native as ckernels   # not `native`: Sampler's argument of that name
 
 
 def _opt(default, help: str, **kw):
@@ -79,7 +79,7 @@ class Sampler:
         self._x = np.empty(0)   # the float64 working copy, reused: a fresh 400 KB array page-faults every token
         self.native = native_available() if native is None else bool(native)
         if self.native and not native_available():
-            raise native.BackendUnavailable(f"the C kernels are not built ({native.IMPORT_ERROR})")
+            raise BackendUnavailable(f"the C kernels are not built ({ckernels.IMPORT_ERROR})")
         self._work = None
         self._hist = np.empty(0, np.int64)
 
@@ -93,8 +93,7 @@ class Sampler:
         x = self._x
         np.copyto(x, logits)
         if not np.all(np.isfinite(x)):   # never a token picked from garbage (e.g. NaN parameters)
-            raise NonFiniteError(f"the model produced {np.count_nonzero(~np.isfinite(x))} non-finite "
-                                     "logits: its parameters are not finite or out of range")
+            raise non_finite(np.count_nonzero(~np.isfinite(x)))
         if p.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, np.int64))
             seen = seen[(seen >= 0) & (seen < x.size)]
@@ -125,18 +124,16 @@ class Sampler:
         probs /= probs.sum()
         return draw(self.rng, probs)
 
-
     def _native(self, logits: np.ndarray, history) -> int:
         p, n = self.p, logits.shape[0]
         if self._work is None or self._work.n != n:
-            self._work = native.SampleWork(n)
+            self._work = ckernels.SampleWork(n)
         hist = self._history(history) if p.repetition_penalty != 1.0 else self._hist[:0]
         u = self.rng.random() if p.temperature != 0 else 0.0
-        tok = native.sample(logits, hist, float(p.temperature), int(p.top_k), float(p.top_p),
+        tok = ckernels.sample(logits, hist, float(p.temperature), int(p.top_k), float(p.top_p),
                             float(p.min_p), float(p.repetition_penalty), u, self._work)
         if tok < 0:
-            raise NonFiniteError(f"the model produced {-1 - tok} non-finite logits: its parameters "
-                                 "are not finite or out of range")
+            raise non_finite(-1 - tok)
         return tok
 
     def _history(self, history) -> np.ndarray:
@@ -151,7 +148,12 @@ class Sampler:
 
 def native_available() -> bool:
     """Whether Sampler can draw in C (the kernels are built)."""
-    return native.lib is not None
+    return ckernels.lib is not None
+
+
+def non_finite(count: int) -> NonFiniteError:
+    return NonFiniteError(f"the model produced {count} non-finite logits: its parameters are not "
+                          "finite or out of range")
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray) -> int:

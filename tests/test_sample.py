@@ -254,3 +254,19 @@ def test_c_and_numpy_agree_on_random_small_cases():
         for _ in range(2):
             assert a(x, hist) == b(x, hist), (case, n, params)
         assert a.rng.random() == b.rng.random()
+
+
+def test_asking_for_c_without_the_kernels_names_what_is_missing(monkeypatch):
+    from edgepanel.errors import BackendUnavailable
+    monkeypatch.setattr(native, "lib", None)
+    with pytest.raises(BackendUnavailable, match="C kernels are not built"):
+        Sampler(Sampling(), native=True)
+    assert Sampler(Sampling()).native is False       # the default falls back to NumPy
+
+
+@pytest.mark.skipif(not native_available(), reason="the C kernels are not built")
+def test_a_bad_argument_after_non_finite_logits_is_reported_as_itself():
+    w, h = native.SampleWork(4), np.zeros(0, np.int64)
+    assert native.sample(np.array([0, np.nan, np.inf, 1], np.float32), h, 1.0, 0, 1.0, 0.0, 1.0, 0.5, w) == -3
+    with pytest.raises(ValueError, match="EP_EINVAL"):
+        native.sample(np.zeros(4, np.float32), h, 1.0, 0, 1.0, 0.0, 1.0, 1.5, w)

@@ -208,6 +208,7 @@ def sample(logits: np.ndarray, history: np.ndarray, temperature: float, top_k: i
         raise ValueError("sample: history must be a contiguous int64 vector")
     if work.n != n:
         raise ValueError(f"sample: the workspace is for {work.n} logits, got {n}")
+    work.bad[0] = 0                 # set by the call only once its arguments pass
     rc = lib.ep_sample(_ptr("float *", logits), n, _ptr("int64_t *", history), history.shape[0],
                        temperature, top_k, top_p, min_p, penalty, u, _ptr("void *", work.buf),
                        work.buf.nbytes, work.bad)
