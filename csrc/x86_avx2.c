@@ -25,7 +25,7 @@
 EP_TARGET_PUSH("avx2,fma,f16c")
 
 static int avx2_supported(void) {
-    return EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma") && EP_CPU_SUPPORTS("f16c");
+    return EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma") && EP_CPU_F16C();
 }
 
 void ep_avx2_quantize_i8(const float *x, int64_t in, int8_t *q, float *scale) {

@@ -19,7 +19,7 @@ EP_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
 
 static int avx512_supported(void) {
     return EP_CPU_SUPPORTS("avx512f") && EP_CPU_SUPPORTS("avx512bw") && EP_CPU_SUPPORTS("avx512vl") &&
-           EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma") && EP_CPU_SUPPORTS("f16c");
+           EP_CPU_SUPPORTS("avx2") && EP_CPU_SUPPORTS("fma") && EP_CPU_F16C();
 }
 
 EP_INLINE __m512i lanes_0011(__m256i v) {

@@ -4,7 +4,7 @@ built natively, with the AVX-512 file emulated through SIMDe, and for aarch64 un
 (Raspberry Pi 4: cortex-a72, Pi 5: cortex-a76).  The aarch64 objects, compiled as the package build
 compiles them, are disassembled: nothing beyond armv8-a outside the dot-product functions, so a
 Pi 4 never meets an illegal instruction (tools/arm64_isa.py).  Needs gcc; CI installs libsimde-dev,
-gcc-aarch64-linux-gnu and qemu-user.  Outside CI a missing tool skips its test; in CI it fails."""
+gcc-aarch64-linux-gnu, qemu-user and clang.  Outside CI a missing tool skips its test; in CI it fails."""
 import importlib.util
 import os
 import re
@@ -60,6 +60,18 @@ def test_native_x86(tmp_path):
     need("gcc", "the C compiler")
     out = build_and_run(tmp_path, "gcc", [], ["csrc/x86_avx2.c", "csrc/x86_avx512.c"])
     assert "compiled variants: avx512vnni,avx512bw,avx2,scalar" in out
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="x86-64 host")
+def test_native_x86_clang(tmp_path):
+    """Built by clang (CC=clang pip install), every variant gives the scalar specification's bits:
+    clang's __builtin_cpu_supports does not know "f16c", which ep_simd_x86.h asks CPUID for."""
+    need("clang", "clang (Debian: clang)")
+    out = build_and_run(tmp_path, "clang", [], ["csrc/x86_avx2.c", "csrc/x86_avx512.c"])
+    assert "compiled variants: avx512vnni,avx512bw,avx2,scalar" in out
+    cpu = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    checked = re.search(r"checked against scalar here: (\S*)", out).group(1).split(",")
+    assert ("avx2" in checked) == ({"avx2", "fma", "f16c"} <= cpu), out
 
 
 def test_avx512_emulated_with_simde(tmp_path):
@@ -246,3 +258,85 @@ def test_llama_bench_builds_an_avx2_only_llama_cpp_on_request():
     assert "-DGGML_AVX2=ON" in opts and "-DGGML_NATIVE=OFF" in opts
     assert {"-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_INT8=OFF"} <= set(opts)
     assert ("-DGGML_AVX512=ON" in lb.isa_options()) == ("avx512f" in flags)
+
+
+def test_build_flags_the_compiler_refuses_are_left_out(tmp_path):
+    """FAST_DEBUG_CFLAGS go to gcc only: a compiler that refuses them (clang does) builds without."""
+    need("gcc", "the C compiler")
+    fast = package_build.FAST_DEBUG_CFLAGS
+    assert fast and package_build.accepted(fast, ["gcc"]) == fast
+    refuses = tmp_path / "cc"
+    refuses.write_text("#!/bin/sh\necho \"error: unknown argument: '$1'\" >&2\nexit 1\n")
+    refuses.chmod(0o755)
+    assert package_build.accepted(fast, [str(refuses)]) == []
+    assert package_build.accepted(fast, [str(tmp_path / "no-such-cc")]) == []
+
+
+def test_fast_debug_flags_change_no_machine_code(tmp_path):
+    """The flags that make the -g build three times faster leave every instruction as it was: the
+    code sections of objects compiled with Python's -g, with and without them, are the same bytes."""
+    need("gcc", "the C compiler")
+    need("objcopy", "binutils")
+    for src in ("csrc/forward.c", "csrc/sample.c"):
+        texts = []
+        for extra in ([], package_build.FAST_DEBUG_CFLAGS):
+            obj, text = tmp_path / "x.o", tmp_path / f"x{len(texts)}.text"
+            subprocess.run(["gcc", "-g", "-fPIC", *package_build.compile_args(), *extra, "-Icsrc/include", "-c", src,
+                            "-o", str(obj)], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(text)], check=True)
+            texts.append(text.read_bytes())
+        assert len(texts[0]) > 1000 and texts[0] == texts[1], src
+
+
+class _FakeCompiler:
+    """distutils' compile steps, recorded: sources named 'bad' fail as a compiler error would."""
+
+    def __init__(self):
+        import threading
+        self.lock, self.calls, self.args = threading.Lock(), [], set()
+
+    def _setup_compile(self, output_dir, macros, include_dirs, sources, depends, extra_postargs):
+        objects = [str(s) + ".o" for s in sources]
+        build = {o: (str(s), ".c") for o, s in zip(objects, sources)}
+        del build[objects[0]]                    # up to date: distutils leaves it out of `build`
+        return macros, objects, list(extra_postargs or []), ["-Iinc"], build
+
+    def _get_cc_args(self, pp_opts, debug, before):
+        return [*(before or []), "-g" if debug else "-O", *pp_opts]
+
+    def _compile(self, obj, src, ext, cc_args, extra_postargs, pp_opts):
+        with self.lock:
+            self.calls.append(obj)
+            self.args.add((tuple(cc_args), tuple(extra_postargs), tuple(pp_opts)))
+        if "bad" in src:
+            raise RuntimeError(f"error compiling {src}")
+
+    def compile(self, *a, **k):
+        raise AssertionError("the serial compile")
+
+
+def test_parallel_compile_builds_each_stale_object_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    srcs = []
+    for name, size in (("fresh", 10), ("small", 100), ("large", 5000), ("mid", 1000)):
+        srcs.append(tmp_path / f"{name}.c")
+        srcs[-1].write_text("x" * size)
+    cc = _FakeCompiler()
+    package_build.parallel_compile(cc)
+    objects = cc.compile(srcs, extra_postargs=["-post"], debug=True)
+    assert objects == [str(s) + ".o" for s in srcs]                       # all of them, in order
+    assert sorted(cc.calls) == sorted(str(s) + ".o" for s in srcs[1:])    # the stale ones, once each
+    assert str(srcs[2]) + ".o" in cc.calls[:2]                            # the largest among the first started
+    assert cc.args == {(("-g", "-Iinc"), ("-post",), ("-Iinc",))}         # distutils' arguments, unchanged
+    bad = tmp_path / "bad.c"
+    bad.write_text("y" * 50)
+    with pytest.raises(RuntimeError, match="error compiling .*bad.c"):
+        cc.compile([srcs[0], srcs[1], bad])
+
+
+def test_parallel_compile_keeps_the_serial_compile_on_one_core(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    cc = _FakeCompiler()
+    serial = cc.compile
+    package_build.parallel_compile(cc)
+    assert cc.compile == serial

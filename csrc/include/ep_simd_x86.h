@@ -59,6 +59,7 @@ static inline __m512 ep_simde_cvtph_ps(__m256i v) {
 #define EP_TARGET_PUSH(t)
 #define EP_TARGET_POP()
 #define EP_CPU_SUPPORTS(f) 1
+#define EP_CPU_F16C() 1
 #else
 #if !defined(__x86_64__) && !defined(_M_X64)
 #error "this file is for x86-64 only"
@@ -75,6 +76,18 @@ static inline __m512 ep_simde_cvtph_ps(__m256i v) {
 #define ep_fmadd256 _mm256_fmadd_ps
 #define ep_fmadd512 _mm512_fmadd_ps
 #define EP_CPU_SUPPORTS(f) __builtin_cpu_supports(f)
+#if defined(__clang__)
+/* clang's __builtin_cpu_supports does not know "f16c" (clang 14 refuses to compile it): CPUID
+ * leaf 1, ECX bit 29.  Asked together with "avx2", which covers the OS's saving of the YMM state. */
+#include <cpuid.h>
+static inline int ep_cpu_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+#define EP_CPU_F16C() ep_cpu_f16c()
+#else
+#define EP_CPU_F16C() __builtin_cpu_supports("f16c")
+#endif
 #endif
 
 #define EP_INLINE static inline __attribute__((always_inline))
