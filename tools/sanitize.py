@@ -71,11 +71,13 @@ def build(dest: Path) -> Path:
     shutil.copytree(ROOT / "edgepanel", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     ffi = FFI()
     ffi.cdef(_build.cdef_text())
-    flags = [f for f in _build.compile_args() if not f.startswith("-O")] + ["-O1"] + SANITIZE
+    flags = [f for f in _build.compile_args() if not f.startswith("-O")] + ["-O1"] + SANITIZE + _build.accepted(
+        _build.FAST_DEBUG_CFLAGS)
     ffi.set_source("edgepanel.kernels._ep", '#include "edgepanel.h"\n',
                    sources=[str(ROOT / s) for s in _build.sources()], include_dirs=[str(ROOT / "csrc" / "include")],
                    extra_compile_args=flags, extra_link_args=["-pthread", *SANITIZE], libraries=["m"])
-    so = Path(ffi.compile(tmpdir=str(dest / "build"), verbose=False))
+    with _build.parallel_builds():
+        so = Path(ffi.compile(tmpdir=str(dest / "build"), verbose=False))
     shutil.copy(so, pkg / "kernels" / so.name)
     (pkg / "kernels" / "SANITIZED").write_text(" ".join(flags) + "\n")
     return dest

@@ -6,6 +6,7 @@ ABI.  Sources are chosen by target machine: each ISA file #errors on the wrong o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -123,10 +124,11 @@ def make_builder() -> FFI:
 
 ffibuilder = make_builder()
 
-def in_place():
-    """Build the extension into the checkout (what tools/ab_engine.py and worktree builds use),
-    its sources compiled in parallel as setup.py's install does."""
-    from setuptools.command.build_ext import build_ext   # the command cffi's compile runs
+@contextlib.contextmanager
+def parallel_builds():
+    """Within the block, cffi's compile (setuptools' build_ext, which it runs) compiles the sources
+    in parallel, as setup.py's install does."""
+    from setuptools.command.build_ext import build_ext
 
     serial = build_ext.build_extension
 
@@ -136,10 +138,16 @@ def in_place():
 
     build_ext.build_extension = build_extension
     try:
-        os.chdir(ROOT)
-        ffibuilder.compile(tmpdir=str(ROOT), verbose=True)
+        yield
     finally:
         build_ext.build_extension = serial
+
+
+def in_place():
+    """Build the extension into the checkout (what tools/ab_engine.py and worktree builds use)."""
+    os.chdir(ROOT)
+    with parallel_builds():
+        ffibuilder.compile(tmpdir=str(ROOT), verbose=True)
 
 
 if __name__ == "__main__":
