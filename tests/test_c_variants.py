@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -292,7 +293,6 @@ class _FakeCompiler:
     """distutils' compile steps, recorded: sources named 'bad' fail as a compiler error would."""
 
     def __init__(self):
-        import threading
         self.lock, self.calls, self.args = threading.Lock(), [], set()
 
     def _setup_compile(self, output_dir, macros, include_dirs, sources, depends, extra_postargs):
