@@ -15,7 +15,8 @@ run, over `repetitions` runs on a fixed prompt of random token ids:
   - time to first token: the prompt's pass plus sampling its first token (default Sampling);
   - time per output token: each decode pass plus its sampling, p50 and p95 over all tokens;
   - peak RSS and its parts: the process before loading (interpreter, libraries), the model file's
-    resident pages (/proc/self/smaps), the KV cache, the forward pass's workspace, the rest;
+    resident pages (/proc/self/smaps) and those of the tensors read into memory (`edgepanel.load`'s
+    mmap), the KV cache, the forward pass's workspace, the rest;
     checked against file + KV cache + MEMORY_ALLOWANCE;
   - bits per weight stored (scales included), of the linear layers and of every matrix;
   - a decode step taken apart (C engine only; see `breakdown`).
@@ -196,6 +197,22 @@ def mapped_bytes(path: Path) -> int:
     return total
 
 
+def read_bytes(f) -> int:
+    """Resident bytes of the memory holding a model file's tensors read into memory
+    (SafetensorsFile.read_into_memory), from /proc/self/smaps: the mappings holding them."""
+    starts = {int(np.frombuffer(buf, np.uint8, count=1).ctypes.data) for buf in f._copies}
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = any(lo <= a < hi for a in starts)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def bits_per_weight(weights, tensors: dict) -> dict:
     """Stored bits per weight, scales and row multipliers included (biases not): over the linear
     layers, and over every matrix (embeddings and head too)."""
@@ -269,7 +286,7 @@ def measure(path, threads: int, config: BenchConfig, tick=lambda stage: None) ->
     kv_per_token = one.k.nbytes + one.v.nbytes
     workspace = int(eng.lib.ep_forward_workspace(eng.model, p, eng.threads)) if eng.name == "c" else 0
     file_bytes = path.stat().st_size
-    mapped = mapped_bytes(path)
+    mapped, read = mapped_bytes(path), read_bytes(m.file)
     kv = kv_per_token * (p + n)
     bound = file_bytes + kv + MEMORY_ALLOWANCE
     result = {
@@ -284,9 +301,9 @@ def measure(path, threads: int, config: BenchConfig, tick=lambda stage: None) ->
         "ttft_ms": _stats([r[1] * 1e3 for r in runs]),
         "tpot_ms": {"p50": float(np.percentile(tpot, 50)), "p95": float(np.percentile(tpot, 95)),
                     "mean": float(tpot.mean())},
-        "memory": {"peak_rss": peak, "before_load": rss_before, "model_mapped": mapped,
+        "memory": {"peak_rss": peak, "before_load": rss_before, "model_mapped": mapped, "model_read": read,
                    "kv_dtype": config.kv_dtype, "kv_bytes_per_token": kv_per_token, "kv_cache": kv, "workspace": workspace,
-                   "other": peak - rss_before - mapped - kv - workspace,
+                   "other": peak - rss_before - mapped - read - kv - workspace,
                    "bound": bound, "within_bound": peak <= bound},
     }
     result["breakdown"] = breakdown(m, prompt, config) if eng.name == "c" and config.breakdown_rounds else None
@@ -568,8 +585,8 @@ def render(results: list[dict], markdown: bool = False) -> str:
     mem = []
     for r in results:
         m = r["memory"]
-        mem.append([r["model_name"], str(r["threads"])] + [f"{m[k] / MiB:.1f}" for k in (
-            "peak_rss", "before_load", "model_mapped")] + [f"{m['kv_cache'] / MiB:.2f} ({m['kv_bytes_per_token'] / 1024:.1f} KiB/token, {m.get('kv_dtype', 'float32')})",
+        mem.append([r["model_name"], str(r["threads"])] + [f"{m.get(k, 0) / MiB:.1f}" for k in (   # results of before model_read: 0
+            "peak_rss", "before_load", "model_mapped", "model_read")] + [f"{m['kv_cache'] / MiB:.2f} ({m['kv_bytes_per_token'] / 1024:.1f} KiB/token, {m.get('kv_dtype', 'float32')})",
             f"{m['workspace'] / MiB:.2f}", f"{m['other'] / MiB:.1f}", f"{m['bound'] / MiB:.1f}",
             "yes" if m["within_bound"] else "NO"])
     parts = ("products", "attention", "head", "norms_and_rest", "sampling")
@@ -587,7 +604,7 @@ def render(results: list[dict], markdown: bool = False) -> str:
            _table(["model", "MiB", "bits/w lin / all", "threads", "load s", f"pp{p} tok/s", f"tg{n} tok/s",
                    "TTFT ms", "TPOT p50 / p95 ms"], speed, markdown), "",
            f"memory, MiB (bound: file + KV cache for {p + n} tokens + {MEMORY_ALLOWANCE // 10**6} MB):",
-           _table(["model", "threads", "peak RSS", "before load", "model mapped", "KV cache", "workspace", "other",
+           _table(["model", "threads", "peak RSS", "before load", "model mapped", "model read", "KV cache", "workspace", "other",
                    "bound", "within"], mem, markdown)]
     if brk:
         out += ["", "one decode step (+ sampling), ms (share), at the mean decode position:",
@@ -664,13 +681,13 @@ def plot(results: list[dict], path) -> Path:
         ax.set_title(title)
         ax.set_ylabel("tokens/s")
     ax = axes[2]
-    parts = (("before_load", "runtime"), ("model_mapped", "model mapped"), ("kv_cache", "KV cache"),
+    parts = (("before_load", "runtime"), ("model_mapped", "model mapped"), ("model_read", "model read"), ("kv_cache", "KV cache"),
              ("workspace", "workspace"), ("other", "other"))
     t0 = threads[0]
     rs = [by.get((nm, t0)) or next(r for r in results if r["model_name"] == nm) for nm in names]
     bottom = np.zeros(len(names))
     for key, label in parts:
-        v = np.array([max(r["memory"][key], 0) / MiB for r in rs])
+        v = np.array([max(r["memory"].get(key, 0), 0) / MiB for r in rs])
         ax.bar(x, v, 0.6, bottom=bottom, label=label)
         bottom += v
     ax.scatter(x, [r["memory"]["bound"] / MiB for r in rs], marker="_", s=600, color="black", label="bound", zorder=3)

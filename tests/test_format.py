@@ -1,13 +1,14 @@
 """The model file: round trip, compatibility with the safetensors library, and every bad input
 (truncated, unknown or newer version, missing tensor, wrong shape or dtype, broken metadata)."""
 import json
+import os
 import struct
 
 import numpy as np
 import pytest
 
 from edgepanel.errors import FormatError
-from edgepanel.format import FORMAT_VERSION, Metadata, ModelFile, ModelWriter
+from edgepanel.format import FORMAT_VERSION, Metadata, ModelFile, ModelWriter, huge_pages
 
 
 def meta(**kw):
@@ -38,6 +39,61 @@ def test_round_trip_views_and_alignment(tmp_path):
     other = load_file(str(tmp_path / "m.ep"))
     for k, v in t.items():
         np.testing.assert_array_equal(other[k], v)
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping holding `address` (/proc/self/smaps), in KiB."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_read_into_memory_holds_the_same_tensors_on_huge_pages(tmp_path):
+    rng = np.random.default_rng(1)
+    t = {"big": rng.integers(-127, 128, (3 * 2**20 + 5,), dtype=np.int8),   # several huge pages
+         "f32": rng.standard_normal((7, 3)).astype(np.float32), "u8": rng.integers(0, 255, 11, dtype=np.uint8),
+         "stays": rng.integers(0, 255, 2**20, dtype=np.uint8), "empty": np.zeros((0, 4), np.float32)}
+    write(tmp_path / "m.ep", t, tok='{"model": 1}')
+    mapped, f = ModelFile(tmp_path / "m.ep"), ModelFile(tmp_path / "m.ep")
+    nbytes = f.read_into_memory(["big", "u8", "f32", "empty"])
+    assert f.copied == {"big", "u8", "f32"} and nbytes >= t["big"].nbytes + 64 + 128
+    assert f.read_into_memory(["big"]) == 0, "read once"
+    assert f.meta == mapped.meta and f.tokenizer_json == mapped.tokenizer_json
+    for k, v in t.items():
+        np.testing.assert_array_equal(f.tensors[k], v)
+        assert not f.tensors[k].flags.writeable, "read-only, as the mapping's views"
+        if k in f.copied:
+            assert f.tensors[k].ctypes.data % 64 == 0
+    assert f.tensors["stays"].ctypes.data == f.tensors["stays"].ctypes.data  # still the mapping's view
+    assert _anon_huge_kib(f.tensors["stays"].ctypes.data) == 0
+    if huge_pages():   # the kernel offers them: the copy is in 2 MiB pages (the reason for it)
+        assert _anon_huge_kib(f.tensors["big"].ctypes.data) >= 2048, "the copy did not get huge pages"
+    assert _anon_huge_kib(mapped.tensors["big"].ctypes.data) == 0
+
+
+def test_read_into_memory_stops_at_a_file_truncated_since_it_was_opened(tmp_path):
+    write(tmp_path / "m.ep", {"a": np.arange(10, dtype=np.float32), "b": np.arange(1000, dtype=np.float32)})
+    f = ModelFile(tmp_path / "m.ep")
+    os.truncate(tmp_path / "m.ep", f._span["b"][0] + 100)   # the mapping's pages of "b" are gone
+    with pytest.raises(FormatError, match=r"m.ep: the file ended inside tensor 'b' while it was read \(truncated since it was opened\)"):
+        f.read_into_memory()
+
+
+def test_huge_pages_follows_the_kernel_setting(tmp_path, monkeypatch):
+    import edgepanel.format as fmt
+    for text, want in (("always [madvise] never\n", True), ("[always] madvise never\n", True),
+                       ("always madvise [never]\n", False)):
+        (tmp_path / "thp").write_text(text)
+        monkeypatch.setattr(fmt, "THP_SETTING", str(tmp_path / "thp"))
+        assert fmt.huge_pages() is want
+    monkeypatch.setattr(fmt, "THP_SETTING", str(tmp_path / "absent"))   # no such setting: not Linux's THP
+    assert fmt.huge_pages() is False
 
 
 def test_truncated(tmp_path):

@@ -310,14 +310,15 @@ def test_token_ids_to_a_model_without_a_tokenizer(tmp_path):
         m.generate([1, 2, 3], max_tokens=3)
 
 
-def test_a_file_changed_while_loaded_is_detected(small, tmp_path):
+@pytest.mark.parametrize("mapped", [True, False])   # read into memory, the embedding table stays mapped
+def test_a_file_changed_while_loaded_is_detected(small, tmp_path, mapped):
     path = tmp_path / "m.ep"
     path.write_bytes(small.read_bytes())
-    m = edgepanel.load(path)
+    m = edgepanel.load(path, mmap=mapped)
     want = m.generate_ids([1, 2, 3], max_tokens=4, temperature=0)
     m.save(path)   # replaced by rename: the mapping keeps the old file, nothing changed under it
     assert m.generate_ids([1, 2, 3], max_tokens=4, temperature=0) == want
-    m = edgepanel.load(path)
+    m = edgepanel.load(path, mmap=mapped)
     st = path.stat()
     with open(path, "r+b") as f:   # rewritten in place: other weights under the mapping
         f.seek(-8, 2)
@@ -327,7 +328,7 @@ def test_a_file_changed_while_loaded_is_detected(small, tmp_path):
                  lambda: m.generate("aa b", max_tokens=2)):
         with pytest.raises(FormatError, match="changed while loaded .it was modified.; load it again"):
             call()
-    m = edgepanel.load(path)
+    m = edgepanel.load(path, mmap=mapped)
     os.truncate(path, 1000)   # truncated: touching the lost pages would be SIGBUS
     with pytest.raises(FormatError, match=r"its size went from \d+ to 1000 bytes"):
         m.token_logprobs([1, 2, 3])

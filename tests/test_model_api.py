@@ -5,7 +5,7 @@ import pytest
 
 import edgepanel
 from edgepanel.convert import Recipe, convert
-from edgepanel.model.model import ContextOverflow
+from edgepanel.model.model import ContextOverflow, streamed_tensors
 from edgepanel.tokenizer import TokenizerMissing
 
 from hf_models import add_tokenizer, build
@@ -30,6 +30,44 @@ def model(tiny):
 def test_load_and_repr(model):
     assert "llama" in repr(model) and model.cfg.vocab_size == 300
     assert model.tokenizer.available and model.tokenizer.eos_ids
+
+
+def test_mapped_and_read_into_memory_give_the_same_logits(tiny, monkeypatch):
+    import edgepanel.format as fmt
+    mapped, copied = edgepanel.load(tiny / "m.ep", mmap=True), edgepanel.load(tiny / "m.ep", mmap=False)
+    names = set(copied.file.tensors)
+    assert not mapped.file.copied
+    assert copied.file.copied == set(streamed_tensors(names)) and any(".planes" in n for n in copied.file.copied)
+    if any(n.startswith("head.") for n in names):   # an untied embedding table stays on disk, but for the rows looked up
+        assert not any(n.startswith("embed.") for n in copied.file.copied)
+    np.testing.assert_array_equal(mapped.logits([1, 2, 3, 4]), copied.logits([1, 2, 3, 4]))
+    monkeypatch.setenv("EDGEPANEL_MMAP", "1")
+    assert not edgepanel.load(tiny / "m.ep").file.copied
+    monkeypatch.setenv("EDGEPANEL_MMAP", "0")
+    assert edgepanel.load(tiny / "m.ep").file.copied
+    assert not edgepanel.load(tiny / "m.ep", mmap=True).file.copied, "the argument wins over the variable"
+    monkeypatch.delenv("EDGEPANEL_MMAP")   # the default: read into memory where huge pages are offered
+    assert bool(edgepanel.load(tiny / "m.ep").file.copied) is fmt.huge_pages()
+    monkeypatch.setattr(fmt, "THP_SETTING", str(tiny / "no-such-setting"))
+    assert not edgepanel.load(tiny / "m.ep").file.copied, "no transparent huge pages: mapped"
+
+
+def test_streamed_tensors_leave_out_an_untied_embedding_table():
+    untied = ["embed.q", "embed.row_scale", "head.q", "head.row_scale", "layers.0.wq.planes", "final_norm.weight"]
+    assert streamed_tensors(untied) == ["head.q", "head.row_scale", "layers.0.wq.planes", "final_norm.weight"]
+    tied = ["embed.q", "embed.row_scale", "layers.0.wq.planes"]   # the head reads the embedding table: streamed
+    assert streamed_tensors(tied) == tied
+
+
+@pytest.mark.parametrize("env, arg, err, msg", [
+    ("yes", None, edgepanel.EdgepanelError, r"EDGEPANEL_MMAP must be 1 \(map the model file\) or 0 \(read it into memory\), got 'yes'"),
+    (None, "no", ValueError, r"mmap must be True, False or None, got 'no'"),
+])
+def test_bad_mmap_options(tiny, monkeypatch, env, arg, err, msg):
+    if env:
+        monkeypatch.setenv("EDGEPANEL_MMAP", env)
+    with pytest.raises(err, match=msg):
+        edgepanel.load(tiny / "m.ep", mmap=arg)
 
 
 def test_seeded_sampling_is_reproducible(model):

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from ..errors import EdgepanelError, FormatError
-from ..format import ModelFile
+from ..format import ModelFile, huge_pages
 from ..sample import Sampling
 from ..tokenizer import Tokenizer
 from .generate import text_stream, token_stream
@@ -32,13 +33,41 @@ def _engine(weights, threads, name, kv_dtype=None):
     return engine.make(weights, threads, name, kv_dtype)
 
 
+def use_mmap(mmap: bool | None) -> bool:
+    """Whether to map the model file (True) or read its streamed tensors into memory (False), for
+    load's `mmap`: None takes EDGEPANEL_MMAP (1 or 0) when set, else reads into memory where the
+    kernel offers transparent huge pages (faster decode: SafetensorsFile.read_into_memory) and
+    maps the file elsewhere."""
+    if mmap is not None:
+        if not isinstance(mmap, bool):
+            raise ValueError(f"mmap must be True, False or None, got {mmap!r}")
+        return mmap
+    env = os.environ.get("EDGEPANEL_MMAP", "").strip()
+    if env:
+        if env not in ("0", "1"):
+            raise EdgepanelError(f"EDGEPANEL_MMAP must be 1 (map the model file) or 0 (read it into memory), got {env!r}")
+        return env == "1"
+    return not huge_pages()
+
+
+def streamed_tensors(names) -> list[str]:
+    """The tensors a decode step reads whole: all but an embedding table that is not also the
+    head (a step reads one of its rows; mapped, the rows never looked up stay on disk)."""
+    names = list(names)
+    untied = any(n.startswith("head.") for n in names)
+    return [n for n in names if not (untied and n.startswith("embed."))]
+
+
 class Model:
-    def __init__(self, path, threads: int | None = None, engine: str | None = None, kv_dtype: str | None = None):
+    def __init__(self, path, threads: int | None = None, engine: str | None = None, kv_dtype: str | None = None,
+                 mmap: bool | None = None):
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                     or not 0 <= threads <= MAX_THREADS):
             raise ValueError(f"threads must be an integer in 0..{MAX_THREADS} (0 or None: all cores), got {threads!r}")
         self.path = Path(path)
         self.file = ModelFile(self.path)
+        if not use_mmap(mmap):
+            self.file.read_into_memory(streamed_tensors(self.file.tensors))
         self.weights = load_weights(self.file)
         self.cfg = self.weights.cfg
         self.meta = self.file.meta
@@ -55,7 +84,8 @@ class Model:
         return self.engine.threads
 
     def _check_file(self):
-        """The weights are views of the mapped file: a file truncated or rewritten in place since
+        """The weights not read into memory (all of them with mmap=True, the embedding table
+        otherwise) are views of the mapped file: a file truncated or rewritten in place since
         `load` would give SIGBUS or other outputs.  Checked (size and modification time of the
         mapped file, one fstat) at every call that runs the model; a file replaced by rename, as
         edgepanel writes, is no change: the mapping keeps the old one."""
@@ -325,8 +355,13 @@ def _sampling(max_tokens, options: dict) -> Sampling:
     return Sampling(**options) if max_tokens is None else Sampling(max_tokens=max_tokens, **options)
 
 
-def load(path, threads: int | None = None, engine: str | None = None, kv_dtype: str | None = None) -> Model:
-    """Load an edgepanel model file (memory-mapped).  `kv_dtype`: what the engine's key/value
-    caches hold: "float16" (the default: half the memory and the bytes attention reads) or
-    "float32"."""
-    return Model(path, threads=threads, engine=engine, kv_dtype=kv_dtype)
+def load(path, threads: int | None = None, engine: str | None = None, kv_dtype: str | None = None,
+         mmap: bool | None = None) -> Model:
+    """Load an edgepanel model file.  `kv_dtype`: what the engine's key/value caches hold:
+    "float16" (the default: half the memory and the bytes attention reads) or "float32".
+    `mmap`: True maps the file (its pages shared with other processes and the page cache);
+    False reads the tensors a decode step streams (all but an untied embedding table) into
+    memory backed by 2 MiB pages where the kernel offers them (a decode step 1.07-1.20x faster
+    than from 4 KiB pages); None (the default): EDGEPANEL_MMAP when set, else read into memory
+    where transparent huge pages are on, mapped elsewhere."""
+    return Model(path, threads=threads, engine=engine, kv_dtype=kv_dtype, mmap=mmap)
