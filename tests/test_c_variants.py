@@ -261,6 +261,25 @@ def test_llama_bench_builds_an_avx2_only_llama_cpp_on_request():
     assert ("-DGGML_AVX512=ON" in lb.isa_options()) == ("avx512f" in flags)
 
 
+def test_llama_bench_rounds_take_ratios_within_each_round():
+    """--rounds: each cell the median over rounds, each ratio to Q4_0 taken within its round (a
+    round where another tenant slowed both sides gives the same ratio as a quiet one)."""
+    lb = load_file(ROOT / "tools" / "llama_bench.py")
+
+    def rnd(q4_tg, ep_tg, q4_pp=500.0, ep_pp=600.0):
+        lc = [{"n_threads": 1, "model_filename": "/m/SmolLM2.Q4_0.gguf", "n_prompt": 0, "avg_ts": q4_tg, "stddev_ts": 1.0},
+              {"n_threads": 1, "model_filename": "/m/SmolLM2.Q4_0.gguf", "n_prompt": 128, "avg_ts": q4_pp, "stddev_ts": 1.0},
+              {"n_threads": 1, "model_filename": "/m/SmolLM2.Q8_0.gguf", "n_prompt": 0, "avg_ts": 80.0, "stddev_ts": 1.0}]
+        ep = [{"threads": 1, "model_name": "k2g64.ep", "pp_tps": {"mean": ep_pp, "sd": 1.0}, "tg_tps": {"mean": ep_tg, "sd": 1.0}}]
+        return ep, lc
+    rounds = [rnd(100.0, 200.0), rnd(50.0, 100.0), rnd(120.0, 300.0)]   # ratios 2.0, 2.0, 2.5
+    text = lb.ratios(rounds)
+    assert "| k2g64 | decode | 2.00x (2.00-2.50) |" in text and "| k2g64 | prefill | 1.20x (1.20-1.20) |" in text
+    ep, lc = lb._over_rounds(rounds)
+    assert ep[0]["tg_tps"]["mean"] == 200.0 and lc[0]["avg_ts"] == 100.0 and lc[2]["avg_ts"] == 80.0
+    assert lb._median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
 def test_build_flags_the_compiler_refuses_are_left_out(tmp_path):
     """FAST_DEBUG_CFLAGS go to gcc only: a compiler that refuses them (clang does) builds without."""
     need("gcc", "the C compiler")

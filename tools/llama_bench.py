@@ -5,6 +5,7 @@ with the same threads, prompt and generation lengths, in one table.
     python tools/llama_bench.py -t 1,2 -p 128 -n 64 -r 5 --recipes k2g64 k4g64:s8 --json both.json
     python tools/llama_bench.py --dry-run             # print what would be built and run
     python tools/llama_bench.py --isa avx2            # both sides held to AVX2 on an AVX-512 machine
+    python tools/llama_bench.py --rounds 5            # on a shared machine: five rounds, medians of each
 
 llama.cpp is built once, for this CPU's ISA (cmake; isa_options), from the source distribution of
 `llama-cpp-python` on PyPI (which vendors llama.cpp), into $EDGEPANEL_HOME/llama.cpp/VERSION/
@@ -15,7 +16,10 @@ fetch smollm2`); Q4_0 and Q8_0 files are made from it by `llama-quantize --allow
 tools/quality.py, conversions shared with it through $EDGEPANEL_HOME/quality/).
 
 Both sides time the engine only (no tokenization, no sampling), as mean ± sd over -r runs after a
-warm-up.  Generation is measured after the prompt on both sides: edgepanel decodes at positions
+warm-up.  With --rounds N the two sides take turns N times (llama.cpp first in odd rounds, edgepanel
+first in even ones), the table gives each cell's median over the rounds, and a second table each
+edgepanel model's ratio to Q4_0 taken within each round: median (min-max).  On a shared host,
+another tenant's load lands on one side of a single run; taken in turns, it lands on both.  Generation is measured after the prompt on both sides: edgepanel decodes at positions
 p..p+n; llama-bench is given the same depth (-d p) when it has the option (older builds start at
 position 0, which the table then says).
 """
@@ -191,6 +195,48 @@ def table(ep: list[dict], lc: list[dict], p: int, n: int, depth: bool) -> str:
     return "\n".join(lines)
 
 
+def _median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def _over_rounds(rounds: list[tuple[list[dict], list[dict]]]) -> tuple[list[dict], list[dict]]:
+    """One (edgepanel, llama.cpp) record list whose tokens/s are each cell's median over the rounds
+    (sd: the spread of the rounds' means)."""
+    def med(stats):
+        means = [x["mean"] for x in stats]
+        m = _median(means)
+        return {"mean": m, "sd": (sum((v - m) ** 2 for v in means) / len(means)) ** 0.5}
+    ep = [dict(r, pp_tps=med([rd[0][i]["pp_tps"] for rd in rounds]), tg_tps=med([rd[0][i]["tg_tps"] for rd in rounds]))
+          for i, r in enumerate(rounds[0][0])]
+    lc = []
+    for i, r in enumerate(rounds[0][1]):
+        m = med([{"mean": rd[1][i]["avg_ts"]} for rd in rounds])
+        lc.append(dict(r, avg_ts=m["mean"], stddev_ts=m["sd"]))
+    return ep, lc
+
+
+def ratios(rounds: list[tuple[list[dict], list[dict]]]) -> str:
+    """Each edgepanel model's tokens/s over llama.cpp Q4_0's at the same threads, within each round:
+    median (min-max) over the rounds."""
+    per: dict = {}
+    for ep, lc in rounds:
+        q4 = {(r["n_threads"], "pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in lc
+              if Path(r["model_filename"]).name.endswith("Q4_0.gguf")}
+        for r in ep:
+            for kind in ("pp", "tg"):
+                base = q4.get((r["threads"], kind))
+                if base:
+                    per.setdefault((r["model_name"].removesuffix(".ep"), kind), {}).setdefault(r["threads"], []).append(
+                        r[f"{kind}_tps"]["mean"] / base)
+    lines = ["| model | | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in sorted({t for v in per.values() for t in v}))
+             + " |", "|---|---|" + "---|" * len({t for v in per.values() for t in v})]
+    for (name, kind), by_t in sorted(per.items()):
+        cells = [f"{_median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" for _, v in sorted(by_t.items())]
+        lines.append(f"| {name} | {'prefill' if kind == 'pp' else 'decode'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-t", "--threads", default="1,2")
@@ -202,9 +248,13 @@ def main():
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
     ap.add_argument("--json", type=Path, help="write both sides' raw records")
     ap.add_argument("--dry-run", action="store_true", help="print the steps, build and run nothing")
+    ap.add_argument("--rounds", type=int, default=1, help="the two sides in turns this many times: medians "
+                    "over the rounds, and ratios to Q4_0 within each round")
     ap.add_argument("--isa", choices=["avx2"], help="hold both sides to this ISA (llama.cpp built without "
                     "AVX-512, edgepanel with EDGEPANEL_ISA); default: the best each has here")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {a.rounds}")
     if a.isa:
         os.environ["EDGEPANEL_ISA"] = a.isa
     config = bench.BenchConfig(prompt_tokens=a.p, gen_tokens=a.n, threads=a.threads, repetitions=a.r)
@@ -212,17 +262,33 @@ def main():
     bins = build(a.llama_cpp_python, a.jobs, a.dry_run, a.isa)
     ggufs = quantize(bins, src, a.dry_run)
     models = edgepanel_models(a.recipes, src, a.dry_run)
-    lc, depth = llama_bench(bins, ggufs, config.threads, a.p, a.n, a.r, a.dry_run)
     if a.dry_run:
+        llama_bench(bins, ggufs, config.threads, a.p, a.n, a.r, a.dry_run)
         print(f"+ edgepanel bench {' '.join(map(str, models))} -t {a.threads} -p {a.p} -n {a.n} -r {a.r}", file=sys.stderr)
         return
-    ep = bench.run(models, config, progress=True, log=lambda m: print(m, file=sys.stderr))
+    rounds = []
+    for i in range(a.rounds):
+        sides = [lambda: llama_bench(bins, ggufs, config.threads, a.p, a.n, a.r, False),
+                 lambda: bench.run(models, config, progress=a.rounds == 1, log=lambda m: print(m, file=sys.stderr))]
+        if i % 2:
+            sides.reverse()
+        got = [side() for side in sides]
+        (lc, depth), ep = got if i % 2 == 0 else got[::-1]
+        rounds.append((ep, lc))
+        if a.rounds > 1:
+            print(f"round {i + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    ep, lc = rounds[0] if a.rounds == 1 else _over_rounds(rounds)
+    how = f"mean ± sd of {a.r} runs" if a.rounds == 1 else (
+        f"median over {a.rounds} rounds (the sides in turns) of means of {a.r} runs, ± the rounds' spread")
     print(f"CPU: {bench.cpu_name()}; edgepanel {ep[0]['version']} (git {ep[0]['git']}), llama.cpp from "
           f"llama-cpp-python {a.llama_cpp_python} (build {lc[0].get('build_commit', '?') if lc else '?'}); "
-          f"source: {src.name}; mean ± sd of {a.r} runs\n")
+          f"source: {src.name}; {how}\n")
     print(table(ep, lc, a.p, a.n, depth))
+    print("\nagainst Q4_0 within each round, median (min-max):\n")
+    print(ratios(rounds))
     if a.json:
-        a.json.write_text(json.dumps({"edgepanel": ep, "llama.cpp": lc}, indent=1))
+        a.json.write_text(json.dumps({"edgepanel": ep, "llama.cpp": lc, "rounds": [{"edgepanel": e, "llama.cpp": c}
+                                                                                   for e, c in rounds]}, indent=1))
 
 
 if __name__ == "__main__":
