@@ -184,33 +184,32 @@ def _status_bytes(key: str) -> int:
     raise BenchError(f"/proc/self/status has no {key} (Linux only)")
 
 
-def mapped_bytes(path: Path) -> int:
-    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
-    target, total, inside = str(Path(path).resolve()), 0, False
+def _smaps_rss(select) -> int:
+    """Resident bytes of this process's mappings for which select(start, end, path) holds
+    (/proc/self/smaps; path "" for anonymous memory)."""
+    total, inside = 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(None, 5)
             if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-                inside = len(head) == 6 and head[5].strip() == target
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = select(lo, hi, head[5].strip() if len(head) == 6 else "")
             elif inside and line.startswith("Rss:"):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def mapped_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path`."""
+    target = str(Path(path).resolve())
+    return _smaps_rss(lambda lo, hi, name: name == target)
 
 
 def read_bytes(f) -> int:
     """Resident bytes of the memory holding a model file's tensors read into memory
-    (SafetensorsFile.read_into_memory), from /proc/self/smaps: the mappings holding them."""
+    (SafetensorsFile.read_into_memory): the mappings holding them."""
     starts = {int(np.frombuffer(buf, np.uint8, count=1).ctypes.data) for buf in f._copies}
-    total, inside = 0, False
-    with open("/proc/self/smaps") as fh:
-        for line in fh:
-            head = line.split(None, 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = any(lo <= a < hi for a in starts)
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return _smaps_rss(lambda lo, hi, name: any(lo <= a < hi for a in starts))
 
 
 def bits_per_weight(weights, tensors: dict) -> dict:
