@@ -403,6 +403,17 @@ static void avx512_i16_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
     EP_I16_LOOP(a, t0, t1, buf, EP_I16_TB, widen_codes512, i16_block512);
 }
 
+/* Attention: x86_avx2.c's 256-bit code compiled again here, where AVX-512VL gives it 32 vector
+ * registers (ep_attend_x86.h). */
+static void ep_avx512_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+                             int64_t T, int64_t hd, float scale, float *out, float *scratch);
+EP_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#define EP_ATTEND_WIDE 1
+#define EP_ATTEND_FN ep_avx512_attend
+#include "ep_attend_x86.h"
+#undef EP_ATTEND_FN
+EP_TARGET_POP()
+
 EP_TARGET_POP()
 
 /* ---- AVX-512 with VNNI, VBMI and BITALG (Ice Lake, Zen 4 and later): "avx512vnni" ----------
@@ -547,6 +558,55 @@ EP_INLINE int64_t vnni_i8_groups(const ep_gemm_args *a, int64_t t, int64_t tok0,
     return j;
 }
 
+/* The 8 table vectors of a pair held in registers: without this the compiler folds each load into
+ * every vpermb that reads it, loading the tables once per plane. */
+#if defined(__GNUC__) && !defined(EP_SIMDE)
+#define EP_KEEP_IN_REGISTERS(v) \
+    __asm__("" : "+v"(v[0]), "+v"(v[1]), "+v"(v[2]), "+v"(v[3]), "+v"(v[4]), "+v"(v[5]), "+v"(v[6]), "+v"(v[7]))
+#else
+#define EP_KEEP_IN_REGISTERS(v) ((void)0)
+#endif
+
+/* Groups [j, jfast) of two blocks (group 64), float scales, K planes (1 or 2), TB > 1 tokens:
+ * vnni_i8_groups with the loops turned round, so that each token's tables are loaded once a group
+ * and looked up by every plane from registers.  The planes-inner order kept the K planes' tables
+ * for all TB tokens live, more than the 32 registers hold, and the compiler copied them through
+ * the stack: a store and a reload of every table vector, which bounded the kernel (Zen 4).  Here
+ * the live set is the K planes' indices (4K), one token's tables (8), f (TB) and the scales (K).
+ * The float pass adds each (group, plane) into f in the same order, so the results are the same
+ * bits.  Returns jfast. */
+EP_INLINE int64_t vnni_i8_groups_tok(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j,
+                                     int64_t jfast, const int K, __m512i perm, __m512 *f) {
+    const uint8_t *tab = a->tab + tok0 * a->tab_stride;
+    const int64_t ts = a->tab_stride, pstride = ep_plane_stride(a);
+    const int64_t sstride = a->tiles * a->ng * EP_TILE;
+    const int32_t *gsum = a->gsum + tok0 * a->ng;
+    const uint8_t *w0 = ep_tile_planes(a, t);
+    for (; j < jfast; j++) {
+        const int64_t cc = j * 8, sidx = ep_scale_index(a, 0, t, j);
+        __m512i lo0[2], hi0[2], lo1[2], hi1[2];
+        __m512 alpha[2];
+        for (int i = 0; i < K; i++) {
+            const uint8_t *w = w0 + i * pstride + cc * EP_TILE;
+            row_nibbles512(_mm512_loadu_si512((const void *)w), perm, &lo0[i], &hi0[i]);
+            row_nibbles512(_mm512_loadu_si512((const void *)(w + 4 * EP_TILE)), perm, &lo1[i], &hi1[i]);
+            alpha[i] = scales_at512(a, sidx + i * sstride, t);
+        }
+        for (int b = 0; b < TB; b++) {
+            __m512i tb[8];
+            load_tables_pair(tab + b * ts + cc * 64, 1, tb);
+            EP_KEEP_IN_REGISTERS(tb);
+            const __m512i g = _mm512_set1_epi32(gsum[b * a->ng + j]);
+            for (int i = 0; i < K; i++) {
+                __m512i m = _mm512_setzero_si512();
+                vnni_i8_lookup_add(tb, lo0[i], hi0[i], lo1[i], hi1[i], 1, &m);
+                f[b] = ep_fmadd512(alpha[i], _mm512_cvtepi32_ps(_mm512_sub_epi32(g, m)), f[b]);
+            }
+        }
+    }
+    return j;
+}
+
 /* GB > 0: every group but the last is GB blocks (unrolled, pointers stepped); the last group
  * and GB == 0 take the general path.  K > 0: the plane count, known at compile time. */
 EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1,
@@ -563,6 +623,8 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     int64_t j = j0;
     if (GB > 0 && a->int_scales && a->short_groups)
         j = vnni_i8_groups(a, t, tok0, TB, j, jfast, GB, k, perm, e, f, 1);
+    else if (GB == 2 && TB > 1 && (K == 1 || K == 2) && !a->int_scales)
+        j = vnni_i8_groups_tok(a, t, tok0, TB, j, jfast, K, perm, f);
     else if (GB > 0)
         j = vnni_i8_groups(a, t, tok0, TB, j, jfast, GB, k, perm, e, f, 0);
     for (; j < j1; j++) {
@@ -778,7 +840,7 @@ const ep_kernels ep_kernels_avx512bw = {
     .dense_rows = ep_avx2_dense_rows,
     .i8_rows = ep_avx2_i8_rows,
     .dot = ep_avx2_dot,
-    .attend = ep_avx2_attend,
+    .attend = ep_avx512_attend,
     .to_half = ep_avx2_to_half,
     .rotate_row = ep_avx2_rotate_row,
     .silu_mul = ep_avx2_silu_mul,
@@ -802,7 +864,7 @@ const ep_kernels ep_kernels_avx512vnni = {
     .dense_rows = ep_avx2_dense_rows,
     .i8_rows = ep_avx2_i8_rows,
     .dot = ep_avx2_dot,
-    .attend = ep_avx2_attend,
+    .attend = ep_avx512_attend,
     .to_half = ep_avx2_to_half,
     .rotate_row = ep_avx2_rotate_row,
     .silu_mul = ep_avx2_silu_mul,

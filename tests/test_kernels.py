@@ -226,6 +226,27 @@ def test_c_variants_are_bit_identical(rng):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 11, 130])
+@pytest.mark.parametrize("shape", [(1, 576, 576, 64), (2, 1536, 576, 64), (2, 40, 1000, 64), (3, 17, 333, 64)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_float_scales_bit_identical_in_every_c_variant_and_token_count(rng, n, shape, dtype):
+    """With float scales (the k <= 2 recipes' float16 ones among them) every C variant gives the
+    scalar specification's bits for any number of tokens: the prefill kernels that load a token's
+    tables once for all planes (k <= 2, group 64) add each (group, plane) in the same order."""
+    isas = [i for b, i in kernels.available() if b == "c"]
+    k, n_out, n_in, group = shape
+    w = random_matrix(rng, k, n_out, n_in, group)
+    w = PlaneMatrix(w.planes, w.scales.astype(dtype), n_out, n_in, group)
+    x = (rng.standard_normal((n, n_in)) * 3).astype(np.float32)
+    ref = kernels.get("c", "scalar")
+    q, qs = ref.quantize_i8(x)
+    want = ref.gemm_planes_i8(q, qs, w)
+    for isa in isas:
+        be = kernels.get("c", isa)
+        np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w), want, err_msg=isa)
+        np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w, threads=2), want, err_msg=isa)
+
+
 def u8_matrix(rng, k, n_out, n_in, group):
     """A random matrix with 8-bit scales: codes and a float32 multiplier per row."""
     w = random_matrix(rng, k, n_out, n_in, group)
