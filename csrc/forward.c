@@ -285,8 +285,24 @@ static void run_one(fwd *f, const float *x, int64_t in, const ep_matrix *mat, fl
 
 /* ---- the rest ---------------------------------------------------------------------------- */
 
+#define EP_NORM_ROWS 8  /* RMS rows whose sums of squares run side by side */
+
 static void norm_rows(const ep_model *m, const ep_norm *nw, int kind, const float *x, float *y, int64_t n, int64_t d) {
-    for (int64_t t = 0; t < n; t++) {
+    int64_t t0 = 0;
+    if (kind == EP_NORM_RMS)  /* each row's sum in its own order, as below, but 8 rows' chains interleaved:
+                               * one row's additions wait on each other (a prefill spent 2.7% there) */
+        for (; t0 + EP_NORM_ROWS <= n; t0 += EP_NORM_ROWS) {
+            const float *xt = x + t0 * d;
+            float ss[EP_NORM_ROWS] = {0};
+            for (int64_t i = 0; i < d; i++)
+                for (int b = 0; b < EP_NORM_ROWS; b++) ss[b] += xt[b * d + i] * xt[b * d + i];
+            for (int b = 0; b < EP_NORM_ROWS; b++) {
+                const float r = 1.0f / sqrtf(ss[b] / (float)d + m->norm_eps);
+                float *yt = y + (t0 + b) * d;
+                for (int64_t i = 0; i < d; i++) yt[i] = nw->weight[i] * (xt[b * d + i] * r);
+            }
+        }
+    for (int64_t t = t0; t < n; t++) {
         const float *xt = x + t * d;
         float *yt = y + t * d;
         if (kind == EP_NORM_RMS) {

@@ -110,6 +110,13 @@ EP_INLINE void weighted_values32_heads(const float *w, int64_t T, int GN, const 
         const int64_t at = s * kstride + c0;
         if (s + 6 < T)
             for (int64_t b = 0; b < 32 * es; b += 64) _mm_prefetch((const char *)v + (at + 6 * kstride) * es + b, _MM_HINT_T0);
+        if (!EP_ATTEND_WIDE && GN == 3) {  /* 16 registers: one value slice live, not four */
+            for (int j = 0; j < 4; j++) {
+                const __m256 x = load_kv8(v, f16, at + 8 * j);
+                for (int g = 0; g < 3; g++) o[g][j] = ep_fmadd256(_mm256_broadcast_ss(w + g * T + s), x, o[g][j]);
+            }
+            continue;
+        }
         __m256 x[4];
         for (int j = 0; j < 4; j++) x[j] = load_kv8(v, f16, at + 8 * j);
         for (int g = 0; g < GN; g++) {
