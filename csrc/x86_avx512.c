@@ -590,17 +590,19 @@ EP_INLINE int64_t vnni_i8_groups_tok(const ep_gemm_args *a, int64_t t, int64_t t
             const uint8_t *w = w0 + i * pstride + cc * EP_TILE;
             row_nibbles512(_mm512_loadu_si512((const void *)w), perm, &lo0[i], &hi0[i]);
             row_nibbles512(_mm512_loadu_si512((const void *)(w + 4 * EP_TILE)), perm, &lo1[i], &hi1[i]);
-            alpha[i] = scales_at512(a, sidx + i * sstride, t);
+            /* -alpha times (2m - S) is alpha times (S - 2m), exactly: the sums start at -S */
+            alpha[i] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(scales_at512(a, sidx + i * sstride, t)),
+                                                            _mm512_set1_epi32((int)0x80000000u)));
         }
         for (int b = 0; b < TB; b++) {
             __m512i tb[8];
             load_tables_pair(tab + b * ts + cc * 64, 1, tb);
             EP_KEEP_IN_REGISTERS(tb);
-            const __m512i g = _mm512_set1_epi32(gsum[b * a->ng + j]);
+            const __m512i neg_s = _mm512_set1_epi32(-gsum[b * a->ng + j]);
             for (int i = 0; i < K; i++) {
-                __m512i m = _mm512_setzero_si512();
+                __m512i m = neg_s;
                 vnni_i8_lookup_add(tb, lo0[i], hi0[i], lo1[i], hi1[i], 1, &m);
-                f[b] = ep_fmadd512(alpha[i], _mm512_cvtepi32_ps(_mm512_sub_epi32(g, m)), f[b]);
+                f[b] = ep_fmadd512(alpha[i], _mm512_cvtepi32_ps(m), f[b]);
             }
         }
     }
@@ -623,8 +625,8 @@ EP_INLINE void vnni_i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
     int64_t j = j0;
     if (GB > 0 && a->int_scales && a->short_groups)
         j = vnni_i8_groups(a, t, tok0, TB, j, jfast, GB, k, perm, e, f, 1);
-    else if (GB == 2 && TB > 1 && (K == 1 || K == 2) && !a->int_scales)
-        j = vnni_i8_groups_tok(a, t, tok0, TB, j, jfast, K, perm, f);
+    else if (GB == 2 && TB > 1 && (K == 1 || K == 2) && !a->int_scales)  /* the last group too when whole */
+        j = vnni_i8_groups_tok(a, t, tok0, TB, j, a->ncol == a->ng * 8 ? j1 : jfast, K, perm, f);
     else if (GB > 0)
         j = vnni_i8_groups(a, t, tok0, TB, j, jfast, GB, k, perm, e, f, 0);
     for (; j < j1; j++) {
