@@ -347,16 +347,26 @@ EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const 
 /* Groups [j0, j1) of tile t for tokens tok0 .. tok0+TB-1, in the specification's order (groups
  * outer, planes inner, one fused multiply-add each): each (group, plane)'s integers go straight
  * into the running sums f (no integer buffer).  D = S + 8192 nb - m (m: twice the raw sums), S
- * the token's group sum. */
+ * the token's group sum.  MEM (float scales, several tokens): the running sums stay in this
+ * tile's slots of a->acc instead of 8 of the 16 registers, read and written once a (group,
+ * plane); with them in registers too gcc spilled lookups and sums inside each block (prefill
+ * 1.018x, held to AVX2, k=2).  The same operations in the same order: the same bits. */
 EP_INLINE void i8_tile_body(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
-                            int64_t j1, const int GB, const int SHORT) {
+                            int64_t j1, const int GB, const int SHORT, const int MEM) {
     const uint8_t *w = a->planes + t * a->ncol * EP_TILE, *tab = a->tab + tok0 * a->tab_stride;
     const int64_t pstride = a->tiles * a->ncol * EP_TILE, ts = a->tab_stride;
     /* groups [0, jw) are GB blocks long; the last one too when the padded row ends with it */
     const int64_t jw = GB > 0 ? (a->ncol == a->ng * 4 * GB ? a->ng : a->ng - 1) : 0;
+    float *acc = a->acc + (tok0 * a->tiles + t) * EP_TILE;  /* MEM: token b's sums at acc + b * astride */
+    const int64_t astride = a->tiles * EP_TILE;
     __m256 f[4][2];
     __m256i e[4][2];
-    load_acc(a, t, tok0, TB, f, j0 == 0);
+    if (MEM && j0 == 0)
+        for (int b = 0; b < TB; b++) {
+            _mm256_storeu_ps(acc + b * astride, _mm256_setzero_ps());
+            _mm256_storeu_ps(acc + b * astride + 8, _mm256_setzero_ps());
+        }
+    if (!MEM) load_acc(a, t, tok0, TB, f, j0 == 0);
     for (int b = 0; b < TB; b++) e[b][0] = e[b][1] = _mm256_setzero_si256();
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
@@ -370,70 +380,41 @@ EP_INLINE void i8_tile_body(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
             const uint8_t *tb = tab;
             __asm__("" : "+r"(tb));  /* the group's tables are read per plane, not hoisted into stack copies */
             i8_group(a, wp, tb, ts, TB, j, GB, j < jw, m);
+            if (MEM) {  /* float scales: f += alpha * d, f read and written in memory, S made as used */
+                __m256 al0, al1;
+                load_scales(a, i, t, j, &al0, &al1);
+                for (int b = 0; b < TB; b++) {
+                    const __m256i Sb = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);
+                    float *p = acc + b * astride;
+                    _mm256_storeu_ps(p, ep_fmadd256(al0, _mm256_cvtepi32_ps(_mm256_sub_epi32(Sb, m[b][0])), _mm256_loadu_ps(p)));
+                    _mm256_storeu_ps(p + 8, ep_fmadd256(al1, _mm256_cvtepi32_ps(_mm256_sub_epi32(Sb, m[b][1])), _mm256_loadu_ps(p + 8)));
+                }
+                continue;
+            }
             for (int b = 0; b < TB; b++) {
                 m[b][0] = _mm256_sub_epi32(S[b], m[b][0]);
                 m[b][1] = _mm256_sub_epi32(S[b], m[b][1]);
             }
             plane_pass(a, i, t, j, TB, m, e, f, SHORT);
         }
-        group_pass(a, t, TB, e, f);
+        if (!MEM) group_pass(a, t, TB, e, f);
+    }
+    if (MEM) {
+        if (j1 < a->ng) return;
+        load_acc(a, t, tok0, TB, f, 0);
     }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
-}
-
-/* i8_tile_body for float scales and several tokens with the running sums in memory (a->acc,
- * this tile's 16 floats a token) instead of registers: the 16 ymm registers then hold the
- * lookups' int16 sums of TB tokens, the weights' nibbles and the tables as they are read, where
- * with the sums in registers too gcc spilled lookups and sums within each block.  Each (group,
- * plane) still adds alpha * d once per row, in the same order: the same bits. */
-EP_INLINE void i8_tile_body_mem(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
-                                int64_t j1, const int GB) {
-    const uint8_t *w = a->planes + t * a->ncol * EP_TILE, *tab = a->tab + tok0 * a->tab_stride;
-    const int64_t pstride = a->tiles * a->ncol * EP_TILE, ts = a->tab_stride;
-    const int64_t jw = GB > 0 ? (a->ncol == a->ng * 4 * GB ? a->ng : a->ng - 1) : 0;
-    float *acc = a->acc + (tok0 * a->tiles + t) * EP_TILE;
-    const int64_t astride = a->tiles * EP_TILE;
-    if (j0 == 0)
-        for (int b = 0; b < TB; b++) {
-            _mm256_storeu_ps(acc + b * astride, _mm256_setzero_ps());
-            _mm256_storeu_ps(acc + b * astride + 8, _mm256_setzero_ps());
-        }
-    for (int64_t j = j0; j < j1; j++) {
-        int64_t c0, c1;
-        ep_group_cols(a, j, &c0, &c1);
-        const int32_t bias = (int32_t)(8192 * ((c1 - c0) / 4));
-        const uint8_t *wp = w;
-        for (int64_t i = 0; i < a->k; i++, wp += pstride) {
-            __m256i m[4][2];
-            const uint8_t *tb = tab;
-            __asm__("" : "+r"(tb));  /* the group's tables are read per plane, not hoisted into stack copies */
-            i8_group(a, wp, tb, ts, TB, j, GB, j < jw, m);
-            __m256 al0, al1;
-            load_scales(a, i, t, j, &al0, &al1);
-            for (int b = 0; b < TB; b++) {
-                const __m256i S = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);
-                float *p = acc + b * astride;
-                _mm256_storeu_ps(p, ep_fmadd256(al0, _mm256_cvtepi32_ps(_mm256_sub_epi32(S, m[b][0])), _mm256_loadu_ps(p)));
-                _mm256_storeu_ps(p + 8, ep_fmadd256(al1, _mm256_cvtepi32_ps(_mm256_sub_epi32(S, m[b][1])), _mm256_loadu_ps(p + 8)));
-            }
-        }
-    }
-    if (j1 == a->ng) {
-        __m256 f[4][2];
-        load_acc(a, t, tok0, TB, f, 0);
-        store_acc(a, t, tok0, TB, f, 1);
-    }
 }
 
 /* The choice of plane pass made once per tile, not per plane (a decode step measured 4% slower
  * with it in the loop). */
 EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1, const int GB) {
     if (a->int_scales && a->short_groups)
-        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 1);
+        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 1, 0);
     else if (TB > 1 && !a->int_scales)
-        i8_tile_body_mem(a, t, tok0, TB, j0, j1, GB);
+        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0, 1);
     else
-        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0);
+        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0, 0);
 }
 
 /* One function per (TB, GB), each with its own register allocation (inlined into one, the

@@ -233,17 +233,24 @@ def test_float_scales_bit_identical_in_every_c_variant_and_token_count(rng, n, s
     """With float scales (the k <= 2 recipes' float16 ones among them) every C variant gives the
     scalar specification's bits for any number of tokens: the prefill kernels that load a token's
     tables once for all planes (k <= 2, group 64) add each (group, plane) in the same order."""
-    isas = [i for b, i in kernels.available() if b == "c"]
     k, n_out, n_in, group = shape
     w = random_matrix(rng, k, n_out, n_in, group)
     w = PlaneMatrix(w.planes, w.scales.astype(dtype), n_out, n_in, group)
-    x = (rng.standard_normal((n, n_in)) * 3).astype(np.float32)
+    every_c_variant_gives_scalar_bits(rng, n, w)
+
+
+def every_c_variant_gives_scalar_bits(rng, n, w, last_alone=False):
+    """Each C variant's product of n random tokens with w, at 1 and 2 threads (and the last
+    token alone), bit for bit the scalar specification's."""
+    x = (rng.standard_normal((n, w.in_features)) * 3).astype(np.float32)
     ref = kernels.get("c", "scalar")
     q, qs = ref.quantize_i8(x)
     want = ref.gemm_planes_i8(q, qs, w)
-    for isa in isas:
+    for isa in [i for b, i in kernels.available() if b == "c"]:
         be = kernels.get("c", isa)
         np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w), want, err_msg=isa)
+        if last_alone:
+            np.testing.assert_array_equal(be.gemm_planes_i8(q[-1:], qs[-1:], w), want[-1:], err_msg=isa)
         np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w, threads=2), want, err_msg=isa)
 
 
@@ -295,15 +302,5 @@ def test_u8_scales_bit_identical_in_every_c_variant_and_token_count(rng, n, shap
     """With 8-bit scales every C variant gives the scalar specification's bits, and each token
     the bits it gets alone, whether the product takes the table lookups or (from
     i16_min_tokens tokens on) the weight codes widened to 16 bits."""
-    isas = [i for b, i in kernels.available() if b == "c"]
     k, n_out, n_in, group = shape
-    w = u8_matrix(rng, k, n_out, n_in, group)
-    x = (rng.standard_normal((n, n_in)) * 3).astype(np.float32)
-    ref = kernels.get("c", "scalar")
-    q, qs = ref.quantize_i8(x)
-    want = ref.gemm_planes_i8(q, qs, w)
-    for isa in isas:
-        be = kernels.get("c", isa)
-        np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w), want, err_msg=isa)
-        np.testing.assert_array_equal(be.gemm_planes_i8(q[-1:], qs[-1:], w), want[-1:], err_msg=isa)
-        np.testing.assert_array_equal(be.gemm_planes_i8(q, qs, w, threads=2), want, err_msg=isa)
+    every_c_variant_gives_scalar_bits(rng, n, u8_matrix(rng, k, n_out, n_in, group), last_alone=True)
