@@ -344,50 +344,60 @@ EP_INLINE void float_pass(const ep_gemm_args *a, int64_t t, int64_t tok0, const 
     }
 }
 
+/* Groups [0, jw) are GB blocks long (GB > 0): the last one too when the padded row ends with it. */
+EP_INLINE int64_t whole_groups(const ep_gemm_args *a, const int GB) {
+    return GB > 0 ? (a->ncol == a->ng * 4 * GB ? a->ng : a->ng - 1) : 0;
+}
+
 /* Groups [j0, j1) of tile t for tokens tok0 .. tok0+TB-1, in the specification's order (groups
  * outer, planes inner, one fused multiply-add each): each (group, plane)'s integers go straight
  * into the running sums f (no integer buffer).  D = S + 8192 nb - m (m: twice the raw sums), S
- * the token's group sum.  MEM (float scales, several tokens): the running sums stay in this
- * tile's slots of a->acc instead of 8 of the 16 registers, read and written once a (group,
- * plane); with them in registers too gcc spilled lookups and sums inside each block (prefill
- * 1.018x, held to AVX2, k=2).  The same operations in the same order: the same bits. */
+ * the token's group sum.  MEM (float scales, several tokens): the running sums stay in memory
+ * instead of 8 of the 16 registers, read and written once a (group, plane); with them in
+ * registers too gcc spilled lookups and sums inside each block (prefill 1.018x, held to AVX2,
+ * k=2).  That memory is a local array, reached from the stack pointer, not the tile's slots of
+ * a->acc, which took a general register per token (or a reload of its address); a->acc holds
+ * the sums only between chunks.  WHOLE: every group in [j0, j1) is GB blocks long, and
+ * i8_group's branch for other lengths is compiled out.  Both together: prefill 1.077x (k=2,
+ * held to AVX2, one thread; each alone about 1.00x and 1.04x in products).  The same
+ * operations in the same order: the same bits. */
 EP_INLINE void i8_tile_body(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0,
-                            int64_t j1, const int GB, const int SHORT, const int MEM) {
+                            int64_t j1, const int GB, const int SHORT, const int MEM, const int WHOLE) {
     const uint8_t *w = a->planes + t * a->ncol * EP_TILE, *tab = a->tab + tok0 * a->tab_stride;
     const int64_t pstride = a->tiles * a->ncol * EP_TILE, ts = a->tab_stride;
-    /* groups [0, jw) are GB blocks long; the last one too when the padded row ends with it */
-    const int64_t jw = GB > 0 ? (a->ncol == a->ng * 4 * GB ? a->ng : a->ng - 1) : 0;
-    float *acc = a->acc + (tok0 * a->tiles + t) * EP_TILE;  /* MEM: token b's sums at acc + b * astride */
-    const int64_t astride = a->tiles * EP_TILE;
+    const int64_t jw = whole_groups(a, GB);
+    float acc[4][EP_TILE] __attribute__((aligned(32)));  /* MEM: token b's sums */
     __m256 f[4][2];
     __m256i e[4][2];
-    if (MEM && j0 == 0)
+    load_acc(a, t, tok0, TB, f, j0 == 0);
+    if (MEM)
         for (int b = 0; b < TB; b++) {
-            _mm256_storeu_ps(acc + b * astride, _mm256_setzero_ps());
-            _mm256_storeu_ps(acc + b * astride + 8, _mm256_setzero_ps());
+            _mm256_store_ps(acc[b], f[b][0]);
+            _mm256_store_ps(acc[b] + 8, f[b][1]);
         }
-    if (!MEM) load_acc(a, t, tok0, TB, f, j0 == 0);
     for (int b = 0; b < TB; b++) e[b][0] = e[b][1] = _mm256_setzero_si256();
     for (int64_t j = j0; j < j1; j++) {
         int64_t c0, c1;
         ep_group_cols(a, j, &c0, &c1);
         const int32_t bias = (int32_t)(8192 * ((c1 - c0) / 4));
         __m256i S[4];
-        for (int b = 0; b < TB; b++) S[b] = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);
+        int32_t sb[4];
+        for (int b = 0; b < TB; b++) sb[b] = a->gsum[(tok0 + b) * a->ng + j] + bias;
+        if (!MEM) for (int b = 0; b < TB; b++) S[b] = _mm256_set1_epi32(sb[b]);
         const uint8_t *wp = w;
         for (int64_t i = 0; i < a->k; i++, wp += pstride) {
             __m256i m[4][2];
             const uint8_t *tb = tab;
             __asm__("" : "+r"(tb));  /* the group's tables are read per plane, not hoisted into stack copies */
-            i8_group(a, wp, tb, ts, TB, j, GB, j < jw, m);
+            i8_group(a, wp, tb, ts, TB, j, GB, WHOLE || j < jw, m);
             if (MEM) {  /* float scales: f += alpha * d, f read and written in memory, S made as used */
                 __m256 al0, al1;
                 load_scales(a, i, t, j, &al0, &al1);
                 for (int b = 0; b < TB; b++) {
-                    const __m256i Sb = _mm256_set1_epi32(a->gsum[(tok0 + b) * a->ng + j] + bias);
-                    float *p = acc + b * astride;
-                    _mm256_storeu_ps(p, ep_fmadd256(al0, _mm256_cvtepi32_ps(_mm256_sub_epi32(Sb, m[b][0])), _mm256_loadu_ps(p)));
-                    _mm256_storeu_ps(p + 8, ep_fmadd256(al1, _mm256_cvtepi32_ps(_mm256_sub_epi32(Sb, m[b][1])), _mm256_loadu_ps(p + 8)));
+                    const __m256i Sb = _mm256_set1_epi32(sb[b]);
+                    float *p = acc[b];
+                    _mm256_store_ps(p, ep_fmadd256(al0, _mm256_cvtepi32_ps(_mm256_sub_epi32(Sb, m[b][0])), _mm256_load_ps(p)));
+                    _mm256_store_ps(p + 8, ep_fmadd256(al1, _mm256_cvtepi32_ps(_mm256_sub_epi32(Sb, m[b][1])), _mm256_load_ps(p + 8)));
                 }
                 continue;
             }
@@ -399,30 +409,40 @@ EP_INLINE void i8_tile_body(const ep_gemm_args *a, int64_t t, int64_t tok0, cons
         }
         if (!MEM) group_pass(a, t, TB, e, f);
     }
-    if (MEM) {
-        if (j1 < a->ng) return;
-        load_acc(a, t, tok0, TB, f, 0);
-    }
+    if (MEM)
+        for (int b = 0; b < TB; b++) {
+            f[b][0] = _mm256_load_ps(acc[b]);
+            f[b][1] = _mm256_load_ps(acc[b] + 8);
+        }
     store_acc(a, t, tok0, TB, f, j1 == a->ng);
 }
 
 /* The choice of plane pass made once per tile, not per plane (a decode step measured 4% slower
  * with it in the loop). */
-EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1, const int GB) {
+EP_INLINE void i8_tile(const ep_gemm_args *a, int64_t t, int64_t tok0, const int TB, int64_t j0, int64_t j1, const int GB,
+                       const int WHOLE) {
     if (a->int_scales && a->short_groups)
-        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 1, 0);
+        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 1, 0, WHOLE);
     else if (TB > 1 && !a->int_scales)
-        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0, 1);
+        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0, 1, WHOLE);
     else
-        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0, 0);
+        i8_tile_body(a, t, tok0, TB, j0, j1, GB, 0, 0, WHOLE);
 }
 
 /* One function per (TB, GB), each with its own register allocation (inlined into one, the
- * decode loop spilled more: 3% more instructions at 1 token, g64). */
+ * decode loop spilled more: 3% more instructions at 1 token, g64), and a second one for a range
+ * of whole groups (i8_tile_body's WHOLE). */
 #define I8_TILE_FN(TB, GB)                                                                      \
+    static __attribute__((noinline)) void i8_whole_##TB##_##GB(const ep_gemm_args *a, int64_t t, \
+                                                               int64_t tok0, int64_t j0, int64_t j1) { \
+        i8_tile(a, t, tok0, TB, j0, j1, GB, 1);                                                  \
+    }                                                                                            \
     static __attribute__((noinline)) void i8_tile_##TB##_##GB(const ep_gemm_args *a, int64_t t, \
                                                               int64_t tok0, int64_t j0, int64_t j1) { \
-        i8_tile(a, t, tok0, TB, j0, j1, GB);                                                     \
+        if (GB > 0 && j1 <= whole_groups(a, GB))                                                \
+            i8_whole_##TB##_##GB(a, t, tok0, j0, j1);                                           \
+        else                                                                                     \
+            i8_tile(a, t, tok0, TB, j0, j1, GB, 0);                                              \
     }
 #define I8_TILE_FNS(TB) I8_TILE_FN(TB, 0) I8_TILE_FN(TB, 1) I8_TILE_FN(TB, 2) I8_TILE_FN(TB, 4) I8_TILE_FN(TB, 8)
 I8_TILE_FNS(1)
