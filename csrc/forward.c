@@ -137,6 +137,28 @@ static void products_range(void *ctx, int64_t b, int64_t e) {
     }
 }
 
+/* Many tokens over planes matrices on several threads: tasks of EP_TOKEN_PIECE tokens, each every
+ * matrix's every tile, claimed in turn (ep_parallel_claim), so a thread whose core is also
+ * running other work takes fewer tasks instead of holding up the pass with its fixed share of
+ * tiles.  Each task reads its tokens' tables and all the weights (from L2 or L3: the weights of
+ * a call are at most a few hundred KiB); a token's outputs do not depend on the tokens beside it
+ * (every variant gives the specification's bits for any token count). */
+#define EP_TOKEN_PIECE (2 * EP_TOKEN_BLOCK)
+typedef struct {
+    const products *p;
+    int64_t total;
+} token_job;
+
+static void products_tokens(void *ctx, int64_t b, int64_t e) {
+    const token_job *j = (const token_job *)ctx;
+    products sub = *j->p;
+    for (int64_t task = b; task < e; task++) {
+        const int64_t t0 = task * EP_TOKEN_PIECE, cnt = ep_min64(EP_TOKEN_PIECE, j->p->f->n - t0);
+        for (int i = 0; i < sub.count; i++) sub.args[i] = ep_gemm_tokens(&j->p->args[i], t0, cnt);
+        products_range(&sub, 0, j->total);
+    }
+}
+
 /* Per token: the int8 activations, then (group > 0) their tables and group sums (ng a token),
  * and (x16) the same activations widened for i16_tiles. */
 typedef struct {
@@ -219,7 +241,7 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     p.count = count;
     p.x = x;
     p.in = in;
-    int need_q = 0, tables_group = 0, wide = 0, other_groups = 0, has_i8rows = 0;
+    int need_q = 0, tables_group = 0, wide = 0, other_groups = 0, has_i8rows = 0, all_planes = 1;
     for (int i = 0; i < count; i++) {
         const ep_matrix *mt = mats[i];
         p.mat[i] = mt;
@@ -227,6 +249,7 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
         if (mt->kind == EP_MAT_PLANES || mt->kind == EP_MAT_I8ROWS) need_q = 1;
         if (mt->kind == EP_MAT_PLANES && tables_group && mt->group != tables_group) other_groups = 1;
         if (mt->kind == EP_MAT_I8ROWS) has_i8rows = 1;
+        if (mt->kind != EP_MAT_PLANES) all_planes = 0;
         if (mt->kind != EP_MAT_PLANES) continue;
         ep_gemm_args *a = &p.args[i];  /* the arguments were checked on entry (planes_ok) */
         ep_gemm_args_init(a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows, mt->k, mt->rows, in, mt->group, n);
@@ -270,6 +293,9 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
     if (team) {
         team_job tm = {&p, &tj, total};
         ep_parallel_team(f->team_parts, products_team, &tm);   /* at most the parts the workspace serves */
+    } else if (n > EP_TOKEN_BLOCK && f->threads != 1 && all_planes && !wide) {
+        token_job tk = {&p, total};
+        ep_parallel_claim(f->threads, ep_ceil_div(n, EP_TOKEN_PIECE), products_tokens, &tk);
     } else {
         ep_parallel_for(f->threads, total, products_range, &p);
     }

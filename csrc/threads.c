@@ -1,7 +1,8 @@
 /* A small persistent thread pool for the row-parallel kernels.
  *
- * Work is split into contiguous, disjoint ranges, one per thread, so every output row is computed
- * by exactly one thread in a fixed order: results do not depend on the thread count.  Workers spin
+ * Work is split into contiguous, disjoint ranges, one per thread (or fixed ranges claimed in turn
+ * from a counter), so every output row is computed by exactly one call in a fixed order: results
+ * do not depend on the thread count.  Workers spin
  * briefly after a job (a decode step issues many short calls back to back), then sleep on a
  * condition variable.  A second caller arriving while a job runs computes its job inline instead of
  * waiting, and a forked child starts with an empty pool. */
@@ -41,6 +42,8 @@ static struct {
     ep_team_fn team;            /* set: a team job, fn(ctx, part, nparts) on every part */
     void *ctx;
     int64_t n;
+    int claimed;                /* set: [0, n) one index a call, claimed in turn through next */
+    _Atomic int64_t next;
     int nparts;
     _Atomic int spin_after;     /* spins a worker makes after this job before sleeping */
 } pool = {.job_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -63,6 +66,11 @@ static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_reset_in_chi
 static void run_part(int part) {
     if (pool.team) {
         pool.team(pool.ctx, part, pool.nparts);
+        return;
+    }
+    if (pool.claimed) {
+        for (int64_t i; (i = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed)) < pool.n;)
+            pool.fn(pool.ctx, i, i + 1);
         return;
     }
     int64_t b = pool.n * part / pool.nparts, e = pool.n * (part + 1) / pool.nparts;
@@ -112,8 +120,10 @@ int ep_pool_threads(int threads) {
     return threads < EP_MAX_THREADS ? threads : EP_MAX_THREADS;
 }
 
-/* One job on the pool: fn over [0, n) in ranges, or team on every part. */
-static void run_job(int threads, int64_t n, ep_range_fn fn, ep_team_fn team, void *ctx, int spin_after) {
+/* One job on the pool: fn over [0, n) in ranges (claimed: one index a call, in turn), or team
+ * on every part. */
+static void run_job(int threads, int64_t n, ep_range_fn fn, ep_team_fn team, void *ctx, int spin_after,
+                    int claimed) {
     threads = ep_pool_threads(threads);
     if ((int64_t)threads > n) threads = (int)n;
     if (threads <= 1 || pthread_mutex_trylock(&pool.job_lock) != 0) {
@@ -138,6 +148,8 @@ static void run_job(int threads, int64_t n, ep_range_fn fn, ep_team_fn team, voi
     pool.ctx = ctx;
     pool.n = n;
     pool.nparts = threads;
+    pool.claimed = claimed;
+    atomic_store_explicit(&pool.next, 0, memory_order_relaxed);
     atomic_store(&pool.spin_after, spin_after);
     atomic_store(&pool.pending, threads - 1);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_seq_cst);
@@ -156,16 +168,20 @@ static void run_job(int threads, int64_t n, ep_range_fn fn, ep_team_fn team, voi
 }
 
 void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx) {
-    run_job(threads, n, fn, NULL, ctx, EP_SPIN_ITERS);
+    run_job(threads, n, fn, NULL, ctx, EP_SPIN_ITERS, 0);
+}
+
+void ep_parallel_claim(int threads, int64_t n, ep_range_fn fn, void *ctx) {
+    run_job(threads, n, fn, NULL, ctx, EP_SPIN_ITERS, 1);
 }
 
 void ep_parallel_team(int threads, ep_team_fn fn, void *ctx) {
-    run_job(threads, EP_MAX_THREADS, NULL, fn, ctx, EP_SPIN_ITERS);
+    run_job(threads, EP_MAX_THREADS, NULL, fn, ctx, EP_SPIN_ITERS, 0);
 }
 
 /* For a call between other libraries' parallel work (the scale tuner's kernels between torch's
  * products): the workers sleep as soon as the job is done, instead of spinning on cores the
  * other library's threads are about to use. */
 void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx) {
-    run_job(threads, n, fn, NULL, ctx, 0);
+    run_job(threads, n, fn, NULL, ctx, 0, 0);
 }

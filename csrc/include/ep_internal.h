@@ -48,6 +48,19 @@ typedef struct {
     const int16_t *x16;     /* i16_tiles: the activations widened, (n, in_pad), zero past `in` */
 } ep_gemm_args;
 
+/* The same call for tokens t0 .. t0+cnt-1 alone: every per-token array moved to token t0. */
+static inline ep_gemm_args ep_gemm_tokens(const ep_gemm_args *a, int64_t t0, int64_t cnt) {
+    ep_gemm_args s = *a;
+    s.n = cnt;
+    if (a->tab) s.tab = a->tab + t0 * a->tab_stride;
+    if (a->gsum) s.gsum = a->gsum + t0 * a->ng;
+    if (a->x16) s.x16 = a->x16 + t0 * a->in_pad;
+    s.ascale = a->ascale + t0;
+    s.acc = a->acc + t0 * a->tiles * EP_TILE;
+    s.y = a->y + t0 * a->out;
+    return s;
+}
+
 #define EP_I16_CHUNK 2048  /* inputs an i16_tiles kernel widens at a time: 64 KiB of int16 codes */
 
 /* Longest group of a row: the last one runs to in_pad. */
@@ -421,6 +434,9 @@ typedef void (*ep_range_fn)(void *ctx, int64_t begin, int64_t end);
 int ep_pool_threads(int threads);
 void ep_parallel_for(int threads, int64_t n, ep_range_fn fn, void *ctx);
 void ep_parallel_for_brief(int threads, int64_t n, ep_range_fn fn, void *ctx);
+/* fn(ctx, i, i + 1) for every i in [0, n), each thread claiming the next i when done with its
+ * last: a thread slowed by other work on its core does fewer. */
+void ep_parallel_claim(int threads, int64_t n, ep_range_fn fn, void *ctx);
 /* A team: fn(ctx, part, parts) on every part at once (parts = 1, inline, when threads is 1 or the
  * pool is busy). */
 typedef void (*ep_team_fn)(void *ctx, int part, int parts);
