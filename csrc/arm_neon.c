@@ -626,12 +626,13 @@ static void neon_values16_heads(const float *w, int64_t T, int gn, const void *v
  * rows (or head sizes not a multiple of 16) a head at a time, its sums in registers.  Instructions
  * for one key head of SmolLM2 (3 query heads, head size 64) over 160 positions, counted under
  * qemu-aarch64 -singlestep: float32 157k; float16 218k widening per head, 171k shared. */
-static void neon_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+static void neon_attend(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                         int64_t T, int64_t hd, float scale, float *out, float *scratch) {
     if (hd % 8 || hd > 256) {
-        ep_ref_attend(q, G, k, v, f16, kstride, T, hd, scale, out, scratch);
+        ep_ref_attend(q, G, k, v, flags, kstride, T, hd, scale, out, scratch);
         return;
     }
+    const int f16 = flags & EP_ATTEND_F16;
     float row[256];
     for (int64_t s = 0; s < T; s++) {
         const float *ks = (const float *)k + s * kstride;

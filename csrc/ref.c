@@ -211,8 +211,9 @@ static inline float kv_value(const void *p, int f16, int64_t i) {
     return f16 ? ep_half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-void ep_ref_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+void ep_ref_attend(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch) {
+    const int f16 = flags & EP_ATTEND_F16;
     for (int64_t g = 0; g < G; g++) {
         float *w = scratch + g * T, *o = out + g * hd;
         const float *qg = q + g * hd;

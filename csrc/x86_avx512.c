@@ -405,7 +405,7 @@ static void avx512_i16_tiles(const ep_gemm_args *a, int64_t t0, int64_t t1) {
 
 /* Attention: x86_avx2.c's 256-bit code compiled again here, where AVX-512VL gives it 32 vector
  * registers (ep_attend_x86.h). */
-static void ep_avx512_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+static void ep_avx512_attend(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                              int64_t T, int64_t hd, float scale, float *out, float *scratch);
 EP_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #define EP_ATTEND_WIDE 1

@@ -74,18 +74,19 @@ EP_INLINE __m256 load_kv8(const void *p, int f16, int64_t i) {
 }
 
 /* out (64 floats) = sum over s of w[s] * v_s[c0..c0+64), in order of s, accumulators in
- * registers; the value rows (from DRAM at decode: the weights have streamed through the caches)
- * prefetched a few positions ahead.  f16 is a constant where this is inlined. */
+ * registers; pf bytes of each value row from column c0 (from DRAM at decode: the weights have
+ * streamed through the caches) prefetched a few positions ahead.  f16 is a constant where this is
+ * inlined. */
 EP_INLINE void weighted_values64(const float *w, const void *v, int f16, int64_t kstride, int64_t c0, int64_t T,
-                                 int64_t width, float *out) {
+                                 int64_t width, int64_t pf, float *out) {
     __m256 o[8];
     const int nv = (int)(width / 8);
-    const int64_t es = f16 ? 2 : 4, row_bytes = width * es;
+    const int64_t es = f16 ? 2 : 4;
     for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
     for (int64_t s = 0; s < T; s++) {
         const int64_t at = s * kstride + c0;
         if (s + 6 < T)
-            for (int64_t b = 0; b < row_bytes; b += 64)
+            for (int64_t b = 0; b < pf; b += 64)
                 _mm_prefetch((const char *)v + (at + 6 * kstride) * es + b, _MM_HINT_T0);
         const __m256 ws = _mm256_set1_ps(w[s]);
         if (nv == 8) {
@@ -99,9 +100,10 @@ EP_INLINE void weighted_values64(const float *w, const void *v, int f16, int64_t
 
 /* out_g[0..32) = sum over s of w_g[s] * v_s[c0..c0+32) for GN heads at once (w_g = w + g * T,
  * out_g = out + g * hd), in order of s: each value row is read (and widened) once for all of
- * them.  GN and f16 are constants where this is inlined. */
+ * them; pf bytes of it from column c0 prefetched ahead.  GN and f16 are constants where this is
+ * inlined. */
 EP_INLINE void weighted_values32_heads(const float *w, int64_t T, int GN, const void *v, int f16, int64_t kstride,
-                                       int64_t c0, float *out, int64_t hd) {
+                                       int64_t c0, int64_t pf, float *out, int64_t hd) {
     __m256 o[3][4];
     const int64_t es = f16 ? 2 : 4;
     for (int g = 0; g < GN; g++)
@@ -109,7 +111,7 @@ EP_INLINE void weighted_values32_heads(const float *w, int64_t T, int GN, const 
     for (int64_t s = 0; s < T; s++) {
         const int64_t at = s * kstride + c0;
         if (s + 6 < T)
-            for (int64_t b = 0; b < 32 * es; b += 64) _mm_prefetch((const char *)v + (at + 6 * kstride) * es + b, _MM_HINT_T0);
+            for (int64_t b = 0; b < pf; b += 64) _mm_prefetch((const char *)v + (at + 6 * kstride) * es + b, _MM_HINT_T0);
         if (!EP_ATTEND_WIDE && GN == 3) {  /* 16 registers: one value slice live, not four */
             for (int j = 0; j < 4; j++) {
                 const __m256 x = load_kv8(v, f16, at + 8 * j);
@@ -129,12 +131,12 @@ EP_INLINE void weighted_values32_heads(const float *w, int64_t T, int GN, const 
 }
 
 /* The scores of G query heads over keys [0, T) (scratch[g * T + s]), 8 keys at a time, each block
- * of keys read from L1 by all G heads (the next block prefetched).  mode 0: float32 keys; 1:
+ * of keys read from L1 by all G heads (pf bytes of each of the next block's rows prefetched).  mode 0: float32 keys; 1:
  * float16 keys widened a block at a time into kw (8 x hd floats), then read as float32 rows are
  * (several heads); 2: float16 keys widened as they are read (one head).  A constant where this
  * is inlined. */
 EP_INLINE void attend_scores(const float *q, int64_t G, const void *k, int mode, int64_t kstride, int64_t T,
-                             int64_t hd, float scale, float *scratch) {
+                             int64_t hd, int64_t pf, float scale, float *scratch) {
     const __m256 vscale = _mm256_set1_ps(scale);
     const int64_t es = mode ? 2 : 4;
     float kw[8 * 256];
@@ -143,7 +145,7 @@ EP_INLINE void attend_scores(const float *q, int64_t G, const void *k, int mode,
         const char *kb0 = (const char *)k + s * kstride * es;
         if (s + 16 <= T)
             for (int j = 0; j < 8; j++)
-                for (int64_t b = 0; b < hd * es; b += 64) _mm_prefetch(kb0 + (8 + j) * kstride * es + b, _MM_HINT_T0);
+                for (int64_t b = 0; b < pf; b += 64) _mm_prefetch(kb0 + (8 + j) * kstride * es + b, _MM_HINT_T0);
         const void *kb = kb0;
         int64_t ks = kstride;
         if (mode == 1) {
@@ -178,14 +180,14 @@ EP_INLINE void attend_scores(const float *q, int64_t G, const void *k, int mode,
  * widened once, in a register, for all GN heads (8 * GN accumulators).  attend_scores' mode 1 with
  * no staging buffer; the same sums in the same order. */
 EP_INLINE void attend_scores_f16_regs(const float *q, const int GN, const void *k, int64_t kstride, int64_t T,
-                                      int64_t hd, float scale, float *scratch) {
+                                      int64_t hd, int64_t pf, float scale, float *scratch) {
     const __m256 vscale = _mm256_set1_ps(scale);
     int64_t s = 0;
     for (; s + 8 <= T; s += 8) {
         const uint16_t *kb = (const uint16_t *)k + s * kstride;
         if (s + 16 <= T)
             for (int j = 0; j < 8; j++)
-                for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch((const char *)(kb + (8 + j) * kstride) + b, _MM_HINT_T0);
+                for (int64_t b = 0; b < pf; b += 64) _mm_prefetch((const char *)(kb + (8 + j) * kstride) + b, _MM_HINT_T0);
         __m256 a[3][8];
         for (int g = 0; g < GN; g++)
             for (int j = 0; j < 8; j++) a[g][j] = _mm256_setzero_ps();
@@ -207,31 +209,36 @@ EP_INLINE void attend_scores_f16_regs(const float *q, const int GN, const void *
 /* Attention of G query heads over one key/value head (specification: ep_ref_attend): the scores
  * (attend_scores), each head's softmax, then the values: one head in 64-wide column strips, its
  * sums in registers; several heads up to three at a time in 32-wide strips, each value row read
- * once for the three (float16 rows widened once). */
-void EP_ATTEND_FN(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+ * once for the three (float16 rows widened once).  Keys and values are prefetched a few positions
+ * ahead: this head's slice of each row, or with EP_ATTEND_WHOLE_ROWS the whole row (every key
+ * head's), so that at decode, where the rows come from DRAM, one head's pass fetches them for the
+ * next heads' as one stream. */
+void EP_ATTEND_FN(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch) {
     if (hd % 8 || hd > 256) {
-        ep_ref_attend(q, G, k, v, f16, kstride, T, hd, scale, out, scratch);
+        ep_ref_attend(q, G, k, v, flags, kstride, T, hd, scale, out, scratch);
         return;
     }
+    const int f16 = flags & EP_ATTEND_F16, whole = (flags & EP_ATTEND_WHOLE_ROWS) != 0;
+    const int64_t es = f16 ? 2 : 4, kpf = (whole ? kstride : hd) * es;
     if (!f16)
-        attend_scores(q, G, k, 0, kstride, T, hd, scale, scratch);
+        attend_scores(q, G, k, 0, kstride, T, hd, kpf, scale, scratch);
 #if EP_ATTEND_WIDE
     else if (G > 1)
         for (int64_t g = 0; g < G; g += 3) {
             const int64_t gn = ep_min64(3, G - g);
             const float *qg = q + g * hd;
             float *sg = scratch + g * T;
-            gn == 3 ? attend_scores_f16_regs(qg, 3, k, kstride, T, hd, scale, sg)
-            : gn == 2 ? attend_scores_f16_regs(qg, 2, k, kstride, T, hd, scale, sg)
-                      : attend_scores_f16_regs(qg, 1, k, kstride, T, hd, scale, sg);
+            gn == 3 ? attend_scores_f16_regs(qg, 3, k, kstride, T, hd, kpf, scale, sg)
+            : gn == 2 ? attend_scores_f16_regs(qg, 2, k, kstride, T, hd, kpf, scale, sg)
+                      : attend_scores_f16_regs(qg, 1, k, kstride, T, hd, kpf, scale, sg);
         }
 #else
     else if (G > 1)
-        attend_scores(q, G, k, 1, kstride, T, hd, scale, scratch);
+        attend_scores(q, G, k, 1, kstride, T, hd, kpf, scale, scratch);
 #endif
     else
-        attend_scores(q, G, k, 2, kstride, T, hd, scale, scratch);
+        attend_scores(q, G, k, 2, kstride, T, hd, kpf, scale, scratch);
     for (int64_t g = 0; g < G; g++) softmax256(scratch + g * T, T);
     int64_t g = 0;
     if (G > 1 && hd % 32 == 0)
@@ -240,22 +247,23 @@ void EP_ATTEND_FN(const float *q, int64_t G, const void *k, const void *v, int f
             for (int64_t c = 0; c < hd; c += 32) {
                 const float *w = scratch + g * T;
                 float *o = out + g * hd + c;
+                const int64_t pf = whole ? (c == 0 ? kpf : 0) : 32 * es;  /* whole rows: with the first strip */
                 if (f16)
-                    gn == 3 ? weighted_values32_heads(w, T, 3, v, 1, kstride, c, o, hd)
-                    : gn == 2 ? weighted_values32_heads(w, T, 2, v, 1, kstride, c, o, hd)
-                              : weighted_values32_heads(w, T, 1, v, 1, kstride, c, o, hd);
+                    gn == 3 ? weighted_values32_heads(w, T, 3, v, 1, kstride, c, pf, o, hd)
+                    : gn == 2 ? weighted_values32_heads(w, T, 2, v, 1, kstride, c, pf, o, hd)
+                              : weighted_values32_heads(w, T, 1, v, 1, kstride, c, pf, o, hd);
                 else
-                    gn == 3 ? weighted_values32_heads(w, T, 3, v, 0, kstride, c, o, hd)
-                    : gn == 2 ? weighted_values32_heads(w, T, 2, v, 0, kstride, c, o, hd)
-                              : weighted_values32_heads(w, T, 1, v, 0, kstride, c, o, hd);
+                    gn == 3 ? weighted_values32_heads(w, T, 3, v, 0, kstride, c, pf, o, hd)
+                    : gn == 2 ? weighted_values32_heads(w, T, 2, v, 0, kstride, c, pf, o, hd)
+                              : weighted_values32_heads(w, T, 1, v, 0, kstride, c, pf, o, hd);
             }
         }
     for (; g < G; g++)
         for (int64_t c = 0; c < hd; c += 64) {
-            const int64_t width = ep_min64(64, hd - c);
+            const int64_t width = ep_min64(64, hd - c), pf = whole ? (c == 0 ? kpf : 0) : width * es;
             if (f16)
-                weighted_values64(scratch + g * T, v, 1, kstride, c, T, width, out + g * hd + c);
+                weighted_values64(scratch + g * T, v, 1, kstride, c, T, width, pf, out + g * hd + c);
             else
-                weighted_values64(scratch + g * T, v, 0, kstride, c, T, width, out + g * hd + c);
+                weighted_values64(scratch + g * T, v, 0, kstride, c, T, width, pf, out + g * hd + c);
         }
 }

@@ -223,6 +223,9 @@ static inline int ep_blocks_per_group(const ep_gemm_args *a) {
  * groups fill the padded row, each instantiated per group length (GB blocks) and scales kind (SK),
  * 8-bit scales taken only when summed as integers (groups of at most 256 inputs: short_groups too). */
 enum { EP_SK_F32, EP_SK_F16, EP_SK_U8 };
+
+/* ep_kernels.attend's flags */
+enum { EP_ATTEND_F16 = 1, EP_ATTEND_WHOLE_ROWS = 2 };
 typedef void (*ep_dec_fn)(const ep_gemm_args *a, int64_t t0, int64_t t1);
 static inline int ep_dec_blocks(const ep_gemm_args *a) {
     const int gb = ep_blocks_per_group(a);
@@ -279,11 +282,13 @@ struct ep_kernels {
     float (*dot)(const float *a, const float *b, int64_t n);
     /* Attention of G query heads sharing one key/value head over positions 0..T-1: q (G, hd);
      * key and value of position s at k + s*kstride and v + s*kstride elements, float32, or float16
-     * when f16 (widened exactly, so the same results as float32 holding the same values); out
-     * (G, hd); scratch >= G*T floats.  Specification (ep_ref_attend): score = dot(q, k_s) * scale
+     * when flags has EP_ATTEND_F16 (widened exactly, so the same results as float32 holding the
+     * same values); EP_ATTEND_WHOLE_ROWS: the rows are cold (decode), fetch each whole (every key
+     * head's kstride elements) for the other heads' calls, a hint; out (G, hd); scratch >= G*T
+     * floats.  Specification (ep_ref_attend): score = dot(q, k_s) * scale
      * (the canonical dot), softmax with expf after subtracting the max, w_s = e_s * (1 / sum),
      * out = fmaf(w_s, v_s, out) over s. */
-    void (*attend)(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+    void (*attend)(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                    int64_t T, int64_t hd, float scale, float *out, float *scratch);
     /* h[i] = x[i] as float16, rounded to nearest even (overflow to infinity, subnormals kept):
      * ep_float_to_half, the cache's store when it holds float16. */
@@ -361,7 +366,7 @@ float ep_avx2_dot(const float *a, const float *b, int64_t n);
 void ep_avx2_silu_mul(const float *g, float *u, int64_t n);
 void ep_avx2_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
 void ep_avx2_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
-void ep_avx2_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+void ep_avx2_attend(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch);
 void ep_avx2_to_half(const float *x, int64_t n, uint16_t *h);
 void ep_avx2_rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp);
@@ -402,7 +407,7 @@ void ep_ref_dense_rows(const float *x, int64_t n, int64_t in, const void *w, int
 void ep_ref_i8_rows(const int8_t *q, const float *qs, int64_t n, int64_t in, const int8_t *w,
                     const float *ws, float *y, int64_t ldy, int64_t r0, int64_t r1);
 float ep_ref_dot(const float *a, const float *b, int64_t n);
-void ep_ref_attend(const float *q, int64_t G, const void *k, const void *v, int f16, int64_t kstride,
+void ep_ref_attend(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch);
 void ep_ref_to_half(const float *x, int64_t n, uint16_t *h);
 void ep_ref_rotate_row(const float *signs, const float *mix, int64_t P, int64_t M, float *v, float *tmp);
