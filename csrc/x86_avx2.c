@@ -458,6 +458,10 @@ I8_TILE_FNS(4)
  * scales' kind a constant (SK) and the planes, tables and scales reached by stepped pointers.  The
  * general body spent about 95 instructions a 32-input block at k = 1, group 64 (callgrind), most
  * of them bookkeeping per (group, plane) around the block's 28. */
+/* How far ahead in a plane a decode step asks L1 for weights.  With 2 MiB pages the hardware
+ * prefetcher alone kept a one-token product at 19 GB/s where it computes at 23.5 from L2 (k=2,
+ * Zen 4 held to AVX2); 3 KiB ahead: 1.06x from DRAM, 0.96x in cache. */
+#define EP_DEC_PREFETCH 3072
 EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int GB, const int SK) {
     const int64_t ng = a->ng, k = a->k, pstride = ep_plane_stride(a), sstride = a->tiles * ng * EP_TILE;
     const int64_t gbytes = 4 * GB * EP_TILE;   /* a group's bytes in a plane row of a tile, and /16 * 64 of tables */
@@ -480,6 +484,7 @@ EP_INLINE void i8_dec(const ep_gemm_args *a, int64_t t0, int64_t t1, const int G
                 __m256i s[1][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()}}, m[2];
                 const uint8_t *tb = tab;
                 __asm__("" : "+r"(tb));  /* the group's tables are read per plane, as in i8_tile_body */
+                for (int u = 0; u < GB; u++) _mm_prefetch((const char *)(wp + EP_DEC_PREFETCH + u * 64), _MM_HINT_T0);
                 for (int u = 0; u < GB; u++) i8_block(wp + u * 4 * EP_TILE, tb + u * 256, 0, 1, GB <= 4, s);
                 widen_run(s[0], m);
                 if (GB > 4) {
