@@ -250,8 +250,10 @@ static void run_products(fwd *f, const float *x, int64_t in, int count, const ep
         if (mt->kind == EP_MAT_PLANES || mt->kind == EP_MAT_I8ROWS) need_q = 1;
         if (mt->kind == EP_MAT_PLANES && tables_group && mt->group != tables_group) other_groups = 1;
         if (mt->kind == EP_MAT_I8ROWS) has_i8rows = 1;
-        if (mt->kind != EP_MAT_PLANES) all_planes = 0;
-        if (mt->kind != EP_MAT_PLANES) continue;
+        if (mt->kind != EP_MAT_PLANES) {
+            all_planes = 0;
+            continue;
+        }
         ep_gemm_args *a = &p.args[i];  /* the arguments were checked on entry (planes_ok) */
         ep_gemm_args_init(a, mt->planes, mt->scales, mt->scales_kind, mt->scale_rows, mt->k, mt->rows, in, mt->group, n);
         if (ep_use_i16(kt, a)) {
