@@ -378,8 +378,8 @@ static void rope_rows(const fwd *f, float *x, int64_t heads) {
 typedef struct {
     const fwd *f;
     const void *kc, *vc;   /* this layer's cache of sequence 0; sequence s is seq_stride elements on */
-    int f16;               /* the cache holds float16 (else float32) */
-    int flags;             /* kt->attend's: EP_ATTEND_F16, and EP_ATTEND_WHOLE_ROWS when every sequence steps one token */
+    int flags;             /* kt->attend's: EP_ATTEND_F16 (the cache holds float16, else float32), and
+                            * EP_ATTEND_WHOLE_ROWS when every sequence steps one token */
     int64_t seq_stride, max_t;
     int64_t split;         /* tasks per key/value head: 1, or G (one query head each) */
     int failed;
@@ -408,7 +408,7 @@ static void attention_range(void *ctx, int64_t b, int64_t e) {
         const int64_t head = task / split, u = head / Hkv, kh = head % Hkv, t = (u & 1) ? f->n - 1 - u / 2 : u / 2;
         const int64_t T = f->tok_pos[t] + 1, g0 = kh * G + task % split * per;
         const int64_t off = f->tok_seq[t] * j->seq_stride + kh * hd;
-        const int64_t at = off * (j->f16 ? 2 : 4);
+        const int64_t at = off * (j->flags & EP_ATTEND_F16 ? 2 : 4);
         f->kt->attend(f->q + (t * H + g0) * hd, per, (const char *)j->kc + at, (const char *)j->vc + at, j->flags,
                       Hkv * hd, T, hd, scale, f->att + (t * H + g0) * hd, scratch);
     }
@@ -596,7 +596,7 @@ int ep_forward_batch(const ep_kernels *kt, const ep_model *m, void *k_cache, voi
         const int64_t nt = ep_pool_threads(threads);
         const int64_t split = nt > 1 && n * Hkv < 2 * nt ? H / Hkv : 1;
         const int flags = (f16 ? EP_ATTEND_F16 : 0) | (n == n_seqs ? EP_ATTEND_WHOLE_ROWS : 0);
-        attn_job aj = {&f, kc, vc, f16, flags, seq_stride, max_t, split, 0};
+        attn_job aj = {&f, kc, vc, flags, seq_stride, max_t, split, 0};
         ep_parallel_for(threads, n * Hkv * split, attention_range, &aj);
         if (aj.failed) return EP_ENOMEM;
         const float *a_in = f.att;

@@ -131,10 +131,10 @@ EP_INLINE void weighted_values32_heads(const float *w, int64_t T, int GN, const 
 }
 
 /* The scores of G query heads over keys [0, T) (scratch[g * T + s]), 8 keys at a time, each block
- * of keys read from L1 by all G heads (pf bytes of each of the next block's rows prefetched).  mode 0: float32 keys; 1:
- * float16 keys widened a block at a time into kw (8 x hd floats), then read as float32 rows are
- * (several heads); 2: float16 keys widened as they are read (one head).  A constant where this
- * is inlined. */
+ * of keys read from L1 by all G heads (pf bytes of each of the next block's rows prefetched).
+ * mode 0: float32 keys; 1: float16 keys widened a block at a time into kw (8 x hd floats), then
+ * read as float32 rows are (several heads); 2: float16 keys widened as they are read (one head).
+ * A constant where this is inlined. */
 EP_INLINE void attend_scores(const float *q, int64_t G, const void *k, int mode, int64_t kstride, int64_t T,
                              int64_t hd, int64_t pf, float scale, float *scratch) {
     const __m256 vscale = _mm256_set1_ps(scale);
