@@ -3,8 +3,9 @@
  * Work is split into contiguous, disjoint ranges, one per thread (or fixed ranges claimed in turn
  * from a counter), so every output row is computed by exactly one call in a fixed order: results
  * do not depend on the thread count.  Workers spin briefly after a job (a decode step issues many
- * short calls back to back), then sleep on a condition variable.  A second caller arriving while a job runs computes its job inline instead of
- * waiting, and a forked child starts with an empty pool. */
+ * short calls back to back), then sleep on a condition variable.  A second caller arriving while
+ * a job runs computes its job inline instead of waiting, and a forked child starts with an empty
+ * pool. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
