@@ -740,6 +740,7 @@ const ep_kernels ep_kernels_neon = {
     .silu_mul = ep_ref_silu_mul,
     .lookup16_u16 = neon_lookup16_u16,
     .lookup16_f32 = neon_lookup16_f32,
+    .plane_sums = ep_ref_plane_sums,
 };
 
 /* The same kernels with the dot product where it pays (i8_rows). */
@@ -763,4 +764,5 @@ const ep_kernels ep_kernels_neon_dotprod = {
     .silu_mul = ep_ref_silu_mul,
     .lookup16_u16 = neon_lookup16_u16,
     .lookup16_f32 = neon_lookup16_f32,
+    .plane_sums = ep_ref_plane_sums,
 };

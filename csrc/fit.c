@@ -246,12 +246,12 @@ int ep_gptq_block(double *w, int64_t out, int64_t nb, int64_t ld_w, const double
 /* ---- the scale tuner's plane layers (edgepanel/convert/recover.py's PlaneLinear) ------------- */
 
 typedef struct {
-    const void *in;     /* levels (ep_plane_weights) or gw (ep_plane_bins) */
+    const void *in;     /* levels (ep_plane_weights) or gw (ep_plane_grads) */
     const uint8_t *codes;
-    int64_t ng, gs, n_in, ld, L;
+    int64_t ng, gs, n_in, ld, L, rows;
     void *out;
     atomic_int bad;     /* a code >= 2^k was met (its weight read level 0 instead) */
-    const ep_kernels *kt;   /* its lookup16 for tables of up to 16 levels (k <= 4) */
+    const ep_kernels *kt;   /* its lookup16 for tables of up to 16 levels (k <= 4), its plane_sums */
 } plane_job;
 
 static inline uint8_t max_code(const uint8_t *c, int64_t n) {
@@ -289,35 +289,36 @@ static inline uint8_t max_code(const uint8_t *c, int64_t n) {
 PLANE_WEIGHTS_ROWS(weights_rows, float, lookup16_f32)
 PLANE_WEIGHTS_ROWS(weights_rows16, uint16_t, lookup16_u16)
 
-static void bins_rows(void *ctx, int64_t b, int64_t e) {
+/* The scales' gradient straight from gw: plane i's scale of group g in row o gets the sum of
+ * gw[o][c] over the group's columns, each times its plane-i sign (the ISA's plane_sums, whose
+ * lane order is ep_ref_plane_sums': fixed by the code, whatever the vector width or the threads).
+ * The 2^k bins per group this replaced (a scatter-add, then a (2^k, k) product) waited on one
+ * store a column. */
+static void grads_rows(void *ctx, int64_t b, int64_t e) {
     plane_job *j = (plane_job *)ctx;
+    int k = 0;
+    while (((int64_t)1 << k) < j->L) k++;
+    float sums[8];
     for (int64_t o = b; o < e; o++) {
         const uint8_t *c = j->codes + o * j->ng * j->gs;
         const float *gw = (const float *)j->in + o * j->ld;
-        float *bins = (float *)j->out + o * j->ng * j->L;
-        memset(bins, 0, sizeof(float) * (size_t)(j->ng * j->L));
         for (int64_t g = 0; g < j->ng; g++) {
-            float *bg = bins + g * j->L;
             const int64_t c0 = g * j->gs, c1 = c0 + j->gs < j->n_in ? c0 + j->gs : j->n_in;
-            int bad = 0;
-            for (int64_t i = c0; i < c1; i++) {   /* in column order */
-                const int64_t v = c[i];
-                bad |= v >= j->L;
-                bg[v < j->L ? v : 0] += gw[i];
-            }
-            if (bad) atomic_store(&j->bad, 1);
+            if (max_code(c + c0, c1 - c0) >= j->L) atomic_store(&j->bad, 1);
+            j->kt->plane_sums(gw + c0, c + c0, c1 - c0, k, sums);
+            for (int i = 0; i < k; i++) ((float *)j->out)[((int64_t)i * j->rows + o) * j->ng + g] = sums[i];
         }
     }
 }
 
-/* Checks the sizes, runs `rows` over the rows; ld: the row stride of w (weights) or of gw (bins). */
+/* Checks the sizes, runs `rows` over the rows; ld: the row stride of w (weights) or of gw (grads). */
 static int plane_run(const void *in, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs, int64_t n_in,
-                     int64_t k, void *dst, int64_t ld, int threads, ep_range_fn rows) {
+                     int64_t k, void *dst, int64_t ld, int threads, ep_range_fn rows, const ep_kernels *kt) {
     if (!in || !codes || !dst || out < 0 || ng <= 0 || gs <= 0 || n_in <= 0 || n_in > ng * gs || k < 1 ||
         k > 8 || ld < n_in)
         return EP_EINVAL;
     plane_job j = {.in = in, .codes = codes, .ng = ng, .gs = gs, .n_in = n_in, .ld = ld,
-                   .L = (int64_t)1 << k, .out = dst, .kt = ep_kernels_get(NULL)};
+                   .L = (int64_t)1 << k, .rows = out, .out = dst, .kt = kt ? kt : ep_kernels_get(NULL)};
     atomic_init(&j.bad, 0);
     ep_parallel_for_brief(threads, out, rows, &j);
     return atomic_load(&j.bad) ? EP_EINVAL : EP_OK;
@@ -325,15 +326,15 @@ static int plane_run(const void *in, const uint8_t *codes, int64_t out, int64_t 
 
 int ep_plane_weights(const float *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                      int64_t n_in, int64_t k, float *w, int64_t ld_w, int threads) {
-    return plane_run(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows);
+    return plane_run(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows, NULL);
 }
 
 int ep_plane_weights16(const uint16_t *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                        int64_t n_in, int64_t k, uint16_t *w, int64_t ld_w, int threads) {
-    return plane_run(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows16);
+    return plane_run(levels, codes, out, ng, gs, n_in, k, w, ld_w, threads, weights_rows16, NULL);
 }
 
-int ep_plane_bins(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
-                  int64_t n_in, int64_t k, float *bins, int threads) {
-    return plane_run(gw, codes, out, ng, gs, n_in, k, bins, ld_gw, threads, bins_rows);
+int ep_plane_grads(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
+                   int64_t n_in, int64_t k, float *galpha, int threads, const ep_kernels *kt) {
+    return plane_run(gw, codes, out, ng, gs, n_in, k, galpha, ld_gw, threads, grads_rows, kt);
 }

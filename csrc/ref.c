@@ -192,6 +192,15 @@ void ep_ref_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t 
     for (int64_t i = 0; i < n; i++) w[i] = lev[codes[i]];
 }
 
+void ep_ref_plane_sums(const float *gw, const uint8_t *codes, int64_t n, int k, float *out) {
+    for (int i = 0; i < k; i++) {
+        float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t c = 0; c < n; c++)
+            lane[c & 7] += ((codes[c] >> (k - 1 - i)) & 1) ? gw[c] : -gw[c];
+        out[i] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    }
+}
+
 /* Softmax of one head's scores in place: e_s = ep_expf(score_s - max); the sum in 8 lanes
  * (lane s mod 8, in order of s) joined by the canonical tree; w_s = e_s * (1 / sum). */
 void ep_softmax_weights(float *scores, int64_t T) {
@@ -399,4 +408,5 @@ const ep_kernels ep_kernels_scalar = {
     .silu_mul = ep_ref_silu_mul,
     .lookup16_u16 = ep_ref_lookup16_u16,
     .lookup16_f32 = ep_ref_lookup16_f32,
+    .plane_sums = ep_ref_plane_sums,
 };

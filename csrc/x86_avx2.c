@@ -824,6 +824,27 @@ void ep_avx2_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t
     ep_ref_lookup16_f32(lev, L, codes + i, n - i, w + i);
 }
 
+/* ep_ref_plane_sums, a plane at a time: its 8 lanes are one vector; the sign is the code's bit
+ * (inverted) moved to each float's sign bit, so a negation is exact as the reference's. */
+void ep_avx2_plane_sums(const float *gw, const uint8_t *codes, int64_t n, int k, float *out) {
+    const __m256i one = _mm256_set1_epi32(1);
+    const int64_t n8 = n & ~(int64_t)7;
+    for (int i = 0; i < k; i++) {
+        const __m128i sh = _mm_cvtsi32_si128(k - 1 - i);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = 0; c < n8; c += 8) {
+            const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
+            const __m256i neg = _mm256_slli_epi32(_mm256_andnot_si256(_mm256_srl_epi32(code, sh), one), 31);
+            acc = _mm256_add_ps(acc, _mm256_xor_ps(_mm256_loadu_ps(gw + c), _mm256_castsi256_ps(neg)));
+        }
+        float lane[8];
+        _mm256_storeu_ps(lane, acc);
+        for (int64_t c = n8; c < n; c++)
+            lane[c & 7] += ((codes[c] >> (k - 1 - i)) & 1) ? gw[c] : -gw[c];
+        out[i] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    }
+}
+
 /* ep_ref_rotate_row, 8 floats a vector (P >= 8): the signs, then distances 1, 2 and 4 within
  * each vector (a permuted copy added, and subtracted from, the blend keeping each element's
  * reference operation: a + c where it receives the sum, a - c the difference), the longer
@@ -978,4 +999,5 @@ const ep_kernels ep_kernels_avx2 = {
     .silu_mul = ep_avx2_silu_mul,
     .lookup16_u16 = ep_avx2_lookup16_u16,
     .lookup16_f32 = ep_avx2_lookup16_f32,
+    .plane_sums = ep_avx2_plane_sums,
 };

@@ -848,6 +848,7 @@ const ep_kernels ep_kernels_avx512bw = {
     .silu_mul = ep_avx2_silu_mul,
     .lookup16_u16 = ep_avx2_lookup16_u16,
     .lookup16_f32 = ep_avx2_lookup16_f32,
+    .plane_sums = ep_avx2_plane_sums,
 };
 
 const ep_kernels ep_kernels_avx512vnni = {
@@ -872,4 +873,5 @@ const ep_kernels ep_kernels_avx512vnni = {
     .silu_mul = ep_avx2_silu_mul,
     .lookup16_u16 = ep_avx2_lookup16_u16,
     .lookup16_f32 = ep_avx2_lookup16_f32,
+    .plane_sums = ep_avx2_plane_sums,
 };

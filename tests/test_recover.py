@@ -358,9 +358,9 @@ def _plane_run(fn, x, alpha, codes, combos, n_in, gy):
 @pytest.mark.skipif(not recover.quantize.native_chosen(), reason="the C kernels are not built")
 @pytest.mark.parametrize("shape", [(40, 96, 3, 32), (17, 70, 2, 32), (16, 64, 4, 64), (33, 128, 1, 64), (9, 40, 4, 64)])
 def test_plane_linear_in_c_equals_torchs_gather_and_scatter(shape, monkeypatch):
-    """The C gather (plane_weights) and scatter-add (plane_bins) against torch's, float32: the
-    same output and input gradient bit for bit, the scales' gradient to float32 rounding (the
-    sums' order within a level may differ)."""
+    """The C gather (plane_weights) and signed sums (plane_grads) against torch's gather and
+    scatter-add, float32: the same output and input gradient bit for bit, the scales' gradient to
+    float32 rounding (the sums' order differs)."""
     pm, codes, combos, alpha, x, gy = _plane_case(shape)
     got = _plane_run(recover.plane_linear(torch), x, alpha, codes, combos, pm.in_features, gy)
     monkeypatch.setattr(recover.quantize, "native_chosen", lambda: False)
@@ -402,18 +402,12 @@ def test_plane_kernels_check_their_arguments():
     np.testing.assert_array_equal(native.plane_weights(l16, codes, 70),
                                   np.take_along_axis(l16, codes.astype(np.int64), 2).reshape(5, 96)[:, :70])
     gw = rng.standard_normal((5, 70)).astype(np.float32)
-    bins = native.plane_bins(gw, codes, 3)
-    ref_bins = np.zeros((5, 3, 8))
-    for o in range(5):
-        for c in range(70):
-            ref_bins[o, c // 32, codes[o, c // 32, c % 32]] += gw[o, c]
-    np.testing.assert_allclose(bins, ref_bins, rtol=1e-5, atol=1e-6)
     bad = codes.copy()
     bad[4, 2, 5] = 8                                   # a code past 2^k
     with pytest.raises(ValueError, match="level code is >= 2"):
         native.plane_weights(levels, bad, 70)
     with pytest.raises(ValueError, match="level code is >= 2"):
-        native.plane_bins(gw, bad, 3)
+        native.plane_grads(gw, bad, 3)
     bad[4, 2, 5] = 0
     bad[4, 2, 31] = 200                                # past n_in: padding, never read
     native.plane_weights(levels, bad, 70)
@@ -426,9 +420,58 @@ def test_plane_kernels_check_their_arguments():
     with pytest.raises(TypeError, match="float32 or int16"):
         native.plane_weights(levels.astype(np.float64), codes, 70)
     with pytest.raises(ValueError, match="rows"):
-        native.plane_bins(gw[:4], codes, 3)
+        native.plane_grads(gw[:4], codes, 3)
     with pytest.raises(ValueError, match="k must be"):
-        native.plane_bins(gw, codes, 9)
+        native.plane_grads(gw, codes, 9)
+    with pytest.raises(TypeError):
+        native.plane_grads(gw.astype(np.float64), codes, 3)
+    with pytest.raises(ValueError, match="isa 'sse9'"):
+        native.plane_grads(gw, codes, 3, isa="sse9")
+
+
+def _lane_sums(gw, codes, k, n_in):
+    """plane_grads' arithmetic written out in float32: a group's column j in lane j % 8, the
+    lanes added pairwise."""
+    out, ng, gs = codes.shape
+    signs = bits.level_signs(k)
+    ga = np.zeros((k, out, ng), np.float32)
+    for o in range(out):
+        for g in range(ng):
+            cols = range(g * gs, min((g + 1) * gs, n_in))
+            for i in range(k):
+                lane = [np.float32(0)] * 8
+                for j, c in enumerate(cols):
+                    lane[j % 8] = np.float32(lane[j % 8] + np.float32(signs[codes[o, g, c - g * gs], i] * gw[o, c]))
+                a = lane
+                ga[i, o, g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    return ga
+
+
+@pytest.mark.skipif(not recover.quantize.native_chosen(), reason="the C kernels are not built")
+@pytest.mark.parametrize("out, n_in, k, gs", [(5, 70, 3, 32), (7, 64, 4, 64), (3, 21, 1, 21), (4, 40, 8, 16),
+                                             (6, 100, 2, 64)])
+def test_plane_grads_are_each_planes_signed_sums(out, n_in, k, gs):
+    """The scales' gradient from d W: each plane's signed sum over a group, against the float64
+    sum to float32 rounding, bit for bit the documented lane order (groups shorter than a lane
+    round, a last partial group, k = 1 and 8) on every kernel table this CPU runs, and the same on
+    one thread as on several."""
+    from edgepanel.kernels import native
+    rng = np.random.default_rng(out * n_in + k)
+    ng = -(-n_in // gs)
+    codes = rng.integers(0, 2 ** k, (out, ng, gs)).astype(np.uint8)
+    gw = rng.standard_normal((out, n_in)).astype(np.float32)
+    got = native.plane_grads(gw, codes, k)
+    signs = bits.level_signs(k).astype(np.float64)
+    flat = codes.reshape(out, ng * gs)[:, :n_in]
+    want = np.zeros((k, out, ng))
+    for i in range(k):
+        want[i] = np.add.reduceat(signs[flat, i] * gw.astype(np.float64), np.arange(0, n_in, gs), axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(got, _lane_sums(gw, codes, k, n_in))
+    for isa in native.runnable_isas():
+        np.testing.assert_array_equal(got, native.plane_grads(gw, codes, k, isa=isa), err_msg=isa)
+    np.testing.assert_array_equal(got, native.plane_grads(gw, codes, k, threads=1))
+    np.testing.assert_array_equal(got, native.plane_grads(gw, codes, k, threads=3))
 
 
 def test_tune_dtype_is_checked_and_auto_follows_the_cpu(tmp_path, monkeypatch):
@@ -630,3 +673,29 @@ def test_sensitivity_h_is_the_mean_input_outer_product_shared_by_readers(tmp_pat
         if n != "embed":
             np.testing.assert_array_equal(reduced[n][1], np.diag(stats[n][1]))
             np.testing.assert_array_equal(reduced[n][0], stats[n][0])
+
+
+@pytest.mark.parametrize("vocab, block", [(50, 16), (48, 16), (10, 64)])
+def test_int8_head_is_the_widened_table_in_float64(vocab, block):
+    """The int8 head, widened a block of rows at a time into one reused buffer: logits and the
+    hidden states' gradient are those of (q * scale) in float64, the last block a partial one, and
+    a second call (the buffer holding the previous rows) gives the same."""
+    from edgepanel import quantize
+    rng = np.random.default_rng(vocab + block)
+    q, s = quantize.int8_rows(rng.standard_normal((vocab, 24)).astype(np.float32))
+    q, s = torch.from_numpy(q), torch.from_numpy(s)
+    fn = recover.int8_head(torch, block=block)
+    w64 = q.double() * s.double()[:, None]
+    h = torch.from_numpy(rng.standard_normal((2, 5, 24)).astype(np.float32))
+    gy = torch.from_numpy(rng.standard_normal((2, 5, vocab)).astype(np.float32))
+    runs = []
+    for _ in range(2):
+        hh = h.clone().requires_grad_(True)
+        y = fn.apply(hh, q, s)
+        (gh,) = torch.autograd.grad(y, (hh,), gy)
+        runs.append((y.detach(), gh))
+    torch.testing.assert_close(runs[0][0].double(), h.double() @ w64.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1].double(), gy.double() @ w64, rtol=1e-5, atol=1e-5)
+    assert runs[0][1].shape == h.shape
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -203,18 +203,21 @@ int ep_gptq_block(double *w, int64_t out, int64_t nb, int64_t ld_w, const double
 
 /* The scale tuner's plane layers (edgepanel/convert/recover.py): a matrix whose weight (o, c) is
  * level codes[o][c] of its group's 2^k levels.  codes: (out, ng, gs) uint8 (inputs padded to whole
- * groups; columns from n_in on are not read); levels and bins: (out, ng, 2^k) float32.
+ * groups; columns from n_in on are not read); levels: (out, ng, 2^k) float32.
  * ep_plane_weights: w[o * ld_w + c] = levels[o][c / gs][codes[o][c]] for c < n_in;
  * ep_plane_weights16 the same for 16-bit values (bfloat16 or float16 bits, copied).
- * ep_plane_bins: bins[o][g][l] = the sum, in column order, of gw[o * ld_gw + c] over the columns c
- * of group g whose code is l (bins is overwritten).  Rows are split among threads; the results do
- * not depend on the thread count.  EP_EINVAL: a bad size, or a code >= 2^k (k <= 8). */
+ * ep_plane_grads: the scales' gradient, galpha (k, out, ng) float32 (overwritten): galpha[i][o][g]
+ * = the sum of s_i(codes[o][c]) * gw[o * ld_gw + c] over group g's columns c, s_i(code) = +1 where
+ * bit k-1-i of the code is set, else -1; the group's column j summed in lane j % 8, the eight lanes
+ * added pairwise (fit.c); kt: a kernel table (NULL: the best this CPU runs), the same bits on
+ * every one.  Rows are split among threads; the results do not depend on the thread count.
+ * EP_EINVAL: a bad size, or a code >= 2^k (k <= 8). */
 int ep_plane_weights(const float *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                      int64_t n_in, int64_t k, float *w, int64_t ld_w, int threads);
 int ep_plane_weights16(const uint16_t *levels, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
                        int64_t n_in, int64_t k, uint16_t *w, int64_t ld_w, int threads);
-int ep_plane_bins(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
-                  int64_t n_in, int64_t k, float *bins, int threads);
+int ep_plane_grads(const float *gw, int64_t ld_gw, const uint8_t *codes, int64_t out, int64_t ng, int64_t gs,
+                   int64_t n_in, int64_t k, float *galpha, int threads, const ep_kernels *kt);
 
 /* ---- sampling (csrc/sample.c) ----------------------------------------------------------------
  * ep_sample: the next token from logits (n,) float32, as edgepanel/sample.py's Sampler chooses it

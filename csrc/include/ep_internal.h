@@ -303,6 +303,10 @@ struct ep_kernels {
      * caller). */
     void (*lookup16_u16)(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
     void (*lookup16_f32)(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
+    /* The scale tuner's gradient (fit.c's plane grads), one group of n columns: out[i] (i < k) =
+     * the sum of s_i(codes[c]) * gw[c], s_i = +1 where bit k-1-i of the code is set, else -1;
+     * column c in lane c % 8, in order of c, the lanes joined by the canonical tree (ref.c). */
+    void (*plane_sums)(const float *gw, const uint8_t *codes, int64_t n, int k, float *out);
 };
 
 /* Whether a product (a: a planes matrix over n tokens of int8 activations) takes kt->i16_tiles. */
@@ -366,6 +370,7 @@ float ep_avx2_dot(const float *a, const float *b, int64_t n);
 void ep_avx2_silu_mul(const float *g, float *u, int64_t n);
 void ep_avx2_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
 void ep_avx2_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
+void ep_avx2_plane_sums(const float *gw, const uint8_t *codes, int64_t n, int k, float *out);
 void ep_avx2_attend(const float *q, int64_t G, const void *k, const void *v, int flags, int64_t kstride,
                     int64_t T, int64_t hd, float scale, float *out, float *scratch);
 void ep_avx2_to_half(const float *x, int64_t n, uint16_t *h);
@@ -414,6 +419,7 @@ void ep_ref_rotate_row(const float *signs, const float *mix, int64_t P, int64_t 
 void ep_ref_silu_mul(const float *g, float *u, int64_t n);
 void ep_ref_lookup16_u16(const uint16_t *lev, int L, const uint8_t *codes, int64_t n, uint16_t *w);
 void ep_ref_lookup16_f32(const float *lev, int L, const uint8_t *codes, int64_t n, float *w);
+void ep_ref_plane_sums(const float *gw, const uint8_t *codes, int64_t n, int k, float *out);
 /* the softmax weights of one head from its scores (the specification every attend follows) */
 void ep_softmax_weights(float *scores, int64_t T);
 /* exp as the softmax computes it (ref.c); the constants, for the SIMD versions */

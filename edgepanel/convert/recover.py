@@ -132,11 +132,16 @@ class _TorchModel:
         if fm.rotation is not None and not fold:
             from ..rotation import _hadamard, split_pow2
             p, m = split_pow2(fm.rotation.n)
-            had = T(_hadamard(p))
             if dtype is not None:
                 # in bfloat16 the Hadamard blocks' product takes its operands in it as the linear
                 # layers' do, the matrix as its entries' signs (exact), 1/sqrt(p) applied after
-                had = (had * np.float32(np.sqrt(p))).round().to(dtype)
+                had = (T(_hadamard(p)) * np.float32(np.sqrt(p))).round().to(dtype)
+            else:
+                # float32: H_p = H_a (x) H_b (Sylvester order, p = a b), applied as two products
+                # over a block's two axes: (a + b) multiply-adds an entry rather than p (48 against
+                # 512 at p = 512, where the dense product was a tenth of a tuning step's)
+                a = 1 << ((p.bit_length() - 1) // 2)
+                had = (T(_hadamard(a)), T(_hadamard(p // a)))
             self.rot = (T(fm.rotation.signs), had, T(fm.rotation.mix), p, m)
         self.inv_freq = T(cfg.rope_inv_freq()) if cfg.pos == "rope" else None
         self.plane_fn = plane_linear(torch, dtype)
@@ -220,8 +225,9 @@ class _TorchModel:
         if self.rot is None:
             return u
         signs, had, mix, p, m = self.rot
-        if self.dtype is None:
-            y = ((u * signs).reshape(-1, m, p) @ had)         # each block of p by the Hadamard matrix
+        if self.dtype is None:   # each block of p by the Hadamard matrix, one axis of a x b at a time
+            ha, hb = had
+            y = (ha @ ((u * signs).reshape(-1, m, ha.shape[0], hb.shape[0]) @ hb)).reshape(-1, m, p)
         else:
             y = _mm((u * signs).reshape(-1, p), had, self.dtype).mul_(float(p) ** -0.5).reshape(-1, m, p)
         return (mix @ y).reshape(u.shape)                       # out[:, i] = sum_j mix[i, j] y[:, j]
@@ -278,12 +284,13 @@ def _mm(a, b, dtype=None):
 def plane_linear(torch, dtype=None):
     """x @ W^T for W = sum_i S_i * alpha_i (signs fixed, scales per group), with autograd for x
     and alpha only: W is built by one gather of each group's 2^k levels by the weights' codes,
-    and d alpha from d W by one scatter-add into those levels.  Nothing of size (k, out, in)
+    and d alpha from d W through the same codes (each plane's signed sums of a group).  Nothing of size (k, out, in)
     exists at any time (the dense formulation's products, repeats and saved tensors took most of
-    the 7 GB the first-order tuning used to peak at).  When the kernels are built, the gather and
-    the scatter-add run in C (kernels.native.plane_weights / plane_bins, whose pool threads sleep
-    as soon as they are done rather than spin on the cores torch's products take next), with no
-    int64 copy of the codes (torch.gather's index: 8 bytes a weight at every call).
+    the 7 GB the first-order tuning used to peak at).  When the kernels are built, the gather runs
+    in C (kernels.native.plane_weights), and d alpha is summed from d W in C with each plane's
+    signs (plane_grads) rather than through the levels; their pool threads sleep as soon as they
+    are done rather than spin on the cores torch's products take next, and they read the codes as
+    they are (torch.gather's index would be an int64 copy: 8 bytes a weight at every call).
     dtype (torch.bfloat16): the three matrix products of a layer take their operands in it
     (tune_dtype); W is then built in it directly, the levels rounded before the gather."""
     from ..kernels import native
@@ -331,14 +338,13 @@ def plane_linear(torch, dtype=None):
                 w = kept[0] if kept else PlaneLinear.built(alpha.detach(), codes, combos, ctx.n_in)
                 gx = _mm(gy, w, dtype)
             gw = _mm(gy.reshape(-1, out).T, x.reshape(-1, x.shape[-1]), dtype)      # (out, in) float32
-            if native_ok and gw.dtype == torch.float32:
-                bins = torch.from_numpy(native.plane_bins(gw.detach().contiguous().numpy(), codes.numpy(),
-                                                          combos.shape[1]))
-            else:
-                if ng * gs != gw.shape[1]:
-                    gw = torch.nn.functional.pad(gw, (0, ng * gs - gw.shape[1]))
-                bins = torch.zeros(out, ng, combos.shape[0], dtype=gw.dtype)
-                bins.scatter_add_(2, codes.long(), gw.reshape(out, ng, gs))
+            if native_ok and gw.dtype == torch.float32:   # each plane's signed sums, in C
+                galpha = native.plane_grads(gw.detach().contiguous().numpy(), codes.numpy(), combos.shape[1])
+                return gx, torch.from_numpy(galpha), None, None, None
+            if ng * gs != gw.shape[1]:
+                gw = torch.nn.functional.pad(gw, (0, ng * gs - gw.shape[1]))
+            bins = torch.zeros(out, ng, combos.shape[0], dtype=gw.dtype)
+            bins.scatter_add_(2, codes.long(), gw.reshape(out, ng, gs))
             return gx, torch.einsum("lk,onl->kon", combos.to(gw.dtype), bins), None, None, None
 
     return PlaneLinear
@@ -348,7 +354,19 @@ def int8_head(torch, block: int = 4096):
     """h @ W^T in float32 for the int8 rows W = q * scale (vocab, dim), with autograd for h only: W
     is widened `block` rows at a time in the forward and the backward pass, so the float table (4
     bytes a weight: 113 MB for SmolLM2's head) never exists.  (In bfloat16 the student widens the
-    table once instead: _TorchModel.head_w16.)"""
+    table once instead: _TorchModel.head_w16.)  The blocks are widened into one buffer kept by the
+    function (9 MB for SmolLM2's width), in place: fresh blocks (two a block, as `q.float() * s`
+    makes them) were mapped anew and page-faulted at every step, 7% of a float32 tuning step."""
+    buf = {}
+
+    def widened(q, scale, r0, dtype):
+        n = min(block, q.shape[0] - r0)
+        b = buf.get(dtype)
+        if b is None or b.shape[1] != q.shape[1] or b.shape[0] < n:
+            b = buf[dtype] = torch.empty((min(block, q.shape[0]), q.shape[1]), dtype=dtype)
+        w = b[:n]
+        w.copy_(q[r0:r0 + n])                  # int8 -> float, exact
+        return w.mul_(scale[r0:r0 + n, None])  # the rows' q * scale, as the file's table holds them
 
     class Int8Head(torch.autograd.Function):
         @staticmethod
@@ -356,19 +374,19 @@ def int8_head(torch, block: int = 4096):
             ctx.save_for_backward(q, scale)
             y = h.new_empty(h.shape[:-1] + (q.shape[0],))
             for r0 in range(0, q.shape[0], block):
-                w = q[r0:r0 + block].to(h.dtype) * scale[r0:r0 + block, None]
-                torch.matmul(h, w.T, out=y[..., r0:r0 + block])
+                w = widened(q, scale, r0, h.dtype)
+                torch.matmul(h, w.T, out=y[..., r0:r0 + w.shape[0]])
             return y
 
         @staticmethod
         def backward(ctx, gy):
             q, scale = ctx.saved_tensors
-            gh = None
+            gy2 = gy.reshape(-1, gy.shape[-1])
+            gh = gy.new_zeros((gy2.shape[0], q.shape[1]))
             for r0 in range(0, q.shape[0], block):
-                w = q[r0:r0 + block].to(gy.dtype) * scale[r0:r0 + block, None]
-                part = gy[..., r0:r0 + block] @ w
-                gh = part if gh is None else gh.add_(part)
-            return gh, None, None
+                w = widened(q, scale, r0, gy.dtype)
+                gh.addmm_(gy2[:, r0:r0 + w.shape[0]], w)
+            return gh.reshape(gy.shape[:-1] + (q.shape[1],)), None, None
 
     return Int8Head
 
@@ -492,9 +510,11 @@ def tune(fm, fitted: dict, tokens: np.ndarray, steps: int, lr: float = 1e-3,
         if tdtype is not None:   # the teacher holds its own rounded copies: the float weights can go now
             release_float(fm, fitted)
             memory.give_back()
-        need = sorted(set(order[start:steps].tolist()))
+        # the held-out sequences are tokens' first rows: their targets are computed once, whether
+        # or not the steps read them too
+        need = sorted(set(order[start:steps].tolist()) | set(range(len(held))))
         targets = {i: teacher_targets(torch, teacher, tokens[i]) for i in need}
-        held_targets = [teacher_targets(torch, teacher, seq) for seq in held]
+        held_targets = [targets[i] for i in range(len(held))]
         del teacher
         release_float(fm, fitted)
         release_rows(fm, fitted, rows)

@@ -7,7 +7,7 @@ edgepanel.bits keeps the pure-Python copy of the layout's, which tests/test_c_bi
 against lib.  ERRORS names the return codes.  CBackend is the C kernels behind the Backend
 interface: pointers and workspace only, arguments arrive already checked by _backend.Backend.
 gptq_block is csrc/fit.c's GPTQ column loop, for edgepanel.quantize.gptq_planes, rotate_rows
-csrc/forward.c's rotation, for edgepanel.convert.calibrate, plane_weights and plane_bins the scale
+csrc/forward.c's rotation, for edgepanel.convert.calibrate, plane_weights and plane_grads the scale
 tuner's plane layers (edgepanel.convert.recover); each checks its own arguments.
 """
 from __future__ import annotations
@@ -167,21 +167,29 @@ def plane_weights(levels: np.ndarray, codes: np.ndarray, n_in: int, threads: int
     return w
 
 
-def plane_bins(gw: np.ndarray, codes: np.ndarray, k: int, threads: int | None = None) -> np.ndarray:
-    """plane_weights' adjoint: bins (out, ng, 2^k) float32, bins[o, g, l] the sum of gw[o, c]
-    (gw (out, n_in) float32) over group g's columns whose code is l, in column order, in C."""
+def plane_grads(gw: np.ndarray, codes: np.ndarray, k: int, threads: int | None = None,
+                isa: str | None = None) -> np.ndarray:
+    """plane_weights' adjoint as the scales see it: galpha (k, out, ng) float32, galpha[i, o, g] the
+    sum of gw[o, c] (gw (out, n_in) float32) over group g's columns, each times its plane-i sign
+    (bits.level_signs(k)[code, i]), in C: the sums' order is csrc/ref.c's ep_ref_plane_sums', the
+    same bits on every ISA (isa: one of runnable_isas(); None: the best)."""
     if lib is None:
         raise BackendUnavailable(f"the C kernels are not built ({IMPORT_ERROR})")
     gw = check_array("gw", gw, np.float32, (2,))
     codes, rows, ng, gs = _plane_args(codes, gw.shape[1], k)
     if gw.shape[0] != rows:
         raise ValueError(f"gw has {gw.shape[0]} rows; codes have {rows}")
-    bins = np.empty((rows, ng, 1 << k), np.float32)
-    rc = lib.ep_plane_bins(_ptr("float *", gw), gw.shape[1], _ptr("uint8_t *", codes), rows, ng, gs,
-                           gw.shape[1], k, _ptr("float *", bins), check_threads(threads))
+    kt = ffi.NULL
+    if isa is not None:
+        kt = lib.ep_kernels_get(isa.encode())
+        if kt == ffi.NULL:
+            raise ValueError(f"isa {isa!r} is not one this CPU runs ({', '.join(runnable_isas())})")
+    galpha = np.empty((k, rows, ng), np.float32)
+    rc = lib.ep_plane_grads(_ptr("float *", gw), gw.shape[1], _ptr("uint8_t *", codes), rows, ng, gs,
+                            gw.shape[1], k, _ptr("float *", galpha), check_threads(threads), kt)
     if rc != 0:
-        raise ValueError(f"plane_bins: a level code is >= 2^{k} ({error_name(rc)})")
-    return bins
+        raise ValueError(f"plane_grads: a level code is >= 2^{k} ({error_name(rc)})")
+    return galpha
 
 
 class SampleWork:

@@ -12,7 +12,7 @@ first-order tuning (convert/recover.py) models it: the rounding is a step functi
 whose derivative is zero almost everywhere, so it is left out of the gradient (straight through).
 Each binarized weight matrix is built from its planes' level codes (one byte a weight, kept) and
 the current scales when a layer runs, forward and backward, and never kept; its gradient goes
-back to the scales through the codes (kernels.native.plane_bins in C, or NumPy).
+back to the scales through the codes (kernels.native.plane_grads in C, or NumPy).
 
 Memory: the codes (one byte a weight), each layer's saved activations for one sequence (about
 12 MB a layer at 256 tokens for SmolLM2-135M) and one (tokens x vocab) logits block: about the
@@ -57,14 +57,13 @@ class _Planes:
         from ..kernels import native
         out, ng, gs = self.codes.shape
         if native.lib is not None:
-            b = native.plane_bins(np.ascontiguousarray(gw, np.float32), self.codes, self.k)
-        else:
-            g = np.zeros((out, ng * gs), np.float32)
-            g[:, :self.n_in] = gw
-            g = g.reshape(out, ng, gs)
-            b = np.zeros((out, ng, 2 ** self.k), np.float32)
-            for lv in range(2 ** self.k):
-                b[:, :, lv] = np.where(self.codes == lv, g, 0).sum(-1)
+            return bits.tile_scales(native.plane_grads(np.ascontiguousarray(gw, np.float32), self.codes, self.k))
+        g = np.zeros((out, ng * gs), np.float32)
+        g[:, :self.n_in] = gw
+        g = g.reshape(out, ng, gs)
+        b = np.zeros((out, ng, 2 ** self.k), np.float32)
+        for lv in range(2 ** self.k):
+            b[:, :, lv] = np.where(self.codes == lv, g, 0).sum(-1)
         return bits.tile_scales(np.einsum("lk,onl->kon", self.combos, b))
 
 
