@@ -249,6 +249,7 @@ typedef struct {
     const void *in;     /* levels (ep_plane_weights) or gw (ep_plane_grads) */
     const uint8_t *codes;
     int64_t ng, gs, n_in, ld, L, rows;
+    int k;              /* planes: L = 2^k */
     void *out;
     atomic_int bad;     /* a code >= 2^k was met (its weight read level 0 instead) */
     const ep_kernels *kt;   /* its lookup16 for tables of up to 16 levels (k <= 4), its plane_sums */
@@ -296,8 +297,7 @@ PLANE_WEIGHTS_ROWS(weights_rows16, uint16_t, lookup16_u16)
  * store a column. */
 static void grads_rows(void *ctx, int64_t b, int64_t e) {
     plane_job *j = (plane_job *)ctx;
-    int k = 0;
-    while (((int64_t)1 << k) < j->L) k++;
+    const int k = j->k;
     float sums[8];
     for (int64_t o = b; o < e; o++) {
         const uint8_t *c = j->codes + o * j->ng * j->gs;
@@ -318,7 +318,8 @@ static int plane_run(const void *in, const uint8_t *codes, int64_t out, int64_t 
         k > 8 || ld < n_in)
         return EP_EINVAL;
     plane_job j = {.in = in, .codes = codes, .ng = ng, .gs = gs, .n_in = n_in, .ld = ld,
-                   .L = (int64_t)1 << k, .rows = out, .out = dst, .kt = kt ? kt : ep_kernels_get(NULL)};
+                   .L = (int64_t)1 << k, .rows = out, .k = (int)k, .out = dst,
+                   .kt = kt ? kt : ep_kernels_get(NULL)};
     atomic_init(&j.bad, 0);
     ep_parallel_for_brief(threads, out, rows, &j);
     return atomic_load(&j.bad) ? EP_EINVAL : EP_OK;
