@@ -20,15 +20,30 @@ from pathlib import Path
 BASELINE = Path(__file__).parent / "data" / "convert_baseline.json"
 
 
-def cpu_model() -> str:
+def cpu_identity() -> dict:
+    """/proc/cpuinfo's model name, family and model numbers (a virtual machine's name can be as bare
+    as "AMD EPYC", shared by a Zen 1 and a Zen 4)."""
+    fields = {}
     try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
+        for ln in open("/proc/cpuinfo"):
+            key, _, value = ln.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    num = lambda v: int(v) if v and v.isdigit() else None
+    return {"cpu": fields.get("model name", "unknown"), "family": num(fields.get("cpu family")),
+            "model": num(fields.get("model"))}
+
+
+def same_machine(entry: dict, ident: dict, cores: int) -> bool:
+    """A baseline entry measured on this CPU: the same name and core count, and the same family and
+    model numbers where the entry records them."""
+    return (entry["cpu"] == ident["cpu"] and entry["cores"] == cores
+            and all(entry.get(k) is None or entry[k] == ident[k] for k in ("family", "model")))
 
 
 def test_convert_smollm2_default_recipe(benchmark, tmp_path):
-    from edgepanel import hub
+    from edgepanel import bench, hub
     from edgepanel.hub import DEFAULT_RECIPE
 
     src = hub.fetch("smollm2")
@@ -54,10 +69,10 @@ def test_convert_smollm2_default_recipe(benchmark, tmp_path):
     benchmark.pedantic(run, rounds=1, iterations=1)
     assert out.exists() and out.stat().st_size > 50 * 2**20
     assert result["peak_gib"] is not None, "the conversion report names its peak memory"
-    cpu, cores = cpu_model(), os.cpu_count()
+    ident, cores = cpu_identity(), os.cpu_count()
+    cpu = bench.cpu_name()
     info = dict(model="SmolLM2-135M-Instruct", recipe=DEFAULT_RECIPE, cpu=cpu, cores=cores, **result)
-    base = next((b for b in json.loads(BASELINE.read_text())["runs"]
-                 if b["cpu"] == cpu and b["cores"] == cores), None)
+    base = next((b for b in json.loads(BASELINE.read_text())["runs"] if same_machine(b, ident, cores)), None)
     if base and not benchmark.disabled:
         info.update(baseline=base, speedup=base["seconds"] / result["seconds"])
         before = f"{base['seconds']:.0f} s"
@@ -69,3 +84,17 @@ def test_convert_smollm2_default_recipe(benchmark, tmp_path):
         print(f"\nconversion on {cpu} ({cores} cores): {result['seconds']:.0f} s, peak {result['peak_gib']:.2f} GiB; "
               f"before ({base['revision']}): {before}: {info['speedup']:.2f}x faster{memory}")
     benchmark.extra_info.update(info)
+
+
+def test_baseline_is_chosen_by_family_and_model():
+    """Two CPUs named alike ("AMD EPYC" under KVM) are told apart by their family and model numbers,
+    and every stored entry that records them has its own."""
+    runs = json.loads(BASELINE.read_text())["runs"]
+    zen1 = {"cpu": "AMD EPYC", "family": 23, "model": 1}
+    zen4 = {"cpu": "AMD EPYC", "family": 25, "model": 17}
+    picked = {tuple(ident.values()): [r for r in runs if same_machine(r, ident, 2)] for ident in (zen1, zen4)}
+    assert [r.get("family") for r in picked[tuple(zen1.values())]] == [23]
+    assert all(r.get("family") == 25 for r in picked[tuple(zen4.values())])
+    assert not [r for r in runs if same_machine(r, zen1, 4)]       # another core count is another machine
+    keyed = [(r["cpu"], r.get("family"), r.get("model"), r["cores"]) for r in runs if r.get("family") is not None]
+    assert len(keyed) == len(set(keyed))

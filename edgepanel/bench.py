@@ -102,7 +102,9 @@ ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd0
 
 
 def cpu_name() -> str:
-    """The CPU model: /proc/cpuinfo's "model name" (x86), else the board and ARM core names."""
+    """The CPU model: /proc/cpuinfo's "model name" with its family and model numbers (x86: a
+    virtual machine's name can be as bare as "AMD EPYC", shared by a Zen 1 and a Zen 4), else the
+    board and ARM core names."""
     try:
         info = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -113,7 +115,9 @@ def cpu_name() -> str:
         if sep:
             fields.setdefault(key.strip(), []).append(value.strip())
     if "model name" in fields:
-        return fields["model name"][0]
+        name = fields["model name"][0]
+        family, model = (fields.get(k, [""])[0] for k in ("cpu family", "model"))
+        return f"{name} (family {family}, model {model})" if family.isdigit() and model.isdigit() else name
     cores = []
     for part in fields.get("CPU part", []):
         name = ARM_PARTS.get(int(part, 16), f"part {part}") if part.startswith("0x") else part

@@ -59,8 +59,12 @@ def test_fields_outputs_and_plot(tiny):
     assert [x["threads"] for x in results] == [1, 2]
     size = (d / "m.ep").stat().st_size
     kv = kv_bytes_per_token(d / "m.ep")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), None)
+    info = {}
+    for ln in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = ln.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    cpu = (f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+           if "model name" in info else None)   # a bare "AMD EPYC" names a Zen 1 and a Zen 4 alike
     for x in results:
         # reproducibility: machine, CPU, ISA variant, threads, version, revision
         assert x["machine"] == platform.machine() and x["version"] == edgepanel.__version__
