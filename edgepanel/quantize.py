@@ -12,14 +12,16 @@ to float32: a sum of float32 values in float64 is exact, or nearly, whatever its
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 
 from . import bits
-from .kernels import native
+from .kernels import native, usable_cpus
 
 
 def _grouped(x: np.ndarray, group: int) -> np.ndarray:
@@ -346,7 +348,8 @@ def refit_scales(w: np.ndarray, pm: bits.PlaneMatrix, h: np.ndarray, rows_per_ch
     return bits.PlaneMatrix.from_signs(S, alpha.astype(np.float32), pm.group)
 
 
-def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_per_chunk: int = 32) -> np.ndarray:
+def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_per_chunk: int = 32,
+                threads: int | None = None) -> np.ndarray:
     """refit_scales' scales, (k, out, n_groups) float64, for signs S (k, out, in).
 
     Per row the normal equations are A a = b, A[(g,i), (g',i')] = s_gi^T H[g, g'] s_g'i' and
@@ -359,7 +362,13 @@ def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_pe
     1.4x faster on SmolLM2's layers, whose errors the scales leave are the float64 refit's to
     3e-8 relative (1e-6 on ill-conditioned inputs, tests/test_fit.py), since an optimum is
     stationary: A's and b's rounding moves the scales by about 1e-5 relative and the error by
-    its square."""
+    its square.
+
+    The chunks of rows are independent: `threads` workers (default: the usable CPUs) take them in
+    turn, each with its own buffer and BLAS held to one thread (threadpoolctl).  BLAS's own
+    threads split these products (K = one group's width) badly: on two cores they waited on each
+    other for about half the refit's time.  Every chunk is computed the same way whatever the
+    number of workers, so the scales' bits do not depend on it."""
     w = np.asarray(w, np.float32)
     h = np.asarray(h, np.float32)
     n_out, n_in = w.shape
@@ -367,31 +376,58 @@ def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_pe
     bounds = bits.group_bounds(n_in, group)
     ng = len(bounds)
     starts = [c0 for c0, _ in bounds]
-    hw = w @ h                                             # (out, in)
     m = ng * k
-    new_alpha = np.empty((k, n_out, ng))
     rows = max(1, min(rows_per_chunk, n_out, (32 << 20) // (4 * m * n_in)))  # P: <= 32 MiB
-    P_buf = np.empty(m * rows * n_in, np.float32)   # allocated once: fresh pages for every chunk cost more
-    for r0 in range(0, n_out, rows):
-        r1 = min(r0 + rows, n_out)
-        R = r1 - r0
-        s = S[:, r0:r1].astype(np.float32)                 # (k, R, in)
-        # P[(g, i), r, u] = S_i[r, g] @ H[g, u], for u in group g and after it
-        P = P_buf[:m * R * n_in].reshape(m, R, n_in)
-        for gi, (c0, c1) in enumerate(bounds):
-            np.matmul(s[:, :, c0:c1].reshape(k * R, c1 - c0), h[c0:c1, c0:],
-                      out=P[gi * k:(gi + 1) * k, :, c0:].reshape(k * R, n_in - c0))
-        A = np.empty((R, m, m))
-        for gi, (c0, c1) in enumerate(bounds):
-            mg = (gi + 1) * k
-            sg = s[:, :, c0:c1].transpose(1, 0, 2)                       # (R, k, |g|)
-            blk = np.matmul(sg, P[:mg, :, c0:c1].transpose(1, 2, 0))     # (R, k, mg): (g, i) x (g' <= g, i')
-            A[:, :mg, gi * k:mg] = blk.transpose(0, 2, 1)                # the mirror first: the diagonal
-            A[:, gi * k:mg, :mg] = blk                                   # block keeps blk's own entries
-        b = np.add.reduceat(s * hw[r0:r1], starts, axis=2, dtype=np.float64)   # (k, R, ng)
-        b = b.transpose(1, 2, 0).reshape(R, m)                           # (R, (g, i))
-        tr = np.trace(A, axis1=1, axis2=2) / m
-        A.reshape(R, m * m)[:, ::m + 1] += (1e-7 * tr + 1e-12)[:, None]   # the ridge, on the diagonals
-        a = np.linalg.solve(A, b[..., None])[..., 0]      # (R, m)
-        new_alpha[:, r0:r1, :] = a.reshape(R, ng, k).transpose(2, 0, 1)
+    chunks = list(range(0, n_out, rows))
+    new_alpha = np.empty((k, n_out, ng))
+    hw = w @ h                                             # (out, in): one large product, BLAS's threads
+    with _blas_one_thread() as held:
+        def run(r0: int, P_buf: np.ndarray):
+            r1 = min(r0 + rows, n_out)
+            R = r1 - r0
+            s = S[:, r0:r1].astype(np.float32)             # (k, R, in)
+            # P[(g, i), r, u] = S_i[r, g] @ H[g, u], for u in group g and after it
+            P = P_buf[:m * R * n_in].reshape(m, R, n_in)
+            for gi, (c0, c1) in enumerate(bounds):
+                np.matmul(s[:, :, c0:c1].reshape(k * R, c1 - c0), h[c0:c1, c0:],
+                          out=P[gi * k:(gi + 1) * k, :, c0:].reshape(k * R, n_in - c0))
+            A = np.empty((R, m, m))
+            for gi, (c0, c1) in enumerate(bounds):
+                mg = (gi + 1) * k
+                sg = s[:, :, c0:c1].transpose(1, 0, 2)                       # (R, k, |g|)
+                blk = np.matmul(sg, P[:mg, :, c0:c1].transpose(1, 2, 0))     # (R, k, mg): (g, i) x (g' <= g, i')
+                A[:, :mg, gi * k:mg] = blk.transpose(0, 2, 1)                # the mirror first: the diagonal
+                A[:, gi * k:mg, :mg] = blk                                   # block keeps blk's own entries
+            b = np.add.reduceat(s * hw[r0:r1], starts, axis=2, dtype=np.float64)   # (k, R, ng)
+            b = b.transpose(1, 2, 0).reshape(R, m)                           # (R, (g, i))
+            tr = np.trace(A, axis1=1, axis2=2) / m
+            A.reshape(R, m * m)[:, ::m + 1] += (1e-7 * tr + 1e-12)[:, None]   # the ridge, on the diagonals
+            a = np.linalg.solve(A, b[..., None])[..., 0]      # (R, m)
+            new_alpha[:, r0:r1, :] = a.reshape(R, ng, k).transpose(2, 0, 1)
+
+        def worker(first: int, step: int):
+            P_buf = np.empty(m * rows * n_in, np.float32)   # once a worker: fresh pages for every chunk cost more
+            for r0 in chunks[first::step]:
+                run(r0, P_buf)
+
+        workers = min(len(chunks), threads or usable_cpus()) if held else 1
+        if workers <= 1:
+            worker(0, 1)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for f in [pool.submit(worker, i, workers) for i in range(workers)]:
+                    f.result()
     return new_alpha
+
+
+@contextlib.contextmanager
+def _blas_one_thread():
+    """BLAS held to one thread inside the block (yields True), when threadpoolctl can do it; else
+    nothing changes (yields False)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield False
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield True

@@ -205,6 +205,24 @@ def test_refit_matches_the_per_row_einsums(n_out, n_in, k, group, rows_per_chunk
     np.testing.assert_array_equal(pm.alpha(), quantize.refit_alpha(w, signs, group, h).astype(np.float32))
 
 
+def test_refit_workers_give_the_same_bits():
+    """The refit's chunks of rows on 1, 2 or 3 workers (BLAS held to one thread each): the same
+    scales, bit for bit, as the reference's within float32's rounding."""
+    from edgepanel import quantize as q
+    with q._blas_one_thread() as held:
+        assert held, "threadpoolctl is a dependency: the refit's workers need it"
+    rng = np.random.default_rng(11)
+    n_out, n_in = 101, 192
+    w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32)
+    h = quantize.gptq_prepare(spd(rng, n_in)).h
+    signs = quantize.fit_planes(w, 3, 64).signs()
+    runs = [quantize.refit_alpha(w, signs, 64, h, rows_per_chunk=8, threads=t) for t in (1, 2, 3)]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0])
+    old = refit_alpha_before(w, signs, 64, h)
+    np.testing.assert_allclose(runs[0], old, rtol=2e-4, atol=1e-5 * np.abs(old).max())
+
+
 def test_refit_in_float32_products_on_ill_conditioned_inputs():
     """Inputs as real activations are: a few channels 100x the rest, and most nearly copies of
     another (condition number ~1e9 before damping).  The float32 products still leave the float64
