@@ -364,11 +364,12 @@ def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_pe
     stationary: A's and b's rounding moves the scales by about 1e-5 relative and the error by
     its square.
 
-    The chunks of rows are independent: `threads` workers (default: the usable CPUs) take them in
-    turn, each with its own buffer and BLAS held to one thread (threadpoolctl).  BLAS's own
-    threads split these products (K = one group's width) badly: on two cores they waited on each
-    other for about half the refit's time.  Every chunk is computed the same way whatever the
-    number of workers, so the scales' bits do not depend on it."""
+    The chunks of rows are independent: `threads` workers (default: the usable CPUs, at most
+    four: each holds a buffer of up to 32 MiB) take them in turn, each with BLAS held to one
+    thread (threadpoolctl).  BLAS's own threads split these products (K = one group's width)
+    badly: on two cores they spun waiting on each other, and the refit took 1.4x the time.  Every
+    chunk is computed the same way whatever the number of workers, so the scales' bits do not
+    depend on it."""
     w = np.asarray(w, np.float32)
     h = np.asarray(h, np.float32)
     n_out, n_in = w.shape
@@ -410,7 +411,7 @@ def refit_alpha(w: np.ndarray, S: np.ndarray, group: int, h: np.ndarray, rows_pe
             for r0 in chunks[first::step]:
                 run(r0, P_buf)
 
-        workers = min(len(chunks), threads or usable_cpus()) if held else 1
+        workers = min(len(chunks), threads or min(usable_cpus(), 4)) if held else 1
         if workers <= 1:
             worker(0, 1)
         else:
