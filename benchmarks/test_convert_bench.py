@@ -21,18 +21,13 @@ BASELINE = Path(__file__).parent / "data" / "convert_baseline.json"
 
 
 def cpu_identity() -> dict:
-    """/proc/cpuinfo's model name, family and model numbers (a virtual machine's name can be as bare
-    as "AMD EPYC", shared by a Zen 1 and a Zen 4)."""
-    fields = {}
-    try:
-        for ln in open("/proc/cpuinfo"):
-            key, _, value = ln.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    num = lambda v: int(v) if v and v.isdigit() else None
-    return {"cpu": fields.get("model name", "unknown"), "family": num(fields.get("cpu family")),
-            "model": num(fields.get("model"))}
+    """This CPU's model name, family and model numbers (a virtual machine's name can be as bare as
+    "AMD EPYC", shared by a Zen 1 and a Zen 4)."""
+    from edgepanel.bench import cpu_fields
+    fields = cpu_fields() or {}
+    first = lambda k: (fields.get(k) or [""])[0]
+    num = lambda v: int(v) if v.isdigit() else None
+    return {"cpu": first("model name") or "unknown", "family": num(first("cpu family")), "model": num(first("model"))}
 
 
 def same_machine(entry: dict, ident: dict, cores: int) -> bool:

@@ -101,19 +101,27 @@ ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd0
              0xd4f: "Neoverse-V2"}
 
 
-def cpu_name() -> str:
-    """The CPU model: /proc/cpuinfo's "model name" with its family and model numbers (x86: a
-    virtual machine's name can be as bare as "AMD EPYC", shared by a Zen 1 and a Zen 4), else the
-    board and ARM core names."""
+def cpu_fields() -> dict[str, list[str]] | None:
+    """/proc/cpuinfo as {field: its values, one a CPU}, or None when it cannot be read."""
     try:
         info = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return platform.processor() or platform.machine()
+        return None
     fields: dict[str, list[str]] = {}
     for line in info.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), []).append(value.strip())
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU model: /proc/cpuinfo's "model name" with its family and model numbers (x86: a
+    virtual machine's name can be as bare as "AMD EPYC", shared by a Zen 1 and a Zen 4), else the
+    board and ARM core names."""
+    fields = cpu_fields()
+    if fields is None:
+        return platform.processor() or platform.machine()
     if "model name" in fields:
         name = fields["model name"][0]
         family, model = (fields.get(k, [""])[0] for k in ("cpu family", "model"))
@@ -705,4 +713,4 @@ def plot(results: list[dict], path) -> Path:
 
 
 __all__ = ["BenchConfig", "BenchError", "MEMORY_ALLOWANCE", "run", "measure", "render", "write_json", "write_csv",
-           "plot", "environment", "cpu_name", "parse_threads"]
+           "plot", "environment", "cpu_name", "cpu_fields", "parse_threads"]
